@@ -1,0 +1,278 @@
+//! The gateway configuration file.
+
+use std::path::PathBuf;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::FormatError;
+
+/// Everything a gateway process needs to know, besides the policy bundle.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(default, deny_unknown_fields, rename_all = "snake_case")]
+pub struct GatewayConfig {
+    /// Address to listen on, `host:port`.
+    pub listen: String,
+    /// Region this gateway runs in; stamped on events published through it.
+    pub region: String,
+    /// Origins allowed for browsers (CORS and the WebSocket `Origin` check).
+    /// `"*"` allows every origin. Requests without an `Origin` header
+    /// (services, CLIs) are always allowed.
+    pub allowed_origins: Vec<String>,
+    pub auth: AuthConfig,
+    pub limits: Limits,
+    pub heartbeat: HeartbeatConfig,
+    pub history: HistoryConfig,
+    /// Seconds over which connections are told to reconnect on shutdown.
+    pub drain_seconds: u64,
+    /// The policy bundle file; without one every tenant may use every topic.
+    pub policy_file: Option<PathBuf>,
+    /// How often the policy file is checked for changes, in seconds.
+    pub policy_reload_seconds: u64,
+    pub log_format: LogFormat,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        Self {
+            listen: "0.0.0.0:8000".into(),
+            region: "local".into(),
+            allowed_origins: vec!["*".into()],
+            auth: AuthConfig::default(),
+            limits: Limits::default(),
+            heartbeat: HeartbeatConfig::default(),
+            history: HistoryConfig::default(),
+            drain_seconds: 30,
+            policy_file: None,
+            policy_reload_seconds: 2,
+            log_format: LogFormat::Text,
+        }
+    }
+}
+
+/// How tokens are verified.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(default, deny_unknown_fields, rename_all = "snake_case")]
+pub struct AuthConfig {
+    /// Shared secret for HS256 tokens.
+    pub hs256_secret: Option<String>,
+    /// File holding the HS256 secret (e.g. a mounted Secret); wins over `hs256_secret`.
+    pub hs256_secret_file: Option<PathBuf>,
+    /// PEM public keys (RSA or EC P-256) for RS256/ES256 tokens.
+    pub public_keys: Vec<PublicKeyConfig>,
+    /// A JWKS document with RS256/ES256 keys, selected by `kid`.
+    pub jwks_url: Option<String>,
+    /// How long a fetched JWKS is trusted before it is fetched again.
+    pub jwks_cache_seconds: Option<u64>,
+    /// Required `iss`, when set.
+    pub issuer: Option<String>,
+    /// Accepted `aud` values, when set (any one must match).
+    pub audiences: Vec<String>,
+    /// Claim holding the tenant; `company_id` is the fallback. Default `tenant`.
+    pub tenant_claim: Option<String>,
+    /// Clock skew allowed on `exp`/`nbf`, in seconds. Default 30.
+    pub leeway_seconds: Option<u64>,
+}
+
+impl AuthConfig {
+    pub fn tenant_claim(&self) -> &str {
+        self.tenant_claim.as_deref().unwrap_or("tenant")
+    }
+    pub fn leeway(&self) -> u64 {
+        self.leeway_seconds.unwrap_or(30)
+    }
+    pub fn jwks_cache(&self) -> u64 {
+        self.jwks_cache_seconds.unwrap_or(300)
+    }
+    /// True when no verification key of any kind is configured.
+    pub fn has_no_keys(&self) -> bool {
+        self.hs256_secret.is_none()
+            && self.hs256_secret_file.is_none()
+            && self.public_keys.is_empty()
+            && self.jwks_url.is_none()
+    }
+}
+
+/// One PEM public key, inline or from a file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub struct PublicKeyConfig {
+    /// Key id matched against the token header's `kid`; without it the key is
+    /// tried for tokens that carry no `kid`.
+    #[serde(default)]
+    pub kid: Option<String>,
+    #[serde(default)]
+    pub pem: Option<String>,
+    #[serde(default)]
+    pub file: Option<PathBuf>,
+}
+
+/// Limits applied to every connection; a tenant's policy may lower or raise them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(default, deny_unknown_fields, rename_all = "snake_case")]
+pub struct Limits {
+    /// Connections this process accepts before refusing new ones.
+    pub max_connections: u64,
+    /// Subscriptions one connection may hold.
+    pub max_subscriptions_per_connection: u32,
+    /// Largest client frame or published event, in bytes.
+    pub max_message_bytes: u64,
+    /// Messages a connection may send per minute (bursts up to a tenth of it).
+    pub messages_per_minute: u32,
+    /// Outbound frames queued for one connection before it counts as a slow consumer.
+    pub outbound_queue: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_connections: 100_000,
+            max_subscriptions_per_connection: 50,
+            max_message_bytes: 1024 * 1024,
+            messages_per_minute: 6000,
+            outbound_queue: 1024,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(default, deny_unknown_fields, rename_all = "snake_case")]
+pub struct HeartbeatConfig {
+    /// Seconds between server WebSocket pings.
+    pub ping_interval_seconds: u64,
+    /// Seconds without any frame from the client before it is closed.
+    pub idle_timeout_seconds: u64,
+    /// Seconds between SSE keep-alive comments.
+    pub sse_keepalive_seconds: u64,
+}
+
+impl Default for HeartbeatConfig {
+    fn default() -> Self {
+        Self {
+            ping_interval_seconds: 30,
+            idle_timeout_seconds: 60,
+            sse_keepalive_seconds: 15,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(default, deny_unknown_fields, rename_all = "snake_case")]
+pub struct HistoryConfig {
+    /// How long events stay replayable, in seconds.
+    pub retention_seconds: u64,
+    /// Most events kept per tenant (oldest dropped first).
+    pub max_events_per_tenant: usize,
+    /// Window in which a repeated idempotency key is a duplicate, in seconds.
+    pub dedup_window_seconds: u64,
+}
+
+impl Default for HistoryConfig {
+    fn default() -> Self {
+        Self {
+            retention_seconds: 24 * 3600,
+            max_events_per_tenant: 10_000,
+            dedup_window_seconds: 120,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+impl GatewayConfig {
+    /// Parse a YAML (or JSON) config file and check it.
+    pub fn from_yaml(text: &str) -> Result<Self, FormatError> {
+        let config: Self = crate::parse_yaml("gateway config", text)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn to_yaml(&self) -> String {
+        serde_saphyr::to_string(self).unwrap_or_default()
+    }
+
+    /// Every problem with the config, at once.
+    pub fn validate(&self) -> Result<(), FormatError> {
+        let mut problems = Vec::new();
+        if self.region.is_empty()
+            || !self
+                .region
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            problems.push(format!(
+                "region {:?} must be non-empty and use only [A-Za-z0-9_-]",
+                self.region
+            ));
+        }
+        if self.limits.max_subscriptions_per_connection == 0 {
+            problems.push("limits.max_subscriptions_per_connection must be at least 1".into());
+        }
+        if self.limits.max_message_bytes < 1024 {
+            problems.push("limits.max_message_bytes must be at least 1024".into());
+        }
+        if self.limits.messages_per_minute == 0 {
+            problems.push("limits.messages_per_minute must be at least 1".into());
+        }
+        if self.limits.outbound_queue == 0 {
+            problems.push("limits.outbound_queue must be at least 1".into());
+        }
+        if self.heartbeat.ping_interval_seconds == 0
+            || self.heartbeat.idle_timeout_seconds <= self.heartbeat.ping_interval_seconds
+        {
+            problems.push(
+                "heartbeat.idle_timeout_seconds must exceed a non-zero ping_interval_seconds"
+                    .into(),
+            );
+        }
+        if self.history.max_events_per_tenant == 0 {
+            problems.push("history.max_events_per_tenant must be at least 1".into());
+        }
+        for (i, key) in self.auth.public_keys.iter().enumerate() {
+            if key.pem.is_some() == key.file.is_some() {
+                problems.push(format!(
+                    "auth.public_keys[{i}] needs exactly one of pem or file"
+                ));
+            }
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(FormatError::Invalid {
+                what: "gateway config",
+                problems,
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_round_trip() {
+        let c = GatewayConfig::from_yaml("").unwrap();
+        assert_eq!(c, GatewayConfig::default());
+        assert_eq!(c.limits.max_subscriptions_per_connection, 50);
+        assert_eq!(c.limits.max_message_bytes, 1024 * 1024);
+        let back = GatewayConfig::from_yaml(&c.to_yaml()).unwrap();
+        assert_eq!(back, c);
+    }
+
+    #[test]
+    fn typos_and_bad_values_are_named() {
+        let err = GatewayConfig::from_yaml("lisen: 1.2.3.4:1\n").unwrap_err();
+        assert!(err.to_string().contains("lisen"), "{err}");
+        let err = GatewayConfig::from_yaml("region: 'eu west'\nlimits:\n  outbound_queue: 0\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("region") && err.contains("outbound_queue"), "{err}");
+    }
+}

@@ -1,0 +1,44 @@
+//! The file formats shared by the Switchboard gateway and operator.
+//!
+//! - [`gateway`]: the gateway's configuration file (`switchboard.yaml`).
+//! - [`policy`]: the tenant policy bundle the gateway hot-reloads.
+//! - [`topic`]: validated topic names and subscription patterns.
+//!
+//! The operator renders these types into a ConfigMap; the gateway reads them
+//! back. Defining them once here is what keeps the two sides in agreement.
+
+pub mod gateway;
+pub mod policy;
+pub mod topic;
+
+pub use gateway::{AuthConfig, GatewayConfig, HeartbeatConfig, HistoryConfig, Limits, LogFormat};
+pub use policy::{InteractionClass, PatternRule, PolicyBundle, TenantLimits, TenantPolicy};
+pub use topic::{Pattern, Topic, TopicError};
+
+/// A config or policy file could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum FormatError {
+    #[error("cannot parse {what}: {message}")]
+    Parse { what: &'static str, message: String },
+    #[error("invalid {what}: {}", problems.join("; "))]
+    Invalid {
+        what: &'static str,
+        problems: Vec<String>,
+    },
+}
+
+pub(crate) fn parse_yaml<T: serde::de::DeserializeOwned>(
+    what: &'static str,
+    text: &str,
+) -> Result<T, FormatError> {
+    if text.trim().is_empty() {
+        return serde_json::from_str("{}").map_err(|e| FormatError::Parse {
+            what,
+            message: e.to_string(),
+        });
+    }
+    serde_saphyr::from_str(text).map_err(|e| FormatError::Parse {
+        what,
+        message: e.to_string(),
+    })
+}

@@ -1,0 +1,274 @@
+//! The tenant policy bundle: which tenant may subscribe and publish to what,
+//! and with which limits. The operator compiles `TopicPolicy` resources into
+//! one bundle per gateway; the gateway hot-reloads it.
+
+use std::collections::BTreeMap;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::{FormatError, Limits, Pattern, Topic};
+
+/// The policy of every tenant on one gateway.
+///
+/// A tenant listed in `tenants` gets exactly that policy. A tenant not listed
+/// gets `default` when it is set, and is refused when it is not: once a bundle
+/// lists tenants, unknown tenants are shut out. No bundle at all (no
+/// `policy_file`) means "everything allowed", see [`PolicyBundle::allow_all`].
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(default, deny_unknown_fields, rename_all = "snake_case")]
+pub struct PolicyBundle {
+    pub tenants: BTreeMap<String, TenantPolicy>,
+    pub default: Option<TenantPolicy>,
+}
+
+/// One tenant's allowlist and limits.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(default, deny_unknown_fields, rename_all = "snake_case")]
+pub struct TenantPolicy {
+    /// Patterns connections of this tenant may subscribe to. A subscription
+    /// must be covered by one of them (`deal.stage.*` is covered by `deal.*`).
+    pub subscribe: Vec<PatternRule>,
+    /// Topics this tenant's publishers may publish to.
+    pub publish: Vec<PatternRule>,
+    pub limits: TenantLimits,
+    /// How long this tenant's events stay replayable, in seconds (at most
+    /// the gateway's own retention).
+    pub history_retention_seconds: Option<u64>,
+}
+
+/// A pattern and the interaction class of the topics it names.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub struct PatternRule {
+    pub pattern: Pattern,
+    #[serde(default)]
+    pub class: InteractionClass,
+}
+
+/// The interaction classes of seed 002 (A–D).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum InteractionClass {
+    /// A: live presence, optional.
+    Presence,
+    /// B: event streaming, with replay and fallbacks.
+    #[default]
+    Stream,
+    /// C: low-latency interactions.
+    Interactive,
+    /// D: critical transactions: realtime is not allowed. Subscriptions and
+    /// realtime publishes on these topics are refused.
+    Critical,
+}
+
+/// Per-tenant limits; unset fields fall back to the gateway's [`Limits`].
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(default, deny_unknown_fields, rename_all = "snake_case")]
+pub struct TenantLimits {
+    /// Connections this tenant may hold on one gateway process.
+    pub max_connections: Option<u64>,
+    pub max_subscriptions_per_connection: Option<u32>,
+    pub messages_per_minute: Option<u32>,
+    pub max_message_bytes: Option<u64>,
+}
+
+/// Why a tenant may not do something.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Denied {
+    #[error("tenant has no policy on this gateway")]
+    UnknownTenant,
+    #[error("{0:?} is not allowed by the tenant's policy")]
+    NotAllowed(String),
+    #[error("{0:?} is a critical topic: realtime delivery is not allowed")]
+    Critical(String),
+}
+
+/// Limits in force for one tenant, gateway defaults merged with its policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EffectiveLimits {
+    pub max_connections: Option<u64>,
+    pub max_subscriptions_per_connection: u32,
+    pub messages_per_minute: u32,
+    pub max_message_bytes: u64,
+}
+
+impl PolicyBundle {
+    /// The policy used when no policy file is configured: one default that
+    /// allows every topic.
+    pub fn allow_all() -> Self {
+        let all = Pattern::parse(">").ok();
+        let rules: Vec<PatternRule> = all
+            .into_iter()
+            .map(|pattern| PatternRule {
+                pattern,
+                class: InteractionClass::Stream,
+            })
+            .collect();
+        Self {
+            tenants: BTreeMap::new(),
+            default: Some(TenantPolicy {
+                subscribe: rules.clone(),
+                publish: rules,
+                ..TenantPolicy::default()
+            }),
+        }
+    }
+
+    pub fn from_yaml(text: &str) -> Result<Self, FormatError> {
+        let bundle: Self = crate::parse_yaml("policy bundle", text)?;
+        bundle.validate()?;
+        Ok(bundle)
+    }
+
+    pub fn to_yaml(&self) -> String {
+        serde_saphyr::to_string(self).unwrap_or_default()
+    }
+
+    pub fn validate(&self) -> Result<(), FormatError> {
+        let problems: Vec<String> = self
+            .tenants
+            .keys()
+            .filter(|t| !valid_tenant(t))
+            .map(|t| format!("tenant {t:?} must be 1-128 characters of [A-Za-z0-9_.:-]"))
+            .collect();
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(FormatError::Invalid {
+                what: "policy bundle",
+                problems,
+            })
+        }
+    }
+
+    pub fn tenant(&self, tenant: &str) -> Result<&TenantPolicy, Denied> {
+        self.tenants
+            .get(tenant)
+            .or(self.default.as_ref())
+            .ok_or(Denied::UnknownTenant)
+    }
+
+    pub fn check_subscribe(&self, tenant: &str, pattern: &Pattern) -> Result<(), Denied> {
+        self.tenant(tenant)?.check(&self.tenant(tenant)?.subscribe, pattern)
+    }
+
+    pub fn check_publish(&self, tenant: &str, topic: &Topic) -> Result<(), Denied> {
+        let policy = self.tenant(tenant)?;
+        match Pattern::parse(topic.as_str()) {
+            Ok(p) => policy.check(&policy.publish, &p),
+            Err(_) => Err(Denied::NotAllowed(topic.to_string())),
+        }
+    }
+
+    pub fn limits(&self, tenant: &str, defaults: &Limits) -> Result<EffectiveLimits, Denied> {
+        let l = &self.tenant(tenant)?.limits;
+        Ok(EffectiveLimits {
+            max_connections: l.max_connections,
+            max_subscriptions_per_connection: l
+                .max_subscriptions_per_connection
+                .unwrap_or(defaults.max_subscriptions_per_connection),
+            messages_per_minute: l.messages_per_minute.unwrap_or(defaults.messages_per_minute),
+            max_message_bytes: l.max_message_bytes.unwrap_or(defaults.max_message_bytes),
+        })
+    }
+}
+
+impl TenantPolicy {
+    fn check(&self, rules: &[PatternRule], pattern: &Pattern) -> Result<(), Denied> {
+        // A critical rule covering any part of the request wins: realtime is
+        // never allowed there, even when a broader rule would allow it.
+        if let Some(rule) = rules.iter().find(|r| {
+            r.class == InteractionClass::Critical
+                && (pattern.is_covered_by(&r.pattern) || r.pattern.is_covered_by(pattern))
+        }) {
+            return Err(Denied::Critical(rule.pattern.to_string()));
+        }
+        if rules.iter().any(|r| pattern.is_covered_by(&r.pattern)) {
+            Ok(())
+        } else {
+            Err(Denied::NotAllowed(pattern.to_string()))
+        }
+    }
+}
+
+/// Tenant names are embedded in NATS subjects and metric labels, so they are
+/// restricted to a safe alphabet.
+pub fn valid_tenant(t: &str) -> bool {
+    !t.is_empty()
+        && t.len() <= 128
+        && t
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b':' | b'.'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BUNDLE: &str = r#"
+tenants:
+  acme:
+    subscribe:
+      - pattern: "deal.*"
+      - pattern: "payment.>"
+        class: critical
+    publish:
+      - pattern: "deal.>"
+    limits:
+      max_subscriptions_per_connection: 3
+"#;
+
+    fn pat(s: &str) -> Pattern {
+        Pattern::parse(s).unwrap()
+    }
+
+    #[test]
+    fn allowlist_and_classes() {
+        let b = PolicyBundle::from_yaml(BUNDLE).unwrap();
+        assert!(b.check_subscribe("acme", &pat("deal.stage.*")).is_ok());
+        assert_eq!(
+            b.check_subscribe("acme", &pat("contact.*")),
+            Err(Denied::NotAllowed("contact.*".into()))
+        );
+        assert!(matches!(
+            b.check_subscribe("acme", &pat("payment.card.charged")),
+            Err(Denied::Critical(_))
+        ));
+        // A broad subscription that would include critical topics is refused too.
+        assert!(matches!(
+            b.check_subscribe("acme", &pat(">")),
+            Err(Denied::Critical(_))
+        ));
+        assert_eq!(
+            b.check_subscribe("globex", &pat("deal.*")),
+            Err(Denied::UnknownTenant)
+        );
+        let topic = Topic::parse("deal.stage.updated").unwrap();
+        assert!(b.check_publish("acme", &topic).is_ok());
+        let limits = b.limits("acme", &Limits::default()).unwrap();
+        assert_eq!(limits.max_subscriptions_per_connection, 3);
+        assert_eq!(limits.max_message_bytes, 1024 * 1024);
+    }
+
+    #[test]
+    fn allow_all_allows_everything() {
+        let b = PolicyBundle::allow_all();
+        assert!(b.check_subscribe("anyone", &pat("*")).is_ok());
+        assert!(b.check_subscribe("anyone", &pat("a.*.c")).is_ok());
+    }
+
+    #[test]
+    fn bad_bundles_are_refused_with_reasons() {
+        let err = PolicyBundle::from_yaml("tenants:\n  acme:\n    subscribe:\n      - pattern: 'a.>.b'\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("a.>.b"), "{err}");
+        let err = PolicyBundle::from_yaml("tenants:\n  'a b': {}\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("a b"), "{err}");
+        let err = PolicyBundle::from_yaml("tenant: {}\n").unwrap_err().to_string();
+        assert!(err.contains("tenant"), "{err}");
+    }
+}

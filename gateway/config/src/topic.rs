@@ -1,0 +1,313 @@
+//! Topic names and subscription patterns.
+//!
+//! A topic is a dot-separated list of tokens (`deal.stage.updated`). A pattern
+//! is a topic in which a token may be `*` (exactly one token) and whose last
+//! token may be `*` or `>` (one or more tokens): the seeds promise that
+//! `activity.*` covers `activity.task.completed`, while `deal.*.updated`
+//! matches `deal.stage.updated` but not `deal.stage.x.updated`.
+//!
+//! Both types are validated on construction, so a value of either type is
+//! always well formed and safe to embed in a NATS subject.
+
+use std::fmt;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// Longest topic or pattern accepted, in bytes.
+pub const MAX_TOPIC_LEN: usize = 255;
+/// Most tokens in a topic or pattern.
+pub const MAX_TOKENS: usize = 16;
+
+/// Why a topic or pattern was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TopicError {
+    #[error("topic is empty")]
+    Empty,
+    #[error("topic is longer than {MAX_TOPIC_LEN} bytes")]
+    TooLong,
+    #[error("topic has more than {MAX_TOKENS} tokens")]
+    TooManyTokens,
+    #[error("topic has an empty token (leading, trailing or doubled '.')")]
+    EmptyToken,
+    #[error("token {0:?} has a character outside [A-Za-z0-9_:-]")]
+    BadCharacter(String),
+    #[error("wildcards are not allowed in a topic, only in subscription patterns")]
+    WildcardInTopic,
+    #[error("'>' may only be the last token of a pattern")]
+    TailNotLast,
+    #[error("a wildcard must be a whole token ('*' or '>'), found {0:?}")]
+    PartialWildcard(String),
+}
+
+fn plain_token(token: &str) -> bool {
+    token
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b':'))
+}
+
+fn split_checked(s: &str) -> Result<std::str::Split<'_, char>, TopicError> {
+    if s.is_empty() {
+        return Err(TopicError::Empty);
+    }
+    if s.len() > MAX_TOPIC_LEN {
+        return Err(TopicError::TooLong);
+    }
+    if s.split('.').count() > MAX_TOKENS {
+        return Err(TopicError::TooManyTokens);
+    }
+    Ok(s.split('.'))
+}
+
+/// A concrete topic such as `deal.stage.updated`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Topic(String);
+
+impl Topic {
+    pub fn parse(s: &str) -> Result<Self, TopicError> {
+        for token in split_checked(s)? {
+            if token.is_empty() {
+                return Err(TopicError::EmptyToken);
+            }
+            if token.contains(['*', '>']) {
+                return Err(TopicError::WildcardInTopic);
+            }
+            if !plain_token(token) {
+                return Err(TopicError::BadCharacter(token.to_owned()));
+            }
+        }
+        Ok(Self(s.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    pub fn tokens(&self) -> impl Iterator<Item = &str> {
+        self.0.split('.')
+    }
+}
+
+impl fmt::Display for Topic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// One token of a pattern.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+enum Token {
+    Literal(String),
+    /// `*` not in last position: exactly one token.
+    One,
+    /// `*` or `>` in last position: one or more tokens.
+    Rest,
+}
+
+/// A subscription pattern such as `deal.*.updated` or `activity.*`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Pattern {
+    text: String,
+    tokens: Vec<Token>,
+}
+
+impl Pattern {
+    pub fn parse(s: &str) -> Result<Self, TopicError> {
+        let raw: Vec<&str> = split_checked(s)?.collect();
+        let last = raw.len() - 1;
+        let mut tokens = Vec::with_capacity(raw.len());
+        for (i, token) in raw.iter().enumerate() {
+            let parsed = match *token {
+                "" => return Err(TopicError::EmptyToken),
+                "*" if i == last => Token::Rest,
+                "*" => Token::One,
+                ">" if i == last => Token::Rest,
+                ">" => return Err(TopicError::TailNotLast),
+                t if t.contains(['*', '>']) => {
+                    return Err(TopicError::PartialWildcard(t.to_owned()));
+                }
+                t if !plain_token(t) => return Err(TopicError::BadCharacter(t.to_owned())),
+                t => Token::Literal(t.to_owned()),
+            };
+            tokens.push(parsed);
+        }
+        Ok(Self {
+            text: s.to_owned(),
+            tokens,
+        })
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+
+    /// True when the pattern has no wildcard, i.e. names exactly one topic.
+    pub fn is_exact(&self) -> bool {
+        self.tokens.iter().all(|t| matches!(t, Token::Literal(_)))
+    }
+
+    /// Does this pattern match the topic?
+    pub fn matches(&self, topic: &Topic) -> bool {
+        let mut topic_tokens = topic.tokens();
+        for token in &self.tokens {
+            match token {
+                Token::Rest => return topic_tokens.next().is_some(),
+                Token::One => {
+                    if topic_tokens.next().is_none() {
+                        return false;
+                    }
+                }
+                Token::Literal(lit) => {
+                    if topic_tokens.next() != Some(lit.as_str()) {
+                        return false;
+                    }
+                }
+            }
+        }
+        topic_tokens.next().is_none()
+    }
+
+    /// Is every topic this pattern matches also matched by `outer`?
+    /// Used to check a subscription against a policy allowlist.
+    pub fn is_covered_by(&self, outer: &Pattern) -> bool {
+        let mut inner = self.tokens.iter();
+        for o in &outer.tokens {
+            let Some(i) = inner.next() else {
+                return false;
+            };
+            match (o, i) {
+                (Token::Rest, _) => return true,
+                (Token::One, Token::Rest) => return false,
+                (Token::One, _) => {}
+                (Token::Literal(a), Token::Literal(b)) if a == b => {}
+                (Token::Literal(_), _) => return false,
+            }
+        }
+        inner.next().is_none()
+    }
+
+    /// The NATS-style form of this pattern (`*` for one token, `>` for the rest).
+    pub fn to_nats(&self) -> String {
+        let parts: Vec<&str> = self
+            .tokens
+            .iter()
+            .map(|t| match t {
+                Token::Literal(l) => l.as_str(),
+                Token::One => "*",
+                Token::Rest => ">",
+            })
+            .collect();
+        parts.join(".")
+    }
+}
+
+impl fmt::Display for Pattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+macro_rules! string_serde {
+    ($ty:ty, $desc:literal) => {
+        impl Serialize for $ty {
+            fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_str(self.as_str())
+            }
+        }
+        impl<'de> Deserialize<'de> for $ty {
+            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let s = String::deserialize(d)?;
+                <$ty>::parse(&s).map_err(|e| serde::de::Error::custom(format!("{s:?}: {e}")))
+            }
+        }
+        impl schemars::JsonSchema for $ty {
+            fn schema_name() -> std::borrow::Cow<'static, str> {
+                stringify!($ty).into()
+            }
+            fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+                schemars::json_schema!({
+                    "type": "string",
+                    "description": $desc,
+                    "maxLength": MAX_TOPIC_LEN,
+                    "pattern": r"^([A-Za-z0-9_:-]+|\*)(\.([A-Za-z0-9_:-]+|\*))*(\.>)?$|^>$"
+                })
+            }
+        }
+    };
+}
+
+string_serde!(Topic, "A dot-separated topic such as deal.stage.updated");
+string_serde!(
+    Pattern,
+    "A topic pattern: '*' matches one token; a trailing '*' or '>' matches the rest"
+);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(s: &str) -> Pattern {
+        Pattern::parse(s).unwrap()
+    }
+    fn t(s: &str) -> Topic {
+        Topic::parse(s).unwrap()
+    }
+
+    #[test]
+    fn seed_wildcard_semantics() {
+        assert!(p("activity.*").matches(&t("activity.task.completed")));
+        assert!(p("activity.*").matches(&t("activity.task")));
+        assert!(!p("activity.*").matches(&t("activity")));
+        assert!(p("deal.*.updated").matches(&t("deal.stage.updated")));
+        assert!(!p("deal.*.updated").matches(&t("deal.stage.x.updated")));
+        assert!(!p("deal.*.updated").matches(&t("deal.stage.created")));
+        assert!(p("deal.stage.*").matches(&t("deal.stage.updated")));
+        assert!(p("deal.>").matches(&t("deal.stage.updated")));
+        assert!(p("*").matches(&t("anything.at.all")));
+        assert!(p("a.b").matches(&t("a.b")));
+        assert!(!p("a.b").matches(&t("a.b.c")));
+        assert!(!p("a.b.c").matches(&t("a.b")));
+        assert!(p("entity:Task").matches(&t("entity:Task")));
+    }
+
+    #[test]
+    fn invalid_inputs_are_refused_with_reasons() {
+        assert_eq!(Topic::parse(""), Err(TopicError::Empty));
+        assert_eq!(Topic::parse("a..b"), Err(TopicError::EmptyToken));
+        assert_eq!(Topic::parse(".a"), Err(TopicError::EmptyToken));
+        assert_eq!(Topic::parse("a.*"), Err(TopicError::WildcardInTopic));
+        assert!(matches!(
+            Topic::parse("a.b c"),
+            Err(TopicError::BadCharacter(_))
+        ));
+        assert!(matches!(
+            Topic::parse("a.\u{0}"),
+            Err(TopicError::BadCharacter(_))
+        ));
+        assert_eq!(Pattern::parse("a.>.b"), Err(TopicError::TailNotLast));
+        assert!(matches!(
+            Pattern::parse("deal*"),
+            Err(TopicError::PartialWildcard(_))
+        ));
+        assert_eq!(
+            Topic::parse(&"a.".repeat(20).trim_end_matches('.').to_owned()),
+            Err(TopicError::TooManyTokens)
+        );
+        assert_eq!(Topic::parse(&"a".repeat(300)), Err(TopicError::TooLong));
+    }
+
+    #[test]
+    fn coverage_for_allowlists() {
+        assert!(p("deal.stage.updated").is_covered_by(&p("deal.*")));
+        assert!(p("deal.*.updated").is_covered_by(&p("deal.*")));
+        assert!(p("deal.*").is_covered_by(&p("deal.>")));
+        assert!(!p("deal.*").is_covered_by(&p("deal.*.updated")));
+        assert!(!p("deal.*").is_covered_by(&p("deal.stage.*")));
+        assert!(!p("*").is_covered_by(&p("deal.*")));
+        assert!(p("a.b").is_covered_by(&p("a.*")));
+        assert!(!p("a.b.c").is_covered_by(&p("a.*.d")));
+        assert!(p("a.x.d").is_covered_by(&p("a.*.d")));
+        assert!(!p("a.*").is_covered_by(&p("a.*.d")));
+        assert_eq!(p("activity.*").to_nats(), "activity.>");
+        assert_eq!(p("deal.*.updated").to_nats(), "deal.*.updated");
+    }
+}
