@@ -1,0 +1,92 @@
+//! The broker boundary: where events are stored, deduplicated and routed to
+//! the hubs that want them. The embedded broker ([`memory`]) keeps history
+//! in this process; a NATS/JetStream broker fills the same contract so that
+//! clients see the same behaviour from one process or many.
+
+pub mod memory;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use switchboard_config::Pattern;
+
+use crate::event::{Cursor, Event, NewEvent};
+
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error("the event bus is unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// Result of a publish.
+#[derive(Debug, Clone)]
+pub struct Published {
+    pub event: Arc<Event>,
+    /// True when the idempotency key was seen within the dedup window: `event`
+    /// is the original and nothing was delivered again.
+    pub duplicate: bool,
+}
+
+/// Why history could not resume exactly where a cursor pointed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GapReason {
+    /// Older than retention: events after it were purged.
+    Expired,
+    /// Not a position of this history (another epoch, or in the future).
+    Unknown,
+}
+
+impl GapReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GapReason::Expired => "expired",
+            GapReason::Unknown => "unknown",
+        }
+    }
+}
+
+/// One page of history.
+#[derive(Debug)]
+pub struct ReadBatch {
+    /// Matching events, oldest first.
+    pub events: Vec<Arc<Event>>,
+    /// Set when the cursor could not be honoured; reading then started at the
+    /// oldest retained event.
+    pub gap: Option<GapReason>,
+    /// Where the next page starts.
+    pub next: Cursor,
+    /// True when more events exist after `next`.
+    pub more: bool,
+}
+
+/// Which events a history read returns.
+pub type Filter<'a> = &'a (dyn Fn(&Event) -> bool + Send + Sync);
+
+#[async_trait]
+pub trait Broker: Send + Sync + 'static {
+    /// Store the event (or find the original for a repeated idempotency key)
+    /// and route it to every interested hub.
+    async fn publish(&self, event: NewEvent, retention: Duration)
+    -> Result<Published, BrokerError>;
+
+    /// History of one tenant after `after` (from the oldest retained event
+    /// when `None`), keeping events for which `filter` is true.
+    async fn read(
+        &self,
+        tenant: &Arc<str>,
+        after: Option<Cursor>,
+        filter: Filter<'_>,
+        limit: usize,
+    ) -> Result<ReadBatch, BrokerError>;
+
+    /// The cursor of the newest event of a tenant (seq 0 when there is none).
+    fn head(&self, tenant: &Arc<str>) -> Cursor;
+
+    /// This process gained (`true`) or lost (`false`) its only local
+    /// subscriber for a pattern.
+    async fn interest(&self, tenant: &Arc<str>, pattern: &Pattern, wanted: bool);
+
+    /// Component name and whether it is healthy, for the health endpoint.
+    fn health(&self) -> (&'static str, bool);
+}

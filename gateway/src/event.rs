@@ -1,0 +1,175 @@
+//! Events as stored and delivered, and the cursors that point into history.
+//!
+//! An event is serialized once, when it is stored: the envelope JSON and the
+//! complete WebSocket frame are kept as shared bytes and cloned (a reference
+//! count) for every connection it reaches.
+
+use std::fmt;
+use std::sync::Arc;
+
+use axum::extract::ws::Utf8Bytes;
+use serde::Serialize;
+use serde_json::Value;
+use switchboard_config::Topic;
+
+/// A position in one tenant's history. It is also the event id: the id of an
+/// event is the cursor that resumes right after it. Printed as
+/// `<epoch>-<seq>` (URL-safe). The epoch names one incarnation of the
+/// history; a cursor from another epoch is unknown, not silently reused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Cursor {
+    pub epoch: u64,
+    pub seq: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("cursor {0:?} is not a Switchboard cursor (expected <epoch>-<seq>)")]
+pub struct BadCursor(pub String);
+
+impl Cursor {
+    pub fn parse(s: &str) -> Result<Self, BadCursor> {
+        let bad = || BadCursor(s.chars().take(64).collect());
+        let (epoch, seq) = s.split_once('-').ok_or_else(bad)?;
+        if epoch.is_empty() || epoch.len() > 16 || seq.is_empty() || seq.len() > 20 {
+            return Err(bad());
+        }
+        Ok(Self {
+            epoch: u64::from_str_radix(epoch, 16).map_err(|_| bad())?,
+            seq: seq.parse().map_err(|_| bad())?,
+        })
+    }
+}
+
+impl fmt::Display for Cursor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:x}-{}", self.epoch, self.seq)
+    }
+}
+
+impl Serialize for Cursor {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// What a publisher asks to publish.
+#[derive(Debug, Clone)]
+pub struct NewEvent {
+    pub tenant: Arc<str>,
+    pub topic: Topic,
+    pub data: Value,
+    pub region: Arc<str>,
+    pub idempotency_key: Option<String>,
+    pub gdpr_context: Option<Value>,
+}
+
+/// A stored event, ready to deliver.
+#[derive(Debug)]
+pub struct Event {
+    pub tenant: Arc<str>,
+    pub topic: Topic,
+    pub id: Cursor,
+    pub region: Arc<str>,
+    pub idempotency_key: String,
+    /// Unix time in milliseconds when it was stored.
+    pub stored_at_ms: i64,
+    /// The envelope (`event_id`, `event_type`, `timestamp`, `data`, `metadata`).
+    pub envelope: Utf8Bytes,
+    /// The WebSocket frame `{"type":"event","data":<envelope>}`.
+    pub frame: Utf8Bytes,
+}
+
+#[derive(Serialize)]
+struct Envelope<'a> {
+    event_id: String,
+    event_type: &'a str,
+    timestamp: String,
+    data: &'a Value,
+    metadata: Metadata<'a>,
+}
+
+#[derive(Serialize)]
+struct Metadata<'a> {
+    region: &'a str,
+    idempotency_key: &'a str,
+    gdpr_context: &'a Value,
+    cursor: String,
+}
+
+impl Event {
+    /// Build the stored event and serialize it, once.
+    pub fn seal(new: NewEvent, id: Cursor, now: time::OffsetDateTime) -> Self {
+        let idempotency_key = new
+            .idempotency_key
+            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+        let envelope = Envelope {
+            event_id: id.to_string(),
+            event_type: new.topic.as_str(),
+            timestamp: crate::protocol::format_time(now),
+            data: &new.data,
+            metadata: Metadata {
+                region: &new.region,
+                idempotency_key: &idempotency_key,
+                gdpr_context: new.gdpr_context.as_ref().unwrap_or(&Value::Null),
+                cursor: id.to_string(),
+            },
+        };
+        // Serializing a Value and plain strings cannot fail.
+        let envelope = serde_json::to_string(&envelope).unwrap_or_default();
+        let frame = format!(r#"{{"type":"event","data":{envelope}}}"#);
+        Self {
+            tenant: new.tenant,
+            topic: new.topic,
+            id,
+            region: new.region,
+            idempotency_key,
+            stored_at_ms: (now.unix_timestamp_nanos() / 1_000_000) as i64,
+            envelope: envelope.into(),
+            frame: frame.into(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cursor_round_trip_and_rejects() {
+        let c = Cursor {
+            epoch: 0xdead_beef,
+            seq: 42,
+        };
+        assert_eq!(c.to_string(), "deadbeef-42");
+        assert_eq!(Cursor::parse("deadbeef-42"), Ok(c));
+        for bad in ["", "-", "x-1", "1-", "1-x", "1-2-3", "uuid", "1-99999999999999999999999"] {
+            assert!(Cursor::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn envelope_has_seed_fields() {
+        let e = Event::seal(
+            NewEvent {
+                tenant: "t".into(),
+                topic: Topic::parse("deal.stage.updated").unwrap(),
+                data: serde_json::json!({"deal_id": 1}),
+                region: "eu".into(),
+                idempotency_key: Some("k".into()),
+                gdpr_context: Some(serde_json::json!({"consent": true})),
+            },
+            Cursor { epoch: 1, seq: 7 },
+            time::OffsetDateTime::UNIX_EPOCH,
+        );
+        let frame: Value = serde_json::from_str(&e.frame).unwrap();
+        assert_eq!(frame["type"], "event");
+        let d = &frame["data"];
+        assert_eq!(d["event_id"], "1-7");
+        assert_eq!(d["event_type"], "deal.stage.updated");
+        assert_eq!(d["timestamp"], "1970-01-01T00:00:00Z");
+        assert_eq!(d["data"]["deal_id"], 1);
+        assert_eq!(d["metadata"]["region"], "eu");
+        assert_eq!(d["metadata"]["idempotency_key"], "k");
+        assert_eq!(d["metadata"]["gdpr_context"]["consent"], true);
+    }
+}

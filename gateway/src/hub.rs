@@ -1,0 +1,298 @@
+//! This process's subscriptions: which local connection wants which pattern,
+//! per tenant, and the fan-out of one event to them.
+//!
+//! Each tenant has its own index, so no pattern of one tenant can ever match
+//! an event of another. The index is read-locked once per event (not per
+//! delivery); subscribing takes the write lock briefly.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+
+use dashmap::DashMap;
+use switchboard_config::Pattern;
+use tokio::sync::{Notify, mpsc};
+
+use crate::event::Event;
+
+pub type ConnId = u64;
+
+/// State a connection shares with the hub.
+#[derive(Debug, Default)]
+pub struct ConnShared {
+    overflowed: AtomicBool,
+    /// Woken when the connection must stop (its queue overflowed).
+    pub kick: Notify,
+    /// Only events from this region, when set.
+    pub region: Option<Arc<str>>,
+}
+
+impl ConnShared {
+    pub fn new(region: Option<Arc<str>>) -> Self {
+        Self {
+            region,
+            ..Self::default()
+        }
+    }
+    pub fn overflowed(&self) -> bool {
+        self.overflowed.load(Ordering::Acquire)
+    }
+}
+
+/// One connection's mailbox.
+#[derive(Debug, Clone)]
+pub struct Subscriber {
+    pub tx: mpsc::Sender<Arc<Event>>,
+    pub shared: Arc<ConnShared>,
+}
+
+type Subscribers = HashMap<ConnId, Subscriber>;
+
+#[derive(Default)]
+struct TenantIndex {
+    /// Sequence of the last event dispatched for this tenant.
+    last_seq: AtomicU64,
+    subs: RwLock<Subs>,
+}
+
+#[derive(Default)]
+struct Subs {
+    exact: HashMap<Box<str>, Subscribers>,
+    wild: HashMap<Pattern, Subscribers>,
+}
+
+/// What registering a subscription found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Registered {
+    /// Every matching event after this sequence reaches the connection live.
+    pub since: u64,
+    /// True when this is the first local interest in the pattern.
+    pub first: bool,
+}
+
+/// Outcome of one fan-out.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Fanout {
+    pub delivered: u64,
+    pub overflowed: u64,
+}
+
+#[derive(Default)]
+pub struct Hub {
+    tenants: DashMap<Arc<str>, Arc<TenantIndex>>,
+}
+
+impl Hub {
+    fn index(&self, tenant: &Arc<str>) -> Arc<TenantIndex> {
+        if let Some(i) = self.tenants.get(tenant) {
+            return i.clone();
+        }
+        self.tenants.entry(tenant.clone()).or_default().clone()
+    }
+
+    pub fn register(
+        &self,
+        tenant: &Arc<str>,
+        conn: ConnId,
+        pattern: &Pattern,
+        sub: Subscriber,
+    ) -> Registered {
+        let index = self.index(tenant);
+        let mut subs = index.subs.write().unwrap_or_else(|e| e.into_inner());
+        let map = if pattern.is_exact() {
+            subs.exact.entry(pattern.as_str().into()).or_default()
+        } else {
+            subs.wild.entry(pattern.clone()).or_default()
+        };
+        let first = map.is_empty();
+        map.insert(conn, sub);
+        Registered {
+            since: index.last_seq.load(Ordering::Acquire),
+            first,
+        }
+    }
+
+    /// Remove one subscription; true when it was the last local interest.
+    pub fn unregister(&self, tenant: &Arc<str>, conn: ConnId, pattern: &Pattern) -> bool {
+        let Some(index) = self.tenants.get(tenant).map(|i| i.clone()) else {
+            return false;
+        };
+        let mut subs = index.subs.write().unwrap_or_else(|e| e.into_inner());
+        let removed_last = |map: &mut Subscribers| map.remove(&conn).is_some() && map.is_empty();
+        if pattern.is_exact() {
+            let key = pattern.as_str();
+            let last = subs.exact.get_mut(key).is_some_and(removed_last);
+            if last {
+                subs.exact.remove(key);
+            }
+            last
+        } else {
+            let last = subs.wild.get_mut(pattern).is_some_and(removed_last);
+            if last {
+                subs.wild.remove(pattern);
+            }
+            last
+        }
+    }
+
+    /// The sequence of the last event dispatched for a tenant.
+    pub fn last_seq(&self, tenant: &Arc<str>) -> u64 {
+        self.tenants
+            .get(tenant)
+            .map_or(0, |i| i.last_seq.load(Ordering::Acquire))
+    }
+
+    /// Deliver one event to every local connection whose subscriptions match
+    /// it, exactly once per connection however many of its patterns match.
+    /// Never waits: a full queue marks its connection as a slow consumer.
+    ///
+    /// Callers dispatch a tenant's events one at a time, in sequence order.
+    pub fn dispatch(&self, event: &Arc<Event>) -> Fanout {
+        let index = self.index(&event.tenant);
+        let subs = index.subs.read().unwrap_or_else(|e| e.into_inner());
+        index.last_seq.store(event.id.seq, Ordering::Release);
+
+        let exact = subs.exact.get(event.topic.as_str());
+        let mut wild = subs
+            .wild
+            .iter()
+            .filter(|(p, _)| p.matches(&event.topic))
+            .map(|(_, s)| s);
+        let mut out = Fanout::default();
+        match (exact, wild.next(), wild.next()) {
+            (None, None, _) => {}
+            (Some(only), None, _) | (None, Some(only), None) => {
+                for sub in only.values() {
+                    offer(sub, event, &mut out);
+                }
+            }
+            (first, second, third) => {
+                let mut targets: Vec<(ConnId, &Subscriber)> = first
+                    .into_iter()
+                    .chain(second)
+                    .chain(third)
+                    .chain(wild)
+                    .flat_map(|m| m.iter().map(|(id, s)| (*id, s)))
+                    .collect();
+                targets.sort_unstable_by_key(|(id, _)| *id);
+                targets.dedup_by_key(|(id, _)| *id);
+                for (_, sub) in targets {
+                    offer(sub, event, &mut out);
+                }
+            }
+        }
+        out
+    }
+
+    /// Local subscriptions of a tenant (for metrics and tests).
+    pub fn subscription_count(&self, tenant: &Arc<str>) -> usize {
+        self.tenants.get(tenant).map_or(0, |i| {
+            let s = i.subs.read().unwrap_or_else(|e| e.into_inner());
+            s.exact.values().chain(s.wild.values()).map(|m| m.len()).sum()
+        })
+    }
+}
+
+fn offer(sub: &Subscriber, event: &Arc<Event>, out: &mut Fanout) {
+    if let Some(region) = &sub.shared.region
+        && **region != *event.region
+    {
+        return;
+    }
+    match sub.tx.try_send(event.clone()) {
+        Ok(()) => out.delivered += 1,
+        Err(mpsc::error::TrySendError::Full(_)) => {
+            if !sub.shared.overflowed.swap(true, Ordering::AcqRel) {
+                sub.shared.kick.notify_one();
+            }
+            out.overflowed += 1;
+        }
+        // The connection is closing; it unregisters itself.
+        Err(mpsc::error::TrySendError::Closed(_)) => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{Cursor, NewEvent};
+    use switchboard_config::Topic;
+
+    fn event(tenant: &str, topic: &str, seq: u64) -> Arc<Event> {
+        Arc::new(Event::seal(
+            NewEvent {
+                tenant: tenant.into(),
+                topic: Topic::parse(topic).unwrap(),
+                data: serde_json::Value::Null,
+                region: "r".into(),
+                idempotency_key: None,
+                gdpr_context: None,
+            },
+            Cursor { epoch: 1, seq },
+            time::OffsetDateTime::now_utc(),
+        ))
+    }
+
+    fn sub(cap: usize) -> (Subscriber, mpsc::Receiver<Arc<Event>>) {
+        let (tx, rx) = mpsc::channel(cap);
+        (
+            Subscriber {
+                tx,
+                shared: Arc::default(),
+            },
+            rx,
+        )
+    }
+
+    #[test]
+    fn overlapping_patterns_deliver_once_and_tenants_are_separate() {
+        let hub = Hub::default();
+        let a: Arc<str> = "a".into();
+        let b: Arc<str> = "b".into();
+        let (s1, mut r1) = sub(16);
+        for p in ["deal.stage.updated", "deal.*", "deal.stage.*", "*"] {
+            hub.register(&a, 1, &Pattern::parse(p).unwrap(), s1.clone());
+        }
+        let (s2, mut r2) = sub(16);
+        hub.register(&b, 2, &Pattern::parse("*").unwrap(), s2);
+        let out = hub.dispatch(&event("a", "deal.stage.updated", 1));
+        assert_eq!(out.delivered, 1);
+        assert_eq!(r1.try_recv().unwrap().id.seq, 1);
+        assert!(r1.try_recv().is_err());
+        assert!(r2.try_recv().is_err(), "tenant b must not see tenant a's event");
+        assert_eq!(hub.last_seq(&a), 1);
+        assert_eq!(hub.last_seq(&b), 0);
+    }
+
+    #[test]
+    fn full_queue_kicks_only_that_connection() {
+        let hub = Hub::default();
+        let a: Arc<str> = "a".into();
+        let p = Pattern::parse("x").unwrap();
+        let (slow, _keep) = sub(1);
+        let (fast, mut fast_rx) = sub(8);
+        hub.register(&a, 1, &p, slow.clone());
+        hub.register(&a, 2, &p, fast);
+        for seq in 1..=3 {
+            hub.dispatch(&event("a", "x", seq));
+        }
+        assert!(slow.shared.overflowed());
+        let got: Vec<u64> = std::iter::from_fn(|| fast_rx.try_recv().ok())
+            .map(|e| e.id.seq)
+            .collect();
+        assert_eq!(got, vec![1, 2, 3]);
+    }
+
+    #[test]
+    fn unregister_reports_last_interest() {
+        let hub = Hub::default();
+        let a: Arc<str> = "a".into();
+        let p = Pattern::parse("x.*").unwrap();
+        let (s, _r) = sub(1);
+        assert!(hub.register(&a, 1, &p, s.clone()).first);
+        assert!(!hub.register(&a, 2, &p, s).first);
+        assert!(!hub.unregister(&a, 1, &p));
+        assert!(hub.unregister(&a, 2, &p));
+        assert_eq!(hub.subscription_count(&a), 0);
+    }
+}

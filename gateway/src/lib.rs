@@ -1,0 +1,32 @@
+//! Switchboard gateway: a realtime gateway that fans events out to WebSocket,
+//! SSE and long-poll clients, per tenant, with history and resume.
+//!
+//! Map of the crate:
+//! - [`node`]: the front object of one process (admission, publish).
+//! - [`hub`]: this process's subscriptions and the fan-out of an event.
+//! - [`bus`]: the broker boundary (storage, dedup, routing); [`bus::memory`]
+//!   is the embedded default.
+//! - [`session`]: one subscriber's subscriptions, queue and replay/live seam.
+//! - [`transport`]: WebSocket, SSE, long-poll and the publish API.
+//! - [`auth`]: JWT verification (HS256, RS/ES PEM, JWKS).
+//! - [`protocol`]: wire messages and close codes.
+//! - [`event`]: stored events (serialized once) and cursors.
+//! - [`policy`]: the hot-reloaded tenant policy.
+//! - [`metrics`], [`server`], [`startup`].
+
+pub mod auth;
+pub mod bus;
+pub mod cli;
+pub mod event;
+pub mod fanout;
+pub mod hub;
+pub mod metrics;
+pub mod node;
+pub mod policy;
+pub mod protocol;
+pub mod server;
+pub mod session;
+pub mod startup;
+pub mod transport;
+
+pub use switchboard_config as config;

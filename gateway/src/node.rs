@@ -1,0 +1,266 @@
+//! The node: what one gateway process is. It owns the hub (local
+//! subscriptions), the broker (storage and routing), the verifier, the live
+//! policy, the metrics and the drain state, and it admits connections.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use dashmap::DashMap;
+use serde_json::Value;
+use switchboard_config::policy::{Denied, EffectiveLimits};
+use switchboard_config::{GatewayConfig, PolicyBundle, Topic};
+use tokio::sync::watch;
+
+use crate::auth::{Principal, SCOPE_PLATFORM, SCOPE_PUBLISH, Verifier};
+use crate::bus::{Broker, BrokerError, Published};
+use crate::event::NewEvent;
+use crate::hub::{ConnId, Hub};
+use crate::metrics::Metrics;
+use crate::protocol::Close;
+
+/// A drain in progress: connections leave at spread-out times within it.
+#[derive(Debug, Clone, Copy)]
+pub struct Drain {
+    pub started: tokio::time::Instant,
+    pub period: Duration,
+}
+
+impl Drain {
+    /// When connection `id` should be told to reconnect: spread evenly over
+    /// the drain period so a rolling deploy causes no reconnect storm.
+    pub fn deadline_for(&self, id: ConnId) -> tokio::time::Instant {
+        let ms = self.period.as_millis() as u64;
+        let offset = if ms == 0 {
+            0
+        } else {
+            id.wrapping_mul(0x9E37_79B9_7F4A_7C15) % ms
+        };
+        self.started + Duration::from_millis(offset)
+    }
+}
+
+pub struct Node {
+    pub config: GatewayConfig,
+    pub region: Arc<str>,
+    pub verifier: Verifier,
+    pub broker: Arc<dyn Broker>,
+    pub hub: Arc<Hub>,
+    pub metrics: Arc<Metrics>,
+    pub policy: watch::Sender<Arc<PolicyBundle>>,
+    pub drain: watch::Sender<Option<Drain>>,
+    next_conn: AtomicU64,
+    connections: AtomicU64,
+    tenant_connections: DashMap<Arc<str>, u64>,
+}
+
+/// Why a publish was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error("token lacks the '{SCOPE_PUBLISH}' scope")]
+    NotPublisher,
+    #[error("tenant {0:?} is not the token's tenant (only platform tokens may choose)")]
+    WrongTenant(String),
+    #[error("invalid tenant {0:?}")]
+    InvalidTenant(String),
+    #[error("invalid event_type: {0}")]
+    InvalidTopic(String),
+    #[error("{0}")]
+    Denied(#[from] Denied),
+    #[error("invalid region {0:?}: use 1-64 characters of [A-Za-z0-9_-]")]
+    InvalidRegion(String),
+    #[error("event is {size} bytes, the limit is {limit}")]
+    TooLarge { size: usize, limit: u64 },
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+}
+
+/// A publish request, after parsing the HTTP body.
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct PublishRequest {
+    pub event_type: String,
+    #[serde(default)]
+    pub data: Value,
+    #[serde(default)]
+    pub company_id: Option<Value>,
+    #[serde(default)]
+    pub tenant: Option<String>,
+    #[serde(default)]
+    pub region: Option<String>,
+    #[serde(default)]
+    pub gdpr_context: Option<Value>,
+    #[serde(default)]
+    pub idempotency_key: Option<String>,
+}
+
+/// Held while a connection is open; gives its slot back on drop.
+pub struct Admission {
+    node: Arc<Node>,
+    tenant: Arc<str>,
+    pub id: ConnId,
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        self.node.connections.fetch_sub(1, Ordering::AcqRel);
+        if let Some(mut n) = self.node.tenant_connections.get_mut(&self.tenant) {
+            *n = n.saturating_sub(1);
+        }
+    }
+}
+
+impl Node {
+    pub fn new(
+        config: GatewayConfig,
+        verifier: Verifier,
+        broker: Arc<dyn Broker>,
+        hub: Arc<Hub>,
+        metrics: Arc<Metrics>,
+        policy: PolicyBundle,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            region: config.region.as_str().into(),
+            config,
+            verifier,
+            broker,
+            hub,
+            metrics,
+            policy: watch::channel(Arc::new(policy)).0,
+            drain: watch::channel(None).0,
+            next_conn: AtomicU64::new(1),
+            connections: AtomicU64::new(0),
+            tenant_connections: DashMap::new(),
+        })
+    }
+
+    pub fn next_id(&self) -> ConnId {
+        self.next_conn.fetch_add(1, Ordering::Relaxed)
+    }
+
+    pub fn draining(&self) -> bool {
+        self.drain.borrow().is_some()
+    }
+
+    /// Resolves once a drain has started.
+    pub async fn drained(&self) {
+        let mut rx = self.drain.subscribe();
+        let _ = rx.wait_for(Option::is_some).await.map(|_| ());
+    }
+
+    pub fn connection_count(&self) -> u64 {
+        self.connections.load(Ordering::Acquire)
+    }
+
+    pub fn limits(&self, tenant: &str) -> Result<EffectiveLimits, Denied> {
+        self.policy.borrow().limits(tenant, &self.config.limits)
+    }
+
+    /// Take a connection slot for a principal, or say which close applies.
+    pub fn admit(self: &Arc<Self>, principal: &Principal) -> Result<Admission, Close> {
+        if self.draining() {
+            return Err(Close::ServiceRestart);
+        }
+        let limits = self.limits(&principal.tenant).map_err(|_| Close::Forbidden)?;
+        if self.connections.fetch_add(1, Ordering::AcqRel) >= self.config.limits.max_connections {
+            self.connections.fetch_sub(1, Ordering::AcqRel);
+            return Err(Close::TooManyConnections);
+        }
+        let mut count = self
+            .tenant_connections
+            .entry(principal.tenant.clone())
+            .or_insert(0);
+        if limits.max_connections.is_some_and(|max| *count >= max) {
+            drop(count);
+            self.connections.fetch_sub(1, Ordering::AcqRel);
+            return Err(Close::TooManyConnections);
+        }
+        *count += 1;
+        drop(count);
+        Ok(Admission {
+            node: self.clone(),
+            tenant: principal.tenant.clone(),
+            id: self.next_id(),
+        })
+    }
+
+    /// Publish on behalf of a verified publisher.
+    pub async fn publish(
+        &self,
+        principal: &Principal,
+        req: PublishRequest,
+    ) -> Result<Published, PublishError> {
+        if !principal.has_scope(SCOPE_PUBLISH) {
+            return Err(PublishError::NotPublisher);
+        }
+        let named = req.tenant.clone().or_else(|| {
+            req.company_id.as_ref().and_then(|v| match v {
+                Value::String(s) => Some(s.clone()),
+                Value::Number(n) => Some(n.to_string()),
+                _ => None,
+            })
+        });
+        let tenant: Arc<str> = match named {
+            None => principal.tenant.clone(),
+            Some(t) if *t == *principal.tenant => principal.tenant.clone(),
+            Some(t) if principal.has_scope(SCOPE_PLATFORM) => {
+                if !switchboard_config::policy::valid_tenant(&t) {
+                    return Err(PublishError::InvalidTenant(t));
+                }
+                t.into()
+            }
+            Some(t) => return Err(PublishError::WrongTenant(t)),
+        };
+        let topic =
+            Topic::parse(&req.event_type).map_err(|e| PublishError::InvalidTopic(e.to_string()))?;
+        let (limits, retention) = {
+            let policy = self.policy.borrow();
+            policy.check_publish(&tenant, &topic)?;
+            let retention = policy
+                .tenant(&tenant)
+                .ok()
+                .and_then(|p| p.history_retention_seconds)
+                .unwrap_or(self.config.history.retention_seconds);
+            (policy.limits(&tenant, &self.config.limits)?, retention)
+        };
+        let size = req.data.to_string().len();
+        if size as u64 > limits.max_message_bytes {
+            return Err(PublishError::TooLarge {
+                size,
+                limit: limits.max_message_bytes,
+            });
+        }
+        let region = match req.region {
+            Some(r) if valid_region(&r) => r.into(),
+            Some(r) => return Err(PublishError::InvalidRegion(r)),
+            _ => self.region.clone(),
+        };
+        let published = self
+            .broker
+            .publish(
+                NewEvent {
+                    tenant,
+                    topic,
+                    data: req.data,
+                    region,
+                    idempotency_key: req.idempotency_key.filter(|k| !k.is_empty()),
+                    gdpr_context: req.gdpr_context,
+                },
+                Duration::from_secs(retention),
+            )
+            .await?;
+        tracing::debug!(
+            event_id = %published.event.id,
+            event_type = %published.event.topic,
+            duplicate = published.duplicate,
+            "event published"
+        );
+        Ok(published)
+    }
+}
+
+/// Regions are labels in events and filters: a short safe alphabet.
+pub fn valid_region(r: &str) -> bool {
+    !r.is_empty()
+        && r.len() <= 64
+        && r.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}

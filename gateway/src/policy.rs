@@ -1,0 +1,62 @@
+//! The live policy bundle: loaded from the policy file, re-read when it
+//! changes, published to every connection through a watch channel.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use switchboard_config::PolicyBundle;
+use tokio::sync::watch;
+
+use crate::metrics::Metrics;
+
+/// Read and validate a policy file.
+pub fn load(path: &std::path::Path) -> anyhow::Result<PolicyBundle> {
+    use anyhow::Context;
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading policy file {}", path.display()))?;
+    PolicyBundle::from_yaml(&text).with_context(|| format!("policy file {}", path.display()))
+}
+
+/// Poll the policy file and publish each valid new version. A file that
+/// fails to parse is reported and the previous policy stays in force:
+/// a bad edit never opens or closes the gate by accident.
+pub async fn watch_file(
+    path: PathBuf,
+    every: Duration,
+    tx: watch::Sender<Arc<PolicyBundle>>,
+    metrics: Arc<Metrics>,
+) {
+    let mut last_text = std::fs::read_to_string(&path).ok();
+    let mut tick = tokio::time::interval(every.max(Duration::from_millis(100)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let text = match tokio::fs::read_to_string(&path).await {
+            Ok(t) => t,
+            Err(e) => {
+                if last_text.is_some() {
+                    tracing::warn!(path = %path.display(), error = %e, "policy file unreadable; keeping the current policy");
+                    metrics.policy_reloads.get_or_create(&vec![("result", "error")]).inc();
+                    last_text = None;
+                }
+                continue;
+            }
+        };
+        if last_text.as_deref() == Some(text.as_str()) {
+            continue;
+        }
+        last_text = Some(text.clone());
+        match PolicyBundle::from_yaml(&text) {
+            Ok(bundle) => {
+                tracing::info!(path = %path.display(), tenants = bundle.tenants.len(), "policy reloaded");
+                metrics.policy_reloads.get_or_create(&vec![("result", "ok")]).inc();
+                tx.send_replace(Arc::new(bundle));
+            }
+            Err(e) => {
+                tracing::error!(path = %path.display(), error = %e, "policy file invalid; keeping the current policy");
+                metrics.policy_reloads.get_or_create(&vec![("result", "error")]).inc();
+            }
+        }
+    }
+}

@@ -1,0 +1,167 @@
+//! The HTTP surface: `app(node)` builds the router; `run` serves it until a
+//! drain completes.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{HeaderValue, Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::json;
+use tower_http::cors::{AllowOrigin, CorsLayer};
+
+use crate::node::{Drain, Node};
+use crate::protocol::now_rfc3339;
+use crate::transport::{longpoll, publish, sse, ws};
+
+pub fn app(node: Arc<Node>) -> Router {
+    let body_limit = (node.config.limits.max_message_bytes as usize).saturating_mul(4) + 64 * 1024;
+    Router::new()
+        .route("/ws", get(ws::upgrade))
+        .route("/ws/", get(ws::upgrade))
+        .route("/api/realtime/poll/", get(longpoll::poll))
+        .route("/api/realtime/poll", get(longpoll::poll))
+        .route("/api/realtime/sse/", get(sse::stream))
+        .route("/api/realtime/sse", get(sse::stream))
+        .route("/api/realtime/publish/", post(publish::publish))
+        .route("/api/realtime/publish", post(publish::publish))
+        .route("/api/realtime/health/", get(health))
+        .route("/api/realtime/health", get(health))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .layer(DefaultBodyLimit::max(body_limit))
+        .layer(cors(&node.config.allowed_origins))
+        .with_state(node)
+}
+
+fn cors(allowed: &[String]) -> CorsLayer {
+    let origins = if allowed.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(
+            allowed
+                .iter()
+                .filter_map(|o| HeaderValue::from_str(o).ok()),
+        )
+    };
+    CorsLayer::new()
+        .allow_origin(origins)
+        .allow_methods([Method::GET, Method::POST, Method::OPTIONS])
+        .allow_headers([
+            header::AUTHORIZATION,
+            header::CONTENT_TYPE,
+            header::HeaderName::from_static("last-event-id"),
+        ])
+        .max_age(Duration::from_secs(600))
+}
+
+async fn health(State(node): State<Arc<Node>>) -> Response {
+    let (bus_name, bus_ok) = node.broker.health();
+    let status = if !bus_ok {
+        "unhealthy"
+    } else if node.draining() {
+        "draining"
+    } else {
+        "healthy"
+    };
+    let code = if bus_ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let state = |ok: bool| if ok { "healthy" } else { "unhealthy" };
+    (
+        code,
+        Json(json!({
+            "status": status,
+            "components": {
+                bus_name: state(bus_ok),
+                "history": state(bus_ok),
+                "policy": "healthy",
+            },
+            "region": &*node.region,
+            "connections": node.connection_count(),
+            "timestamp": now_rfc3339(),
+        })),
+    )
+        .into_response()
+}
+
+async fn healthz() -> &'static str {
+    "ok"
+}
+
+async fn readyz(State(node): State<Arc<Node>>) -> Response {
+    if node.draining() {
+        (StatusCode::SERVICE_UNAVAILABLE, "draining").into_response()
+    } else if !node.broker.health().1 {
+        (StatusCode::SERVICE_UNAVAILABLE, "event bus unavailable").into_response()
+    } else {
+        (StatusCode::OK, "ready").into_response()
+    }
+}
+
+async fn metrics(State(node): State<Arc<Node>>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        node.metrics.render(),
+    )
+        .into_response()
+}
+
+/// Serve until `stop` resolves, then drain: readiness turns false, new
+/// connections are refused, open ones are told to reconnect spread over the
+/// drain period, and the server returns once they are gone (or a grace
+/// period after the drain period).
+pub async fn run(
+    node: Arc<Node>,
+    listener: tokio::net::TcpListener,
+    stop: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let period = Duration::from_secs(node.config.drain_seconds);
+    let drained = {
+        let node = node.clone();
+        async move {
+            stop.await;
+            tracing::info!(
+                connections = node.connection_count(),
+                drain_seconds = period.as_secs(),
+                "draining"
+            );
+            node.drain.send_replace(Some(Drain {
+                started: tokio::time::Instant::now(),
+                period,
+            }));
+            let deadline = tokio::time::Instant::now() + period + Duration::from_secs(5);
+            while node.connection_count() > 0 && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            tracing::info!(left = node.connection_count(), "drain complete");
+        }
+    };
+    axum::serve(listener, app(node))
+        .with_graceful_shutdown(drained)
+        .await
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}

@@ -1,0 +1,286 @@
+//! A subscriber session: one WebSocket connection, SSE stream or long-poll
+//! request. It owns the connection's subscriptions in the hub, its outbound
+//! queue, and the replay logic that joins history to live delivery.
+//!
+//! The seam between replay and live: when a pattern is registered, the hub
+//! returns `since`, the sequence of the last event dispatched for the tenant.
+//! Every later matching event reaches the queue live; replay sends only
+//! events at or before `since` of every pattern that matches them. So no
+//! event is sent twice and none falls between the two.
+
+use std::sync::Arc;
+
+use switchboard_config::Pattern;
+use switchboard_config::policy::Denied;
+use tokio::sync::mpsc;
+
+use crate::bus::{BrokerError, GapReason};
+use crate::event::{Cursor, Event};
+use crate::hub::{ConnShared, Subscriber};
+use crate::node::{Admission, Node};
+
+/// Why one requested pattern was not subscribed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SubscribeError {
+    #[error("invalid topic {0:?}: {1}")]
+    Invalid(String, String),
+    #[error("{0}")]
+    Denied(Denied),
+    #[error("subscription limit of {0} per connection reached")]
+    TooMany(u32),
+}
+
+/// What a replay found.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Replayed {
+    pub sent: usize,
+    pub gap: Option<GapReason>,
+    /// Stopped at the caller's limit with more to send.
+    pub truncated: bool,
+}
+
+pub struct Session {
+    pub node: Arc<Node>,
+    pub admission: Admission,
+    pub tenant: Arc<str>,
+    pub shared: Arc<ConnShared>,
+    tx: mpsc::Sender<Arc<Event>>,
+    pub rx: mpsc::Receiver<Arc<Event>>,
+    /// Subscribed patterns with their `since` sequence.
+    subs: Vec<(Pattern, u64)>,
+}
+
+impl Session {
+    pub fn new(
+        node: Arc<Node>,
+        admission: Admission,
+        tenant: Arc<str>,
+        region: Option<Arc<str>>,
+        queue: usize,
+    ) -> Self {
+        let (tx, rx) = mpsc::channel(queue.max(1));
+        Self {
+            node,
+            admission,
+            tenant,
+            shared: Arc::new(ConnShared::new(region)),
+            tx,
+            rx,
+            subs: Vec::new(),
+        }
+    }
+
+    pub fn patterns(&self) -> impl Iterator<Item = &Pattern> {
+        self.subs.iter().map(|(p, _)| p)
+    }
+
+    pub fn subscription_count(&self) -> usize {
+        self.subs.len()
+    }
+
+    /// Subscribe to each requested pattern that is valid and allowed.
+    /// Returns the patterns now subscribed (including ones already held) and
+    /// the refusals.
+    pub async fn subscribe(
+        &mut self,
+        requested: &[String],
+    ) -> (Vec<Pattern>, Vec<SubscribeError>) {
+        let max = match self.node.limits(&self.tenant) {
+            Ok(l) => l.max_subscriptions_per_connection,
+            Err(d) => {
+                return (
+                    Vec::new(),
+                    requested
+                        .iter()
+                        .map(|_| SubscribeError::Denied(d.clone()))
+                        .collect(),
+                );
+            }
+        };
+        let mut ok = Vec::new();
+        let mut errors = Vec::new();
+        for raw in requested {
+            let pattern = match Pattern::parse(raw) {
+                Ok(p) => p,
+                Err(e) => {
+                    errors.push(SubscribeError::Invalid(
+                        raw.chars().take(300).collect(),
+                        e.to_string(),
+                    ));
+                    continue;
+                }
+            };
+            if self.subs.iter().any(|(p, _)| *p == pattern) {
+                ok.push(pattern);
+                continue;
+            }
+            if let Err(d) = self.node.policy.borrow().check_subscribe(&self.tenant, &pattern) {
+                errors.push(SubscribeError::Denied(d));
+                continue;
+            }
+            if self.subs.len() >= max as usize {
+                errors.push(SubscribeError::TooMany(max));
+                continue;
+            }
+            let reg = self.node.hub.register(
+                &self.tenant,
+                self.admission.id,
+                &pattern,
+                Subscriber {
+                    tx: self.tx.clone(),
+                    shared: self.shared.clone(),
+                },
+            );
+            if reg.first {
+                self.node.broker.interest(&self.tenant, &pattern, true).await;
+            }
+            self.node.metrics.subscriptions_active.inc();
+            self.subs.push((pattern.clone(), reg.since));
+            ok.push(pattern);
+        }
+        (ok, errors)
+    }
+
+    /// Drop subscriptions; returns the ones that were held.
+    pub async fn unsubscribe(&mut self, patterns: &[Pattern]) -> Vec<Pattern> {
+        let mut removed = Vec::new();
+        for pattern in patterns {
+            if let Some(i) = self.subs.iter().position(|(p, _)| p == pattern) {
+                self.subs.swap_remove(i);
+                self.release(pattern).await;
+                removed.push(pattern.clone());
+            }
+        }
+        removed
+    }
+
+    async fn release(&self, pattern: &Pattern) {
+        self.node.metrics.subscriptions_active.dec();
+        if self
+            .node
+            .hub
+            .unregister(&self.tenant, self.admission.id, pattern)
+        {
+            self.node.broker.interest(&self.tenant, pattern, false).await;
+        }
+    }
+
+    /// Re-check every subscription against the current policy; returns the
+    /// ones the policy no longer allows, already unsubscribed.
+    pub async fn enforce_policy(&mut self) -> Vec<(Pattern, Denied)> {
+        let revoked: Vec<(Pattern, Denied)> = {
+            let policy = self.node.policy.borrow();
+            self.subs
+                .iter()
+                .filter_map(|(p, _)| {
+                    policy
+                        .check_subscribe(&self.tenant, p)
+                        .err()
+                        .map(|d| (p.clone(), d))
+                })
+                .collect()
+        };
+        let patterns: Vec<Pattern> = revoked.iter().map(|(p, _)| p.clone()).collect();
+        self.unsubscribe(&patterns).await;
+        revoked
+    }
+
+    /// The cursor a client can resume from when it has seen nothing yet:
+    /// everything after it will reach it.
+    pub fn live_cursor(&self) -> Cursor {
+        let head = self.node.broker.head(&self.tenant);
+        let since = self.subs.iter().map(|(_, s)| *s).min().unwrap_or(head.seq);
+        Cursor {
+            epoch: head.epoch,
+            seq: since,
+        }
+    }
+
+    /// Send the events after `cursor` that the current subscriptions match
+    /// and that live delivery does not cover, oldest first, at most `limit`.
+    /// `emit` returns false to stop early (the client went away).
+    ///
+    /// With `only`, just events matching one of those patterns and none of
+    /// the session's other patterns (a cursor given with a new subscription
+    /// resumes that subscription, without repeating what others delivered).
+    pub async fn replay(
+        &self,
+        cursor: Cursor,
+        only: Option<&[Pattern]>,
+        limit: usize,
+        mut emit: impl FnMut(&Arc<Event>) -> bool,
+    ) -> Result<Replayed, BrokerError> {
+        let Some(until) = self.subs.iter().map(|(_, s)| *s).max() else {
+            return Ok(Replayed::default());
+        };
+        let subs = &self.subs;
+        let region = self.shared.region.clone();
+        let wanted = move |e: &Event| {
+            if region.as_deref().is_some_and(|r| r != &*e.region) {
+                return false;
+            }
+            let mut matched = false;
+            for (p, since) in subs {
+                if p.matches(&e.topic) {
+                    if e.id.seq > *since {
+                        return false; // delivered live
+                    }
+                    match only {
+                        Some(only) if !only.contains(p) => return false,
+                        _ => matched = true,
+                    }
+                }
+            }
+            matched
+        };
+        let mut out = Replayed::default();
+        let mut after = cursor;
+        let mut first = true;
+        loop {
+            let batch = self
+                .node
+                .broker
+                .read(&self.tenant, Some(after), &wanted, 256)
+                .await?;
+            if first {
+                out.gap = batch.gap;
+                first = false;
+            }
+            for event in &batch.events {
+                if event.id.seq > until {
+                    return Ok(out);
+                }
+                if out.sent == limit {
+                    out.truncated = true;
+                    return Ok(out);
+                }
+                if !emit(event) {
+                    return Ok(out);
+                }
+                out.sent += 1;
+            }
+            if !batch.more || batch.next.seq >= until || batch.next == after {
+                return Ok(out);
+            }
+            after = batch.next;
+        }
+    }
+
+    /// Unsubscribe everything; called when the session ends.
+    pub async fn close(mut self) {
+        let all: Vec<Pattern> = self.subs.iter().map(|(p, _)| p.clone()).collect();
+        self.unsubscribe(&all).await;
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        // A session dropped without `close` (a cancelled request) still
+        // leaves the hub; broker interest is released by the next sweep of
+        // the broker itself (the embedded broker keeps none).
+        for (p, _) in self.subs.drain(..) {
+            self.node.metrics.subscriptions_active.dec();
+            self.node.hub.unregister(&self.tenant, self.admission.id, &p);
+        }
+    }
+}

@@ -1,0 +1,42 @@
+//! Building a node from configuration: the one place that wires the parts.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use switchboard_config::{GatewayConfig, PolicyBundle};
+
+use crate::auth::Verifier;
+use crate::bus::memory::MemoryBroker;
+use crate::hub::Hub;
+use crate::metrics::Metrics;
+use crate::node::Node;
+
+/// Build a node (embedded broker) and start its policy watcher.
+pub fn build(config: GatewayConfig) -> anyhow::Result<Arc<Node>> {
+    config.validate()?;
+    let verifier = Verifier::new(&config.auth).context("loading token keys")?;
+    let policy = match &config.policy_file {
+        Some(path) => crate::policy::load(path)?,
+        None => PolicyBundle::allow_all(),
+    };
+    let metrics = Arc::new(Metrics::new());
+    let hub = Arc::new(Hub::default());
+    let broker = Arc::new(MemoryBroker::new(
+        config.history.clone(),
+        hub.clone(),
+        metrics.clone(),
+    ));
+    let policy_file = config.policy_file.clone();
+    let reload = Duration::from_secs(config.policy_reload_seconds.max(1));
+    let node = Node::new(config, verifier, broker, hub, metrics, policy);
+    if let Some(path) = policy_file {
+        tokio::spawn(crate::policy::watch_file(
+            path,
+            reload,
+            node.policy.clone(),
+            node.metrics.clone(),
+        ));
+    }
+    Ok(node)
+}

@@ -1,0 +1,113 @@
+//! The publish API for backends: `POST /api/realtime/publish/`.
+//!
+//! Body: one event `{event_type, data, company_id | tenant, region?,
+//! gdpr_context?, idempotency_key?}` or a batch `{"events": [...]}`.
+//! Answer: `{event_id, cursor, duplicate, timestamp}` (or `{"results": [...]}`
+//! for a batch, one entry per event, in order).
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+
+use crate::bus::Published;
+use crate::node::{Node, PublishError, PublishRequest};
+
+/// Most events in one batch.
+pub const MAX_BATCH: usize = 1000;
+
+fn published_json(p: &Published) -> Value {
+    json!({
+        "event_id": p.event.id.to_string(),
+        "cursor": p.event.id.to_string(),
+        "event_type": p.event.topic.as_str(),
+        "duplicate": p.duplicate,
+        "timestamp": crate::protocol::now_rfc3339(),
+    })
+}
+
+fn error_status(e: &PublishError) -> (StatusCode, &'static str) {
+    match e {
+        PublishError::NotPublisher | PublishError::WrongTenant(_) | PublishError::Denied(_) => {
+            (StatusCode::FORBIDDEN, "forbidden")
+        }
+        PublishError::InvalidTenant(_) | PublishError::InvalidRegion(_) => {
+            (StatusCode::BAD_REQUEST, "invalid_request")
+        }
+        PublishError::InvalidTopic(_) => (StatusCode::BAD_REQUEST, "invalid_topic"),
+        PublishError::TooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "message_too_large"),
+        PublishError::Broker(_) => (StatusCode::SERVICE_UNAVAILABLE, "bus_unavailable"),
+    }
+}
+
+pub async fn publish(State(node): State<Arc<Node>>, headers: HeaderMap, body: Bytes) -> Response {
+    let principal = match super::authenticate(&node, &headers, None, None).await {
+        Ok(p) => p,
+        Err(e) => {
+            node.metrics.error("auth");
+            return super::auth_error_response(&e);
+        }
+    };
+    let body: Value = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        Err(e) => {
+            node.metrics.error("publish");
+            return super::error_response(StatusCode::BAD_REQUEST, "malformed_body", format!("body is not JSON: {e}"));
+        }
+    };
+    let batch = match body.get("events") {
+        Some(Value::Array(items)) => Some(items.clone()),
+        Some(_) => {
+            return super::error_response(StatusCode::BAD_REQUEST, "malformed_body", "'events' must be a list");
+        }
+        None => None,
+    };
+    match batch {
+        None => match one(&node, &principal, body).await {
+            Ok(p) => {
+                let status = if p.duplicate { StatusCode::OK } else { StatusCode::CREATED };
+                (status, axum::Json(published_json(&p))).into_response()
+            }
+            Err((status, code, message)) => {
+                node.metrics.error("publish");
+                super::error_response(status, code, message)
+            }
+        },
+        Some(items) if items.len() > MAX_BATCH => super::error_response(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "batch_too_large",
+            format!("a batch holds at most {MAX_BATCH} events"),
+        ),
+        Some(items) => {
+            // Each event stands alone: one refused event does not stop the rest.
+            let mut results = Vec::with_capacity(items.len());
+            for item in items {
+                results.push(match one(&node, &principal, item).await {
+                    Ok(p) => published_json(&p),
+                    Err((status, code, message)) => {
+                        node.metrics.error("publish");
+                        json!({ "error": { "code": code, "message": message, "status": status.as_u16() } })
+                    }
+                });
+            }
+            (StatusCode::OK, axum::Json(json!({ "results": results }))).into_response()
+        }
+    }
+}
+
+async fn one(
+    node: &Node,
+    principal: &crate::auth::Principal,
+    body: Value,
+) -> Result<Published, (StatusCode, &'static str, String)> {
+    let req: PublishRequest = serde_json::from_value(body).map_err(|e| {
+        (StatusCode::BAD_REQUEST, "malformed_body", format!("invalid event: {e}"))
+    })?;
+    node.publish(principal, req).await.map_err(|e| {
+        let (status, code) = error_status(&e);
+        (status, code, e.to_string())
+    })
+}

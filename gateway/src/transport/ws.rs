@@ -1,0 +1,689 @@
+//! The WebSocket transport: upgrade, authentication, and the per-connection
+//! state machine of the native protocol.
+//!
+//! One task per connection `select!`s over: the outbound queue (events from
+//! the hub, written in batches), frames from the client, the heartbeat and
+//! idle timers, token expiry, policy changes, drain, and the hub's
+//! slow-consumer kick.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::Response;
+use futures_util::stream::{SplitSink, SplitStream};
+use futures_util::{SinkExt, StreamExt};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use switchboard_config::Pattern;
+use tokio::time::{Instant, sleep_until};
+
+use crate::auth::Principal;
+use crate::event::Cursor;
+use crate::node::{Node, valid_region};
+use crate::protocol::{
+    ClientMessage, Close, ErrorCode, MessageProbe, SubscriptionRequest, error_message,
+    now_rfc3339, server_message,
+};
+use crate::session::{Session, SubscribeError};
+
+/// Read and write buffers per connection. tungstenite's defaults (128 KiB
+/// read) would make an idle connection cost far more than its state.
+const READ_BUFFER: usize = 4 * 1024;
+const WRITE_BUFFER: usize = 0;
+/// Events written per flush.
+const WRITE_BATCH: usize = 64;
+/// Events replayed in one go for one request before `has_more` applies.
+const REPLAY_LIMIT: usize = 100_000;
+
+#[derive(Debug, Deserialize)]
+pub struct WsParams {
+    token: Option<String>,
+    company_id: Option<String>,
+    /// Extension: resume the first subscriptions from this cursor.
+    cursor: Option<String>,
+    /// Extension: only events from this region.
+    region: Option<String>,
+}
+
+/// Is this `Origin` allowed to open a WebSocket or call the API from a browser?
+pub fn origin_allowed(allowed: &[String], origin: Option<&str>) -> bool {
+    match origin {
+        None => true,
+        Some(o) => allowed.iter().any(|a| a == "*" || a.eq_ignore_ascii_case(o)),
+    }
+}
+
+pub async fn upgrade(
+    State(node): State<Arc<Node>>,
+    Query(params): Query<WsParams>,
+    headers: HeaderMap,
+    ws: WebSocketUpgrade,
+) -> Response {
+    let origin = headers
+        .get(axum::http::header::ORIGIN)
+        .and_then(|v| v.to_str().ok());
+    if !origin_allowed(&node.config.allowed_origins, origin) {
+        node.metrics
+            .connections_rejected
+            .get_or_create(&vec![("reason", "origin")])
+            .inc();
+        return super::error_response(StatusCode::FORBIDDEN, "origin_not_allowed", "origin not allowed");
+    }
+    if node.draining() {
+        node.metrics
+            .connections_rejected
+            .get_or_create(&vec![("reason", "draining")])
+            .inc();
+        return super::error_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "draining",
+            "this gateway is draining; connect to another one",
+        );
+    }
+    let auth = super::authenticate(
+        &node,
+        &headers,
+        params.token.as_deref(),
+        params.company_id.as_deref(),
+    )
+    .await;
+    let max = node.config.limits.max_message_bytes as usize;
+    ws.read_buffer_size(READ_BUFFER)
+        .write_buffer_size(WRITE_BUFFER)
+        .max_message_size(max)
+        .max_frame_size(max)
+        .on_upgrade(move |socket| async move {
+            let principal = match auth {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::info!(reason = %e, "websocket rejected: unauthorized");
+                    node.metrics
+                        .connections_rejected
+                        .get_or_create(&vec![("reason", "unauthorized")])
+                        .inc();
+                    node.metrics.error("auth");
+                    return reject(socket, Close::Unauthorized, &e.to_string()).await;
+                }
+            };
+            let admission = match node.admit(&principal) {
+                Ok(a) => a,
+                Err(close) => {
+                    node.metrics
+                        .connections_rejected
+                        .get_or_create(&vec![("reason", close.label())])
+                        .inc();
+                    return reject(socket, close, close.reason()).await;
+                }
+            };
+            let region = params.region.filter(|r| valid_region(r)).map(Arc::from);
+            let session = Session::new(
+                node.clone(),
+                admission,
+                principal.tenant.clone(),
+                region,
+                node.config.limits.outbound_queue,
+            );
+            let cursor = params.cursor.as_deref().and_then(|c| Cursor::parse(c).ok());
+            Connection::run(session, principal, cursor, socket).await;
+        })
+}
+
+async fn reject(mut socket: WebSocket, close: Close, detail: &str) {
+    let reason: String = format!("{}: {detail}", close.reason()).chars().take(120).collect();
+    let _ = socket
+        .send(Message::Close(Some(CloseFrame {
+            code: close.code(),
+            reason: reason.into(),
+        })))
+        .await;
+}
+
+/// Allows `messages_per_minute` with bursts of a tenth of that.
+struct RateLimit {
+    tokens: f64,
+    capacity: f64,
+    per_sec: f64,
+    at: Instant,
+}
+
+impl RateLimit {
+    fn new(per_minute: u32) -> Self {
+        let capacity = (f64::from(per_minute) / 10.0).max(10.0);
+        Self {
+            tokens: capacity,
+            capacity,
+            per_sec: f64::from(per_minute) / 60.0,
+            at: Instant::now(),
+        }
+    }
+    fn allow(&mut self) -> bool {
+        let now = Instant::now();
+        let elapsed = now.duration_since(self.at).as_secs_f64();
+        self.at = now;
+        self.tokens = (self.tokens + elapsed * self.per_sec).min(self.capacity);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+enum Flow {
+    Continue,
+    /// Close with this code (and a detail for the reason, if any).
+    Close(Close, Option<String>),
+    /// The client closed or vanished: send nothing more.
+    Gone,
+}
+
+struct Connection {
+    session: Session,
+    principal: Principal,
+    sink: SplitSink<WebSocket, Message>,
+    /// A cursor to apply to the first subscriptions (from `?cursor=` or a
+    /// `cursor.update` sent before any subscription).
+    pending_cursor: Option<Cursor>,
+    rate: RateLimit,
+    max_bytes: usize,
+}
+
+fn unix_now() -> u64 {
+    jsonwebtoken::get_current_timestamp()
+}
+
+fn deadline_for_expiry(exp: u64) -> Instant {
+    Instant::now() + Duration::from_secs(exp.saturating_sub(unix_now()))
+}
+
+impl Connection {
+    async fn run(
+        session: Session,
+        principal: Principal,
+        cursor: Option<Cursor>,
+        socket: WebSocket,
+    ) {
+        let node = session.node.clone();
+        let limits = node.limits(&principal.tenant).ok();
+        let (sink, mut stream) = socket.split();
+        let mut conn = Connection {
+            rate: RateLimit::new(
+                limits.map_or(node.config.limits.messages_per_minute, |l| l.messages_per_minute),
+            ),
+            max_bytes: limits.map_or(node.config.limits.max_message_bytes, |l| l.max_message_bytes)
+                as usize,
+            session,
+            principal,
+            sink,
+            pending_cursor: cursor,
+        };
+        node.metrics.connections_opened.inc();
+        node.metrics.connections_active.inc();
+        let conn_id = conn.session.admission.id;
+        tracing::info!(conn = conn_id, tenant = %conn.principal.tenant, "websocket connected");
+
+        let close = conn.serve(&mut stream).await;
+        let label = close.as_ref().map_or("client", |c| c.0.label());
+        if let Some((close, detail)) = close {
+            let reason: String = detail
+                .unwrap_or_else(|| close.reason().to_owned())
+                .chars()
+                .take(120)
+                .collect();
+            let frame = Message::Close(Some(CloseFrame {
+                code: close.code(),
+                reason: reason.into(),
+            }));
+            // The peer may be gone or not reading (slow consumer): bound the goodbye.
+            let _ = tokio::time::timeout(Duration::from_secs(1), conn.sink.send(frame)).await;
+        }
+        tracing::info!(conn = conn_id, reason = label, "websocket closed");
+        node.metrics.connections_active.dec();
+        node.metrics
+            .connections_closed
+            .get_or_create(&vec![("reason", label)])
+            .inc();
+        conn.session.close().await;
+    }
+
+    /// The connection loop; returns the close to send, or None when the
+    /// client left.
+    async fn serve(&mut self, stream: &mut SplitStream<WebSocket>) -> Option<(Close, Option<String>)> {
+        let node = self.session.node.clone();
+        let shared = self.session.shared.clone();
+        let hb = &node.config.heartbeat;
+        let idle = Duration::from_secs(hb.idle_timeout_seconds);
+        let mut ping = tokio::time::interval_at(
+            Instant::now() + Duration::from_secs(hb.ping_interval_seconds),
+            Duration::from_secs(hb.ping_interval_seconds),
+        );
+        let mut idle_deadline = Instant::now() + idle;
+        let mut expiry = deadline_for_expiry(self.principal.expires_at);
+        let mut policy = node.policy.subscribe();
+        let mut drain = node.drain.subscribe();
+        let mut drain_at: Option<Instant> = None;
+        let far = || Instant::now() + Duration::from_secs(365 * 24 * 3600);
+
+        let established = server_message(
+            "connection.established",
+            json!({
+                "user_id": self.principal.user,
+                "connection_id": self.session.admission.id.to_string(),
+                "server_time": now_rfc3339(),
+                "region": &*node.region,
+                "expires_at": self.principal.expires_at,
+            }),
+            None,
+        );
+        if self.send_text(established).await.is_err() {
+            return None;
+        }
+        if let Some(d) = *drain.borrow_and_update() {
+            drain_at = Some(d.deadline_for(self.session.admission.id));
+        }
+
+        loop {
+            let flow = tokio::select! {
+                biased;
+                _ = shared.kick.notified() => Flow::Close(Close::SlowConsumer, None),
+                event = self.session.rx.recv() => match event {
+                    Some(first) => {
+                        // Write a batch; a blocked write loses to the kick.
+                        let kicked = tokio::select! {
+                            biased;
+                            _ = shared.kick.notified() => true,
+                            r = self.write_batch(first) => {
+                                if r.is_err() { return None; }
+                                false
+                            }
+                        };
+                        if kicked { Flow::Close(Close::SlowConsumer, None) } else { Flow::Continue }
+                    }
+                    None => return None,
+                },
+                frame = stream.next() => {
+                    idle_deadline = Instant::now() + idle;
+                    match frame {
+                        None => return None,
+                        Some(Err(e)) => {
+                            if is_capacity_error(&e) {
+                                node.metrics.error("message_too_big");
+                                Flow::Close(Close::MessageTooBig, None)
+                            } else {
+                                tracing::debug!(error = %e, "websocket read error");
+                                node.metrics.error("websocket");
+                                return None;
+                            }
+                        }
+                        Some(Ok(msg)) => self.on_frame(msg, &mut expiry).await,
+                    }
+                }
+                _ = ping.tick() => {
+                    match self.sink.send(Message::Ping(Default::default())).await {
+                        Ok(()) => Flow::Continue,
+                        Err(_) => return None,
+                    }
+                }
+                _ = sleep_until(idle_deadline) => Flow::Close(Close::IdleTimeout, None),
+                _ = sleep_until(expiry) => {
+                    let msg = error_message(ErrorCode::TokenExpired, "token expired; reconnect with a fresh token or send auth.refresh before expiry", None);
+                    let _ = self.send_text(msg).await;
+                    Flow::Close(Close::Unauthorized, Some("token expired".into()))
+                }
+                Ok(()) = policy.changed() => self.on_policy_change().await,
+                Ok(()) = drain.changed() => {
+                    drain_at = drain.borrow_and_update().map(|d| d.deadline_for(self.session.admission.id));
+                    Flow::Continue
+                }
+                _ = sleep_until(drain_at.unwrap_or_else(far)), if drain_at.is_some() => {
+                    let msg = server_message("reconnect", json!({
+                        "reason": "draining",
+                        "cursor": self.session.live_cursor().to_string(),
+                        "timestamp": now_rfc3339(),
+                    }), None);
+                    let _ = self.send_text(msg).await;
+                    Flow::Close(Close::ServiceRestart, None)
+                }
+            };
+            match flow {
+                Flow::Continue => {}
+                Flow::Close(close, detail) => return Some((close, detail)),
+                Flow::Gone => return None,
+            }
+        }
+    }
+
+    async fn send_text(&mut self, text: String) -> Result<(), axum::Error> {
+        self.sink.send(Message::Text(text.into())).await
+    }
+
+    async fn write_batch(&mut self, first: Arc<crate::event::Event>) -> Result<(), axum::Error> {
+        self.sink.feed(Message::Text(first.frame.clone())).await?;
+        for _ in 1..WRITE_BATCH {
+            match self.session.rx.try_recv() {
+                Ok(ev) => self.sink.feed(Message::Text(ev.frame.clone())).await?,
+                Err(_) => break,
+            }
+        }
+        self.sink.flush().await
+    }
+
+    async fn on_frame(&mut self, msg: Message, expiry: &mut Instant) -> Flow {
+        let node = self.session.node.clone();
+        let text: Utf8Bytes = match msg {
+            Message::Text(t) => t,
+            Message::Binary(_) => {
+                if !self.rate.allow() {
+                    return Flow::Close(Close::RateLimited, None);
+                }
+                node.metrics.error("websocket");
+                let m = error_message(ErrorCode::BinaryNotSupported, "binary frames are not supported; send JSON text frames", None);
+                return self.reply(m).await;
+            }
+            Message::Ping(_) | Message::Pong(_) => return Flow::Continue,
+            Message::Close(_) => return Flow::Gone,
+        };
+        if !self.rate.allow() {
+            node.metrics.error("rate_limited");
+            return Flow::Close(Close::RateLimited, None);
+        }
+        if text.len() > self.max_bytes {
+            node.metrics.error("message_too_big");
+            let m = error_message(
+                ErrorCode::MessageTooLarge,
+                &format!("message of {} bytes exceeds the limit of {}", text.len(), self.max_bytes),
+                None,
+            );
+            return self.reply(m).await;
+        }
+        let parsed: ClientMessage = match serde_json::from_str(&text) {
+            Ok(m) => m,
+            Err(e) => {
+                node.metrics.error("websocket");
+                let probe: Option<MessageProbe> = serde_json::from_str(&text).ok();
+                let (code, message) = match &probe {
+                    Some(MessageProbe { kind: Some(Value::String(k)), .. })
+                        if !["subscribe", "unsubscribe", "cursor.update", "ping", "auth.refresh"]
+                            .contains(&k.as_str()) =>
+                    {
+                        (ErrorCode::UnknownMessageType, format!("unknown message type {:?}", k.chars().take(64).collect::<String>()))
+                    }
+                    _ => (ErrorCode::MalformedMessage, format!("malformed message: {e}")),
+                };
+                let rid = probe.and_then(|p| p.request_id);
+                return self.reply(error_message(code, &message, rid.as_ref())).await;
+            }
+        };
+        match parsed {
+            ClientMessage::Ping { request_id } => {
+                let m = server_message("pong", json!({ "timestamp": now_rfc3339() }), request_id.as_ref());
+                self.reply(m).await
+            }
+            ClientMessage::Subscribe(req) => self.on_subscribe(req).await,
+            ClientMessage::Unsubscribe(req) => self.on_unsubscribe(req).await,
+            ClientMessage::CursorUpdate { cursor, request_id } => {
+                self.on_cursor(cursor.as_deref().unwrap_or_default(), request_id).await
+            }
+            ClientMessage::AuthRefresh { token, request_id } => {
+                self.on_refresh(&token, request_id, expiry).await
+            }
+        }
+    }
+
+    async fn reply(&mut self, text: String) -> Flow {
+        match self.send_text(text).await {
+            Ok(()) => Flow::Continue,
+            Err(_) => Flow::Gone,
+        }
+    }
+
+    async fn on_subscribe(&mut self, req: SubscriptionRequest) -> Flow {
+        let node = self.session.node.clone();
+        let requested = req.patterns();
+        let rid = req.request_id.clone();
+        if requested.is_empty() {
+            let m = error_message(ErrorCode::InvalidTopic, "subscribe needs 'topics' (a list) or 'channel'", rid.as_ref());
+            return self.reply(m).await;
+        }
+        let explicit = match req.cursor.as_deref().map(Cursor::parse) {
+            Some(Err(e)) => {
+                let m = error_message(ErrorCode::InvalidCursor, &e.to_string(), rid.as_ref());
+                return self.reply(m).await;
+            }
+            Some(Ok(c)) => Some(c),
+            None => None,
+        };
+        let before: Vec<Pattern> = self.session.patterns().cloned().collect();
+        let (ok, errors) = self.session.subscribe(&requested).await;
+        for e in &errors {
+            node.metrics.error("subscription");
+            let code = match e {
+                SubscribeError::Invalid(..) => ErrorCode::InvalidTopic,
+                SubscribeError::Denied(_) => ErrorCode::TopicNotAllowed,
+                SubscribeError::TooMany(_) => ErrorCode::TooManySubscriptions,
+            };
+            let flow = self.reply(error_message(code, &e.to_string(), rid.as_ref())).await;
+            if !matches!(flow, Flow::Continue) {
+                return flow;
+            }
+        }
+        if ok.is_empty() {
+            return Flow::Continue;
+        }
+        let topics: Vec<&str> = ok.iter().map(Pattern::as_str).collect();
+        let confirm = if req.is_channel_form() {
+            json!({
+                "type": "subscribed",
+                "channel": req.channel,
+                "requestId": rid,
+                "timestamp": time::OffsetDateTime::now_utc().unix_timestamp() * 1000,
+            })
+            .to_string()
+        } else {
+            server_message(
+                "subscription.confirmed",
+                json!({ "topics": topics, "timestamp": now_rfc3339() }),
+                rid.as_ref(),
+            )
+        };
+        let flow = self.reply(confirm).await;
+        if !matches!(flow, Flow::Continue) {
+            return flow;
+        }
+        let new: Vec<Pattern> = ok.into_iter().filter(|p| !before.contains(p)).collect();
+        match explicit.or_else(|| self.pending_cursor.take()) {
+            Some(cursor) if !new.is_empty() => self.replay(cursor, Some(&new), rid).await,
+            _ => Flow::Continue,
+        }
+    }
+
+    async fn on_unsubscribe(&mut self, req: SubscriptionRequest) -> Flow {
+        let patterns: Vec<Pattern> = req
+            .patterns()
+            .iter()
+            .filter_map(|p| Pattern::parse(p).ok())
+            .collect();
+        let removed = self.session.unsubscribe(&patterns).await;
+        let topics: Vec<&str> = removed.iter().map(Pattern::as_str).collect();
+        let m = if req.is_channel_form() {
+            json!({ "type": "unsubscribed", "channel": req.channel, "requestId": req.request_id }).to_string()
+        } else {
+            server_message(
+                "unsubscription.confirmed",
+                json!({ "topics": topics, "timestamp": now_rfc3339() }),
+                req.request_id.as_ref(),
+            )
+        };
+        self.reply(m).await
+    }
+
+    async fn on_cursor(&mut self, raw: &str, rid: Option<Value>) -> Flow {
+        let cursor = match Cursor::parse(raw) {
+            Ok(c) => c,
+            Err(e) => {
+                // Not ours (e.g. a uuid from the old system): say so, the
+                // client must refresh its state.
+                let node = self.session.node.clone();
+                node.metrics.resumes.get_or_create(&vec![("outcome", "gap")]).inc();
+                let m = server_message(
+                    "resume.gap",
+                    json!({
+                        "reason": "unknown",
+                        "requested": raw.chars().take(64).collect::<String>(),
+                        "message": e.to_string(),
+                        "cursor": self.session.live_cursor().to_string(),
+                        "timestamp": now_rfc3339(),
+                    }),
+                    rid.as_ref(),
+                );
+                return self.reply(m).await;
+            }
+        };
+        if self.session.subscription_count() == 0 {
+            self.pending_cursor = Some(cursor);
+            let m = server_message(
+                "cursor.confirmed",
+                json!({ "cursor": cursor.to_string(), "pending": true, "timestamp": now_rfc3339() }),
+                rid.as_ref(),
+            );
+            return self.reply(m).await;
+        }
+        self.replay(cursor, None, rid).await
+    }
+
+    /// Replay after `cursor`, then tell the client where it stands.
+    async fn replay(&mut self, cursor: Cursor, only: Option<&[Pattern]>, rid: Option<Value>) -> Flow {
+        let node = self.session.node.clone();
+        let mut frames = Vec::new();
+        let mut last = None;
+        let result = self
+            .session
+            .replay(cursor, only, REPLAY_LIMIT, |e| {
+                frames.push(e.frame.clone());
+                last = Some(e.id);
+                true
+            })
+            .await;
+        let replayed = match result {
+            Ok(r) => r,
+            Err(e) => {
+                node.metrics.error("history");
+                let m = server_message("error", json!({ "message": e.to_string(), "code": "history_unavailable", "timestamp": now_rfc3339() }), rid.as_ref());
+                return self.reply(m).await;
+            }
+        };
+        if let Some(gap) = replayed.gap {
+            node.metrics.resumes.get_or_create(&vec![("outcome", "gap")]).inc();
+            let m = server_message(
+                "resume.gap",
+                json!({
+                    "reason": gap.as_str(),
+                    "requested": cursor.to_string(),
+                    "message": "events after this cursor are no longer available; refresh your state",
+                    "timestamp": now_rfc3339(),
+                }),
+                rid.as_ref(),
+            );
+            let flow = self.reply(m).await;
+            if !matches!(flow, Flow::Continue) {
+                return flow;
+            }
+        } else {
+            node.metrics.resumes.get_or_create(&vec![("outcome", "replayed")]).inc();
+        }
+        node.metrics.events_delivered.inc_by(frames.len() as u64);
+        for f in frames {
+            if self.sink.feed(Message::Text(f)).await.is_err() {
+                return Flow::Gone;
+            }
+        }
+        let done = server_message(
+            "replay.complete",
+            json!({
+                "replayed": replayed.sent,
+                "cursor": last.unwrap_or(cursor).to_string(),
+                "has_more": replayed.truncated,
+                "timestamp": now_rfc3339(),
+            }),
+            rid.as_ref(),
+        );
+        self.reply(done).await
+    }
+
+    async fn on_refresh(&mut self, token: &str, rid: Option<Value>, expiry: &mut Instant) -> Flow {
+        let node = self.session.node.clone();
+        let result = node.verifier.verify(token).await.and_then(|p| {
+            if p.tenant != self.principal.tenant || p.user != self.principal.user {
+                Err(crate::auth::AuthError::TenantMismatch)
+            } else {
+                Ok(p)
+            }
+        });
+        let m = match result {
+            Ok(p) => {
+                *expiry = deadline_for_expiry(p.expires_at);
+                self.principal = p;
+                server_message(
+                    "auth.refreshed",
+                    json!({ "expires_at": self.principal.expires_at, "timestamp": now_rfc3339() }),
+                    rid.as_ref(),
+                )
+            }
+            Err(e) => {
+                node.metrics.error("auth");
+                error_message(ErrorCode::AuthRefreshFailed, &format!("token refresh refused: {e}"), rid.as_ref())
+            }
+        };
+        self.reply(m).await
+    }
+
+    async fn on_policy_change(&mut self) -> Flow {
+        let node = self.session.node.clone();
+        let limits = match node.limits(&self.principal.tenant) {
+            Ok(l) => l,
+            Err(_) => {
+                let m = server_message(
+                    "subscription.revoked",
+                    json!({
+                        "topics": self.session.patterns().map(Pattern::as_str).collect::<Vec<_>>(),
+                        "reason": "the tenant no longer has a policy on this gateway",
+                        "timestamp": now_rfc3339(),
+                    }),
+                    None,
+                );
+                let _ = self.send_text(m).await;
+                return Flow::Close(Close::Forbidden, None);
+            }
+        };
+        self.rate = RateLimit::new(limits.messages_per_minute);
+        self.max_bytes = limits.max_message_bytes as usize;
+        let revoked = self.session.enforce_policy().await;
+        if revoked.is_empty() {
+            return Flow::Continue;
+        }
+        let m = server_message(
+            "subscription.revoked",
+            json!({
+                "topics": revoked.iter().map(|(p, _)| p.as_str()).collect::<Vec<_>>(),
+                "reason": revoked.first().map(|(_, d)| d.to_string()),
+                "timestamp": now_rfc3339(),
+            }),
+            None,
+        );
+        self.reply(m).await
+    }
+}
+
+
+/// Did the read fail because a frame or message exceeded the size limit?
+fn is_capacity_error(e: &axum::Error) -> bool {
+    use tokio_tungstenite::tungstenite::Error;
+    matches!(
+        std::error::Error::source(e).and_then(|s| s.downcast_ref::<Error>()),
+        Some(Error::Capacity(_))
+    )
+}
