@@ -1,0 +1,242 @@
+//! Test harness: a real gateway router on a real loopback socket, real
+//! WebSocket (tokio-tungstenite) and HTTP (reqwest) clients, and deadlines
+//! instead of sleeps.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use switchboard_gateway::config::GatewayConfig;
+use switchboard_gateway::node::Node;
+use tokio::net::TcpStream;
+use tokio::sync::oneshot;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+pub const SECRET: &str = "test-secret-0123456789";
+pub const DEADLINE: Duration = Duration::from_secs(10);
+
+pub fn config() -> GatewayConfig {
+    let mut c = GatewayConfig::default();
+    c.listen = "127.0.0.1:0".into();
+    c.auth.hs256_secret = Some(SECRET.into());
+    c.drain_seconds = 1;
+    c
+}
+
+pub struct Gateway {
+    pub node: Arc<Node>,
+    pub addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl Gateway {
+    pub async fn start(config: GatewayConfig) -> Self {
+        let listener = tokio::net::TcpListener::bind(&config.listen).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let node = switchboard_gateway::startup::build(config).unwrap();
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(switchboard_gateway::server::run(node.clone(), listener, async {
+            let _ = rx.await;
+        }));
+        Self { node, addr, stop: Some(tx), task }
+    }
+
+    pub async fn default() -> Self {
+        Self::start(config()).await
+    }
+
+    pub fn http(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn ws(&self, query: &str) -> String {
+        format!("ws://{}/ws?{query}", self.addr)
+    }
+
+    /// Begin the drain (as SIGTERM would) and wait for the server to stop.
+    pub async fn drain(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        tokio::time::timeout(Duration::from_secs(30), &mut self.task)
+            .await
+            .expect("server stops after drain")
+            .unwrap()
+            .unwrap();
+    }
+
+    pub fn trigger_drain(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+    }
+
+    pub async fn metrics(&self) -> String {
+        reqwest::get(format!("{}/metrics", self.http())).await.unwrap().text().await.unwrap()
+    }
+}
+
+/// Read one sample from a Prometheus text exposition; 0 when absent.
+pub fn metric(text: &str, name_and_labels: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name_and_labels).and_then(|rest| rest.strip_prefix(' ')))
+        .map_or(0.0, |v| v.trim().parse().unwrap())
+}
+
+pub fn token(tenant: &str, scopes: &[&str]) -> String {
+    token_ttl(tenant, scopes, 3600)
+}
+
+pub fn token_ttl(tenant: &str, scopes: &[&str], ttl: u64) -> String {
+    let scopes: Vec<String> = scopes.iter().map(|s| s.to_string()).collect();
+    switchboard_gateway::auth::mint_hs256(SECRET, tenant, "user-1", &scopes, Duration::from_secs(ttl)).unwrap()
+}
+
+pub fn sign(claims: &Value) -> String {
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        claims,
+        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap()
+}
+
+pub async fn publish(gw: &Gateway, token: &str, body: Value) -> (u16, Value) {
+    let r = reqwest::Client::new()
+        .post(format!("{}/api/realtime/publish/", gw.http()))
+        .bearer_auth(token)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+/// Publish and return the event id; panics unless stored.
+pub async fn publish_ok(gw: &Gateway, tenant: &str, topic: &str, data: Value) -> String {
+    let (status, body) = publish(gw, &token(tenant, &["publish"]), json!({ "event_type": topic, "data": data })).await;
+    assert_eq!(status, 201, "{body}");
+    body["event_id"].as_str().unwrap().to_owned()
+}
+
+pub async fn get_json(url: &str, token: Option<&str>) -> (u16, Value) {
+    let mut req = reqwest::Client::new().get(url);
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    let r = req.send().await.unwrap();
+    (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+}
+
+pub struct Client {
+    pub ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+}
+
+impl Client {
+    pub async fn connect(url: &str) -> Self {
+        let (ws, _) = tokio_tungstenite::connect_async(url).await.expect("websocket upgrade");
+        Self { ws }
+    }
+
+    /// Connect as `tenant`, and read `connection.established`.
+    pub async fn open(gw: &Gateway, tenant: &str) -> Self {
+        let mut c = Self::connect(&gw.ws(&format!("token={}", token(tenant, &["subscribe"])))).await;
+        let hello = c.recv().await;
+        assert_eq!(hello["type"], "connection.established", "{hello}");
+        c
+    }
+
+    pub async fn send(&mut self, v: Value) {
+        self.ws.send(Message::Text(v.to_string().into())).await.unwrap();
+    }
+
+    pub async fn send_raw(&mut self, m: Message) {
+        self.ws.send(m).await.unwrap();
+    }
+
+    /// The next text message, skipping pings; panics on close or deadline.
+    pub async fn recv(&mut self) -> Value {
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        loop {
+            let msg = tokio::time::timeout_at(deadline, self.ws.next())
+                .await
+                .expect("message before deadline")
+                .expect("stream open")
+                .expect("no websocket error");
+            match msg {
+                Message::Text(t) => return serde_json::from_str(&t).unwrap(),
+                Message::Close(f) => panic!("unexpected close: {f:?}"),
+                _ => {}
+            }
+        }
+    }
+
+    /// Skip messages until one of `kind` arrives.
+    pub async fn recv_type(&mut self, kind: &str) -> Value {
+        loop {
+            let m = self.recv().await;
+            if m["type"] == kind {
+                return m;
+            }
+        }
+    }
+
+    pub async fn subscribe(&mut self, topics: &[&str]) -> Value {
+        self.send(json!({ "type": "subscribe", "topics": topics })).await;
+        let m = self.recv().await;
+        assert_eq!(m["type"], "subscription.confirmed", "{m}");
+        m
+    }
+
+    /// Next `n` events (skipping other message types), their envelopes.
+    pub async fn events(&mut self, n: usize) -> Vec<Value> {
+        let mut out = Vec::new();
+        while out.len() < n {
+            let m = self.recv().await;
+            if m["type"] == "event" {
+                out.push(m["data"].clone());
+            }
+        }
+        out
+    }
+
+    /// No text message arrives within `wait` (used after a known later
+    /// message proves ordering, or for isolation checks).
+    pub async fn expect_silence(&mut self, wait: Duration) {
+        let end = tokio::time::Instant::now() + wait;
+        loop {
+            match tokio::time::timeout_at(end, self.ws.next()).await {
+                Err(_) => return,
+                Ok(Some(Ok(Message::Text(t)))) => panic!("unexpected message: {t}"),
+                Ok(Some(Ok(Message::Close(f)))) => panic!("unexpected close: {f:?}"),
+                Ok(None) => panic!("unexpected end of stream"),
+                Ok(_) => {}
+            }
+        }
+    }
+
+    /// Read until the server closes; return the close code and reason.
+    pub async fn closed(&mut self) -> (u16, String) {
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        loop {
+            match tokio::time::timeout_at(deadline, self.ws.next()).await.expect("close before deadline") {
+                Some(Ok(Message::Close(Some(f)))) => return (u16::from(f.code), f.reason.to_string()),
+                Some(Ok(Message::Close(None))) => return (u16::from(CloseCode::Status), String::new()),
+                Some(Ok(_)) => {}
+                Some(Err(e)) => panic!("error before close frame: {e}"),
+                None => panic!("stream ended without a close frame"),
+            }
+        }
+    }
+}
+
+pub fn ids(events: &[Value]) -> Vec<String> {
+    events.iter().map(|e| e["event_id"].as_str().unwrap().to_owned()).collect()
+}

@@ -1,0 +1,393 @@
+//! The native WebSocket protocol (seed 001), end to end over real sockets.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use futures_util::SinkExt;
+use serde_json::json;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+#[tokio::test]
+async fn seed_flow_subscribe_and_receive_envelope() {
+    let gw = Gateway::default().await;
+    let mut c = Client::connect(&gw.ws(&format!("token={}&company_id=acme", token("acme", &[])))).await;
+    let hello = c.recv().await;
+    assert_eq!(hello["type"], "connection.established");
+    assert_eq!(hello["data"]["user_id"], "user-1");
+    assert!(hello["data"]["server_time"].as_str().unwrap().ends_with('Z'));
+
+    let confirmed = c.subscribe(&["deal.stage.*", "timeline.object.created"]).await;
+    assert_eq!(confirmed["data"]["topics"], json!(["deal.stage.*", "timeline.object.created"]));
+    assert!(confirmed["data"]["timestamp"].is_string());
+
+    let (status, body) = publish(
+        &gw,
+        &token("acme", &["publish"]),
+        json!({
+            "event_type": "deal.stage.updated",
+            "data": {"deal_id": 456, "new_stage": "qualification"},
+            "company_id": "acme",
+            "region": "us-east-1",
+            "idempotency_key": "deal-456-1",
+            "gdpr_context": {"consent": true, "retention_days": 365},
+        }),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    let msg = c.recv().await;
+    assert_eq!(msg["type"], "event");
+    let e = &msg["data"];
+    assert_eq!(e["event_id"], body["event_id"]);
+    assert_eq!(e["event_type"], "deal.stage.updated");
+    assert_eq!(e["data"]["deal_id"], 456);
+    assert_eq!(e["metadata"]["region"], "us-east-1");
+    assert_eq!(e["metadata"]["idempotency_key"], "deal-456-1");
+    assert_eq!(e["metadata"]["gdpr_context"]["retention_days"], 365);
+    assert!(e["timestamp"].as_str().unwrap().ends_with('Z'));
+}
+
+#[tokio::test]
+async fn bearer_header_authenticates_too() {
+    let gw = Gateway::default().await;
+    let mut req = gw.ws("").into_client_request().unwrap();
+    req.headers_mut()
+        .insert("Authorization", format!("Bearer {}", token("acme", &[])).parse().unwrap());
+    let (ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
+    let mut c = Client { ws };
+    assert_eq!(c.recv().await["type"], "connection.established");
+}
+
+#[tokio::test]
+async fn bad_missing_or_mismatched_tokens_close_4001() {
+    let gw = Gateway::default().await;
+    let expired = sign(&json!({"tenant": "acme", "sub": "u", "exp": 1_000_000}));
+    let wrong_key = jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &json!({"tenant": "acme", "exp": 9_999_999_999u64}),
+        &jsonwebtoken::EncodingKey::from_secret(b"another-secret"),
+    )
+    .unwrap();
+    let no_tenant = sign(&json!({"sub": "u", "exp": 9_999_999_999u64}));
+    let cases = [
+        String::new(),
+        "token=".to_owned(),
+        "token=not.a.jwt".to_owned(),
+        format!("token={expired}"),
+        format!("token={wrong_key}"),
+        format!("token={no_tenant}"),
+        format!("token={}&company_id=globex", token("acme", &[])),
+    ];
+    for q in cases {
+        let mut c = Client::connect(&gw.ws(&q)).await;
+        let (code, _) = c.closed().await;
+        assert_eq!(code, 4001, "query {q}");
+    }
+    let m = gw.metrics().await;
+    assert_eq!(metric(&m, r#"switchboard_websocket_rejected_total{reason="unauthorized"}"#), 7.0);
+}
+
+#[tokio::test]
+async fn company_id_claim_is_the_tenant_fallback() {
+    let gw = Gateway::default().await;
+    let t = sign(&json!({"company_id": 123, "user_id": 9, "exp": 9_999_999_999u64}));
+    let mut c = Client::connect(&gw.ws(&format!("token={t}&company_id=123"))).await;
+    let hello = c.recv().await;
+    assert_eq!(hello["data"]["user_id"], "9");
+    c.subscribe(&["deal.*"]).await;
+    publish_ok(&gw, "123", "deal.x", json!({})).await;
+    assert_eq!(c.events(1).await[0]["event_type"], "deal.x");
+}
+
+#[tokio::test]
+async fn wildcards_follow_the_seed_and_overlaps_deliver_once_in_order() {
+    let gw = Gateway::default().await;
+    let mut c = Client::open(&gw, "acme").await;
+    c.subscribe(&["activity.*", "deal.*.updated", "deal.stage.updated", "deal.>"]).await;
+    let mut other = Client::open(&gw, "acme").await;
+    other.subscribe(&["deal.*.updated"]).await;
+    let topics = [
+        "activity.task.completed", // activity.*
+        "deal.stage.updated",      // three patterns overlap
+        "deal.stage.x.updated",    // only deal.>
+        "contact.email.sent",      // nothing
+        "deal.owner.updated",
+    ];
+    let mut sent = Vec::new();
+    for t in topics {
+        sent.push(publish_ok(&gw, "acme", t, json!({"t": t})).await);
+    }
+    let got = c.events(4).await;
+    assert_eq!(
+        got.iter().map(|e| e["event_type"].as_str().unwrap()).collect::<Vec<_>>(),
+        ["activity.task.completed", "deal.stage.updated", "deal.stage.x.updated", "deal.owner.updated"]
+    );
+    let got = other.events(2).await;
+    assert_eq!(
+        got.iter().map(|e| e["event_type"].as_str().unwrap()).collect::<Vec<_>>(),
+        ["deal.stage.updated", "deal.owner.updated"]
+    );
+    // A marker proves nothing else (no duplicate) was queued before it.
+    publish_ok(&gw, "acme", "activity.marker.done", json!({})).await;
+    assert_eq!(c.events(1).await[0]["event_type"], "activity.marker.done");
+}
+
+#[tokio::test]
+async fn publish_order_is_kept_per_topic_under_load() {
+    let gw = Gateway::default().await;
+    let mut c = Client::open(&gw, "acme").await;
+    c.subscribe(&["load.*"]).await;
+    let publisher = {
+        let url = gw.http();
+        let t = token("acme", &["publish"]);
+        tokio::spawn(async move {
+            let http = reqwest::Client::new();
+            for i in 0..200 {
+                let topic = if i % 2 == 0 { "load.a" } else { "load.b" };
+                let r = http
+                    .post(format!("{url}/api/realtime/publish/"))
+                    .bearer_auth(&t)
+                    .json(&json!({"event_type": topic, "data": {"i": i}}))
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(r.status(), 201);
+            }
+        })
+    };
+    let got = c.events(200).await;
+    publisher.await.unwrap();
+    let is: Vec<i64> = got.iter().map(|e| e["data"]["i"].as_i64().unwrap()).collect();
+    assert_eq!(is, (0..200).collect::<Vec<_>>());
+}
+
+#[tokio::test]
+async fn bad_input_gets_errors_and_the_connection_survives() {
+    let gw = Gateway::default().await;
+    let mut c = Client::open(&gw, "acme").await;
+    c.send_raw(Message::Text("{not json".into())).await;
+    let e = c.recv().await;
+    assert_eq!((e["type"].as_str(), e["data"]["code"].as_str()), (Some("error"), Some("malformed_message")));
+    c.send(json!({"type": "explode"})).await;
+    assert_eq!(c.recv().await["data"]["code"], "unknown_message_type");
+    c.send(json!({"type": "subscribe"})).await;
+    assert_eq!(c.recv().await["data"]["code"], "invalid_topic");
+    c.send(json!({"type": "subscribe", "topics": "deal.*"})).await;
+    assert_eq!(c.recv().await["data"]["code"], "malformed_message");
+    c.send_raw(Message::Binary(vec![1, 2, 3].into())).await;
+    assert_eq!(c.recv().await["data"]["code"], "binary_not_supported");
+    c.send(json!({"type": "subscribe", "topics": ["deal..x", "a.>.b", "ok.*", "bad topic"]})).await;
+    let mut codes = Vec::new();
+    for _ in 0..3 {
+        let m = c.recv().await;
+        assert_eq!(m["type"], "error", "{m}");
+        codes.push(m["data"]["code"].as_str().unwrap().to_owned());
+        assert!(m["data"]["message"].as_str().unwrap().contains("invalid topic"));
+    }
+    assert_eq!(codes, ["invalid_topic"; 3]);
+    let ok = c.recv().await;
+    assert_eq!(ok["data"]["topics"], json!(["ok.*"]));
+    c.send(json!({"type": "cursor.update", "cursor": 17})).await;
+    assert_eq!(c.recv().await["data"]["code"], "malformed_message");
+    c.send(json!({"type": "ping"})).await;
+    assert_eq!(c.recv().await["type"], "pong");
+    publish_ok(&gw, "acme", "ok.still", json!({})).await;
+    assert_eq!(c.events(1).await[0]["event_type"], "ok.still");
+}
+
+#[tokio::test]
+async fn seed_004_channel_form_echoes_request_id() {
+    let gw = Gateway::default().await;
+    let mut c = Client::open(&gw, "acme").await;
+    c.send(json!({"type": "subscribe", "channel": "entity:Task", "requestId": "req_123", "timestamp": 1})).await;
+    let m = c.recv().await;
+    assert_eq!(m["type"], "subscribed");
+    assert_eq!(m["channel"], "entity:Task");
+    assert_eq!(m["requestId"], "req_123");
+    publish_ok(&gw, "acme", "entity:Task", json!({"id": 1})).await;
+    assert_eq!(c.events(1).await[0]["event_type"], "entity:Task");
+    c.send(json!({"type": "ping", "requestId": 7})).await;
+    let pong = c.recv().await;
+    assert_eq!((pong["type"].as_str(), pong["requestId"].as_i64()), (Some("pong"), Some(7)));
+    c.send(json!({"type": "unsubscribe", "channel": "entity:Task", "requestId": "req_124"})).await;
+    let m = c.recv().await;
+    assert_eq!((m["type"].as_str(), m["requestId"].as_str()), (Some("unsubscribed"), Some("req_124")));
+    publish_ok(&gw, "acme", "entity:Task", json!({"id": 2})).await;
+    c.expect_silence(Duration::from_millis(300)).await;
+}
+
+#[tokio::test]
+async fn unsubscribe_stops_delivery() {
+    let gw = Gateway::default().await;
+    let mut c = Client::open(&gw, "acme").await;
+    c.subscribe(&["a.*", "b.*"]).await;
+    c.send(json!({"type": "unsubscribe", "topics": ["a.*"]})).await;
+    let m = c.recv().await;
+    assert_eq!(m["type"], "unsubscription.confirmed");
+    assert_eq!(m["data"]["topics"], json!(["a.*"]));
+    publish_ok(&gw, "acme", "a.x", json!({})).await;
+    publish_ok(&gw, "acme", "b.x", json!({})).await;
+    assert_eq!(c.events(1).await[0]["event_type"], "b.x");
+}
+
+#[tokio::test]
+async fn subscription_limit_is_enforced_with_an_error() {
+    let mut cfg = config();
+    cfg.limits.max_subscriptions_per_connection = 2;
+    let gw = Gateway::start(cfg).await;
+    let mut c = Client::open(&gw, "acme").await;
+    c.send(json!({"type": "subscribe", "topics": ["a", "b", "c"]})).await;
+    let e = c.recv().await;
+    assert_eq!(e["data"]["code"], "too_many_subscriptions");
+    let ok = c.recv().await;
+    assert_eq!(ok["data"]["topics"], json!(["a", "b"]));
+}
+
+#[tokio::test]
+async fn oversized_frames_close_1009() {
+    let mut cfg = config();
+    cfg.limits.max_message_bytes = 4096;
+    let gw = Gateway::start(cfg).await;
+    let mut c = Client::open(&gw, "acme").await;
+    let big = "x".repeat(10_000);
+    c.send(json!({"type": "ping", "pad": big})).await;
+    assert_eq!(c.closed().await.0, 1009);
+    // Others are unaffected.
+    let mut d = Client::open(&gw, "acme").await;
+    d.send(json!({"type": "ping"})).await;
+    assert_eq!(d.recv().await["type"], "pong");
+}
+
+#[tokio::test]
+async fn floods_are_rate_limited_with_4029() {
+    let mut cfg = config();
+    cfg.limits.messages_per_minute = 120; // burst of 12
+    let gw = Gateway::start(cfg).await;
+    let mut c = Client::open(&gw, "acme").await;
+    for _ in 0..50 {
+        if c.ws.send(Message::Text(json!({"type": "ping"}).to_string().into())).await.is_err() {
+            break;
+        }
+    }
+    let mut pongs = 0;
+    let code = loop {
+        match tokio::time::timeout(DEADLINE, futures_util::StreamExt::next(&mut c.ws)).await.unwrap() {
+            Some(Ok(Message::Text(_))) => pongs += 1,
+            Some(Ok(Message::Close(Some(f)))) => break u16::from(f.code),
+            other => panic!("{other:?}"),
+        }
+    };
+    assert_eq!(code, 4029);
+    assert!((10..=13).contains(&pongs), "burst allowed {pongs} pongs");
+}
+
+#[tokio::test]
+async fn origins_are_checked_on_upgrade() {
+    let mut cfg = config();
+    cfg.allowed_origins = vec!["http://app.example".into()];
+    let gw = Gateway::start(cfg).await;
+    let url = gw.ws(&format!("token={}", token("acme", &[])));
+    let mut req = url.clone().into_client_request().unwrap();
+    req.headers_mut().insert("Origin", "http://evil.example".parse().unwrap());
+    let err = tokio_tungstenite::connect_async(req).await.unwrap_err();
+    assert!(err.to_string().contains("403"), "{err}");
+    let mut req = url.into_client_request().unwrap();
+    req.headers_mut().insert("Origin", "http://app.example".parse().unwrap());
+    assert!(tokio_tungstenite::connect_async(req).await.is_ok());
+}
+
+#[tokio::test]
+async fn expiring_token_is_told_and_closed_unless_refreshed() {
+    let gw = Gateway::default().await;
+    // Expires in 2 s and is not refreshed.
+    let mut c = Client::connect(&gw.ws(&format!("token={}", token_ttl("acme", &[], 2)))).await;
+    c.recv_type("connection.established").await;
+    let told = c.recv().await;
+    assert_eq!(told["data"]["code"], "token_expired");
+    assert_eq!(c.closed().await.0, 4001);
+
+    // Refreshed before expiry: stays open past the first token's expiry.
+    let mut c = Client::connect(&gw.ws(&format!("token={}", token_ttl("acme", &[], 2)))).await;
+    c.recv_type("connection.established").await;
+    c.subscribe(&["x"]).await;
+    c.send(json!({"type": "auth.refresh", "token": token("globex", &[])})).await;
+    assert_eq!(c.recv().await["data"]["code"], "auth_refresh_failed", "another tenant's token is refused");
+    c.send(json!({"type": "auth.refresh", "token": token("acme", &[]), "requestId": "r1"})).await;
+    let ok = c.recv().await;
+    assert_eq!((ok["type"].as_str(), ok["requestId"].as_str()), (Some("auth.refreshed"), Some("r1")));
+    tokio::time::sleep(Duration::from_millis(2500)).await; // past the old expiry
+    publish_ok(&gw, "acme", "x", json!({})).await;
+    assert_eq!(c.events(1).await[0]["event_type"], "x");
+}
+
+#[tokio::test]
+async fn heartbeat_pings_and_idle_timeout() {
+    let mut cfg = config();
+    cfg.heartbeat.ping_interval_seconds = 1;
+    cfg.heartbeat.idle_timeout_seconds = 2;
+    let gw = Gateway::start(cfg).await;
+    let mut c = Client::open(&gw, "acme").await;
+    // A server ping arrives within the interval.
+    let got_ping = tokio::time::timeout(Duration::from_secs(3), async {
+        loop {
+            if let Some(Ok(Message::Ping(_))) = futures_util::StreamExt::next(&mut c.ws).await {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(got_ping.is_ok(), "no ping from the server");
+    // A client that keeps reading answers pings (tungstenite replies) and
+    // stays open past the idle timeout.
+    c.expect_silence(Duration::from_secs(3)).await;
+    c.send(json!({"type": "ping"})).await;
+    assert_eq!(c.recv().await["type"], "pong");
+    // One that neither reads nor writes is closed with 4002. (The wait is
+    // the behaviour under test: the idle timeout.)
+    // A raw socket is used so that no library answers pings behind our back.
+    let silent = raw_upgrade(&gw, &format!("/ws?token={}", token("acme", &[]))).await;
+    let frames = read_frames_until_eof(silent).await;
+    let close = frames.iter().find(|(op, _)| *op == 0x8).expect("a close frame");
+    assert_eq!(u16::from_be_bytes([close.1[0], close.1[1]]), 4002);
+    assert!(frames.iter().any(|(op, _)| *op == 0x9), "pings were sent before giving up");
+}
+
+async fn raw_upgrade(gw: &Gateway, path: &str) -> tokio::net::TcpStream {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let req = format!(
+        "GET {path} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        gw.addr
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b).await.unwrap();
+        head.push(b[0]);
+    }
+    assert!(head.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
+    s
+}
+
+/// Server frames (unmasked) until the server closes: (opcode, payload).
+async fn read_frames_until_eof(mut s: tokio::net::TcpStream) -> Vec<(u8, Vec<u8>)> {
+    use tokio::io::AsyncReadExt;
+    let mut buf = Vec::new();
+    tokio::time::timeout(DEADLINE, s.read_to_end(&mut buf)).await.unwrap().unwrap();
+    let mut frames = Vec::new();
+    let mut i = 0;
+    while i + 2 <= buf.len() {
+        let op = buf[i] & 0x0f;
+        let (len, start) = match buf[i + 1] & 0x7f {
+            126 => (u16::from_be_bytes([buf[i + 2], buf[i + 3]]) as usize, i + 4),
+            n => (n as usize, i + 2),
+        };
+        frames.push((op, buf[start..start + len].to_vec()));
+        i = start + len;
+    }
+    frames
+}
