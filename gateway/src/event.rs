@@ -27,6 +27,17 @@ pub struct Cursor {
 pub struct BadCursor(pub String);
 
 impl Cursor {
+    /// Stands for a cursor that is not ours at all (e.g. an id from the
+    /// system Switchboard replaced). Epoch 0 is never issued, so every
+    /// history answers it as an unknown cursor: a resume gap, then what is
+    /// retained.
+    pub const FOREIGN: Cursor = Cursor { epoch: 0, seq: 0 };
+
+    /// Parse a client's cursor; anything unparseable is [`Cursor::FOREIGN`].
+    pub fn parse_lenient(s: &str) -> Self {
+        Self::parse(s).unwrap_or(Self::FOREIGN)
+    }
+
     pub fn parse(s: &str) -> Result<Self, BadCursor> {
         let bad = || BadCursor(s.chars().take(64).collect());
         let (epoch, seq) = s.split_once('-').ok_or_else(bad)?;

@@ -81,7 +81,6 @@ pub enum ErrorCode {
     InvalidTopic,
     TopicNotAllowed,
     TooManySubscriptions,
-    InvalidCursor,
     MessageTooLarge,
     AuthRefreshFailed,
     TokenExpired,

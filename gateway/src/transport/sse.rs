@@ -104,12 +104,10 @@ async fn pump(mut session: Session, raw_cursor: Option<String>, expires_at: u64,
     let _ = tx.send(SseEvent::default().retry(Duration::from_secs(3)).comment("switchboard")).await;
     if let Some(raw) = raw_cursor {
         let mut out = Vec::new();
-        let gap = match Cursor::parse(&raw) {
-            Ok(c) => match session.replay(c, None, usize::MAX, |e| { out.push(event_message(e)); true }).await {
-                Ok(r) => r.gap.map(|g| g.as_str()),
-                Err(_) => Some("unavailable"),
-            },
-            Err(_) => Some("unknown"),
+        let c = Cursor::parse_lenient(&raw);
+        let gap = match session.replay(c, None, usize::MAX, |e| { out.push(event_message(e)); true }).await {
+            Ok(r) => r.gap.map(|g| g.as_str()),
+            Err(_) => Some("unavailable"),
         };
         if let Some(reason) = gap {
             node.metrics.resumes.get_or_create(&vec![("outcome", "gap")]).inc();

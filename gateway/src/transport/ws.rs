@@ -126,7 +126,7 @@ pub async fn upgrade(
                 region,
                 node.config.limits.outbound_queue,
             );
-            let cursor = params.cursor.as_deref().and_then(|c| Cursor::parse(c).ok());
+            let cursor = params.cursor.as_deref().map(Cursor::parse_lenient);
             Connection::run(session, principal, cursor, socket).await;
         })
 }
@@ -449,14 +449,7 @@ impl Connection {
             let m = error_message(ErrorCode::InvalidTopic, "subscribe needs 'topics' (a list) or 'channel'", rid.as_ref());
             return self.reply(m).await;
         }
-        let explicit = match req.cursor.as_deref().map(Cursor::parse) {
-            Some(Err(e)) => {
-                let m = error_message(ErrorCode::InvalidCursor, &e.to_string(), rid.as_ref());
-                return self.reply(m).await;
-            }
-            Some(Ok(c)) => Some(c),
-            None => None,
-        };
+        let explicit = req.cursor.as_deref().map(Cursor::parse_lenient);
         let before: Vec<Pattern> = self.session.patterns().cloned().collect();
         let (ok, errors) = self.session.subscribe(&requested).await;
         for e in &errors {
@@ -522,27 +515,9 @@ impl Connection {
     }
 
     async fn on_cursor(&mut self, raw: &str, rid: Option<Value>) -> Flow {
-        let cursor = match Cursor::parse(raw) {
-            Ok(c) => c,
-            Err(e) => {
-                // Not ours (e.g. a uuid from the old system): say so, the
-                // client must refresh its state.
-                let node = self.session.node.clone();
-                node.metrics.resumes.get_or_create(&vec![("outcome", "gap")]).inc();
-                let m = server_message(
-                    "resume.gap",
-                    json!({
-                        "reason": "unknown",
-                        "requested": raw.chars().take(64).collect::<String>(),
-                        "message": e.to_string(),
-                        "cursor": self.session.live_cursor().to_string(),
-                        "timestamp": now_rfc3339(),
-                    }),
-                    rid.as_ref(),
-                );
-                return self.reply(m).await;
-            }
-        };
+        // Not one of ours (e.g. a uuid from the replaced system) is an
+        // unknown cursor: the client is told, then gets what is retained.
+        let cursor = Cursor::parse_lenient(raw);
         if self.session.subscription_count() == 0 {
             self.pending_cursor = Some(cursor);
             let m = server_message(
@@ -558,6 +533,7 @@ impl Connection {
     /// Replay after `cursor`, then tell the client where it stands.
     async fn replay(&mut self, cursor: Cursor, only: Option<&[Pattern]>, rid: Option<Value>) -> Flow {
         let node = self.session.node.clone();
+        let requested = if cursor == Cursor::FOREIGN { String::new() } else { cursor.to_string() };
         let mut frames = Vec::new();
         let mut last = None;
         let result = self
@@ -582,7 +558,7 @@ impl Connection {
                 "resume.gap",
                 json!({
                     "reason": gap.as_str(),
-                    "requested": cursor.to_string(),
+                    "requested": requested,
                     "message": "events after this cursor are no longer available; refresh your state",
                     "timestamp": now_rfc3339(),
                 }),
@@ -605,7 +581,7 @@ impl Connection {
             "replay.complete",
             json!({
                 "replayed": replayed.sent,
-                "cursor": last.unwrap_or(cursor).to_string(),
+                "cursor": last.map_or_else(|| self.session.live_cursor(), |c| c).to_string(),
                 "has_more": replayed.truncated,
                 "timestamp": now_rfc3339(),
             }),
