@@ -171,15 +171,20 @@ impl Verifier {
         let mut validation = Validation::new(alg);
         validation.leeway = self.leeway;
         validation.validate_nbf = true;
-        validation.set_required_spec_claims(&["exp"]);
+        // A configured issuer or audience must be present, not just match
+        // when present.
+        let mut required = vec!["exp"];
         if let Some(iss) = &self.issuer {
             validation.set_issuer(&[iss]);
+            required.push("iss");
         }
         if self.audiences.is_empty() {
             validation.validate_aud = false;
         } else {
             validation.set_audience(&self.audiences);
+            required.push("aud");
         }
+        validation.set_required_spec_claims(&required);
 
         let claims = match family {
             AlgorithmFamily::Hmac => {
