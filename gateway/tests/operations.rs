@@ -1,0 +1,183 @@
+//! Slow consumers, exact metrics, and graceful drain of the real binary.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+use futures_util::StreamExt;
+use serde_json::json;
+use tokio_tungstenite::tungstenite::Message;
+
+#[tokio::test]
+async fn a_slow_consumer_is_cut_off_and_never_slows_the_others() {
+    let mut cfg = config();
+    cfg.limits.outbound_queue = 16;
+    let gw = Gateway::start(cfg).await;
+    let mut slow = Client::open(&gw, "acme").await;
+    slow.subscribe(&["bulk.*"]).await;
+    let mut fast = Client::open(&gw, "acme").await;
+    fast.subscribe(&["bulk.*"]).await;
+    // ~19 MB in total: far more than the socket buffers of a client that
+    // stops reading can absorb.
+    let payload = "x".repeat(64 * 1024);
+    let n = 300;
+    let publisher = {
+        let url = gw.http();
+        let t = token("acme", &["publish"]);
+        tokio::spawn(async move {
+            let http = reqwest::Client::new();
+            for i in 0..n {
+                let r = http
+                    .post(format!("{url}/api/realtime/publish/"))
+                    .bearer_auth(&t)
+                    .json(&json!({"event_type": "bulk.x", "data": {"i": i, "pad": payload}}))
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(r.status(), 201);
+            }
+        })
+    };
+    // The fast client gets every event, in order, while the slow one reads nothing.
+    let got = fast.events(n).await;
+    assert!(got.iter().enumerate().all(|(i, e)| e["data"]["i"] == i));
+    publisher.await.unwrap();
+
+    let m = gw.metrics().await;
+    assert_eq!(metric(&m, r#"switchboard_websocket_disconnected_total{reason="slow_consumer"}"#), 1.0);
+    assert!(metric(&m, r#"switchboard_event_dropped_total{reason="slow_consumer"}"#) >= 1.0);
+    // The slow client finds fewer events than were published, then the end.
+    let mut seen = 0;
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        match tokio::time::timeout_at(deadline, slow.ws.next()).await.unwrap() {
+            Some(Ok(Message::Text(_))) => seen += 1,
+            Some(Ok(Message::Close(f))) => {
+                assert_eq!(f.map(|f| u16::from(f.code)), Some(4008));
+                break;
+            }
+            Some(Ok(_)) => {}
+            Some(Err(_)) | None => break,
+        }
+    }
+    assert!(seen < n, "slow consumer got {seen} of {n}");
+}
+
+#[tokio::test]
+async fn metrics_move_by_exactly_the_scenario() {
+    let gw = Gateway::default().await;
+    let mut a = Client::open(&gw, "acme").await;
+    a.subscribe(&["m.*"]).await;
+    let mut b = Client::open(&gw, "acme").await;
+    b.subscribe(&["m.both", "m.*"]).await;
+    publish_ok(&gw, "acme", "m.both", json!({})).await; // 2 deliveries (b once despite 2 patterns)
+    publish_ok(&gw, "acme", "x.none", json!({})).await; // no subscriber
+    let body = json!({"event_type": "m.key", "data": {}, "idempotency_key": "k"});
+    publish(&gw, &token("acme", &["publish"]), body.clone()).await;
+    publish(&gw, &token("acme", &["publish"]), body).await; // duplicate
+    a.events(2).await;
+    b.events(2).await;
+    let m = gw.metrics().await;
+    assert_eq!(metric(&m, "switchboard_websocket_connected_total"), 2.0);
+    assert_eq!(metric(&m, "switchboard_websocket_active"), 2.0);
+    assert_eq!(metric(&m, "switchboard_subscriptions_active"), 3.0);
+    assert_eq!(metric(&m, "switchboard_event_published_total"), 3.0);
+    assert_eq!(metric(&m, "switchboard_event_deduplicated_total"), 1.0);
+    assert_eq!(metric(&m, "switchboard_event_delivered_total"), 4.0);
+    assert_eq!(metric(&m, r#"switchboard_event_dropped_total{reason="no_subscribers"}"#), 1.0);
+    assert!(!m.contains("acme"), "no tenant names in metric labels");
+
+    drop(a);
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let m = gw.metrics().await;
+        if metric(&m, "switchboard_websocket_active") == 1.0 {
+            assert_eq!(metric(&m, r#"switchboard_websocket_disconnected_total{reason="client"}"#), 1.0);
+            assert_eq!(metric(&m, "switchboard_subscriptions_active"), 2.0);
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (s, h) = get_json(&format!("{}/api/realtime/health/", gw.http()), None).await;
+    assert_eq!(s, 200);
+    assert_eq!(h["status"], "healthy");
+    assert_eq!(h["components"]["event_bus"], "healthy");
+    assert!(h["timestamp"].is_string());
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+#[tokio::test]
+async fn sigterm_drains_the_real_binary_spreading_reconnects() {
+    let port = free_port();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_switchboard"))
+        .args(["--listen", &format!("127.0.0.1:{port}"), "--drain-seconds", "2"])
+        .env("SWITCHBOARD_HS256_SECRET", SECRET)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let base = format!("http://127.0.0.1:{port}");
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        if let Ok(r) = reqwest::get(format!("{base}/readyz")).await
+            && r.status() == 200
+        {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "gateway did not become ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let ws = |t: String| format!("ws://127.0.0.1:{port}/ws?token={t}");
+    let mut clients = Vec::new();
+    for _ in 0..6 {
+        let mut c = Client::connect(&ws(token("acme", &[]))).await;
+        c.recv_type("connection.established").await;
+        c.subscribe(&["d.*"]).await;
+        clients.push(c);
+    }
+    let started = std::time::Instant::now();
+    assert!(Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success());
+
+    // Readiness turns false and new connections are refused while draining.
+    loop {
+        let r = reqwest::get(format!("{base}/readyz")).await.unwrap();
+        if r.status() == 503 {
+            break;
+        }
+        assert!(started.elapsed() < DEADLINE);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let refused = tokio_tungstenite::connect_async(ws(token("acme", &[]))).await.unwrap_err();
+    assert!(refused.to_string().contains("503"), "{refused}");
+
+    // Every client is told to reconnect (with a cursor), then closed with 1012.
+    let mut at = Vec::new();
+    for c in &mut clients {
+        let m = c.recv_type("reconnect").await;
+        assert_eq!(m["data"]["reason"], "draining");
+        assert!(m["data"]["cursor"].is_string());
+        assert_eq!(c.closed().await.0, 1012);
+        at.push(started.elapsed());
+    }
+    let first = at.iter().min().unwrap();
+    let last = at.iter().max().unwrap();
+    assert!(*last <= Duration::from_millis(3500), "all gone within the drain period: {at:?}");
+    assert!(*last - *first >= Duration::from_millis(200), "reconnects are spread, not a storm: {at:?}");
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(std::time::Instant::now() < deadline, "process did not exit after drain");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(status.success(), "{status:?}");
+}

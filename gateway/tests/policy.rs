@@ -1,0 +1,133 @@
+//! The tenant policy bundle: allowlists, classes, limits, hot reload.
+
+mod common;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use common::*;
+use serde_json::json;
+
+const POLICY: &str = r#"
+tenants:
+  acme:
+    subscribe:
+      - pattern: "deal.*"
+      - pattern: "contact.*"
+      - pattern: "payment.>"
+        class: critical
+    publish:
+      - pattern: "deal.>"
+      - pattern: "contact.>"
+    limits:
+      max_connections: 2
+      max_subscriptions_per_connection: 3
+"#;
+
+fn policy_file(dir: &tempdir::Dir, text: &str) -> PathBuf {
+    let path = dir.path().join("policy.yaml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+mod tempdir {
+    /// A scratch directory removed on drop.
+    pub struct Dir(std::path::PathBuf);
+    impl Dir {
+        pub fn new(name: &str) -> Self {
+            let p = std::env::temp_dir().join(format!("switchboard-{name}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&p);
+            std::fs::create_dir_all(&p).unwrap();
+            Self(p)
+        }
+        pub fn path(&self) -> &std::path::Path {
+            &self.0
+        }
+    }
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+async fn gateway_with_policy(dir: &tempdir::Dir) -> Gateway {
+    let mut cfg = config();
+    cfg.policy_file = Some(policy_file(dir, POLICY));
+    cfg.policy_reload_seconds = 1;
+    Gateway::start(cfg).await
+}
+
+#[tokio::test]
+async fn allowlist_classes_and_limits() {
+    let dir = tempdir::Dir::new("allow");
+    let gw = gateway_with_policy(&dir).await;
+    let mut c = Client::open(&gw, "acme").await;
+    c.send(json!({"type": "subscribe", "topics": ["deal.*", "billing.*", "payment.card.charged", "*"]})).await;
+    let mut errors = Vec::new();
+    for _ in 0..3 {
+        let e = c.recv().await;
+        assert_eq!(e["data"]["code"], "topic_not_allowed", "{e}");
+        errors.push(e["data"]["message"].as_str().unwrap().to_owned());
+    }
+    assert!(errors[0].contains("billing.*"));
+    assert!(errors[1].contains("critical"), "{}", errors[1]);
+    assert!(errors[2].contains("critical"), "a broad pattern may not reach critical topics: {}", errors[2]);
+    assert_eq!(c.recv().await["data"]["topics"], json!(["deal.*"]));
+
+    // Publish allowlist.
+    let (s, _) = publish(&gw, &token("acme", &["publish"]), json!({"event_type": "billing.x"})).await;
+    assert_eq!(s, 403);
+    publish_ok(&gw, "acme", "deal.won", json!({})).await;
+    assert_eq!(c.events(1).await[0]["event_type"], "deal.won");
+
+    // Tenants without a policy are refused; acme has two connections at most.
+    let mut g = Client::connect(&gw.ws(&format!("token={}", token("globex", &[])))).await;
+    assert_eq!(g.closed().await.0, 4003);
+    let _second = Client::open(&gw, "acme").await;
+    let mut third = Client::connect(&gw.ws(&format!("token={}", token("acme", &[])))).await;
+    assert_eq!(third.closed().await.0, 4030);
+    // Long-poll counts too, and says why.
+    let (s, b) = get_json(
+        &format!("{}/api/realtime/poll/?topics=deal.*&timeout=0", gw.http()),
+        Some(&token("acme", &[])),
+    )
+    .await;
+    assert_eq!((s, b["error"]["code"].as_str()), (429, Some("too_many_connections")));
+}
+
+#[tokio::test]
+async fn hot_reload_revokes_subscriptions_without_dropping_the_connection() {
+    let dir = tempdir::Dir::new("reload");
+    let gw = gateway_with_policy(&dir).await;
+    let mut c = Client::open(&gw, "acme").await;
+    c.subscribe(&["deal.*", "contact.*"]).await;
+
+    // A broken edit is reported and changes nothing.
+    policy_file(&dir, "tenants: [this is not a bundle");
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while metric(&gw.metrics().await, r#"switchboard_policy_reloads_total{result="error"}"#) < 1.0 {
+        assert!(tokio::time::Instant::now() < deadline, "invalid policy not noticed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    publish_ok(&gw, "acme", "contact.added", json!({})).await;
+    assert_eq!(c.events(1).await[0]["event_type"], "contact.added");
+
+    // contact.* is withdrawn.
+    policy_file(&dir, &POLICY.replace("      - pattern: \"contact.*\"\n", ""));
+    let revoked = c.recv_type("subscription.revoked").await;
+    assert_eq!(revoked["data"]["topics"], json!(["contact.*"]));
+    assert!(revoked["data"]["reason"].as_str().unwrap().contains("not allowed"));
+    publish_ok(&gw, "acme", "contact.added", json!({})).await;
+    let deal = publish_ok(&gw, "acme", "deal.won", json!({})).await;
+    assert_eq!(ids(&c.events(1).await), [deal], "same connection, only deal.* left");
+    // New subscriptions follow the new policy.
+    c.send(json!({"type": "subscribe", "topics": ["contact.*"]})).await;
+    assert_eq!(c.recv().await["data"]["code"], "topic_not_allowed");
+    assert_eq!(metric(&gw.metrics().await, r#"switchboard_policy_reloads_total{result="ok"}"#), 1.0);
+
+    // The tenant is removed entirely: its connections are closed with 4003.
+    policy_file(&dir, "tenants:\n  globex: {}\n");
+    c.recv_type("subscription.revoked").await;
+    assert_eq!(c.closed().await.0, 4003);
+}
