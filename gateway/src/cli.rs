@@ -8,7 +8,13 @@ use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
 
 /// `switchboard token`.
-pub fn token(secret: &str, tenant: &str, user: &str, scopes: &[String], ttl: Duration) -> anyhow::Result<String> {
+pub fn token(
+    secret: &str,
+    tenant: &str,
+    user: &str,
+    scopes: &[String],
+    ttl: Duration,
+) -> anyhow::Result<String> {
     if !switchboard_config::policy::valid_tenant(tenant) {
         bail!("tenant {tenant:?} must be 1-128 characters of [A-Za-z0-9_.:-]");
     }
@@ -29,7 +35,10 @@ pub async fn publish(
         obj.insert("idempotency_key".into(), k.into());
     }
     let resp = reqwest::Client::new()
-        .post(format!("{}/api/realtime/publish/", url.trim_end_matches('/')))
+        .post(format!(
+            "{}/api/realtime/publish/",
+            url.trim_end_matches('/')
+        ))
         .bearer_auth(token)
         .json(&body)
         .send()
@@ -44,7 +53,12 @@ pub async fn publish(
 }
 
 /// `switchboard tail`: subscribe and print every message, one JSON per line.
-pub async fn tail(url: &str, token: &str, topics: &[String], cursor: Option<&str>) -> anyhow::Result<()> {
+pub async fn tail(
+    url: &str,
+    token: &str,
+    topics: &[String],
+    cursor: Option<&str>,
+) -> anyhow::Result<()> {
     let ws_url = format!(
         "{}/ws?token={token}{}",
         url.trim_end_matches('/').replacen("http", "ws", 1),

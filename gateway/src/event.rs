@@ -153,7 +153,16 @@ mod tests {
         };
         assert_eq!(c.to_string(), "deadbeef-42");
         assert_eq!(Cursor::parse("deadbeef-42"), Ok(c));
-        for bad in ["", "-", "x-1", "1-", "1-x", "1-2-3", "uuid", "1-99999999999999999999999"] {
+        for bad in [
+            "",
+            "-",
+            "x-1",
+            "1-",
+            "1-x",
+            "1-2-3",
+            "uuid",
+            "1-99999999999999999999999",
+        ] {
             assert!(Cursor::parse(bad).is_err(), "{bad}");
         }
     }

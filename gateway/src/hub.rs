@@ -188,7 +188,11 @@ impl Hub {
     pub fn subscription_count(&self, tenant: &Arc<str>) -> usize {
         self.tenants.get(tenant).map_or(0, |i| {
             let s = i.subs.read().unwrap_or_else(|e| e.into_inner());
-            s.exact.values().chain(s.wild.values()).map(|m| m.len()).sum()
+            s.exact
+                .values()
+                .chain(s.wild.values())
+                .map(|m| m.len())
+                .sum()
         })
     }
 }
@@ -259,7 +263,10 @@ mod tests {
         assert_eq!(out.delivered, 1);
         assert_eq!(r1.try_recv().unwrap().id.seq, 1);
         assert!(r1.try_recv().is_err());
-        assert!(r2.try_recv().is_err(), "tenant b must not see tenant a's event");
+        assert!(
+            r2.try_recv().is_err(),
+            "tenant b must not see tenant a's event"
+        );
         assert_eq!(hub.last_seq(&a), 1);
         assert_eq!(hub.last_seq(&b), 0);
     }

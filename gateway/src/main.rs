@@ -176,16 +176,39 @@ async fn main() -> anyhow::Result<()> {
     match args.command {
         None => serve(args.serve).await,
         Some(Command::Serve(s)) => serve(s).await,
-        Some(Command::Token { tenant, user, scope, ttl, secret }) => {
+        Some(Command::Token {
+            tenant,
+            user,
+            scope,
+            ttl,
+            secret,
+        }) => {
             let secret = secret.unwrap_or_else(|| auth::DEV_SECRET.to_owned());
-            println!("{}", cli::token(&secret, &tenant, &user, &scope, Duration::from_secs(ttl))?);
+            println!(
+                "{}",
+                cli::token(&secret, &tenant, &user, &scope, Duration::from_secs(ttl))?
+            );
             Ok(())
         }
-        Some(Command::Publish { url, token, event_type, data, idempotency_key }) => {
-            println!("{}", cli::publish(&url, &token, &event_type, &data, idempotency_key.as_deref()).await?);
+        Some(Command::Publish {
+            url,
+            token,
+            event_type,
+            data,
+            idempotency_key,
+        }) => {
+            println!(
+                "{}",
+                cli::publish(&url, &token, &event_type, &data, idempotency_key.as_deref()).await?
+            );
             Ok(())
         }
-        Some(Command::Tail { url, token, topics, cursor }) => cli::tail(&url, &token, &topics, cursor.as_deref()).await,
+        Some(Command::Tail {
+            url,
+            token,
+            topics,
+            cursor,
+        }) => cli::tail(&url, &token, &topics, cursor.as_deref()).await,
         Some(Command::DefaultConfig) => {
             print!("{}", GatewayConfig::default().to_yaml());
             Ok(())

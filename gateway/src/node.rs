@@ -160,7 +160,9 @@ impl Node {
         if self.draining() {
             return Err(Close::ServiceRestart);
         }
-        let limits = self.limits(&principal.tenant).map_err(|_| Close::Forbidden)?;
+        let limits = self
+            .limits(&principal.tenant)
+            .map_err(|_| Close::Forbidden)?;
         if self.connections.fetch_add(1, Ordering::AcqRel) >= self.config.limits.max_connections {
             self.connections.fetch_sub(1, Ordering::AcqRel);
             return Err(Close::TooManyConnections);
@@ -262,5 +264,6 @@ impl Node {
 pub fn valid_region(r: &str) -> bool {
     !r.is_empty()
         && r.len() <= 64
-        && r.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        && r.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }

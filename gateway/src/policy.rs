@@ -37,7 +37,10 @@ pub async fn watch_file(
             Err(e) => {
                 if last_text.is_some() {
                     tracing::warn!(path = %path.display(), error = %e, "policy file unreadable; keeping the current policy");
-                    metrics.policy_reloads.get_or_create(&vec![("result", "error")]).inc();
+                    metrics
+                        .policy_reloads
+                        .get_or_create(&vec![("result", "error")])
+                        .inc();
                     last_text = None;
                 }
                 continue;
@@ -50,12 +53,18 @@ pub async fn watch_file(
         match PolicyBundle::from_yaml(&text) {
             Ok(bundle) => {
                 tracing::info!(path = %path.display(), tenants = bundle.tenants.len(), "policy reloaded");
-                metrics.policy_reloads.get_or_create(&vec![("result", "ok")]).inc();
+                metrics
+                    .policy_reloads
+                    .get_or_create(&vec![("result", "ok")])
+                    .inc();
                 tx.send_replace(Arc::new(bundle));
             }
             Err(e) => {
                 tracing::error!(path = %path.display(), error = %e, "policy file invalid; keeping the current policy");
-                metrics.policy_reloads.get_or_create(&vec![("result", "error")]).inc();
+                metrics
+                    .policy_reloads
+                    .get_or_create(&vec![("result", "error")])
+                    .inc();
             }
         }
     }

@@ -198,14 +198,18 @@ mod tests {
     fn parses_both_seed_forms() {
         let m: ClientMessage =
             serde_json::from_str(r#"{"type":"subscribe","topics":["deal.stage.*"]}"#).unwrap();
-        let ClientMessage::Subscribe(r) = m else { panic!() };
+        let ClientMessage::Subscribe(r) = m else {
+            panic!()
+        };
         assert_eq!(r.patterns(), vec!["deal.stage.*"]);
         assert!(!r.is_channel_form());
         let m: ClientMessage = serde_json::from_str(
             r#"{"type":"subscribe","channel":"entity:Task","requestId":"req_1","timestamp":1}"#,
         )
         .unwrap();
-        let ClientMessage::Subscribe(r) = m else { panic!() };
+        let ClientMessage::Subscribe(r) = m else {
+            panic!()
+        };
         assert!(r.is_channel_form());
         assert_eq!(r.request_id, Some(Value::from("req_1")));
         assert!(serde_json::from_str::<ClientMessage>(r#"{"type":"nope"}"#).is_err());

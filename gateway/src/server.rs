@@ -42,11 +42,7 @@ fn cors(allowed: &[String]) -> CorsLayer {
     let origins = if allowed.iter().any(|o| o == "*") {
         AllowOrigin::any()
     } else {
-        AllowOrigin::list(
-            allowed
-                .iter()
-                .filter_map(|o| HeaderValue::from_str(o).ok()),
-        )
+        AllowOrigin::list(allowed.iter().filter_map(|o| HeaderValue::from_str(o).ok()))
     };
     CorsLayer::new()
         .allow_origin(origins)
@@ -68,7 +64,11 @@ async fn health(State(node): State<Arc<Node>>) -> Response {
     } else {
         "healthy"
     };
-    let code = if bus_ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let code = if bus_ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     let state = |ok: bool| if ok { "healthy" } else { "unhealthy" };
     (
         code,
@@ -103,7 +103,10 @@ async fn readyz(State(node): State<Arc<Node>>) -> Response {
 
 async fn metrics(State(node): State<Arc<Node>>) -> Response {
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         node.metrics.render(),
     )
         .into_response()

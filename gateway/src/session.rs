@@ -81,10 +81,7 @@ impl Session {
     /// Subscribe to each requested pattern that is valid and allowed.
     /// Returns the patterns now subscribed (including ones already held) and
     /// the refusals.
-    pub async fn subscribe(
-        &mut self,
-        requested: &[String],
-    ) -> (Vec<Pattern>, Vec<SubscribeError>) {
+    pub async fn subscribe(&mut self, requested: &[String]) -> (Vec<Pattern>, Vec<SubscribeError>) {
         let max = match self.node.limits(&self.tenant) {
             Ok(l) => l.max_subscriptions_per_connection,
             Err(d) => {
@@ -114,7 +111,12 @@ impl Session {
                 ok.push(pattern);
                 continue;
             }
-            if let Err(d) = self.node.policy.borrow().check_subscribe(&self.tenant, &pattern) {
+            if let Err(d) = self
+                .node
+                .policy
+                .borrow()
+                .check_subscribe(&self.tenant, &pattern)
+            {
                 errors.push(SubscribeError::Denied(d));
                 continue;
             }
@@ -132,7 +134,10 @@ impl Session {
                 },
             );
             if reg.first {
-                self.node.broker.interest(&self.tenant, &pattern, true).await;
+                self.node
+                    .broker
+                    .interest(&self.tenant, &pattern, true)
+                    .await;
             }
             self.node.metrics.subscriptions_active.inc();
             self.subs.push((pattern.clone(), reg.since));
@@ -161,7 +166,10 @@ impl Session {
             .hub
             .unregister(&self.tenant, self.admission.id, pattern)
         {
-            self.node.broker.interest(&self.tenant, pattern, false).await;
+            self.node
+                .broker
+                .interest(&self.tenant, pattern, false)
+                .await;
         }
     }
 
@@ -280,7 +288,9 @@ impl Drop for Session {
         // the broker itself (the embedded broker keeps none).
         for (p, _) in self.subs.drain(..) {
             self.node.metrics.subscriptions_active.dec();
-            self.node.hub.unregister(&self.tenant, self.admission.id, &p);
+            self.node
+                .hub
+                .unregister(&self.tenant, self.admission.id, &p);
         }
     }
 }

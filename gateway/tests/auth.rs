@@ -36,18 +36,36 @@ fn rs(key: &str, kid: Option<&str>, c: &Value) -> String {
 }
 
 fn es(c: &Value) -> String {
-    encode(&Header::new(Algorithm::ES256), c, &EncodingKey::from_ec_pem(&fixture("ec1.key")).unwrap()).unwrap()
+    encode(
+        &Header::new(Algorithm::ES256),
+        c,
+        &EncodingKey::from_ec_pem(&fixture("ec1.key")).unwrap(),
+    )
+    .unwrap()
 }
 
 fn hs(secret: &[u8], c: &Value) -> String {
-    encode(&Header::new(Algorithm::HS256), c, &EncodingKey::from_secret(secret)).unwrap()
+    encode(
+        &Header::new(Algorithm::HS256),
+        c,
+        &EncodingKey::from_secret(secret),
+    )
+    .unwrap()
 }
 
 fn pem_config() -> AuthConfig {
     AuthConfig {
         public_keys: vec![
-            PublicKeyConfig { kid: None, pem: None, file: Some(format!("{FIX}/rsa1.pub").into()) },
-            PublicKeyConfig { kid: None, pem: Some(String::from_utf8(fixture("ec1.pub")).unwrap()), file: None },
+            PublicKeyConfig {
+                kid: None,
+                pem: None,
+                file: Some(format!("{FIX}/rsa1.pub").into()),
+            },
+            PublicKeyConfig {
+                kid: None,
+                pem: Some(String::from_utf8(fixture("ec1.pub")).unwrap()),
+                file: None,
+            },
         ],
         ..AuthConfig::default()
     }
@@ -55,18 +73,39 @@ fn pem_config() -> AuthConfig {
 
 #[tokio::test]
 async fn hs256_and_claims() {
-    let v = Verifier::new(&AuthConfig { hs256_secret: Some("s3cret".into()), ..AuthConfig::default() }).unwrap();
+    let v = Verifier::new(&AuthConfig {
+        hs256_secret: Some("s3cret".into()),
+        ..AuthConfig::default()
+    })
+    .unwrap();
     assert!(!v.dev_secret);
-    let p = v.verify(&hs(b"s3cret", &claims(json!({"scope": "publish subscribe"})))).await.unwrap();
+    let p = v
+        .verify(&hs(
+            b"s3cret",
+            &claims(json!({"scope": "publish subscribe"})),
+        ))
+        .await
+        .unwrap();
     assert_eq!(&*p.tenant, "acme");
     assert_eq!(p.user, "u1");
     assert!(p.has_scope("publish"));
-    assert!(matches!(v.verify(&hs(b"wrong", &claims(json!({})))).await, Err(AuthError::Invalid(_))));
+    assert!(matches!(
+        v.verify(&hs(b"wrong", &claims(json!({})))).await,
+        Err(AuthError::Invalid(_))
+    ));
     assert_eq!(v.verify("").await, Err(AuthError::Missing));
     assert_eq!(v.verify("a.b").await, Err(AuthError::Malformed));
     // Tenant names outside the safe alphabet are refused, as is no tenant.
-    assert_eq!(v.verify(&hs(b"s3cret", &claims(json!({"tenant": "a b"})))).await, Err(AuthError::NoTenant));
-    assert_eq!(v.verify(&hs(b"s3cret", &claims(json!({"tenant": null})))).await, Err(AuthError::NoTenant));
+    assert_eq!(
+        v.verify(&hs(b"s3cret", &claims(json!({"tenant": "a b"}))))
+            .await,
+        Err(AuthError::NoTenant)
+    );
+    assert_eq!(
+        v.verify(&hs(b"s3cret", &claims(json!({"tenant": null}))))
+            .await,
+        Err(AuthError::NoTenant)
+    );
     // A custom tenant claim.
     let v = Verifier::new(&AuthConfig {
         hs256_secret: Some("s3cret".into()),
@@ -74,7 +113,10 @@ async fn hs256_and_claims() {
         ..AuthConfig::default()
     })
     .unwrap();
-    let p = v.verify(&hs(b"s3cret", &claims(json!({"org": "initech"})))).await.unwrap();
+    let p = v
+        .verify(&hs(b"s3cret", &claims(json!({"org": "initech"}))))
+        .await
+        .unwrap();
     assert_eq!(&*p.tenant, "initech");
 }
 
@@ -87,13 +129,32 @@ async fn exp_and_nbf_with_leeway() {
     })
     .unwrap();
     let now = get_current_timestamp();
-    assert!(v.verify(&hs(b"k", &claims(json!({"exp": now - 2})))).await.is_ok(), "within leeway");
-    assert_eq!(v.verify(&hs(b"k", &claims(json!({"exp": now - 60})))).await, Err(AuthError::Expired));
-    assert!(v.verify(&hs(b"k", &claims(json!({"nbf": now + 60})))).await.is_err());
-    assert!(v.verify(&hs(b"k", &claims(json!({"nbf": now + 2})))).await.is_ok());
+    assert!(
+        v.verify(&hs(b"k", &claims(json!({"exp": now - 2}))))
+            .await
+            .is_ok(),
+        "within leeway"
+    );
+    assert_eq!(
+        v.verify(&hs(b"k", &claims(json!({"exp": now - 60})))).await,
+        Err(AuthError::Expired)
+    );
+    assert!(
+        v.verify(&hs(b"k", &claims(json!({"nbf": now + 60}))))
+            .await
+            .is_err()
+    );
+    assert!(
+        v.verify(&hs(b"k", &claims(json!({"nbf": now + 2}))))
+            .await
+            .is_ok()
+    );
     let mut no_exp = claims(json!({}));
     no_exp.as_object_mut().unwrap().remove("exp");
-    assert!(v.verify(&hs(b"k", &no_exp)).await.is_err(), "exp is required");
+    assert!(
+        v.verify(&hs(b"k", &no_exp)).await.is_err(),
+        "exp is required"
+    );
 }
 
 #[tokio::test]
@@ -107,25 +168,60 @@ async fn issuer_and_audience_when_configured() {
     .unwrap();
     let good = claims(json!({"iss": "https://id.example", "aud": "switchboard"}));
     assert!(v.verify(&hs(b"k", &good)).await.is_ok());
-    assert!(v.verify(&hs(b"k", &claims(json!({"iss": "https://evil", "aud": "switchboard"})))).await.is_err());
-    assert!(v.verify(&hs(b"k", &claims(json!({"iss": "https://id.example", "aud": "other"})))).await.is_err());
-    assert!(v.verify(&hs(b"k", &claims(json!({"aud": "switchboard"})))).await.is_err());
+    assert!(
+        v.verify(&hs(
+            b"k",
+            &claims(json!({"iss": "https://evil", "aud": "switchboard"}))
+        ))
+        .await
+        .is_err()
+    );
+    assert!(
+        v.verify(&hs(
+            b"k",
+            &claims(json!({"iss": "https://id.example", "aud": "other"}))
+        ))
+        .await
+        .is_err()
+    );
+    assert!(
+        v.verify(&hs(b"k", &claims(json!({"aud": "switchboard"}))))
+            .await
+            .is_err()
+    );
 }
 
 #[tokio::test]
 async fn rs256_and_es256_from_pem() {
     let v = Verifier::new(&pem_config()).unwrap();
-    assert_eq!(&*v.verify(&rs("rsa1.key", None, &claims(json!({})))).await.unwrap().tenant, "acme");
-    assert_eq!(&*v.verify(&es(&claims(json!({})))).await.unwrap().tenant, "acme");
+    assert_eq!(
+        &*v.verify(&rs("rsa1.key", None, &claims(json!({}))))
+            .await
+            .unwrap()
+            .tenant,
+        "acme"
+    );
+    assert_eq!(
+        &*v.verify(&es(&claims(json!({})))).await.unwrap().tenant,
+        "acme"
+    );
     // Signed by a key that is not configured.
-    assert!(v.verify(&rs("rsa2.key", None, &claims(json!({})))).await.is_err());
+    assert!(
+        v.verify(&rs("rsa2.key", None, &claims(json!({}))))
+            .await
+            .is_err()
+    );
 }
 
 #[tokio::test]
 async fn alg_none_and_algorithm_confusion_are_rejected() {
     use base64::Engine;
     let b64 = |v: &Value| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string());
-    let none = format!("{}.{}.", b64(&json!({"alg": "none", "typ": "JWT"})), b64(&claims(json!({}))));
+    let none = format!(
+        "{}.{}.",
+        b64(&json!({"alg": "none", "typ": "JWT"})),
+        b64(&claims(json!({})))
+    );
     let v = Verifier::new(&pem_config()).unwrap();
     assert!(v.verify(&none).await.is_err());
     // HS256 signed with the RSA *public* key as the secret.
@@ -139,7 +235,11 @@ async fn alg_none_and_algorithm_confusion_are_rejected() {
     assert!(v.verify(&none).await.is_err());
     // A token whose header claims RS256 but carries an HMAC signature.
     let hmac_sig = confused.rsplit('.').next().unwrap();
-    let forged = format!("{}.{}.{hmac_sig}", b64(&json!({"alg": "RS256"})), b64(&claims(json!({}))));
+    let forged = format!(
+        "{}.{}.{hmac_sig}",
+        b64(&json!({"alg": "RS256"})),
+        b64(&claims(json!({})))
+    );
     assert!(v.verify(&forged).await.is_err());
 }
 
@@ -163,29 +263,48 @@ async fn jwks_server(set: Arc<Mutex<JwkSet>>, hits: Arc<Mutex<u32>>) -> String {
 }
 
 fn jwk(key: &str, kid: &str) -> Jwk {
-    let mut j = Jwk::from_encoding_key(&EncodingKey::from_rsa_pem(&fixture(key)).unwrap(), Algorithm::RS256).unwrap();
+    let mut j = Jwk::from_encoding_key(
+        &EncodingKey::from_rsa_pem(&fixture(key)).unwrap(),
+        Algorithm::RS256,
+    )
+    .unwrap();
     j.common.key_id = Some(kid.into());
     j
 }
 
 #[tokio::test]
 async fn jwks_is_cached_and_rotates_by_kid() {
-    let set = Arc::new(Mutex::new(JwkSet { keys: vec![jwk("rsa1.key", "k1")] }));
+    let set = Arc::new(Mutex::new(JwkSet {
+        keys: vec![jwk("rsa1.key", "k1")],
+    }));
     let hits = Arc::new(Mutex::new(0));
     let url = jwks_server(set.clone(), hits.clone()).await;
-    let v = Verifier::new(&AuthConfig { jwks_url: Some(url), ..AuthConfig::default() }).unwrap();
+    let v = Verifier::new(&AuthConfig {
+        jwks_url: Some(url),
+        ..AuthConfig::default()
+    })
+    .unwrap();
     assert!(!v.dev_secret);
     let c = claims(json!({}));
     assert!(v.verify(&rs("rsa1.key", Some("k1"), &c)).await.is_ok());
     assert!(v.verify(&rs("rsa1.key", Some("k1"), &c)).await.is_ok());
-    assert_eq!(*hits.lock().unwrap(), 1, "second verification uses the cache");
+    assert_eq!(
+        *hits.lock().unwrap(),
+        1,
+        "second verification uses the cache"
+    );
     // A kid signed with the wrong key fails even though the kid is known.
     assert!(v.verify(&rs("rsa2.key", Some("k1"), &c)).await.is_err());
 
     // Rotation: the issuer publishes k2 and retires k1.
-    *set.lock().unwrap() = JwkSet { keys: vec![jwk("rsa2.key", "k2")] };
+    *set.lock().unwrap() = JwkSet {
+        keys: vec![jwk("rsa2.key", "k2")],
+    };
     tokio::time::sleep(Duration::from_millis(1100)).await; // the refetch-on-miss rate limit
-    assert!(v.verify(&rs("rsa2.key", Some("k2"), &c)).await.is_ok(), "unknown kid triggers a refetch");
+    assert!(
+        v.verify(&rs("rsa2.key", Some("k2"), &c)).await.is_ok(),
+        "unknown kid triggers a refetch"
+    );
     assert_eq!(*hits.lock().unwrap(), 2);
     // Unknown kids do not hammer the JWKS endpoint.
     for _ in 0..5 {

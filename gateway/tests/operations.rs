@@ -46,13 +46,27 @@ async fn a_slow_consumer_is_cut_off_and_never_slows_the_others() {
     publisher.await.unwrap();
 
     let m = gw.metrics().await;
-    assert_eq!(metric(&m, r#"switchboard_websocket_disconnected_total{reason="slow_consumer"}"#), 1.0);
-    assert!(metric(&m, r#"switchboard_event_dropped_total{reason="slow_consumer"}"#) >= 1.0);
+    assert_eq!(
+        metric(
+            &m,
+            r#"switchboard_websocket_disconnected_total{reason="slow_consumer"}"#
+        ),
+        1.0
+    );
+    assert!(
+        metric(
+            &m,
+            r#"switchboard_event_dropped_total{reason="slow_consumer"}"#
+        ) >= 1.0
+    );
     // The slow client finds fewer events than were published, then the end.
     let mut seen = 0;
     let deadline = tokio::time::Instant::now() + DEADLINE;
     loop {
-        match tokio::time::timeout_at(deadline, slow.ws.next()).await.unwrap() {
+        match tokio::time::timeout_at(deadline, slow.ws.next())
+            .await
+            .unwrap()
+        {
             Some(Ok(Message::Text(_))) => seen += 1,
             Some(Ok(Message::Close(f))) => {
                 assert_eq!(f.map(|f| u16::from(f.code)), Some(4008));
@@ -86,7 +100,13 @@ async fn metrics_move_by_exactly_the_scenario() {
     assert_eq!(metric(&m, "switchboard_event_published_total"), 3.0);
     assert_eq!(metric(&m, "switchboard_event_deduplicated_total"), 1.0);
     assert_eq!(metric(&m, "switchboard_event_delivered_total"), 4.0);
-    assert_eq!(metric(&m, r#"switchboard_event_dropped_total{reason="no_subscribers"}"#), 1.0);
+    assert_eq!(
+        metric(
+            &m,
+            r#"switchboard_event_dropped_total{reason="no_subscribers"}"#
+        ),
+        1.0
+    );
     assert!(!m.contains("acme"), "no tenant names in metric labels");
 
     drop(a);
@@ -94,7 +114,13 @@ async fn metrics_move_by_exactly_the_scenario() {
     loop {
         let m = gw.metrics().await;
         if metric(&m, "switchboard_websocket_active") == 1.0 {
-            assert_eq!(metric(&m, r#"switchboard_websocket_disconnected_total{reason="client"}"#), 1.0);
+            assert_eq!(
+                metric(
+                    &m,
+                    r#"switchboard_websocket_disconnected_total{reason="client"}"#
+                ),
+                1.0
+            );
             assert_eq!(metric(&m, "switchboard_subscriptions_active"), 2.0);
             break;
         }
@@ -109,14 +135,23 @@ async fn metrics_move_by_exactly_the_scenario() {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 #[tokio::test]
 async fn sigterm_drains_the_real_binary_spreading_reconnects() {
     let port = free_port();
     let mut child = Command::new(env!("CARGO_BIN_EXE_switchboard"))
-        .args(["--listen", &format!("127.0.0.1:{port}"), "--drain-seconds", "2"])
+        .args([
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--drain-seconds",
+            "2",
+        ])
         .env("SWITCHBOARD_HS256_SECRET", SECRET)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
@@ -131,7 +166,10 @@ async fn sigterm_drains_the_real_binary_spreading_reconnects() {
         {
             break;
         }
-        assert!(tokio::time::Instant::now() < deadline, "gateway did not become ready");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "gateway did not become ready"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let ws = |t: String| format!("ws://127.0.0.1:{port}/ws?token={t}");
@@ -143,7 +181,13 @@ async fn sigterm_drains_the_real_binary_spreading_reconnects() {
         clients.push(c);
     }
     let started = std::time::Instant::now();
-    assert!(Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success());
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
 
     // Readiness turns false and new connections are refused while draining.
     loop {
@@ -154,7 +198,9 @@ async fn sigterm_drains_the_real_binary_spreading_reconnects() {
         assert!(started.elapsed() < DEADLINE);
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let refused = tokio_tungstenite::connect_async(ws(token("acme", &[]))).await.unwrap_err();
+    let refused = tokio_tungstenite::connect_async(ws(token("acme", &[])))
+        .await
+        .unwrap_err();
     assert!(refused.to_string().contains("503"), "{refused}");
 
     // Every client is told to reconnect (with a cursor), then closed with 1012.
@@ -168,15 +214,24 @@ async fn sigterm_drains_the_real_binary_spreading_reconnects() {
     }
     let first = at.iter().min().unwrap();
     let last = at.iter().max().unwrap();
-    assert!(*last <= Duration::from_millis(3500), "all gone within the drain period: {at:?}");
-    assert!(*last - *first >= Duration::from_millis(200), "reconnects are spread, not a storm: {at:?}");
+    assert!(
+        *last <= Duration::from_millis(3500),
+        "all gone within the drain period: {at:?}"
+    );
+    assert!(
+        *last - *first >= Duration::from_millis(200),
+        "reconnects are spread, not a storm: {at:?}"
+    );
 
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     let status = loop {
         if let Some(s) = child.try_wait().unwrap() {
             break s;
         }
-        assert!(std::time::Instant::now() < deadline, "process did not exit after drain");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "process did not exit after drain"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert!(status.success(), "{status:?}");

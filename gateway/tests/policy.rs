@@ -72,11 +72,20 @@ async fn allowlist_classes_and_limits() {
     }
     assert!(errors[0].contains("billing.*"));
     assert!(errors[1].contains("critical"), "{}", errors[1]);
-    assert!(errors[2].contains("critical"), "a broad pattern may not reach critical topics: {}", errors[2]);
+    assert!(
+        errors[2].contains("critical"),
+        "a broad pattern may not reach critical topics: {}",
+        errors[2]
+    );
     assert_eq!(c.recv().await["data"]["topics"], json!(["deal.*"]));
 
     // Publish allowlist.
-    let (s, _) = publish(&gw, &token("acme", &["publish"]), json!({"event_type": "billing.x"})).await;
+    let (s, _) = publish(
+        &gw,
+        &token("acme", &["publish"]),
+        json!({"event_type": "billing.x"}),
+    )
+    .await;
     assert_eq!(s, 403);
     publish_ok(&gw, "acme", "deal.won", json!({})).await;
     assert_eq!(c.events(1).await[0]["event_type"], "deal.won");
@@ -93,7 +102,10 @@ async fn allowlist_classes_and_limits() {
         Some(&token("acme", &[])),
     )
     .await;
-    assert_eq!((s, b["error"]["code"].as_str()), (429, Some("too_many_connections")));
+    assert_eq!(
+        (s, b["error"]["code"].as_str()),
+        (429, Some("too_many_connections"))
+    );
 }
 
 #[tokio::test]
@@ -106,25 +118,51 @@ async fn hot_reload_revokes_subscriptions_without_dropping_the_connection() {
     // A broken edit is reported and changes nothing.
     policy_file(&dir, "tenants: [this is not a bundle");
     let deadline = tokio::time::Instant::now() + DEADLINE;
-    while metric(&gw.metrics().await, r#"switchboard_policy_reloads_total{result="error"}"#) < 1.0 {
-        assert!(tokio::time::Instant::now() < deadline, "invalid policy not noticed");
+    while metric(
+        &gw.metrics().await,
+        r#"switchboard_policy_reloads_total{result="error"}"#,
+    ) < 1.0
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "invalid policy not noticed"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     publish_ok(&gw, "acme", "contact.added", json!({})).await;
     assert_eq!(c.events(1).await[0]["event_type"], "contact.added");
 
     // contact.* is withdrawn.
-    policy_file(&dir, &POLICY.replace("      - pattern: \"contact.*\"\n", ""));
+    policy_file(
+        &dir,
+        &POLICY.replace("      - pattern: \"contact.*\"\n", ""),
+    );
     let revoked = c.recv_type("subscription.revoked").await;
     assert_eq!(revoked["data"]["topics"], json!(["contact.*"]));
-    assert!(revoked["data"]["reason"].as_str().unwrap().contains("not allowed"));
+    assert!(
+        revoked["data"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("not allowed")
+    );
     publish_ok(&gw, "acme", "contact.added", json!({})).await;
     let deal = publish_ok(&gw, "acme", "deal.won", json!({})).await;
-    assert_eq!(ids(&c.events(1).await), [deal], "same connection, only deal.* left");
+    assert_eq!(
+        ids(&c.events(1).await),
+        [deal],
+        "same connection, only deal.* left"
+    );
     // New subscriptions follow the new policy.
-    c.send(json!({"type": "subscribe", "topics": ["contact.*"]})).await;
+    c.send(json!({"type": "subscribe", "topics": ["contact.*"]}))
+        .await;
     assert_eq!(c.recv().await["data"]["code"], "topic_not_allowed");
-    assert_eq!(metric(&gw.metrics().await, r#"switchboard_policy_reloads_total{result="ok"}"#), 1.0);
+    assert_eq!(
+        metric(
+            &gw.metrics().await,
+            r#"switchboard_policy_reloads_total{result="ok"}"#
+        ),
+        1.0
+    );
 
     // The tenant is removed entirely: its connections are closed with 4003.
     policy_file(&dir, "tenants:\n  globex: {}\n");

@@ -13,14 +13,25 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 #[tokio::test]
 async fn seed_flow_subscribe_and_receive_envelope() {
     let gw = Gateway::default().await;
-    let mut c = Client::connect(&gw.ws(&format!("token={}&company_id=acme", token("acme", &[])))).await;
+    let mut c =
+        Client::connect(&gw.ws(&format!("token={}&company_id=acme", token("acme", &[])))).await;
     let hello = c.recv().await;
     assert_eq!(hello["type"], "connection.established");
     assert_eq!(hello["data"]["user_id"], "user-1");
-    assert!(hello["data"]["server_time"].as_str().unwrap().ends_with('Z'));
+    assert!(
+        hello["data"]["server_time"]
+            .as_str()
+            .unwrap()
+            .ends_with('Z')
+    );
 
-    let confirmed = c.subscribe(&["deal.stage.*", "timeline.object.created"]).await;
-    assert_eq!(confirmed["data"]["topics"], json!(["deal.stage.*", "timeline.object.created"]));
+    let confirmed = c
+        .subscribe(&["deal.stage.*", "timeline.object.created"])
+        .await;
+    assert_eq!(
+        confirmed["data"]["topics"],
+        json!(["deal.stage.*", "timeline.object.created"])
+    );
     assert!(confirmed["data"]["timestamp"].is_string());
 
     let (status, body) = publish(
@@ -53,8 +64,10 @@ async fn seed_flow_subscribe_and_receive_envelope() {
 async fn bearer_header_authenticates_too() {
     let gw = Gateway::default().await;
     let mut req = gw.ws("").into_client_request().unwrap();
-    req.headers_mut()
-        .insert("Authorization", format!("Bearer {}", token("acme", &[])).parse().unwrap());
+    req.headers_mut().insert(
+        "Authorization",
+        format!("Bearer {}", token("acme", &[])).parse().unwrap(),
+    );
     let (ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
     let mut c = Client { ws };
     assert_eq!(c.recv().await["type"], "connection.established");
@@ -86,7 +99,13 @@ async fn bad_missing_or_mismatched_tokens_close_4001() {
         assert_eq!(code, 4001, "query {q}");
     }
     let m = gw.metrics().await;
-    assert_eq!(metric(&m, r#"switchboard_websocket_rejected_total{reason="unauthorized"}"#), 7.0);
+    assert_eq!(
+        metric(
+            &m,
+            r#"switchboard_websocket_rejected_total{reason="unauthorized"}"#
+        ),
+        7.0
+    );
 }
 
 #[tokio::test]
@@ -105,7 +124,13 @@ async fn company_id_claim_is_the_tenant_fallback() {
 async fn wildcards_follow_the_seed_and_overlaps_deliver_once_in_order() {
     let gw = Gateway::default().await;
     let mut c = Client::open(&gw, "acme").await;
-    c.subscribe(&["activity.*", "deal.*.updated", "deal.stage.updated", "deal.>"]).await;
+    c.subscribe(&[
+        "activity.*",
+        "deal.*.updated",
+        "deal.stage.updated",
+        "deal.>",
+    ])
+    .await;
     let mut other = Client::open(&gw, "acme").await;
     other.subscribe(&["deal.*.updated"]).await;
     let topics = [
@@ -121,12 +146,21 @@ async fn wildcards_follow_the_seed_and_overlaps_deliver_once_in_order() {
     }
     let got = c.events(4).await;
     assert_eq!(
-        got.iter().map(|e| e["event_type"].as_str().unwrap()).collect::<Vec<_>>(),
-        ["activity.task.completed", "deal.stage.updated", "deal.stage.x.updated", "deal.owner.updated"]
+        got.iter()
+            .map(|e| e["event_type"].as_str().unwrap())
+            .collect::<Vec<_>>(),
+        [
+            "activity.task.completed",
+            "deal.stage.updated",
+            "deal.stage.x.updated",
+            "deal.owner.updated"
+        ]
     );
     let got = other.events(2).await;
     assert_eq!(
-        got.iter().map(|e| e["event_type"].as_str().unwrap()).collect::<Vec<_>>(),
+        got.iter()
+            .map(|e| e["event_type"].as_str().unwrap())
+            .collect::<Vec<_>>(),
         ["deal.stage.updated", "deal.owner.updated"]
     );
     // A marker proves nothing else (no duplicate) was queued before it.
@@ -159,7 +193,10 @@ async fn publish_order_is_kept_per_topic_under_load() {
     };
     let got = c.events(200).await;
     publisher.await.unwrap();
-    let is: Vec<i64> = got.iter().map(|e| e["data"]["i"].as_i64().unwrap()).collect();
+    let is: Vec<i64> = got
+        .iter()
+        .map(|e| e["data"]["i"].as_i64().unwrap())
+        .collect();
     assert_eq!(is, (0..200).collect::<Vec<_>>());
 }
 
@@ -169,22 +206,32 @@ async fn bad_input_gets_errors_and_the_connection_survives() {
     let mut c = Client::open(&gw, "acme").await;
     c.send_raw(Message::Text("{not json".into())).await;
     let e = c.recv().await;
-    assert_eq!((e["type"].as_str(), e["data"]["code"].as_str()), (Some("error"), Some("malformed_message")));
+    assert_eq!(
+        (e["type"].as_str(), e["data"]["code"].as_str()),
+        (Some("error"), Some("malformed_message"))
+    );
     c.send(json!({"type": "explode"})).await;
     assert_eq!(c.recv().await["data"]["code"], "unknown_message_type");
     c.send(json!({"type": "subscribe"})).await;
     assert_eq!(c.recv().await["data"]["code"], "invalid_topic");
-    c.send(json!({"type": "subscribe", "topics": "deal.*"})).await;
+    c.send(json!({"type": "subscribe", "topics": "deal.*"}))
+        .await;
     assert_eq!(c.recv().await["data"]["code"], "malformed_message");
     c.send_raw(Message::Binary(vec![1, 2, 3].into())).await;
     assert_eq!(c.recv().await["data"]["code"], "binary_not_supported");
-    c.send(json!({"type": "subscribe", "topics": ["deal..x", "a.>.b", "ok.*", "bad topic"]})).await;
+    c.send(json!({"type": "subscribe", "topics": ["deal..x", "a.>.b", "ok.*", "bad topic"]}))
+        .await;
     let mut codes = Vec::new();
     for _ in 0..3 {
         let m = c.recv().await;
         assert_eq!(m["type"], "error", "{m}");
         codes.push(m["data"]["code"].as_str().unwrap().to_owned());
-        assert!(m["data"]["message"].as_str().unwrap().contains("invalid topic"));
+        assert!(
+            m["data"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("invalid topic")
+        );
     }
     assert_eq!(codes, ["invalid_topic"; 3]);
     let ok = c.recv().await;
@@ -210,10 +257,17 @@ async fn seed_004_channel_form_echoes_request_id() {
     assert_eq!(c.events(1).await[0]["event_type"], "entity:Task");
     c.send(json!({"type": "ping", "requestId": 7})).await;
     let pong = c.recv().await;
-    assert_eq!((pong["type"].as_str(), pong["requestId"].as_i64()), (Some("pong"), Some(7)));
-    c.send(json!({"type": "unsubscribe", "channel": "entity:Task", "requestId": "req_124"})).await;
+    assert_eq!(
+        (pong["type"].as_str(), pong["requestId"].as_i64()),
+        (Some("pong"), Some(7))
+    );
+    c.send(json!({"type": "unsubscribe", "channel": "entity:Task", "requestId": "req_124"}))
+        .await;
     let m = c.recv().await;
-    assert_eq!((m["type"].as_str(), m["requestId"].as_str()), (Some("unsubscribed"), Some("req_124")));
+    assert_eq!(
+        (m["type"].as_str(), m["requestId"].as_str()),
+        (Some("unsubscribed"), Some("req_124"))
+    );
     publish_ok(&gw, "acme", "entity:Task", json!({"id": 2})).await;
     c.expect_silence(Duration::from_millis(300)).await;
 }
@@ -223,7 +277,8 @@ async fn unsubscribe_stops_delivery() {
     let gw = Gateway::default().await;
     let mut c = Client::open(&gw, "acme").await;
     c.subscribe(&["a.*", "b.*"]).await;
-    c.send(json!({"type": "unsubscribe", "topics": ["a.*"]})).await;
+    c.send(json!({"type": "unsubscribe", "topics": ["a.*"]}))
+        .await;
     let m = c.recv().await;
     assert_eq!(m["type"], "unsubscription.confirmed");
     assert_eq!(m["data"]["topics"], json!(["a.*"]));
@@ -238,7 +293,8 @@ async fn subscription_limit_is_enforced_with_an_error() {
     cfg.limits.max_subscriptions_per_connection = 2;
     let gw = Gateway::start(cfg).await;
     let mut c = Client::open(&gw, "acme").await;
-    c.send(json!({"type": "subscribe", "topics": ["a", "b", "c"]})).await;
+    c.send(json!({"type": "subscribe", "topics": ["a", "b", "c"]}))
+        .await;
     let e = c.recv().await;
     assert_eq!(e["data"]["code"], "too_many_subscriptions");
     let ok = c.recv().await;
@@ -267,13 +323,20 @@ async fn floods_are_rate_limited_with_4029() {
     let gw = Gateway::start(cfg).await;
     let mut c = Client::open(&gw, "acme").await;
     for _ in 0..50 {
-        if c.ws.send(Message::Text(json!({"type": "ping"}).to_string().into())).await.is_err() {
+        if c.ws
+            .send(Message::Text(json!({"type": "ping"}).to_string().into()))
+            .await
+            .is_err()
+        {
             break;
         }
     }
     let mut pongs = 0;
     let code = loop {
-        match tokio::time::timeout(DEADLINE, futures_util::StreamExt::next(&mut c.ws)).await.unwrap() {
+        match tokio::time::timeout(DEADLINE, futures_util::StreamExt::next(&mut c.ws))
+            .await
+            .unwrap()
+        {
             Some(Ok(Message::Text(_))) => pongs += 1,
             Some(Ok(Message::Close(Some(f)))) => break u16::from(f.code),
             other => panic!("{other:?}"),
@@ -290,11 +353,13 @@ async fn origins_are_checked_on_upgrade() {
     let gw = Gateway::start(cfg).await;
     let url = gw.ws(&format!("token={}", token("acme", &[])));
     let mut req = url.clone().into_client_request().unwrap();
-    req.headers_mut().insert("Origin", "http://evil.example".parse().unwrap());
+    req.headers_mut()
+        .insert("Origin", "http://evil.example".parse().unwrap());
     let err = tokio_tungstenite::connect_async(req).await.unwrap_err();
     assert!(err.to_string().contains("403"), "{err}");
     let mut req = url.into_client_request().unwrap();
-    req.headers_mut().insert("Origin", "http://app.example".parse().unwrap());
+    req.headers_mut()
+        .insert("Origin", "http://app.example".parse().unwrap());
     assert!(tokio_tungstenite::connect_async(req).await.is_ok());
 }
 
@@ -312,11 +377,20 @@ async fn expiring_token_is_told_and_closed_unless_refreshed() {
     let mut c = Client::connect(&gw.ws(&format!("token={}", token_ttl("acme", &[], 2)))).await;
     c.recv_type("connection.established").await;
     c.subscribe(&["x"]).await;
-    c.send(json!({"type": "auth.refresh", "token": token("globex", &[])})).await;
-    assert_eq!(c.recv().await["data"]["code"], "auth_refresh_failed", "another tenant's token is refused");
-    c.send(json!({"type": "auth.refresh", "token": token("acme", &[]), "requestId": "r1"})).await;
+    c.send(json!({"type": "auth.refresh", "token": token("globex", &[])}))
+        .await;
+    assert_eq!(
+        c.recv().await["data"]["code"],
+        "auth_refresh_failed",
+        "another tenant's token is refused"
+    );
+    c.send(json!({"type": "auth.refresh", "token": token("acme", &[]), "requestId": "r1"}))
+        .await;
     let ok = c.recv().await;
-    assert_eq!((ok["type"].as_str(), ok["requestId"].as_str()), (Some("auth.refreshed"), Some("r1")));
+    assert_eq!(
+        (ok["type"].as_str(), ok["requestId"].as_str()),
+        (Some("auth.refreshed"), Some("r1"))
+    );
     tokio::time::sleep(Duration::from_millis(2500)).await; // past the old expiry
     publish_ok(&gw, "acme", "x", json!({})).await;
     assert_eq!(c.events(1).await[0]["event_type"], "x");
@@ -349,9 +423,15 @@ async fn heartbeat_pings_and_idle_timeout() {
     // A raw socket is used so that no library answers pings behind our back.
     let silent = raw_upgrade(&gw, &format!("/ws?token={}", token("acme", &[]))).await;
     let frames = read_frames_until_eof(silent).await;
-    let close = frames.iter().find(|(op, _)| *op == 0x8).expect("a close frame");
+    let close = frames
+        .iter()
+        .find(|(op, _)| *op == 0x8)
+        .expect("a close frame");
     assert_eq!(u16::from_be_bytes([close.1[0], close.1[1]]), 4002);
-    assert!(frames.iter().any(|(op, _)| *op == 0x9), "pings were sent before giving up");
+    assert!(
+        frames.iter().any(|(op, _)| *op == 0x9),
+        "pings were sent before giving up"
+    );
 }
 
 async fn raw_upgrade(gw: &Gateway, path: &str) -> tokio::net::TcpStream {
@@ -369,7 +449,11 @@ async fn raw_upgrade(gw: &Gateway, path: &str) -> tokio::net::TcpStream {
         s.read_exact(&mut b).await.unwrap();
         head.push(b[0]);
     }
-    assert!(head.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
+    assert!(
+        head.starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
     s
 }
 
@@ -377,7 +461,10 @@ async fn raw_upgrade(gw: &Gateway, path: &str) -> tokio::net::TcpStream {
 async fn read_frames_until_eof(mut s: tokio::net::TcpStream) -> Vec<(u8, Vec<u8>)> {
     use tokio::io::AsyncReadExt;
     let mut buf = Vec::new();
-    tokio::time::timeout(DEADLINE, s.read_to_end(&mut buf)).await.unwrap().unwrap();
+    tokio::time::timeout(DEADLINE, s.read_to_end(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
     let mut frames = Vec::new();
     let mut i = 0;
     while i + 2 <= buf.len() {

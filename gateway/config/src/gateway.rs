@@ -273,6 +273,9 @@ mod tests {
         let err = GatewayConfig::from_yaml("region: 'eu west'\nlimits:\n  outbound_queue: 0\n")
             .unwrap_err()
             .to_string();
-        assert!(err.contains("region") && err.contains("outbound_queue"), "{err}");
+        assert!(
+            err.contains("region") && err.contains("outbound_queue"),
+            "{err}"
+        );
     }
 }

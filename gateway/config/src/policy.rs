@@ -150,7 +150,8 @@ impl PolicyBundle {
     }
 
     pub fn check_subscribe(&self, tenant: &str, pattern: &Pattern) -> Result<(), Denied> {
-        self.tenant(tenant)?.check(&self.tenant(tenant)?.subscribe, pattern)
+        self.tenant(tenant)?
+            .check(&self.tenant(tenant)?.subscribe, pattern)
     }
 
     pub fn check_publish(&self, tenant: &str, topic: &Topic) -> Result<(), Denied> {
@@ -168,7 +169,9 @@ impl PolicyBundle {
             max_subscriptions_per_connection: l
                 .max_subscriptions_per_connection
                 .unwrap_or(defaults.max_subscriptions_per_connection),
-            messages_per_minute: l.messages_per_minute.unwrap_or(defaults.messages_per_minute),
+            messages_per_minute: l
+                .messages_per_minute
+                .unwrap_or(defaults.messages_per_minute),
             max_message_bytes: l.max_message_bytes.unwrap_or(defaults.max_message_bytes),
         })
     }
@@ -197,8 +200,7 @@ impl TenantPolicy {
 pub fn valid_tenant(t: &str) -> bool {
     !t.is_empty()
         && t.len() <= 128
-        && t
-            .bytes()
+        && t.bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b':' | b'.'))
 }
 
@@ -260,15 +262,19 @@ tenants:
 
     #[test]
     fn bad_bundles_are_refused_with_reasons() {
-        let err = PolicyBundle::from_yaml("tenants:\n  acme:\n    subscribe:\n      - pattern: 'a.>.b'\n")
-            .unwrap_err()
-            .to_string();
+        let err = PolicyBundle::from_yaml(
+            "tenants:\n  acme:\n    subscribe:\n      - pattern: 'a.>.b'\n",
+        )
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("a.>.b"), "{err}");
         let err = PolicyBundle::from_yaml("tenants:\n  'a b': {}\n")
             .unwrap_err()
             .to_string();
         assert!(err.contains("a b"), "{err}");
-        let err = PolicyBundle::from_yaml("tenant: {}\n").unwrap_err().to_string();
+        let err = PolicyBundle::from_yaml("tenant: {}\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("tenant"), "{err}");
     }
 }

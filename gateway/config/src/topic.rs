@@ -289,7 +289,7 @@ mod tests {
             Err(TopicError::PartialWildcard(_))
         ));
         assert_eq!(
-            Topic::parse(&"a.".repeat(20).trim_end_matches('.').to_owned()),
+            Topic::parse("a.".repeat(20).trim_end_matches('.')),
             Err(TopicError::TooManyTokens)
         );
         assert_eq!(Topic::parse(&"a".repeat(300)), Err(TopicError::TooLong));

@@ -81,11 +81,7 @@ impl MemoryBroker {
 
 #[async_trait]
 impl Broker for MemoryBroker {
-    async fn publish(
-        &self,
-        new: NewEvent,
-        retention: Duration,
-    ) -> Result<Published, BrokerError> {
+    async fn publish(&self, new: NewEvent, retention: Duration) -> Result<Published, BrokerError> {
         let log = self.log(&new.tenant);
         let window = Duration::from_secs(self.config.dedup_window_seconds);
         let now = Instant::now();
@@ -120,10 +116,10 @@ impl Broker for MemoryBroker {
             log.dedup_order.push_back((now, key));
         }
         log.events.push_back((now, event.clone()));
-        if log.events.len() > self.config.max_events_per_tenant {
-            if let Some((_, old)) = log.events.pop_front() {
-                log.purged = old.id.seq;
-            }
+        if log.events.len() > self.config.max_events_per_tenant
+            && let Some((_, old)) = log.events.pop_front()
+        {
+            log.purged = old.id.seq;
         }
         self.metrics.events_published.inc();
         crate::fanout::route(&self.hub, &self.metrics, &event);
@@ -242,25 +238,45 @@ mod tests {
         assert!(again.duplicate);
         assert_eq!(again.event.id, first.event.id);
         // Same key, other tenant: not a duplicate.
-        assert!(!b.publish(new("u", "a.b", Some("k")), DAY).await.unwrap().duplicate);
+        assert!(
+            !b.publish(new("u", "a.b", Some("k")), DAY)
+                .await
+                .unwrap()
+                .duplicate
+        );
         for _ in 0..2 {
             b.publish(new("t", "a.c", None), DAY).await.unwrap();
         }
         let r = b.read(&t, Some(first.event.id), all, 10).await.unwrap();
         assert_eq!(r.gap, None);
-        assert_eq!(r.events.iter().map(|e| e.id.seq).collect::<Vec<_>>(), [2, 3]);
+        assert_eq!(
+            r.events.iter().map(|e| e.id.seq).collect::<Vec<_>>(),
+            [2, 3]
+        );
         // Two more push seq 1 and 2 out of a 3-event history.
         for _ in 0..2 {
             b.publish(new("t", "a.c", None), DAY).await.unwrap();
         }
         let r = b.read(&t, Some(first.event.id), all, 10).await.unwrap();
         assert_eq!(r.gap, Some(GapReason::Expired));
-        assert_eq!(r.events.iter().map(|e| e.id.seq).collect::<Vec<_>>(), [3, 4, 5]);
-        let foreign = Cursor { epoch: b.epoch + 2, seq: 1 };
+        assert_eq!(
+            r.events.iter().map(|e| e.id.seq).collect::<Vec<_>>(),
+            [3, 4, 5]
+        );
+        let foreign = Cursor {
+            epoch: b.epoch + 2,
+            seq: 1,
+        };
         let r = b.read(&t, Some(foreign), all, 10).await.unwrap();
         assert_eq!(r.gap, Some(GapReason::Unknown));
-        let future = Cursor { epoch: b.epoch, seq: 99 };
-        assert_eq!(b.read(&t, Some(future), all, 10).await.unwrap().gap, Some(GapReason::Unknown));
+        let future = Cursor {
+            epoch: b.epoch,
+            seq: 99,
+        };
+        assert_eq!(
+            b.read(&t, Some(future), all, 10).await.unwrap().gap,
+            Some(GapReason::Unknown)
+        );
         let r = b.read(&t, None, all, 2).await.unwrap();
         assert!(r.more);
         assert_eq!(r.next.seq, 4);

@@ -47,19 +47,36 @@ pub async fn poll(
     }
 }
 
-async fn poll_inner(node: &Arc<Node>, params: PollParams, headers: &HeaderMap) -> Result<Response, Response> {
-    let principal = super::authenticate(node, headers, params.token.as_deref(), params.company_id.as_deref())
-        .await
-        .map_err(|e| super::auth_error_response(&e))?;
+async fn poll_inner(
+    node: &Arc<Node>,
+    params: PollParams,
+    headers: &HeaderMap,
+) -> Result<Response, Response> {
+    let principal = super::authenticate(
+        node,
+        headers,
+        params.token.as_deref(),
+        params.company_id.as_deref(),
+    )
+    .await
+    .map_err(|e| super::auth_error_response(&e))?;
     let topics = super::split_topics(params.topics.as_deref());
     if topics.is_empty() {
-        return Err(super::error_response(StatusCode::BAD_REQUEST, "invalid_topic", "'topics' is required: a comma-separated list"));
+        return Err(super::error_response(
+            StatusCode::BAD_REQUEST,
+            "invalid_topic",
+            "'topics' is required: a comma-separated list",
+        ));
     }
     let timeout = match params.timeout.as_deref().map(str::parse::<f64>) {
         None => 30.0,
         Some(Ok(t)) if t.is_finite() && t >= 0.0 => t.min(60.0),
         Some(_) => {
-            return Err(super::error_response(StatusCode::BAD_REQUEST, "invalid_timeout", "timeout must be a number of seconds between 0 and 60"));
+            return Err(super::error_response(
+                StatusCode::BAD_REQUEST,
+                "invalid_timeout",
+                "timeout must be a number of seconds between 0 and 60",
+            ));
         }
     };
     let cursor_param = params.cursor.as_deref().filter(|c| !c.is_empty());
@@ -73,7 +90,13 @@ async fn poll_inner(node: &Arc<Node>, params: PollParams, headers: &HeaderMap) -
         super::error_response(status, close.label(), close.reason())
     })?;
     let region = params.region.filter(|r| valid_region(r)).map(Arc::from);
-    let mut session = Session::new(node.clone(), admission, principal.tenant.clone(), region, MAX_EVENTS);
+    let mut session = Session::new(
+        node.clone(),
+        admission,
+        principal.tenant.clone(),
+        region,
+        MAX_EVENTS,
+    );
     let (_, errors) = session.subscribe(&topics).await;
     if let Some(e) = errors.first() {
         let (status, code) = match e {
@@ -87,19 +110,18 @@ async fn poll_inner(node: &Arc<Node>, params: PollParams, headers: &HeaderMap) -
     let mut events: Vec<Arc<Event>> = Vec::new();
     let mut gap = None;
     let mut has_more = false;
-    match cursor {
-        Some(c) => {
-            let r = session
-                .replay(c, None, MAX_EVENTS, |e| {
-                    events.push(e.clone());
-                    true
-                })
-                .await
-                .map_err(|e| super::error_response(StatusCode::SERVICE_UNAVAILABLE, "history_unavailable", e))?;
-            gap = r.gap.map(|g| g.as_str());
-            has_more = r.truncated;
-        }
-        None => {}
+    if let Some(c) = cursor {
+        let r = session
+            .replay(c, None, MAX_EVENTS, |e| {
+                events.push(e.clone());
+                true
+            })
+            .await
+            .map_err(|e| {
+                super::error_response(StatusCode::SERVICE_UNAVAILABLE, "history_unavailable", e)
+            })?;
+        gap = r.gap.map(|g| g.as_str());
+        has_more = r.truncated;
     }
     if events.is_empty() && !has_more {
         let wait = async {
@@ -121,9 +143,14 @@ async fn poll_inner(node: &Arc<Node>, params: PollParams, headers: &HeaderMap) -
     }
     node.metrics.events_delivered.inc_by(events.len() as u64);
     if gap.is_some() {
-        node.metrics.resumes.get_or_create(&vec![("outcome", "gap")]).inc();
+        node.metrics
+            .resumes
+            .get_or_create(&vec![("outcome", "gap")])
+            .inc();
     }
-    let next = events.last().map_or_else(|| session.live_cursor(), |e| e.id);
+    let next = events
+        .last()
+        .map_or_else(|| session.live_cursor(), |e| e.id);
     session.close().await;
     let mut tail = json!({
         "cursor": next.to_string(),
@@ -138,7 +165,9 @@ async fn poll_inner(node: &Arc<Node>, params: PollParams, headers: &HeaderMap) -
     }
     // Envelopes are already JSON: splice them in rather than re-encoding.
     let tail = tail.to_string();
-    let mut body = String::with_capacity(events.iter().map(|e| e.envelope.len() + 1).sum::<usize>() + tail.len() + 16);
+    let mut body = String::with_capacity(
+        events.iter().map(|e| e.envelope.len() + 1).sum::<usize>() + tail.len() + 16,
+    );
     body.push_str(r#"{"events":["#);
     for (i, e) in events.iter().enumerate() {
         if i > 0 {
@@ -148,5 +177,10 @@ async fn poll_inner(node: &Arc<Node>, params: PollParams, headers: &HeaderMap) -
     }
     body.push_str("],");
     body.push_str(&tail[1..]);
-    Ok((StatusCode::OK, [(axum::http::header::CONTENT_TYPE, "application/json")], body).into_response())
+    Ok((
+        StatusCode::OK,
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        body,
+    )
+        .into_response())
 }

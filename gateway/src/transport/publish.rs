@@ -55,20 +55,32 @@ pub async fn publish(State(node): State<Arc<Node>>, headers: HeaderMap, body: By
         Ok(v) => v,
         Err(e) => {
             node.metrics.error("publish");
-            return super::error_response(StatusCode::BAD_REQUEST, "malformed_body", format!("body is not JSON: {e}"));
+            return super::error_response(
+                StatusCode::BAD_REQUEST,
+                "malformed_body",
+                format!("body is not JSON: {e}"),
+            );
         }
     };
     let batch = match body.get("events") {
         Some(Value::Array(items)) => Some(items.clone()),
         Some(_) => {
-            return super::error_response(StatusCode::BAD_REQUEST, "malformed_body", "'events' must be a list");
+            return super::error_response(
+                StatusCode::BAD_REQUEST,
+                "malformed_body",
+                "'events' must be a list",
+            );
         }
         None => None,
     };
     match batch {
         None => match one(&node, &principal, body).await {
             Ok(p) => {
-                let status = if p.duplicate { StatusCode::OK } else { StatusCode::CREATED };
+                let status = if p.duplicate {
+                    StatusCode::OK
+                } else {
+                    StatusCode::CREATED
+                };
                 (status, axum::Json(published_json(&p))).into_response()
             }
             Err((status, code, message)) => {
@@ -104,7 +116,11 @@ async fn one(
     body: Value,
 ) -> Result<Published, (StatusCode, &'static str, String)> {
     let req: PublishRequest = serde_json::from_value(body).map_err(|e| {
-        (StatusCode::BAD_REQUEST, "malformed_body", format!("invalid event: {e}"))
+        (
+            StatusCode::BAD_REQUEST,
+            "malformed_body",
+            format!("invalid event: {e}"),
+        )
     })?;
     node.publish(principal, req).await.map_err(|e| {
         let (status, code) = error_status(&e);

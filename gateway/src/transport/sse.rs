@@ -44,7 +44,14 @@ pub async fn stream(
     Query(params): Query<SseParams>,
     headers: HeaderMap,
 ) -> Response {
-    let principal = match super::authenticate(&node, &headers, params.token.as_deref(), params.company_id.as_deref()).await {
+    let principal = match super::authenticate(
+        &node,
+        &headers,
+        params.token.as_deref(),
+        params.company_id.as_deref(),
+    )
+    .await
+    {
         Ok(p) => p,
         Err(e) => {
             node.metrics.error("auth");
@@ -53,7 +60,11 @@ pub async fn stream(
     };
     let topics = super::split_topics(params.topics.as_deref());
     if topics.is_empty() {
-        return super::error_response(StatusCode::BAD_REQUEST, "invalid_topic", "'topics' is required: a comma-separated list");
+        return super::error_response(
+            StatusCode::BAD_REQUEST,
+            "invalid_topic",
+            "'topics' is required: a comma-separated list",
+        );
     }
     let admission = match node.admit(&principal) {
         Ok(a) => a,
@@ -67,7 +78,13 @@ pub async fn stream(
         }
     };
     let region = params.region.filter(|r| valid_region(r)).map(Arc::from);
-    let mut session = Session::new(node.clone(), admission, principal.tenant.clone(), region, node.config.limits.outbound_queue);
+    let mut session = Session::new(
+        node.clone(),
+        admission,
+        principal.tenant.clone(),
+        region,
+        node.config.limits.outbound_queue,
+    );
     let (_, errors) = session.subscribe(&topics).await;
     if let Some(e) = errors.first() {
         let (status, code) = match e {
@@ -98,22 +115,45 @@ pub async fn stream(
 
 /// Feed one SSE stream until the client leaves, the token expires, the
 /// queue overflows or the gateway drains.
-async fn pump(mut session: Session, raw_cursor: Option<String>, expires_at: u64, tx: mpsc::Sender<SseEvent>) {
+async fn pump(
+    mut session: Session,
+    raw_cursor: Option<String>,
+    expires_at: u64,
+    tx: mpsc::Sender<SseEvent>,
+) {
     let node = session.node.clone();
     node.metrics.sse_active.inc();
-    let _ = tx.send(SseEvent::default().retry(Duration::from_secs(3)).comment("switchboard")).await;
+    let _ = tx
+        .send(
+            SseEvent::default()
+                .retry(Duration::from_secs(3))
+                .comment("switchboard"),
+        )
+        .await;
     if let Some(raw) = raw_cursor {
         let mut out = Vec::new();
         let c = Cursor::parse_lenient(&raw);
-        let gap = match session.replay(c, None, usize::MAX, |e| { out.push(event_message(e)); true }).await {
+        let gap = match session
+            .replay(c, None, usize::MAX, |e| {
+                out.push(event_message(e));
+                true
+            })
+            .await
+        {
             Ok(r) => r.gap.map(|g| g.as_str()),
             Err(_) => Some("unavailable"),
         };
         if let Some(reason) = gap {
-            node.metrics.resumes.get_or_create(&vec![("outcome", "gap")]).inc();
+            node.metrics
+                .resumes
+                .get_or_create(&vec![("outcome", "gap")])
+                .inc();
             let _ = tx.send(control("resume.gap", json!({ "reason": reason, "requested": raw.chars().take(64).collect::<String>(), "timestamp": now_rfc3339() }))).await;
         } else {
-            node.metrics.resumes.get_or_create(&vec![("outcome", "replayed")]).inc();
+            node.metrics
+                .resumes
+                .get_or_create(&vec![("outcome", "replayed")])
+                .inc();
         }
         node.metrics.events_delivered.inc_by(out.len() as u64);
         for m in out {
@@ -123,7 +163,9 @@ async fn pump(mut session: Session, raw_cursor: Option<String>, expires_at: u64,
         }
     }
     let mut policy = node.policy.subscribe();
-    let expiry = tokio::time::sleep(Duration::from_secs(expires_at.saturating_sub(jsonwebtoken::get_current_timestamp())));
+    let expiry = tokio::time::sleep(Duration::from_secs(
+        expires_at.saturating_sub(jsonwebtoken::get_current_timestamp()),
+    ));
     tokio::pin!(expiry);
     let shared = session.shared.clone();
     loop {

@@ -24,8 +24,8 @@ use crate::auth::Principal;
 use crate::event::Cursor;
 use crate::node::{Node, valid_region};
 use crate::protocol::{
-    ClientMessage, Close, ErrorCode, MessageProbe, SubscriptionRequest, error_message,
-    now_rfc3339, server_message,
+    ClientMessage, Close, ErrorCode, MessageProbe, SubscriptionRequest, error_message, now_rfc3339,
+    server_message,
 };
 use crate::session::{Session, SubscribeError};
 
@@ -52,7 +52,9 @@ pub struct WsParams {
 pub fn origin_allowed(allowed: &[String], origin: Option<&str>) -> bool {
     match origin {
         None => true,
-        Some(o) => allowed.iter().any(|a| a == "*" || a.eq_ignore_ascii_case(o)),
+        Some(o) => allowed
+            .iter()
+            .any(|a| a == "*" || a.eq_ignore_ascii_case(o)),
     }
 }
 
@@ -70,7 +72,11 @@ pub async fn upgrade(
             .connections_rejected
             .get_or_create(&vec![("reason", "origin")])
             .inc();
-        return super::error_response(StatusCode::FORBIDDEN, "origin_not_allowed", "origin not allowed");
+        return super::error_response(
+            StatusCode::FORBIDDEN,
+            "origin_not_allowed",
+            "origin not allowed",
+        );
     }
     if node.draining() {
         node.metrics
@@ -132,7 +138,10 @@ pub async fn upgrade(
 }
 
 async fn reject(mut socket: WebSocket, close: Close, detail: &str) {
-    let reason: String = format!("{}: {detail}", close.reason()).chars().take(120).collect();
+    let reason: String = format!("{}: {detail}", close.reason())
+        .chars()
+        .take(120)
+        .collect();
     let _ = socket
         .send(Message::Close(Some(CloseFrame {
             code: close.code(),
@@ -211,11 +220,12 @@ impl Connection {
         let limits = node.limits(&principal.tenant).ok();
         let (sink, mut stream) = socket.split();
         let mut conn = Connection {
-            rate: RateLimit::new(
-                limits.map_or(node.config.limits.messages_per_minute, |l| l.messages_per_minute),
-            ),
-            max_bytes: limits.map_or(node.config.limits.max_message_bytes, |l| l.max_message_bytes)
-                as usize,
+            rate: RateLimit::new(limits.map_or(node.config.limits.messages_per_minute, |l| {
+                l.messages_per_minute
+            })),
+            max_bytes: limits.map_or(node.config.limits.max_message_bytes, |l| {
+                l.max_message_bytes
+            }) as usize,
             session,
             principal,
             sink,
@@ -252,7 +262,10 @@ impl Connection {
 
     /// The connection loop; returns the close to send, or None when the
     /// client left.
-    async fn serve(&mut self, stream: &mut SplitStream<WebSocket>) -> Option<(Close, Option<String>)> {
+    async fn serve(
+        &mut self,
+        stream: &mut SplitStream<WebSocket>,
+    ) -> Option<(Close, Option<String>)> {
         let node = self.session.node.clone();
         let shared = self.session.shared.clone();
         let hb = &node.config.heartbeat;
@@ -381,7 +394,11 @@ impl Connection {
                     return Flow::Close(Close::RateLimited, None);
                 }
                 node.metrics.error("websocket");
-                let m = error_message(ErrorCode::BinaryNotSupported, "binary frames are not supported; send JSON text frames", None);
+                let m = error_message(
+                    ErrorCode::BinaryNotSupported,
+                    "binary frames are not supported; send JSON text frames",
+                    None,
+                );
                 return self.reply(m).await;
             }
             Message::Ping(_) | Message::Pong(_) => return Flow::Continue,
@@ -395,7 +412,11 @@ impl Connection {
             node.metrics.error("message_too_big");
             let m = error_message(
                 ErrorCode::MessageTooLarge,
-                &format!("message of {} bytes exceeds the limit of {}", text.len(), self.max_bytes),
+                &format!(
+                    "message of {} bytes exceeds the limit of {}",
+                    text.len(),
+                    self.max_bytes
+                ),
                 None,
             );
             return self.reply(m).await;
@@ -406,27 +427,51 @@ impl Connection {
                 node.metrics.error("websocket");
                 let probe: Option<MessageProbe> = serde_json::from_str(&text).ok();
                 let (code, message) = match &probe {
-                    Some(MessageProbe { kind: Some(Value::String(k)), .. })
-                        if !["subscribe", "unsubscribe", "cursor.update", "ping", "auth.refresh"]
-                            .contains(&k.as_str()) =>
+                    Some(MessageProbe {
+                        kind: Some(Value::String(k)),
+                        ..
+                    }) if ![
+                        "subscribe",
+                        "unsubscribe",
+                        "cursor.update",
+                        "ping",
+                        "auth.refresh",
+                    ]
+                    .contains(&k.as_str()) =>
                     {
-                        (ErrorCode::UnknownMessageType, format!("unknown message type {:?}", k.chars().take(64).collect::<String>()))
+                        (
+                            ErrorCode::UnknownMessageType,
+                            format!(
+                                "unknown message type {:?}",
+                                k.chars().take(64).collect::<String>()
+                            ),
+                        )
                     }
-                    _ => (ErrorCode::MalformedMessage, format!("malformed message: {e}")),
+                    _ => (
+                        ErrorCode::MalformedMessage,
+                        format!("malformed message: {e}"),
+                    ),
                 };
                 let rid = probe.and_then(|p| p.request_id);
-                return self.reply(error_message(code, &message, rid.as_ref())).await;
+                return self
+                    .reply(error_message(code, &message, rid.as_ref()))
+                    .await;
             }
         };
         match parsed {
             ClientMessage::Ping { request_id } => {
-                let m = server_message("pong", json!({ "timestamp": now_rfc3339() }), request_id.as_ref());
+                let m = server_message(
+                    "pong",
+                    json!({ "timestamp": now_rfc3339() }),
+                    request_id.as_ref(),
+                );
                 self.reply(m).await
             }
             ClientMessage::Subscribe(req) => self.on_subscribe(req).await,
             ClientMessage::Unsubscribe(req) => self.on_unsubscribe(req).await,
             ClientMessage::CursorUpdate { cursor, request_id } => {
-                self.on_cursor(cursor.as_deref().unwrap_or_default(), request_id).await
+                self.on_cursor(cursor.as_deref().unwrap_or_default(), request_id)
+                    .await
             }
             ClientMessage::AuthRefresh { token, request_id } => {
                 self.on_refresh(&token, request_id, expiry).await
@@ -446,7 +491,11 @@ impl Connection {
         let requested = req.patterns();
         let rid = req.request_id.clone();
         if requested.is_empty() {
-            let m = error_message(ErrorCode::InvalidTopic, "subscribe needs 'topics' (a list) or 'channel'", rid.as_ref());
+            let m = error_message(
+                ErrorCode::InvalidTopic,
+                "subscribe needs 'topics' (a list) or 'channel'",
+                rid.as_ref(),
+            );
             return self.reply(m).await;
         }
         let explicit = req.cursor.as_deref().map(Cursor::parse_lenient);
@@ -459,7 +508,9 @@ impl Connection {
                 SubscribeError::Denied(_) => ErrorCode::TopicNotAllowed,
                 SubscribeError::TooMany(_) => ErrorCode::TooManySubscriptions,
             };
-            let flow = self.reply(error_message(code, &e.to_string(), rid.as_ref())).await;
+            let flow = self
+                .reply(error_message(code, &e.to_string(), rid.as_ref()))
+                .await;
             if !matches!(flow, Flow::Continue) {
                 return flow;
             }
@@ -503,7 +554,8 @@ impl Connection {
         let removed = self.session.unsubscribe(&patterns).await;
         let topics: Vec<&str> = removed.iter().map(Pattern::as_str).collect();
         let m = if req.is_channel_form() {
-            json!({ "type": "unsubscribed", "channel": req.channel, "requestId": req.request_id }).to_string()
+            json!({ "type": "unsubscribed", "channel": req.channel, "requestId": req.request_id })
+                .to_string()
         } else {
             server_message(
                 "unsubscription.confirmed",
@@ -531,9 +583,18 @@ impl Connection {
     }
 
     /// Replay after `cursor`, then tell the client where it stands.
-    async fn replay(&mut self, cursor: Cursor, only: Option<&[Pattern]>, rid: Option<Value>) -> Flow {
+    async fn replay(
+        &mut self,
+        cursor: Cursor,
+        only: Option<&[Pattern]>,
+        rid: Option<Value>,
+    ) -> Flow {
         let node = self.session.node.clone();
-        let requested = if cursor == Cursor::FOREIGN { String::new() } else { cursor.to_string() };
+        let requested = if cursor == Cursor::FOREIGN {
+            String::new()
+        } else {
+            cursor.to_string()
+        };
         let mut frames = Vec::new();
         let mut last = None;
         let result = self
@@ -548,12 +609,19 @@ impl Connection {
             Ok(r) => r,
             Err(e) => {
                 node.metrics.error("history");
-                let m = server_message("error", json!({ "message": e.to_string(), "code": "history_unavailable", "timestamp": now_rfc3339() }), rid.as_ref());
+                let m = server_message(
+                    "error",
+                    json!({ "message": e.to_string(), "code": "history_unavailable", "timestamp": now_rfc3339() }),
+                    rid.as_ref(),
+                );
                 return self.reply(m).await;
             }
         };
         if let Some(gap) = replayed.gap {
-            node.metrics.resumes.get_or_create(&vec![("outcome", "gap")]).inc();
+            node.metrics
+                .resumes
+                .get_or_create(&vec![("outcome", "gap")])
+                .inc();
             let m = server_message(
                 "resume.gap",
                 json!({
@@ -569,7 +637,10 @@ impl Connection {
                 return flow;
             }
         } else {
-            node.metrics.resumes.get_or_create(&vec![("outcome", "replayed")]).inc();
+            node.metrics
+                .resumes
+                .get_or_create(&vec![("outcome", "replayed")])
+                .inc();
         }
         node.metrics.events_delivered.inc_by(frames.len() as u64);
         for f in frames {
@@ -581,7 +652,7 @@ impl Connection {
             "replay.complete",
             json!({
                 "replayed": replayed.sent,
-                "cursor": last.map_or_else(|| self.session.live_cursor(), |c| c).to_string(),
+                "cursor": last.unwrap_or_else(|| self.session.live_cursor()).to_string(),
                 "has_more": replayed.truncated,
                 "timestamp": now_rfc3339(),
             }),
@@ -611,7 +682,11 @@ impl Connection {
             }
             Err(e) => {
                 node.metrics.error("auth");
-                error_message(ErrorCode::AuthRefreshFailed, &format!("token refresh refused: {e}"), rid.as_ref())
+                error_message(
+                    ErrorCode::AuthRefreshFailed,
+                    &format!("token refresh refused: {e}"),
+                    rid.as_ref(),
+                )
             }
         };
         self.reply(m).await
@@ -653,7 +728,6 @@ impl Connection {
         self.reply(m).await
     }
 }
-
 
 /// Did the read fail because a frame or message exceeded the size limit?
 fn is_capacity_error(e: &axum::Error) -> bool {

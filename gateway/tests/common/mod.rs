@@ -21,10 +21,12 @@ pub const SECRET: &str = "test-secret-0123456789";
 pub const DEADLINE: Duration = Duration::from_secs(10);
 
 pub fn config() -> GatewayConfig {
-    let mut c = GatewayConfig::default();
-    c.listen = "127.0.0.1:0".into();
+    let mut c = GatewayConfig {
+        listen: "127.0.0.1:0".into(),
+        drain_seconds: 1,
+        ..GatewayConfig::default()
+    };
     c.auth.hs256_secret = Some(SECRET.into());
-    c.drain_seconds = 1;
     c
 }
 
@@ -41,10 +43,19 @@ impl Gateway {
         let addr = listener.local_addr().unwrap();
         let node = switchboard_gateway::startup::build(config).unwrap();
         let (tx, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(switchboard_gateway::server::run(node.clone(), listener, async {
-            let _ = rx.await;
-        }));
-        Self { node, addr, stop: Some(tx), task }
+        let task = tokio::spawn(switchboard_gateway::server::run(
+            node.clone(),
+            listener,
+            async {
+                let _ = rx.await;
+            },
+        ));
+        Self {
+            node,
+            addr,
+            stop: Some(tx),
+            task,
+        }
     }
 
     pub async fn default() -> Self {
@@ -78,14 +89,22 @@ impl Gateway {
     }
 
     pub async fn metrics(&self) -> String {
-        reqwest::get(format!("{}/metrics", self.http())).await.unwrap().text().await.unwrap()
+        reqwest::get(format!("{}/metrics", self.http()))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
     }
 }
 
 /// Read one sample from a Prometheus text exposition; 0 when absent.
 pub fn metric(text: &str, name_and_labels: &str) -> f64 {
     text.lines()
-        .find_map(|l| l.strip_prefix(name_and_labels).and_then(|rest| rest.strip_prefix(' ')))
+        .find_map(|l| {
+            l.strip_prefix(name_and_labels)
+                .and_then(|rest| rest.strip_prefix(' '))
+        })
         .map_or(0.0, |v| v.trim().parse().unwrap())
 }
 
@@ -95,7 +114,14 @@ pub fn token(tenant: &str, scopes: &[&str]) -> String {
 
 pub fn token_ttl(tenant: &str, scopes: &[&str], ttl: u64) -> String {
     let scopes: Vec<String> = scopes.iter().map(|s| s.to_string()).collect();
-    switchboard_gateway::auth::mint_hs256(SECRET, tenant, "user-1", &scopes, Duration::from_secs(ttl)).unwrap()
+    switchboard_gateway::auth::mint_hs256(
+        SECRET,
+        tenant,
+        "user-1",
+        &scopes,
+        Duration::from_secs(ttl),
+    )
+    .unwrap()
 }
 
 pub fn sign(claims: &Value) -> String {
@@ -121,7 +147,12 @@ pub async fn publish(gw: &Gateway, token: &str, body: Value) -> (u16, Value) {
 
 /// Publish and return the event id; panics unless stored.
 pub async fn publish_ok(gw: &Gateway, tenant: &str, topic: &str, data: Value) -> String {
-    let (status, body) = publish(gw, &token(tenant, &["publish"]), json!({ "event_type": topic, "data": data })).await;
+    let (status, body) = publish(
+        gw,
+        &token(tenant, &["publish"]),
+        json!({ "event_type": topic, "data": data }),
+    )
+    .await;
     assert_eq!(status, 201, "{body}");
     body["event_id"].as_str().unwrap().to_owned()
 }
@@ -141,20 +172,26 @@ pub struct Client {
 
 impl Client {
     pub async fn connect(url: &str) -> Self {
-        let (ws, _) = tokio_tungstenite::connect_async(url).await.expect("websocket upgrade");
+        let (ws, _) = tokio_tungstenite::connect_async(url)
+            .await
+            .expect("websocket upgrade");
         Self { ws }
     }
 
     /// Connect as `tenant`, and read `connection.established`.
     pub async fn open(gw: &Gateway, tenant: &str) -> Self {
-        let mut c = Self::connect(&gw.ws(&format!("token={}", token(tenant, &["subscribe"])))).await;
+        let mut c =
+            Self::connect(&gw.ws(&format!("token={}", token(tenant, &["subscribe"])))).await;
         let hello = c.recv().await;
         assert_eq!(hello["type"], "connection.established", "{hello}");
         c
     }
 
     pub async fn send(&mut self, v: Value) {
-        self.ws.send(Message::Text(v.to_string().into())).await.unwrap();
+        self.ws
+            .send(Message::Text(v.to_string().into()))
+            .await
+            .unwrap();
     }
 
     pub async fn send_raw(&mut self, m: Message) {
@@ -189,7 +226,8 @@ impl Client {
     }
 
     pub async fn subscribe(&mut self, topics: &[&str]) -> Value {
-        self.send(json!({ "type": "subscribe", "topics": topics })).await;
+        self.send(json!({ "type": "subscribe", "topics": topics }))
+            .await;
         let m = self.recv().await;
         assert_eq!(m["type"], "subscription.confirmed", "{m}");
         m
@@ -226,9 +264,16 @@ impl Client {
     pub async fn closed(&mut self) -> (u16, String) {
         let deadline = tokio::time::Instant::now() + DEADLINE;
         loop {
-            match tokio::time::timeout_at(deadline, self.ws.next()).await.expect("close before deadline") {
-                Some(Ok(Message::Close(Some(f)))) => return (u16::from(f.code), f.reason.to_string()),
-                Some(Ok(Message::Close(None))) => return (u16::from(CloseCode::Status), String::new()),
+            match tokio::time::timeout_at(deadline, self.ws.next())
+                .await
+                .expect("close before deadline")
+            {
+                Some(Ok(Message::Close(Some(f)))) => {
+                    return (u16::from(f.code), f.reason.to_string());
+                }
+                Some(Ok(Message::Close(None))) => {
+                    return (u16::from(CloseCode::Status), String::new());
+                }
                 Some(Ok(_)) => {}
                 Some(Err(e)) => panic!("error before close frame: {e}"),
                 None => panic!("stream ended without a close frame"),
@@ -238,5 +283,8 @@ impl Client {
 }
 
 pub fn ids(events: &[Value]) -> Vec<String> {
-    events.iter().map(|e| e["event_id"].as_str().unwrap().to_owned()).collect()
+    events
+        .iter()
+        .map(|e| e["event_id"].as_str().unwrap().to_owned())
+        .collect()
 }
