@@ -1,0 +1,119 @@
+// Browser test: a page served from one origin uses a gateway on another
+// origin through WebSocket and long-polling, in real headless Chromium
+// (Debian's chromium driven by playwright-core). A page on an origin the
+// gateway does not allow is refused.
+import { spawn, execFileSync } from 'node:child_process';
+import { createServer } from 'node:http';
+import { readFileSync } from 'node:fs';
+import { join, dirname } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import assert from 'node:assert/strict';
+import { chromium } from 'playwright-core';
+
+const here = dirname(fileURLToPath(import.meta.url));
+const bin = process.env.SWITCHBOARD_BIN || join(here, '../../target/debug/switchboard');
+const chromiumPath = process.env.CHROMIUM || '/usr/bin/chromium';
+const SECRET = 'browser-test-secret';
+
+async function freePort() {
+  return new Promise((resolve) => {
+    const s = createServer();
+    s.listen(0, '127.0.0.1', () => { const p = s.address().port; s.close(() => resolve(p)); });
+  });
+}
+
+async function until(what, fn, ms = 15000) {
+  const end = Date.now() + ms;
+  for (;;) {
+    const v = await fn();
+    if (v) return v;
+    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 50));
+  }
+}
+
+function serve(port) {
+  const html = readFileSync(join(here, 'page.html'));
+  const server = createServer((req, res) => { res.writeHead(200, { 'content-type': 'text/html' }); res.end(html); });
+  return new Promise((resolve) => server.listen(port, '127.0.0.1', () => resolve(server)));
+}
+
+const gwPort = await freePort();
+const pagePort = await freePort();
+const otherPort = await freePort();
+const gateway = `http://127.0.0.1:${gwPort}`;
+const pageOrigin = `http://127.0.0.1:${pagePort}`;
+
+const gw = spawn(bin, ['--listen', `127.0.0.1:${gwPort}`, '--allowed-origins', pageOrigin], {
+  env: { ...process.env, SWITCHBOARD_HS256_SECRET: SECRET, RUST_LOG: 'warn' },
+  stdio: ['ignore', 'inherit', 'inherit'],
+});
+const mint = (tenant, scope) =>
+  execFileSync(bin, ['token', '--tenant', tenant, '--scope', scope, '--secret', SECRET]).toString().trim();
+const subToken = mint('123', 'subscribe');
+const pubToken = mint('123', 'publish');
+
+async function publish(eventType, data) {
+  const r = await fetch(`${gateway}/api/realtime/publish/`, {
+    method: 'POST',
+    headers: { 'content-type': 'application/json', authorization: `Bearer ${pubToken}` },
+    body: JSON.stringify({ event_type: eventType, data, company_id: '123' }),
+  });
+  const text = await r.text();
+  assert.equal(r.status, 201, text);
+  return JSON.parse(text).event_id;
+}
+
+let browser;
+const servers = [];
+try {
+  await until('gateway ready', async () => (await fetch(`${gateway}/readyz`).catch(() => null))?.ok);
+  servers.push(await serve(pagePort), await serve(otherPort));
+  browser = await chromium.launch({
+    executablePath: chromiumPath,
+    args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
+      '--disable-background-networking', '--disable-component-update', '--disable-sync'],
+    // playwright gives every launch a fresh, empty profile directory.
+  });
+  const query = `gateway=${encodeURIComponent(gateway)}&token=${subToken}&company_id=123&topics=deal.stage.*,timeline.object.*`;
+
+  // 1. The allowed origin: WebSocket and long-polling both receive events.
+  const page = await browser.newPage();
+  await page.goto(`${pageOrigin}/?${query}`);
+  await until('subscription confirmed', () => page.evaluate(() => window.results.confirmed));
+  // The seed's long-poll client starts without a cursor ("from now"): wait
+  // until its first request is parked at the gateway (WebSocket + poll = 2).
+  await until('long-poll in flight', async () =>
+    (await (await fetch(`${gateway}/api/realtime/health/`)).json()).connections >= 2);
+  const sent = [];
+  sent.push(await publish('deal.stage.updated', { deal_id: 1 }));
+  sent.push(await publish('timeline.object.created', { id: 2 }));
+  await publish('contact.email.sent', { ignored: true });
+  sent.push(await publish('deal.stage.created', { deal_id: 3 }));
+  const ws = await until('websocket events', () =>
+    page.evaluate((n) => window.results.wsEvents.length >= n && window.results.wsEvents, sent.length));
+  assert.deepEqual(ws.map((e) => e.event_id), sent, 'WebSocket: every event once, in order');
+  assert.equal(ws[0].metadata.region, 'local');
+  assert.equal(await page.evaluate(() => localStorage.getItem('event_cursor')), sent[2]);
+  const polled = await until('long-poll events', () =>
+    page.evaluate((n) => window.results.polled.length >= n && window.results.polled, sent.length));
+  assert.deepEqual(polled.map((e) => e.event_id), sent, 'long-poll: every event once, in order');
+  const results = await page.evaluate(() => window.results);
+  assert.deepEqual(results.pollErrors, [], 'no CORS or network errors');
+  assert.deepEqual(results.wsErrors, []);
+  assert.equal(results.pollCursors.at(-1), sent.at(-1), 'cursor is the last event id');
+
+  // 2. A page on an origin the gateway does not allow.
+  const other = await browser.newPage();
+  await other.goto(`http://127.0.0.1:${otherPort}/?${query}`);
+  const refused = await until('refusal', () =>
+    other.evaluate(() => window.results.wsClose !== null && window.results.pollErrors.length > 0 && window.results));
+  assert.equal(refused.wsOpen, false, 'WebSocket from a foreign origin must not open');
+  assert.equal(refused.confirmed, null);
+
+  console.log(`browser test passed: ${ws.length} WebSocket and ${polled.length} long-poll events from ${pageOrigin} to ${gateway}; foreign origin refused`);
+} finally {
+  if (browser) await browser.close();
+  for (const s of servers) s.close();
+  gw.kill('SIGKILL');
+}
