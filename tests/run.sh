@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# The project's one test command (see README): installs what the tests need
+# on a fresh machine, then runs every check CI runs.
+#
+#   formatting and lints  -> cargo fmt --check, cargo clippy -D warnings
+#   Rust tests            -> unit tests and end-to-end tests over real sockets
+#   Python client tests   -> `websockets`/urllib against the real binary
+#   browser test          -> headless Chromium, page on another origin
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$(pwd)
+work="$root/tests/.work"
+mkdir -p "$work"
+step() { printf '\n==> %s\n' "$*"; }
+
+step "tools"
+chromium_bin=${CHROMIUM:-/usr/bin/chromium}
+if [ ! -x "$chromium_bin" ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  else
+    echo "Chromium is needed for the browser test: apt-get install chromium (or set CHROMIUM)" >&2
+    exit 1
+  fi
+fi
+if [ ! -x "$work/venv/bin/pytest" ]; then
+  python3 -m venv "$work/venv"
+fi
+"$work/venv/bin/pip" install -q --disable-pip-version-check -r tests/python/requirements.txt
+(cd tests/browser && npm ci --no-audit --no-fund --loglevel=error)
+
+step "format and lints"
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+step "build"
+cargo build --workspace --all-targets --locked
+export SWITCHBOARD_BIN="$root/target/debug/switchboard"
+
+step "Rust tests"
+if cargo nextest --version >/dev/null 2>&1; then
+  cargo nextest run --workspace --locked --no-fail-fast
+  cargo test --workspace --locked --doc
+else
+  cargo test --workspace --locked --no-fail-fast
+fi
+
+step "Python client tests"
+(cd tests/python && "$work/venv/bin/pytest" -q)
+
+step "browser test"
+CHROMIUM="$chromium_bin" node tests/browser/run.mjs
+
+step "all checks passed"
