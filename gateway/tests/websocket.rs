@@ -109,6 +109,16 @@ async fn bad_missing_or_mismatched_tokens_close_4001() {
 }
 
 #[tokio::test]
+async fn absurd_expiry_claims_do_not_break_the_connection() {
+    let gw = Gateway::default().await;
+    let t = sign(&json!({"tenant": "acme", "sub": "u", "exp": u64::MAX}));
+    let mut c = Client::connect(&gw.ws(&format!("token={t}"))).await;
+    c.recv_type("connection.established").await;
+    c.send(json!({"type": "ping"})).await;
+    assert_eq!(c.recv().await["type"], "pong");
+}
+
+#[tokio::test]
 async fn company_id_claim_is_the_tenant_fallback() {
     let gw = Gateway::default().await;
     let t = sign(&json!({"company_id": 123, "user_id": 9, "exp": 9_999_999_999u64}));

@@ -231,6 +231,16 @@ impl GatewayConfig {
                     .into(),
             );
         }
+        if self.heartbeat.idle_timeout_seconds > 7 * 24 * 3600
+            || self.heartbeat.sse_keepalive_seconds == 0
+            || self.heartbeat.sse_keepalive_seconds > 3600
+            || self.drain_seconds > 24 * 3600
+        {
+            problems.push(
+                "heartbeat.idle_timeout_seconds must be at most a week, sse_keepalive_seconds 1-3600, drain_seconds at most a day"
+                    .into(),
+            );
+        }
         if self.history.max_events_per_tenant == 0 {
             problems.push("history.max_events_per_tenant must be at least 1".into());
         }

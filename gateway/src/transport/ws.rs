@@ -205,8 +205,11 @@ fn unix_now() -> u64 {
     jsonwebtoken::get_current_timestamp()
 }
 
+/// When a token with this `exp` expires; capped at a year so an absurd
+/// claim cannot overflow the clock.
 fn deadline_for_expiry(exp: u64) -> Instant {
-    Instant::now() + Duration::from_secs(exp.saturating_sub(unix_now()))
+    const YEAR: u64 = 365 * 24 * 3600;
+    Instant::now() + Duration::from_secs(exp.saturating_sub(unix_now()).min(YEAR))
 }
 
 impl Connection {
