@@ -61,15 +61,6 @@ struct Subs {
     wild: HashMap<Pattern, Subscribers>,
 }
 
-/// What registering a subscription found.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Registered {
-    /// Every matching event after this sequence reaches the connection live.
-    pub since: u64,
-    /// True when this is the first local interest in the pattern.
-    pub first: bool,
-}
-
 /// Outcome of one fan-out.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Fanout {
@@ -90,13 +81,15 @@ impl Hub {
         self.tenants.entry(tenant.clone()).or_default().clone()
     }
 
+    /// Add a subscription; returns the sequence of the last event dispatched
+    /// for the tenant (every later matching event reaches the subscriber).
     pub fn register(
         &self,
         tenant: &Arc<str>,
         conn: ConnId,
         pattern: &Pattern,
         sub: Subscriber,
-    ) -> Registered {
+    ) -> u64 {
         let index = self.index(tenant);
         let mut subs = index.subs.write().unwrap_or_else(|e| e.into_inner());
         let map = if pattern.is_exact() {
@@ -104,34 +97,24 @@ impl Hub {
         } else {
             subs.wild.entry(pattern.clone()).or_default()
         };
-        let first = map.is_empty();
         map.insert(conn, sub);
-        Registered {
-            since: index.last_seq.load(Ordering::Acquire),
-            first,
-        }
+        index.last_seq.load(Ordering::Acquire)
     }
 
-    /// Remove one subscription; true when it was the last local interest.
-    pub fn unregister(&self, tenant: &Arc<str>, conn: ConnId, pattern: &Pattern) -> bool {
+    /// Remove one subscription.
+    pub fn unregister(&self, tenant: &Arc<str>, conn: ConnId, pattern: &Pattern) {
         let Some(index) = self.tenants.get(tenant).map(|i| i.clone()) else {
-            return false;
+            return;
         };
         let mut subs = index.subs.write().unwrap_or_else(|e| e.into_inner());
-        let removed_last = |map: &mut Subscribers| map.remove(&conn).is_some() && map.is_empty();
+        let emptied = |map: &mut Subscribers| map.remove(&conn).is_some() && map.is_empty();
         if pattern.is_exact() {
             let key = pattern.as_str();
-            let last = subs.exact.get_mut(key).is_some_and(removed_last);
-            if last {
+            if subs.exact.get_mut(key).is_some_and(emptied) {
                 subs.exact.remove(key);
             }
-            last
-        } else {
-            let last = subs.wild.get_mut(pattern).is_some_and(removed_last);
-            if last {
-                subs.wild.remove(pattern);
-            }
-            last
+        } else if subs.wild.get_mut(pattern).is_some_and(emptied) {
+            subs.wild.remove(pattern);
         }
     }
 
@@ -291,15 +274,16 @@ mod tests {
     }
 
     #[test]
-    fn unregister_reports_last_interest() {
+    fn unregister_removes_only_that_connection() {
         let hub = Hub::default();
         let a: Arc<str> = "a".into();
         let p = Pattern::parse("x.*").unwrap();
         let (s, _r) = sub(1);
-        assert!(hub.register(&a, 1, &p, s.clone()).first);
-        assert!(!hub.register(&a, 2, &p, s).first);
-        assert!(!hub.unregister(&a, 1, &p));
-        assert!(hub.unregister(&a, 2, &p));
+        hub.register(&a, 1, &p, s.clone());
+        hub.register(&a, 2, &p, s);
+        hub.unregister(&a, 1, &p);
+        assert_eq!(hub.subscription_count(&a), 1);
+        hub.unregister(&a, 2, &p);
         assert_eq!(hub.subscription_count(&a), 0);
     }
 }

@@ -40,6 +40,9 @@ struct ServeArgs {
     /// Drain period in seconds, overriding the config file.
     #[arg(long, env = "SWITCHBOARD_DRAIN_SECONDS")]
     drain_seconds: Option<u64>,
+    /// NATS server URLs (comma-separated): cluster mode, overriding the config file.
+    #[arg(long, env = "SWITCHBOARD_NATS_URL", value_delimiter = ',')]
+    nats_url: Option<Vec<String>>,
     /// Log format: text or json.
     #[arg(long, env = "SWITCHBOARD_LOG_FORMAT")]
     log_format: Option<String>,
@@ -124,6 +127,11 @@ fn load_config(args: &ServeArgs) -> anyhow::Result<GatewayConfig> {
     if let Some(v) = args.drain_seconds {
         config.drain_seconds = v;
     }
+    if let Some(urls) = &args.nats_url {
+        let mut nats = config.nats.take().unwrap_or_default();
+        nats.urls = urls.clone();
+        config.nats = Some(nats);
+    }
     match args.log_format.as_deref() {
         Some("json") => config.log_format = LogFormat::Json,
         Some("text") => config.log_format = LogFormat::Text,
@@ -153,11 +161,15 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding {}", config.listen))?;
     let addr = listener.local_addr()?;
-    let node = startup::build(config)?;
+    let bus = match &config.nats {
+        Some(n) => format!("NATS {}", n.urls.join(",")),
+        None => "embedded (in-memory)".to_owned(),
+    };
+    let node = startup::build(config).await?;
     tracing::info!(
         address = %addr,
         region = %node.region,
-        bus = "embedded (in-memory)",
+        bus = %bus,
         "switchboard listening on http://{addr} (WebSocket ws://{addr}/ws)"
     );
     if node.verifier.dev_secret {

@@ -29,6 +29,8 @@ pub struct Metrics {
     pub sse_active: Gauge,
     pub policy_reloads: Family<Labels, Counter>,
     pub fanout_seconds: Histogram,
+    pub nats_connected: Gauge,
+    pub nats_reconnects: Counter,
 }
 
 impl Default for Metrics {
@@ -56,6 +58,8 @@ impl Metrics {
             sse_active: Gauge::default(),
             policy_reloads: Family::default(),
             fanout_seconds: Histogram::new(exponential_buckets(0.000_01, 4.0, 10)),
+            nats_connected: Gauge::default(),
+            nats_reconnects: Counter::default(),
             registry: Registry::default(),
         };
         r.register(
@@ -124,6 +128,16 @@ impl Metrics {
             "fanout_duration_seconds",
             "Time to route one event to this process's connections",
             m.fanout_seconds.clone(),
+        );
+        r.register(
+            "nats_connected",
+            "1 while connected to NATS (cluster mode)",
+            m.nats_connected.clone(),
+        );
+        r.register(
+            "nats_disconnects",
+            "Times the NATS connection was lost",
+            m.nats_reconnects.clone(),
         );
         Self { registry: r, ..m }
     }

@@ -85,6 +85,7 @@ pub enum ErrorCode {
     AuthRefreshFailed,
     TokenExpired,
     ResumeGap,
+    BusUnavailable,
     SubscriptionRevoked,
 }
 

@@ -28,6 +28,8 @@ pub enum SubscribeError {
     Denied(Denied),
     #[error("subscription limit of {0} per connection reached")]
     TooMany(u32),
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 /// What a replay found.
@@ -45,9 +47,11 @@ pub struct Session {
     pub tenant: Arc<str>,
     pub shared: Arc<ConnShared>,
     tx: mpsc::Sender<Arc<Event>>,
-    pub rx: mpsc::Receiver<Arc<Event>>,
+    rx: mpsc::Receiver<Arc<Event>>,
     /// Subscribed patterns with their `since` sequence.
     subs: Vec<(Pattern, u64)>,
+    /// The largest `since`: later events are always delivered live.
+    max_since: u64,
 }
 
 impl Session {
@@ -67,6 +71,7 @@ impl Session {
             tx,
             rx,
             subs: Vec::new(),
+            max_since: 0,
         }
     }
 
@@ -124,7 +129,7 @@ impl Session {
                 errors.push(SubscribeError::TooMany(max));
                 continue;
             }
-            let reg = self.node.hub.register(
+            let registered_at = self.node.hub.register(
                 &self.tenant,
                 self.admission.id,
                 &pattern,
@@ -133,14 +138,32 @@ impl Session {
                     shared: self.shared.clone(),
                 },
             );
-            if reg.first {
-                self.node
-                    .broker
-                    .interest(&self.tenant, &pattern, true)
-                    .await;
-            }
+            self.node
+                .broker
+                .interest(&self.tenant, &pattern, true)
+                .await;
+            let since = match self
+                .node
+                .broker
+                .live_from(&self.tenant, registered_at)
+                .await
+            {
+                Ok(s) => s,
+                Err(e) => {
+                    self.node
+                        .hub
+                        .unregister(&self.tenant, self.admission.id, &pattern);
+                    self.node
+                        .broker
+                        .interest(&self.tenant, &pattern, false)
+                        .await;
+                    errors.push(SubscribeError::Unavailable(e.to_string()));
+                    continue;
+                }
+            };
             self.node.metrics.subscriptions_active.inc();
-            self.subs.push((pattern.clone(), reg.since));
+            self.subs.push((pattern.clone(), since));
+            self.max_since = self.max_since.max(since);
             ok.push(pattern);
         }
         (ok, errors)
@@ -161,15 +184,44 @@ impl Session {
 
     async fn release(&self, pattern: &Pattern) {
         self.node.metrics.subscriptions_active.dec();
-        if self
-            .node
+        self.node
             .hub
-            .unregister(&self.tenant, self.admission.id, pattern)
-        {
-            self.node
-                .broker
-                .interest(&self.tenant, pattern, false)
-                .await;
+            .unregister(&self.tenant, self.admission.id, pattern);
+        self.node
+            .broker
+            .interest(&self.tenant, pattern, false)
+            .await;
+    }
+
+    /// Should this event, taken from the live queue, be delivered? An event
+    /// at or before the `since` of every pattern matching it belongs to
+    /// replay (it can reach the queue live in cluster mode, while a new
+    /// subscription was being set up).
+    pub fn wants_live(&self, event: &Event) -> bool {
+        event.id.seq > self.max_since
+            || self
+                .subs
+                .iter()
+                .any(|(p, since)| event.id.seq > *since && p.matches(&event.topic))
+    }
+
+    /// The next live event to deliver (cancel-safe).
+    pub async fn next_live(&mut self) -> Option<Arc<Event>> {
+        loop {
+            let event = self.rx.recv().await?;
+            if self.wants_live(&event) {
+                return Some(event);
+            }
+        }
+    }
+
+    /// The next live event already queued, without waiting.
+    pub fn try_next_live(&mut self) -> Option<Arc<Event>> {
+        loop {
+            let event = self.rx.try_recv().ok()?;
+            if self.wants_live(&event) {
+                return Some(event);
+            }
         }
     }
 
@@ -284,13 +336,23 @@ impl Session {
 impl Drop for Session {
     fn drop(&mut self) {
         // A session dropped without `close` (a cancelled request) still
-        // leaves the hub; broker interest is released by the next sweep of
-        // the broker itself (the embedded broker keeps none).
-        for (p, _) in self.subs.drain(..) {
+        // leaves the hub at once, and gives its broker interest back.
+        let patterns: Vec<Pattern> = self.subs.drain(..).map(|(p, _)| p).collect();
+        if patterns.is_empty() {
+            return;
+        }
+        for p in &patterns {
             self.node.metrics.subscriptions_active.dec();
-            self.node
-                .hub
-                .unregister(&self.tenant, self.admission.id, &p);
+            self.node.hub.unregister(&self.tenant, self.admission.id, p);
+        }
+        let broker = self.node.broker.clone();
+        let tenant = self.tenant.clone();
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                for p in &patterns {
+                    broker.interest(&tenant, p, false).await;
+                }
+            });
         }
     }
 }

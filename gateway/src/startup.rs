@@ -7,13 +7,16 @@ use anyhow::Context;
 use switchboard_config::{GatewayConfig, PolicyBundle};
 
 use crate::auth::Verifier;
+use crate::bus::Broker;
 use crate::bus::memory::MemoryBroker;
+use crate::bus::nats::NatsBroker;
 use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::node::Node;
 
-/// Build a node (embedded broker) and start its policy watcher.
-pub fn build(config: GatewayConfig) -> anyhow::Result<Arc<Node>> {
+/// Build a node (embedded broker, or NATS when `nats` is configured) and
+/// start its policy watcher.
+pub async fn build(config: GatewayConfig) -> anyhow::Result<Arc<Node>> {
     config.validate()?;
     let verifier = Verifier::new(&config.auth).context("loading token keys")?;
     let policy = match &config.policy_file {
@@ -22,11 +25,22 @@ pub fn build(config: GatewayConfig) -> anyhow::Result<Arc<Node>> {
     };
     let metrics = Arc::new(Metrics::new());
     let hub = Arc::new(Hub::default());
-    let broker = Arc::new(MemoryBroker::new(
-        config.history.clone(),
-        hub.clone(),
-        metrics.clone(),
-    ));
+    let broker: Arc<dyn Broker> = match &config.nats {
+        Some(nats) => NatsBroker::start(
+            nats,
+            config.history.clone(),
+            &config.region,
+            hub.clone(),
+            metrics.clone(),
+        )
+        .await
+        .context("starting the NATS broker")?,
+        None => Arc::new(MemoryBroker::new(
+            config.history.clone(),
+            hub.clone(),
+            metrics.clone(),
+        )),
+    };
     let policy_file = config.policy_file.clone();
     let reload = Duration::from_secs(config.policy_reload_seconds.max(1));
     let node = Node::new(config, verifier, broker, hub, metrics, policy);

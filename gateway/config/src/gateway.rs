@@ -30,6 +30,68 @@ pub struct GatewayConfig {
     /// How often the policy file is checked for changes, in seconds.
     pub policy_reload_seconds: u64,
     pub log_format: LogFormat,
+    /// Cluster mode: NATS/JetStream. Without it the gateway runs alone with
+    /// an in-memory bus and history (the embedded mode).
+    pub nats: Option<NatsConfig>,
+}
+
+/// How to reach NATS, and how this region's history stream is laid out.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(default, deny_unknown_fields, rename_all = "snake_case")]
+pub struct NatsConfig {
+    /// Server URLs of this region's NATS cluster (`nats://host:4222`, `tls://…`).
+    pub urls: Vec<String>,
+    /// A `.creds` file (JWT + NKey seed).
+    pub credentials_file: Option<PathBuf>,
+    /// A file holding an NKey seed.
+    pub nkey_seed_file: Option<PathBuf>,
+    /// A file holding a token.
+    pub token_file: Option<PathBuf>,
+    pub user: Option<String>,
+    /// A file holding the password for `user`.
+    pub password_file: Option<PathBuf>,
+    pub tls: Option<NatsTls>,
+    /// JetStream domain, when the account uses one.
+    pub jetstream_domain: Option<String>,
+    /// Every region of the deployment (this one included): this region's
+    /// history stream sources the events of the others.
+    pub regions: Vec<String>,
+    /// The NATS cluster the region's stream is placed in (the region's
+    /// cluster name in a supercluster); unset lets JetStream choose.
+    pub placement_cluster: Option<String>,
+    /// Replicas of the region's stream (3 in production clusters).
+    pub stream_replicas: usize,
+    /// First token of every subject Switchboard uses.
+    pub subject_prefix: String,
+}
+
+impl Default for NatsConfig {
+    fn default() -> Self {
+        Self {
+            urls: vec!["nats://127.0.0.1:4222".into()],
+            credentials_file: None,
+            nkey_seed_file: None,
+            token_file: None,
+            user: None,
+            password_file: None,
+            tls: None,
+            jetstream_domain: None,
+            regions: Vec::new(),
+            placement_cluster: None,
+            stream_replicas: 1,
+            subject_prefix: "sb".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(default, deny_unknown_fields, rename_all = "snake_case")]
+pub struct NatsTls {
+    pub ca_file: Option<PathBuf>,
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    /// Require TLS even for `nats://` URLs.
+    pub required: bool,
 }
 
 impl Default for GatewayConfig {
@@ -46,6 +108,7 @@ impl Default for GatewayConfig {
             policy_file: None,
             policy_reload_seconds: 2,
             log_format: LogFormat::Text,
+            nats: None,
         }
     }
 }
@@ -243,6 +306,36 @@ impl GatewayConfig {
         }
         if self.history.max_events_per_tenant == 0 {
             problems.push("history.max_events_per_tenant must be at least 1".into());
+        }
+        if let Some(nats) = &self.nats {
+            let token = |t: &str| {
+                !t.is_empty()
+                    && t.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            };
+            if nats.urls.is_empty() {
+                problems.push("nats.urls needs at least one server URL".into());
+            }
+            if !token(&nats.subject_prefix) {
+                problems.push("nats.subject_prefix must be one token of [A-Za-z0-9_-]".into());
+            }
+            if nats.stream_replicas == 0 || nats.stream_replicas > 5 {
+                problems.push("nats.stream_replicas must be 1-5".into());
+            }
+            for r in &nats.regions {
+                if !token(r) {
+                    problems.push(format!("nats.regions: {r:?} must use only [A-Za-z0-9_-]"));
+                }
+            }
+            if !nats.regions.is_empty() && !nats.regions.contains(&self.region) {
+                problems.push(format!(
+                    "nats.regions must include this gateway's region {:?}",
+                    self.region
+                ));
+            }
+            if nats.user.is_some() != nats.password_file.is_some() {
+                problems.push("nats.user and nats.password_file go together".into());
+            }
         }
         for (i, key) in self.auth.public_keys.iter().enumerate() {
             if key.pem.is_some() == key.file.is_some() {

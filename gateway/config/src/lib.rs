@@ -11,7 +11,10 @@ pub mod gateway;
 pub mod policy;
 pub mod topic;
 
-pub use gateway::{AuthConfig, GatewayConfig, HeartbeatConfig, HistoryConfig, Limits, LogFormat};
+pub use gateway::{
+    AuthConfig, GatewayConfig, HeartbeatConfig, HistoryConfig, Limits, LogFormat, NatsConfig,
+    NatsTls,
+};
 pub use policy::{InteractionClass, PatternRule, PolicyBundle, TenantLimits, TenantPolicy};
 pub use topic::{Pattern, Topic, TopicError};
 

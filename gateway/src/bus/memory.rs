@@ -193,6 +193,11 @@ impl Broker for MemoryBroker {
         // Every event is routed to the local hub already.
     }
 
+    async fn live_from(&self, _tenant: &Arc<str>, registered_at: u64) -> Result<u64, BrokerError> {
+        // Registration and fan-out are ordered by the hub's lock: exact.
+        Ok(registered_at)
+    }
+
     fn health(&self) -> (&'static str, bool) {
         ("event_bus", true)
     }

@@ -4,6 +4,8 @@
 //! clients see the same behaviour from one process or many.
 
 pub mod memory;
+pub mod nats;
+pub mod subject;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -83,9 +85,16 @@ pub trait Broker: Send + Sync + 'static {
     /// The cursor of the newest event of a tenant (seq 0 when there is none).
     fn head(&self, tenant: &Arc<str>) -> Cursor;
 
-    /// This process gained (`true`) or lost (`false`) its only local
-    /// subscriber for a pattern.
+    /// A local subscription to a pattern was added (`true`) or removed
+    /// (`false`). Brokers count them and hold one upstream subscription per
+    /// distinct (tenant, pattern) while the count is above zero.
     async fn interest(&self, tenant: &Arc<str>, pattern: &Pattern, wanted: bool);
+
+    /// For a subscription just registered in the hub (which reported
+    /// `registered_at`) and whose interest is in place: the sequence after
+    /// which every matching event is delivered live. Events at or before it
+    /// belong to replay.
+    async fn live_from(&self, tenant: &Arc<str>, registered_at: u64) -> Result<u64, BrokerError>;
 
     /// Component name and whether it is healthy, for the health endpoint.
     fn health(&self) -> (&'static str, bool);

@@ -103,6 +103,7 @@ async fn poll_inner(
             SubscribeError::Invalid(..) => (StatusCode::BAD_REQUEST, "invalid_topic"),
             SubscribeError::Denied(_) => (StatusCode::FORBIDDEN, "topic_not_allowed"),
             SubscribeError::TooMany(_) => (StatusCode::BAD_REQUEST, "too_many_subscriptions"),
+            SubscribeError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "bus_unavailable"),
         };
         return Err(super::error_response(status, code, e));
     }
@@ -125,12 +126,12 @@ async fn poll_inner(
     }
     if events.is_empty() && !has_more {
         let wait = async {
-            if let Some(first) = session.rx.recv().await {
+            if let Some(first) = session.next_live().await {
                 events.push(first);
                 while events.len() < MAX_EVENTS {
-                    match session.rx.try_recv() {
-                        Ok(e) => events.push(e),
-                        Err(_) => break,
+                    match session.try_next_live() {
+                        Some(e) => events.push(e),
+                        None => break,
                     }
                 }
             }

@@ -91,6 +91,7 @@ pub async fn stream(
             SubscribeError::Invalid(..) => (StatusCode::BAD_REQUEST, "invalid_topic"),
             SubscribeError::Denied(_) => (StatusCode::FORBIDDEN, "topic_not_allowed"),
             SubscribeError::TooMany(_) => (StatusCode::BAD_REQUEST, "too_many_subscriptions"),
+            SubscribeError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "bus_unavailable"),
         };
         return super::error_response(status, code, e);
     }
@@ -176,7 +177,7 @@ async fn pump(
                 break;
             }
             _ = tx.closed() => break,
-            ev = session.rx.recv() => match ev {
+            ev = session.next_live() => match ev {
                 Some(e) => if tx.send(event_message(&e)).await.is_err() { break },
                 None => break,
             },

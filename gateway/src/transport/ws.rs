@@ -306,7 +306,7 @@ impl Connection {
             let flow = tokio::select! {
                 biased;
                 _ = shared.kick.notified() => Flow::Close(Close::SlowConsumer, None),
-                event = self.session.rx.recv() => match event {
+                event = self.session.next_live() => match event {
                     Some(first) => {
                         // Write a batch; a blocked write loses to the kick.
                         let kicked = tokio::select! {
@@ -380,9 +380,9 @@ impl Connection {
     async fn write_batch(&mut self, first: Arc<crate::event::Event>) -> Result<(), axum::Error> {
         self.sink.feed(Message::Text(first.frame.clone())).await?;
         for _ in 1..WRITE_BATCH {
-            match self.session.rx.try_recv() {
-                Ok(ev) => self.sink.feed(Message::Text(ev.frame.clone())).await?,
-                Err(_) => break,
+            match self.session.try_next_live() {
+                Some(ev) => self.sink.feed(Message::Text(ev.frame.clone())).await?,
+                None => break,
             }
         }
         self.sink.flush().await
@@ -510,6 +510,7 @@ impl Connection {
                 SubscribeError::Invalid(..) => ErrorCode::InvalidTopic,
                 SubscribeError::Denied(_) => ErrorCode::TopicNotAllowed,
                 SubscribeError::TooMany(_) => ErrorCode::TooManySubscriptions,
+                SubscribeError::Unavailable(_) => ErrorCode::BusUnavailable,
             };
             let flow = self
                 .reply(error_message(code, &e.to_string(), rid.as_ref()))

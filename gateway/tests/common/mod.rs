@@ -3,6 +3,8 @@
 //! instead of sleeps.
 #![allow(dead_code)]
 
+pub mod nats;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -41,7 +43,7 @@ impl Gateway {
     pub async fn start(config: GatewayConfig) -> Self {
         let listener = tokio::net::TcpListener::bind(&config.listen).await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let node = switchboard_gateway::startup::build(config).unwrap();
+        let node = switchboard_gateway::startup::build(config).await.unwrap();
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(switchboard_gateway::server::run(
             node.clone(),
@@ -60,6 +62,20 @@ impl Gateway {
 
     pub async fn default() -> Self {
         Self::start(config()).await
+    }
+
+    /// Wait until `/readyz` answers 200 (cluster mode: NATS and the stream are up).
+    pub async fn wait_ready(&self) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(r) = reqwest::get(format!("{}/readyz", self.http())).await
+                && r.status() == 200
+            {
+                return;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "gateway not ready");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     pub fn http(&self) -> String {

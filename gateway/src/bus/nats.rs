@@ -1,0 +1,721 @@
+//! The cluster broker: NATS core for interest-based routing, JetStream for
+//! history, dedup and cursors. See docs/architecture.md for the layout.
+//!
+//! - Publishing stores the event in this region's stream
+//!   (`<p>.ev.<region>.<tenant>.<topic>`, dedup by `Nats-Msg-Id`).
+//! - Each region's stream sources the other regions' streams, so it holds
+//!   every event visible in the region in one order: its sequence is the
+//!   cursor, valid on every gateway of the region.
+//! - The stream republishes what it stores (with its sequence) to
+//!   `<p>.rp.<region>.…`; a gateway subscribes there once per distinct
+//!   (tenant, pattern) its own connections want, so NATS only sends it what
+//!   it has subscribers for.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, consumer, stream};
+use async_nats::{HeaderMap, Message};
+use async_trait::async_trait;
+use futures_util::StreamExt;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use switchboard_config::{HistoryConfig, NatsConfig, Pattern};
+use tokio::sync::{Mutex, mpsc};
+
+use super::subject::Subjects;
+use super::{Broker, BrokerError, Filter, GapReason, Published, ReadBatch};
+use crate::event::{Cursor, Event, NewEvent};
+use crate::hub::Hub;
+use crate::metrics::Metrics;
+
+/// The body of a stored event. Backends publishing directly on NATS send
+/// this (only `data` is required).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct WireEvent {
+    #[serde(default)]
+    pub data: Value,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gdpr_context: Option<Value>,
+}
+
+/// Shared state of the broker and its background tasks.
+struct State {
+    connected: AtomicBool,
+    stream_ready: AtomicBool,
+    /// Epoch of the region's stream (from its creation time); 0 until known.
+    epoch: AtomicU64,
+    /// Newest stream sequence known to this process.
+    head: AtomicU64,
+}
+
+enum Live {
+    Message(Message),
+    /// The connection came back: deliver what was stored meanwhile.
+    Reconnected,
+}
+
+struct Interest {
+    count: usize,
+    forwarder: tokio::task::JoinHandle<()>,
+}
+
+pub struct NatsBroker {
+    client: async_nats::Client,
+    js: jetstream::Context,
+    subjects: Subjects,
+    stream_name: String,
+    history: HistoryConfig,
+    state: Arc<State>,
+    interests: Mutex<HashMap<(Arc<str>, Pattern), Interest>>,
+    live_tx: mpsc::UnboundedSender<Live>,
+}
+
+fn unavailable(e: impl std::fmt::Display) -> BrokerError {
+    BrokerError::Unavailable(e.to_string())
+}
+
+/// A stream epoch from its creation time: never 0 (0 marks foreign cursors).
+fn epoch_of(created: time::OffsetDateTime) -> u64 {
+    let nanos = created.unix_timestamp_nanos() as u64;
+    (nanos >> 8) | 1
+}
+
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+impl NatsBroker {
+    /// Connect (in the background when NATS is not reachable yet), make sure
+    /// the region's stream exists, and start routing into `hub`.
+    pub async fn start(
+        config: &NatsConfig,
+        history: HistoryConfig,
+        region: &str,
+        hub: Arc<Hub>,
+        metrics: Arc<Metrics>,
+    ) -> anyhow::Result<Arc<Self>> {
+        use anyhow::Context;
+        let state = Arc::new(State {
+            connected: AtomicBool::new(false),
+            stream_ready: AtomicBool::new(false),
+            epoch: AtomicU64::new(0),
+            head: AtomicU64::new(0),
+        });
+        let (live_tx, live_rx) = mpsc::unbounded_channel();
+        let mut options = async_nats::ConnectOptions::new()
+            .name(format!("switchboard-{region}"))
+            .retry_on_initial_connect()
+            .max_reconnects(None)
+            .connection_timeout(Duration::from_secs(3))
+            .reconnect_delay_callback(|attempts| {
+                Duration::from_millis((100 * attempts as u64).min(2000))
+            });
+        {
+            let state = state.clone();
+            let live_tx = live_tx.clone();
+            let metrics = metrics.clone();
+            options = options.event_callback(move |event| {
+                let state = state.clone();
+                let live_tx = live_tx.clone();
+                let metrics = metrics.clone();
+                async move {
+                    match event {
+                        async_nats::Event::Connected => {
+                            tracing::info!("connected to NATS");
+                            metrics.nats_connected.set(1);
+                            if !state.connected.swap(true, Ordering::AcqRel) {
+                                let _ = live_tx.send(Live::Reconnected);
+                            }
+                        }
+                        async_nats::Event::Disconnected => {
+                            tracing::warn!("disconnected from NATS; reconnecting");
+                            metrics.nats_connected.set(0);
+                            metrics.nats_reconnects.inc();
+                            state.connected.store(false, Ordering::Release);
+                        }
+                        other => tracing::info!(event = %other, "NATS event"),
+                    }
+                }
+            });
+        }
+        if let Some(path) = &config.credentials_file {
+            options = options
+                .credentials_file(path)
+                .await
+                .with_context(|| format!("reading NATS credentials {}", path.display()))?;
+        }
+        if let Some(path) = &config.nkey_seed_file {
+            let seed = std::fs::read_to_string(path)
+                .with_context(|| format!("reading NKey seed {}", path.display()))?;
+            options = options.nkey(seed.trim().to_owned());
+        }
+        if let Some(path) = &config.token_file {
+            let token = std::fs::read_to_string(path)
+                .with_context(|| format!("reading NATS token {}", path.display()))?;
+            options = options.token(token.trim().to_owned());
+        }
+        if let (Some(user), Some(path)) = (&config.user, &config.password_file) {
+            let password = std::fs::read_to_string(path)
+                .with_context(|| format!("reading NATS password {}", path.display()))?;
+            options = options.user_and_password(user.clone(), password.trim().to_owned());
+        }
+        if let Some(tls) = &config.tls {
+            if let Some(ca) = &tls.ca_file {
+                options = options.add_root_certificates(ca.clone());
+            }
+            if let (Some(cert), Some(key)) = (&tls.cert_file, &tls.key_file) {
+                options = options.add_client_certificate(cert.clone(), key.clone());
+            }
+            options = options.require_tls(tls.required);
+        }
+        let urls: Vec<async_nats::ServerAddr> = config
+            .urls
+            .iter()
+            .map(|u| u.parse())
+            .collect::<Result<_, _>>()
+            .context("parsing nats.urls")?;
+        let client = options
+            .connect(urls.as_slice())
+            .await
+            .context("connecting to NATS")?;
+        let js = match &config.jetstream_domain {
+            Some(domain) => jetstream::with_domain(client.clone(), domain),
+            None => jetstream::new(client.clone()),
+        };
+        let subjects = Subjects::new(&config.subject_prefix, region);
+        let broker = Arc::new(Self {
+            stream_name: subjects.stream_name(region),
+            client,
+            js,
+            subjects,
+            history,
+            state,
+            interests: Mutex::new(HashMap::new()),
+            live_tx,
+        });
+        tokio::spawn(ensure_stream(
+            broker.clone(),
+            stream_config(config, &broker.history, &broker.subjects, region),
+        ));
+        tokio::spawn(dispatch(broker.clone(), live_rx, hub, metrics.clone()));
+        tokio::spawn(refresh_head(Arc::downgrade(&broker)));
+        Ok(broker)
+    }
+
+    fn epoch(&self) -> Result<u64, BrokerError> {
+        match self.state.epoch.load(Ordering::Acquire) {
+            0 => Err(unavailable("the history stream is not ready yet")),
+            e => Ok(e),
+        }
+    }
+
+    fn note_head(&self, seq: u64) {
+        self.state.head.fetch_max(seq, Ordering::AcqRel);
+    }
+
+    async fn stream(&self) -> Result<stream::Stream, BrokerError> {
+        tokio::time::timeout(REQUEST_TIMEOUT, self.js.get_stream(&self.stream_name))
+            .await
+            .map_err(unavailable)?
+            .map_err(unavailable)
+    }
+
+    async fn stream_state(&self) -> Result<stream::State, BrokerError> {
+        let info = tokio::time::timeout(REQUEST_TIMEOUT, self.stream().await?.get_info())
+            .await
+            .map_err(unavailable)?
+            .map_err(unavailable)?;
+        self.note_head(info.state.last_sequence);
+        Ok(info.state)
+    }
+
+    /// Build an event from what the stream stored.
+    fn seal(
+        &self,
+        subject: &str,
+        seq: u64,
+        stored: time::OffsetDateTime,
+        payload: &[u8],
+    ) -> Option<Event> {
+        let epoch = self.state.epoch.load(Ordering::Acquire);
+        let (origin, tenant, topic) = self.subjects.parse_event(subject)?;
+        let wire: WireEvent = serde_json::from_slice(payload).ok()?;
+        let region = wire
+            .region
+            .filter(|r| crate::node::valid_region(r))
+            .unwrap_or(origin);
+        Some(Event::seal(
+            NewEvent {
+                tenant: tenant.into(),
+                topic,
+                data: wire.data,
+                region: region.into(),
+                idempotency_key: wire.idempotency_key,
+                gdpr_context: wire.gdpr_context,
+            },
+            Cursor { epoch, seq },
+            stored,
+        ))
+    }
+
+    /// Build an event from a republished message (headers carry the stored
+    /// subject, sequence and time).
+    fn seal_republished(&self, msg: &Message) -> Option<Event> {
+        let headers = msg.headers.as_ref()?;
+        let subject = headers.get("Nats-Subject")?.as_str();
+        let seq: u64 = headers.get("Nats-Sequence")?.as_str().parse().ok()?;
+        let stored = headers
+            .get("Nats-Time-Stamp")
+            .and_then(|t| {
+                time::OffsetDateTime::parse(
+                    t.as_str(),
+                    &time::format_description::well_known::Rfc3339,
+                )
+                .ok()
+            })
+            .unwrap_or_else(time::OffsetDateTime::now_utc);
+        self.seal(subject, seq, stored, &msg.payload)
+    }
+
+    async fn get_stored(&self, seq: u64) -> Result<Option<Event>, BrokerError> {
+        let stream = self.stream().await?;
+        let msg = match tokio::time::timeout(REQUEST_TIMEOUT, stream.direct_get(seq)).await {
+            Ok(Ok(m)) => m,
+            Ok(Err(_)) => return Ok(None),
+            Err(e) => return Err(unavailable(e)),
+        };
+        Ok(self.seal(&msg.subject, msg.sequence, msg.time, &msg.payload))
+    }
+}
+
+fn stream_config(
+    nats: &NatsConfig,
+    history: &HistoryConfig,
+    subjects: &Subjects,
+    region: &str,
+) -> stream::Config {
+    let sources: Vec<stream::Source> = nats
+        .regions
+        .iter()
+        .filter(|r| r.as_str() != region)
+        .map(|r| stream::Source {
+            name: subjects.stream_name(r),
+            filter_subject: Some(subjects.region_events(r)),
+            ..Default::default()
+        })
+        .collect();
+    stream::Config {
+        name: subjects.stream_name(region),
+        description: Some(format!("Switchboard history of region {region}")),
+        subjects: vec![subjects.region_events(region)],
+        sources: (!sources.is_empty()).then_some(sources),
+        republish: Some(stream::Republish {
+            source: ">".into(),
+            destination: subjects.republish_destination(),
+            headers_only: false,
+        }),
+        max_age: Duration::from_secs(history.retention_seconds),
+        // JetStream refuses a dedup window longer than the retention.
+        duplicate_window: Duration::from_secs(
+            history
+                .dedup_window_seconds
+                .clamp(1, history.retention_seconds.max(1)),
+        ),
+        num_replicas: nats.stream_replicas,
+        allow_direct: true,
+        storage: stream::StorageType::File,
+        placement: nats.placement_cluster.as_ref().map(|c| stream::Placement {
+            cluster: Some(c.clone()),
+            tags: Vec::new(),
+        }),
+        ..Default::default()
+    }
+}
+
+/// Create or update the region's stream, retrying until NATS answers.
+async fn ensure_stream(broker: Arc<NatsBroker>, config: stream::Config) {
+    let mut delay = Duration::from_millis(100);
+    loop {
+        let attempt = tokio::time::timeout(
+            REQUEST_TIMEOUT,
+            broker.js.create_or_update_stream(config.clone()),
+        )
+        .await;
+        match attempt {
+            Ok(Ok(info)) => {
+                broker
+                    .state
+                    .epoch
+                    .store(epoch_of(info.created), Ordering::Release);
+                broker.note_head(info.state.last_sequence);
+                broker.state.stream_ready.store(true, Ordering::Release);
+                tracing::info!(stream = %config.name, last_sequence = info.state.last_sequence, "history stream ready");
+                return;
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(stream = %config.name, error = %e, "cannot create the history stream yet")
+            }
+            Err(_) => tracing::warn!(stream = %config.name, "NATS not answering yet"),
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(2));
+    }
+}
+
+/// Keep the known head fresh while connected, so that after a disconnect
+/// the catch-up starts close to where live delivery stopped.
+async fn refresh_head(broker: std::sync::Weak<NatsBroker>) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let Some(b) = broker.upgrade() else { return };
+        if b.state.connected.load(Ordering::Acquire) && b.state.stream_ready.load(Ordering::Acquire)
+        {
+            let _ = b.stream_state().await;
+        }
+    }
+}
+
+/// Remembers the newest sequence routed per (tenant, topic) for a while, so
+/// that an event matched by two of this process's subscriptions (or seen
+/// both live and in a catch-up) is routed once, and never behind a newer
+/// event of its topic.
+struct TopicOrder {
+    last: HashMap<(Arc<str>, String), (u64, Instant)>,
+    pruned: Instant,
+}
+
+const ORDER_MEMORY: Duration = Duration::from_secs(600);
+
+impl TopicOrder {
+    fn admit(&mut self, event: &Event) -> bool {
+        let now = Instant::now();
+        if now.duration_since(self.pruned) > Duration::from_secs(30) {
+            self.last
+                .retain(|_, (_, at)| now.duration_since(*at) < ORDER_MEMORY);
+            self.pruned = now;
+        }
+        let key = (event.tenant.clone(), event.topic.as_str().to_owned());
+        match self.last.get_mut(&key) {
+            Some((seq, at)) if *seq >= event.id.seq => {
+                *at = now;
+                false
+            }
+            Some(entry) => {
+                *entry = (event.id.seq, now);
+                true
+            }
+            None => {
+                self.last.insert(key, (event.id.seq, now));
+                true
+            }
+        }
+    }
+}
+
+/// The one task that routes NATS traffic into the hub.
+async fn dispatch(
+    broker: Arc<NatsBroker>,
+    mut rx: mpsc::UnboundedReceiver<Live>,
+    hub: Arc<Hub>,
+    metrics: Arc<Metrics>,
+) {
+    let mut order = TopicOrder {
+        last: HashMap::new(),
+        pruned: Instant::now(),
+    };
+    let mut first_connect = true;
+    while let Some(item) = rx.recv().await {
+        match item {
+            Live::Message(msg) => {
+                let Some(event) = broker.seal_republished(&msg) else {
+                    metrics.error("bus_message");
+                    tracing::warn!(subject = %msg.subject, "ignoring a malformed event from NATS");
+                    continue;
+                };
+                broker.note_head(event.id.seq);
+                if order.admit(&event) {
+                    crate::fanout::route(&hub, &metrics, &Arc::new(event));
+                }
+            }
+            Live::Reconnected if first_connect => first_connect = false,
+            Live::Reconnected => {
+                // Subscriptions were re-established by the client; what was
+                // stored while we were away is read back from the stream.
+                let from = broker.state.head.load(Ordering::Acquire);
+                if let Err(e) = catch_up(&broker, from, &hub, &metrics, &mut order).await {
+                    tracing::warn!(error = %e, "catch-up after reconnect failed");
+                }
+            }
+        }
+    }
+}
+
+async fn catch_up(
+    broker: &NatsBroker,
+    from: u64,
+    hub: &Hub,
+    metrics: &Metrics,
+    order: &mut TopicOrder,
+) -> Result<(), BrokerError> {
+    // Wait for the stream (the cluster may still be electing a leader).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let state = loop {
+        match broker.stream_state().await {
+            Ok(s) => break s,
+            Err(e) if Instant::now() > deadline => return Err(e),
+            Err(_) => tokio::time::sleep(Duration::from_millis(250)).await,
+        }
+    };
+    if state.last_sequence <= from {
+        return Ok(());
+    }
+    let mut routed = 0u64;
+    let all: Filter = &|_| true;
+    let mut after = Cursor {
+        epoch: broker.epoch()?,
+        seq: from,
+    };
+    loop {
+        let batch = read_range(broker, None, after, all, 1000, state.last_sequence).await?;
+        for event in batch.events {
+            if order.admit(&event) {
+                crate::fanout::route(hub, metrics, &event);
+                routed += 1;
+            }
+        }
+        if !batch.more || batch.next.seq >= state.last_sequence {
+            break;
+        }
+        after = batch.next;
+    }
+    tracing::info!(
+        from,
+        to = state.last_sequence,
+        routed,
+        "caught up after reconnect"
+    );
+    Ok(())
+}
+
+/// Read stored events after `after` (up to `until`), optionally for one tenant.
+async fn read_range(
+    broker: &NatsBroker,
+    tenant: Option<&str>,
+    after: Cursor,
+    filter: Filter<'_>,
+    limit: usize,
+    until: u64,
+) -> Result<ReadBatch, BrokerError> {
+    let mut out = ReadBatch {
+        events: Vec::new(),
+        gap: None,
+        next: after,
+        more: false,
+    };
+    if after.seq >= until {
+        return Ok(out);
+    }
+    let stream = broker.stream().await?;
+    let filter_subject = match tenant {
+        Some(t) => broker.subjects.tenant_history(t),
+        None => String::new(),
+    };
+    let consumer = tokio::time::timeout(
+        REQUEST_TIMEOUT,
+        stream.create_consumer(consumer::pull::OrderedConfig {
+            filter_subject,
+            deliver_policy: consumer::DeliverPolicy::ByStartSequence {
+                start_sequence: after.seq + 1,
+            },
+            ..Default::default()
+        }),
+    )
+    .await
+    .map_err(unavailable)?
+    .map_err(unavailable)?;
+    if consumer.cached_info().num_pending == 0 {
+        return Ok(out);
+    }
+    let mut messages = consumer.messages().await.map_err(unavailable)?;
+    let deadline = tokio::time::Instant::now() + REQUEST_TIMEOUT;
+    loop {
+        let next = tokio::time::timeout_at(deadline, messages.next()).await;
+        let msg = match next {
+            Ok(Some(Ok(m))) => m,
+            Ok(Some(Err(e))) => return Err(unavailable(e)),
+            Ok(None) => break,
+            // Nothing more arrived: the filtered range is exhausted.
+            Err(_) => break,
+        };
+        let Ok(info) = msg.info() else { continue };
+        let (seq, pending, published) = (info.stream_sequence, info.pending, info.published);
+        if seq > until {
+            break;
+        }
+        out.next.seq = seq;
+        if let Some(event) = broker.seal(&msg.subject, seq, published, &msg.payload)
+            && filter(&event)
+        {
+            out.events.push(Arc::new(event));
+        }
+        if pending == 0 || seq >= until {
+            break;
+        }
+        if out.events.len() >= limit {
+            out.more = true;
+            break;
+        }
+    }
+    Ok(out)
+}
+
+#[async_trait]
+impl Broker for NatsBroker {
+    async fn publish(&self, new: NewEvent, _retention: Duration) -> Result<Published, BrokerError> {
+        let epoch = self.epoch()?;
+        let subject = self.subjects.event(&new.tenant, &new.topic);
+        let mut headers = HeaderMap::new();
+        if let Some(key) = &new.idempotency_key {
+            // Per tenant: the same key from two tenants is two events.
+            headers.insert("Nats-Msg-Id", format!("{}:{key}", new.tenant).as_str());
+        }
+        let wire = WireEvent {
+            data: new.data.clone(),
+            region: Some(new.region.to_string()),
+            idempotency_key: new.idempotency_key.clone(),
+            gdpr_context: new.gdpr_context.clone(),
+        };
+        let payload = serde_json::to_vec(&wire).map_err(unavailable)?;
+        let ack = tokio::time::timeout(REQUEST_TIMEOUT, async {
+            self.js
+                .publish_with_headers(subject, headers, payload.into())
+                .await?
+                .await
+        })
+        .await
+        .map_err(unavailable)?
+        .map_err(unavailable)?;
+        self.note_head(ack.sequence);
+        if ack.duplicate {
+            if let Some(original) = self.get_stored(ack.sequence).await? {
+                return Ok(Published {
+                    event: Arc::new(original),
+                    duplicate: true,
+                });
+            }
+        }
+        let event = Event::seal(
+            new,
+            Cursor {
+                epoch,
+                seq: ack.sequence,
+            },
+            time::OffsetDateTime::now_utc(),
+        );
+        Ok(Published {
+            event: Arc::new(event),
+            duplicate: ack.duplicate,
+        })
+    }
+
+    async fn read(
+        &self,
+        tenant: &Arc<str>,
+        after: Option<Cursor>,
+        filter: Filter<'_>,
+        limit: usize,
+    ) -> Result<ReadBatch, BrokerError> {
+        let epoch = self.epoch()?;
+        let state = self.stream_state().await?;
+        let oldest = state.first_sequence.saturating_sub(1);
+        let (start, gap) = match after {
+            None => (oldest, None),
+            Some(c) if c.epoch != epoch || c.seq > state.last_sequence => {
+                (oldest, Some(GapReason::Unknown))
+            }
+            Some(c) if c.seq < oldest => (oldest, Some(GapReason::Expired)),
+            Some(c) => (c.seq, None),
+        };
+        let mut batch = read_range(
+            self,
+            Some(tenant),
+            Cursor { epoch, seq: start },
+            filter,
+            limit,
+            state.last_sequence,
+        )
+        .await?;
+        batch.gap = gap;
+        Ok(batch)
+    }
+
+    fn head(&self, _tenant: &Arc<str>) -> Cursor {
+        Cursor {
+            epoch: self.state.epoch.load(Ordering::Acquire),
+            seq: self.state.head.load(Ordering::Acquire),
+        }
+    }
+
+    async fn live_from(&self, _tenant: &Arc<str>, _registered_at: u64) -> Result<u64, BrokerError> {
+        Ok(self.stream_state().await?.last_sequence)
+    }
+
+    async fn interest(&self, tenant: &Arc<str>, pattern: &Pattern, wanted: bool) {
+        let key = (tenant.clone(), pattern.clone());
+        let mut interests = self.interests.lock().await;
+        if wanted {
+            if let Some(i) = interests.get_mut(&key) {
+                i.count += 1;
+                return;
+            }
+            let subject = self.subjects.live_interest(tenant, pattern);
+            let subscriber = match self.client.subscribe(subject.clone()).await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!(subject, error = %e, "cannot subscribe on NATS");
+                    return;
+                }
+            };
+            // Make sure the server has the subscription before the caller
+            // reads the stream position it will deliver from.
+            let _ = tokio::time::timeout(REQUEST_TIMEOUT, self.client.flush()).await;
+            let tx = self.live_tx.clone();
+            let forwarder = tokio::spawn(async move {
+                let mut subscriber = subscriber;
+                while let Some(msg) = subscriber.next().await {
+                    if tx.send(Live::Message(msg)).is_err() {
+                        break;
+                    }
+                }
+            });
+            interests.insert(
+                key,
+                Interest {
+                    count: 1,
+                    forwarder,
+                },
+            );
+        } else if let Some(i) = interests.get_mut(&key) {
+            i.count -= 1;
+            if i.count == 0
+                && let Some(i) = interests.remove(&key)
+            {
+                // Dropping the subscriber unsubscribes on NATS.
+                i.forwarder.abort();
+            }
+        }
+    }
+
+    fn health(&self) -> (&'static str, bool) {
+        (
+            "event_bus",
+            self.state.connected.load(Ordering::Acquire)
+                && self.state.stream_ready.load(Ordering::Acquire),
+        )
+    }
+}
