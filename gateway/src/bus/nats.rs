@@ -601,13 +601,13 @@ impl Broker for NatsBroker {
         .map_err(unavailable)?
         .map_err(unavailable)?;
         self.note_head(ack.sequence);
-        if ack.duplicate {
-            if let Some(original) = self.get_stored(ack.sequence).await? {
-                return Ok(Published {
-                    event: Arc::new(original),
-                    duplicate: true,
-                });
-            }
+        if ack.duplicate
+            && let Some(original) = self.get_stored(ack.sequence).await?
+        {
+            return Ok(Published {
+                event: Arc::new(original),
+                duplicate: true,
+            });
         }
         let event = Event::seal(
             new,
