@@ -53,6 +53,10 @@ struct State {
     epoch: AtomicU64,
     /// Newest stream sequence known to this process.
     head: AtomicU64,
+    /// Where live delivery stopped when the connection was lost
+    /// ([`NO_CATCH_UP`]: none pending); the catch-up after reconnecting
+    /// starts there.
+    resume_from: AtomicU64,
 }
 
 enum Live {
@@ -89,6 +93,9 @@ fn epoch_of(created: time::OffsetDateTime) -> u64 {
 
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// `resume_from` when no catch-up is pending.
+const NO_CATCH_UP: u64 = u64::MAX;
+
 impl NatsBroker {
     /// Connect (in the background when NATS is not reachable yet), make sure
     /// the region's stream exists, and start routing into `hub`.
@@ -105,6 +112,7 @@ impl NatsBroker {
             stream_ready: AtomicBool::new(false),
             epoch: AtomicU64::new(0),
             head: AtomicU64::new(0),
+            resume_from: AtomicU64::new(NO_CATCH_UP),
         });
         let (live_tx, live_rx) = mpsc::unbounded_channel();
         let mut options = async_nats::ConnectOptions::new()
@@ -137,6 +145,13 @@ impl NatsBroker {
                             metrics.nats_connected.set(0);
                             metrics.nats_reconnects.inc();
                             state.connected.store(false, Ordering::Release);
+                            let head = state.head.load(Ordering::Acquire);
+                            let _ = state.resume_from.compare_exchange(
+                                NO_CATCH_UP,
+                                head,
+                                Ordering::AcqRel,
+                                Ordering::Acquire,
+                            );
                         }
                         other => tracing::info!(event = %other, "NATS event"),
                     }
@@ -428,7 +443,6 @@ async fn dispatch(
         last: HashMap::new(),
         pruned: Instant::now(),
     };
-    let mut first_connect = true;
     while let Some(item) = rx.recv().await {
         match item {
             Live::Message(msg) => {
@@ -442,13 +456,32 @@ async fn dispatch(
                     crate::fanout::route(&hub, &metrics, &Arc::new(event));
                 }
             }
-            Live::Reconnected if first_connect => first_connect = false,
             Live::Reconnected => {
                 // Subscriptions were re-established by the client; what was
                 // stored while we were away is read back from the stream.
-                let from = broker.state.head.load(Ordering::Acquire);
-                if let Err(e) = catch_up(&broker, from, &hub, &metrics, &mut order).await {
-                    tracing::warn!(error = %e, "catch-up after reconnect failed");
+                // Live messages wait in the channel meanwhile.
+                let from = broker.state.resume_from.load(Ordering::Acquire);
+                if from == NO_CATCH_UP {
+                    continue;
+                }
+                loop {
+                    match catch_up(&broker, from, &hub, &metrics, &mut order).await {
+                        Ok(()) => {
+                            let _ = broker.state.resume_from.compare_exchange(
+                                from,
+                                NO_CATCH_UP,
+                                Ordering::AcqRel,
+                                Ordering::Acquire,
+                            );
+                            break;
+                        }
+                        // Lost again: the next reconnect starts over.
+                        Err(_) if !broker.state.connected.load(Ordering::Acquire) => break,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "catch-up after reconnect failed; retrying");
+                            tokio::time::sleep(Duration::from_millis(500)).await;
+                        }
+                    }
                 }
             }
         }
@@ -462,15 +495,7 @@ async fn catch_up(
     metrics: &Metrics,
     order: &mut TopicOrder,
 ) -> Result<(), BrokerError> {
-    // Wait for the stream (the cluster may still be electing a leader).
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let state = loop {
-        match broker.stream_state().await {
-            Ok(s) => break s,
-            Err(e) if Instant::now() > deadline => return Err(e),
-            Err(_) => tokio::time::sleep(Duration::from_millis(250)).await,
-        }
-    };
+    let state = broker.stream_state().await?;
     if state.last_sequence <= from {
         return Ok(());
     }
@@ -523,21 +548,33 @@ async fn read_range(
     let stream = broker.stream().await?;
     let filter_subject = match tenant {
         Some(t) => broker.subjects.tenant_history(t),
-        None => String::new(),
+        None => broker.subjects.all_events(),
     };
-    let consumer = tokio::time::timeout(
+    let created = tokio::time::timeout(
         REQUEST_TIMEOUT,
         stream.create_consumer(consumer::pull::OrderedConfig {
-            filter_subject,
+            filter_subject: filter_subject.clone(),
             deliver_policy: consumer::DeliverPolicy::ByStartSequence {
                 start_sequence: after.seq + 1,
             },
             ..Default::default()
         }),
     )
-    .await
-    .map_err(unavailable)?
-    .map_err(unavailable)?;
+    .await;
+    let consumer = match created {
+        Ok(Ok(c)) => c,
+        // Creating a consumer needs the JetStream meta leader, which may be
+        // on the far side of a partition; the stream's own replicas still
+        // answer direct gets.
+        failed => {
+            let reason = match failed {
+                Ok(Err(e)) => e.to_string(),
+                _ => "timed out".into(),
+            };
+            tracing::debug!(reason, "reading history with direct gets");
+            return read_direct(broker, &stream, &filter_subject, out, filter, limit, until).await;
+        }
+    };
     if consumer.cached_info().num_pending == 0 {
         return Ok(out);
     }
@@ -569,6 +606,47 @@ async fn read_range(
         if out.events.len() >= limit {
             out.more = true;
             break;
+        }
+    }
+    Ok(out)
+}
+
+/// History read one message at a time with direct gets (no consumer).
+async fn read_direct(
+    broker: &NatsBroker,
+    stream: &stream::Stream,
+    subject: &str,
+    mut out: ReadBatch,
+    filter: Filter<'_>,
+    limit: usize,
+    until: u64,
+) -> Result<ReadBatch, BrokerError> {
+    let mut seq = out.next.seq + 1;
+    while seq <= until {
+        let got = tokio::time::timeout(
+            REQUEST_TIMEOUT,
+            stream.direct_get_next_for_subject(subject, Some(seq)),
+        )
+        .await
+        .map_err(unavailable)?;
+        let msg = match got {
+            Ok(m) => m,
+            Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => break,
+            Err(e) => return Err(unavailable(e)),
+        };
+        if msg.sequence > until {
+            break;
+        }
+        out.next.seq = msg.sequence;
+        seq = msg.sequence + 1;
+        if let Some(event) = broker.seal(&msg.subject, msg.sequence, msg.time, &msg.payload)
+            && filter(&event)
+        {
+            out.events.push(Arc::new(event));
+            if out.events.len() >= limit {
+                out.more = msg.sequence < until;
+                break;
+            }
         }
     }
     Ok(out)

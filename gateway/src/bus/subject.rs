@@ -107,6 +107,11 @@ impl Subjects {
         )
     }
 
+    /// Every event in a region's stream.
+    pub fn all_events(&self) -> String {
+        format!("{}.ev.>", self.prefix)
+    }
+
     /// All of one tenant's events in a region's stream.
     pub fn tenant_history(&self, tenant: &str) -> String {
         format!("{}.ev.*.{}.>", self.prefix, escape_tenant(tenant))

@@ -71,6 +71,13 @@ pub struct NatsServer {
 
 impl NatsServer {
     fn spawn(name: &str, dir: &Path, conf_body: &str, port: u16, http_port: u16) -> Self {
+        let mut s = Self::create(name, dir, conf_body, port, http_port);
+        s.start();
+        s
+    }
+
+    /// Write the config but do not start the server yet.
+    pub fn create(name: &str, dir: &Path, conf_body: &str, port: u16, http_port: u16) -> Self {
         let store = dir.join(name);
         std::fs::create_dir_all(&store).unwrap();
         let conf = dir.join(format!("{name}.conf"));
@@ -80,20 +87,26 @@ impl NatsServer {
             store.display()
         );
         std::fs::write(&conf, text).unwrap();
-        let mut s = Self {
+        Self {
             name: name.into(),
             port,
             http_port,
             conf,
             child: None,
-        };
-        s.start();
-        s
+        }
+    }
+
+    pub fn running(&self) -> bool {
+        self.child.is_some()
     }
 
     pub fn start(&mut self) {
         assert!(self.child.is_none());
-        let log = std::fs::File::create(self.conf.with_extension("log")).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.conf.with_extension("log"))
+            .unwrap();
         self.child = Some(
             Command::new(nats_server_bin())
                 .arg("-c")
@@ -252,6 +265,17 @@ impl Cluster {
 
     pub fn restore_links(&self) {
         self.gateway_proxies.iter().for_each(Proxy::restore);
+    }
+}
+
+/// A single server whose config exists but which is not started.
+pub fn single_stopped(dir: &TempDir) -> Cluster {
+    let s = NatsServer::create("n0", &dir.0, "", free_port(), free_port());
+    Cluster {
+        name: "single".into(),
+        servers: vec![s],
+        gateway_proxies: Vec::new(),
+        gateway_ports: Vec::new(),
     }
 }
 

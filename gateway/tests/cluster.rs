@@ -1,0 +1,361 @@
+//! Cluster mode end to end: real `switchboard` processes on real nats-server
+//! topologies (single node, 3-node cluster, two 3-node clusters linked as
+//! regions), real WebSocket and HTTP clients.
+
+mod common;
+
+use std::time::Duration;
+
+use common::nats::*;
+use common::*;
+use serde_json::{Value, json};
+
+async fn publish_to(base: &str, tenant: &str, topic: &str, data: Value) -> (u16, Value) {
+    let r = reqwest::Client::new()
+        .post(format!("{base}/api/realtime/publish/"))
+        .bearer_auth(token(tenant, &["publish"]))
+        .json(&json!({"event_type": topic, "data": data}))
+        .send()
+        .await
+        .unwrap();
+    let s = r.status().as_u16();
+    (s, r.json().await.unwrap_or(Value::Null))
+}
+
+/// Publish, retrying while the cluster is failing over; returns the event id.
+async fn publish_retrying(base: &str, tenant: &str, topic: &str, data: Value) -> String {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (s, b) = publish_to(base, tenant, topic, data.clone()).await;
+        if s == 201 {
+            return b["event_id"].as_str().unwrap().to_owned();
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "publish kept failing: {s} {b}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn open_on(gw: &GatewayProc, tenant: &str, query: &str, topics: &[&str]) -> Client {
+    let mut c = Client::connect(&gw.ws(&format!("token={}{query}", token(tenant, &[])))).await;
+    c.recv_type("connection.established").await;
+    c.subscribe(topics).await;
+    c
+}
+
+/// Per-subscription message counts of every client connection of a server.
+async fn subscriptions(server: &NatsServer) -> Vec<(String, u64)> {
+    let connz = server.monitor("connz?subs=detail").await;
+    let mut out = Vec::new();
+    for c in connz["connections"].as_array().into_iter().flatten() {
+        for s in c["subscriptions_list_detail"]
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
+            out.push((
+                s["subject"].as_str().unwrap_or_default().to_owned(),
+                s["msgs"].as_u64().unwrap_or(0),
+            ));
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn interest_routing_sends_each_gateway_only_what_it_wants() {
+    let dir = TempDir::new("interest");
+    let nats = single(&dir).await;
+    let yaml = nats_yaml("local", &nats.urls(), &[], 1);
+    let gw1 = GatewayProc::start(&dir, "gw1", &yaml);
+    let gw2 = GatewayProc::start(&dir, "gw2", &yaml);
+    gw1.wait_ready().await;
+    gw2.wait_ready().await;
+
+    // Overlapping patterns on gw1; an unrelated one on gw2 (and a second
+    // connection there with the same pattern: still one NATS subscription).
+    let mut deals = open_on(&gw1, "acme", "", &["deal.*", "deal.stage.updated"]).await;
+    let _contacts = open_on(&gw2, "acme", "", &["contact.*"]).await;
+    let _contacts2 = open_on(&gw2, "acme", "", &["contact.*"]).await;
+    let deal_subject = "sb.rp.local.sb.ev.*.acme.deal.>";
+    let exact_subject = "sb.rp.local.sb.ev.*.acme.deal.stage.updated";
+    let contact_subject = "sb.rp.local.sb.ev.*.acme.contact.>";
+    let subs = subscriptions(&nats.servers[0]).await;
+    assert_eq!(
+        subs.iter().filter(|(s, _)| s == contact_subject).count(),
+        1,
+        "one NATS subscription per distinct interest: {subs:?}"
+    );
+    assert_eq!(
+        subs.iter().filter(|(s, _)| s == deal_subject).count(),
+        1,
+        "{subs:?}"
+    );
+
+    let mut sent = Vec::new();
+    for i in 0..10 {
+        sent.push(
+            publish_retrying(&gw2.http(), "acme", "deal.stage.updated", json!({"i": i})).await,
+        );
+    }
+    assert_eq!(
+        ids(&deals.events(10).await),
+        sent,
+        "each event once, despite two matching patterns"
+    );
+    let marker = publish_retrying(&gw2.http(), "acme", "deal.marker", json!({})).await;
+    assert_eq!(ids(&deals.events(1).await), [marker]);
+
+    // NATS's own counters: gw1's subscriptions got the deal events; gw2's got none.
+    let subs = subscriptions(&nats.servers[0]).await;
+    let msgs = |subject: &str| {
+        subs.iter()
+            .filter(|(s, _)| s == subject)
+            .map(|(_, m)| *m)
+            .sum::<u64>()
+    };
+    assert_eq!(msgs(deal_subject), 11);
+    assert_eq!(msgs(exact_subject), 10);
+    assert_eq!(
+        msgs(contact_subject),
+        0,
+        "a gateway with no subscriber for a topic receives nothing for it"
+    );
+
+    // The last local subscriber leaving drops the NATS subscription.
+    drop(deals);
+    eventually("gw1 unsubscribed from deal.*", || async {
+        !subscriptions(&nats.servers[0])
+            .await
+            .iter()
+            .any(|(s, _)| s == deal_subject)
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_killed_gateway_loses_nothing_clients_resume_on_another() {
+    let dir = TempDir::new("killgw");
+    let nats = single(&dir).await;
+    let yaml = nats_yaml("local", &nats.urls(), &[], 1);
+    let mut gw1 = GatewayProc::start(&dir, "gw1", &yaml);
+    let gw2 = GatewayProc::start(&dir, "gw2", &yaml);
+    gw1.wait_ready().await;
+    gw2.wait_ready().await;
+    let mut c = open_on(&gw1, "acme", "", &["s.*"]).await;
+    let total = 120;
+    let publisher = {
+        let base = gw2.http();
+        tokio::spawn(async move {
+            for i in 0..total {
+                publish_retrying(&base, "acme", "s.x", json!({"i": i})).await;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+    };
+    let mut got: Vec<i64> = Vec::new();
+    let mut last = String::new();
+    while got.len() < 30 {
+        let e = c.events(1).await.remove(0);
+        got.push(e["data"]["i"].as_i64().unwrap());
+        last = e["event_id"].as_str().unwrap().to_owned();
+    }
+    gw1.kill();
+    // The client notices and resumes on the other gateway with its cursor.
+    let mut c =
+        Client::connect(&gw2.ws(&format!("token={}&cursor={last}", token("acme", &[])))).await;
+    c.recv_type("connection.established").await;
+    c.subscribe(&["s.*"]).await;
+    while got.len() < total {
+        let m = c.recv().await;
+        if m["type"] == "event" {
+            got.push(m["data"]["data"]["i"].as_i64().unwrap());
+        }
+    }
+    publisher.await.unwrap();
+    assert_eq!(
+        got,
+        (0..total as i64).collect::<Vec<_>>(),
+        "nothing lost, nothing twice, in order"
+    );
+}
+
+#[tokio::test]
+async fn losing_one_nats_node_of_three_does_not_stop_delivery() {
+    let dir = TempDir::new("node");
+    let mut nats = cluster3(&dir, "local").await;
+    // gw1 knows only n0 (it discovers the others); gw2 only n1.
+    let gw1 = GatewayProc::start(&dir, "gw1", &nats_yaml("local", &nats.urls()[..1], &[], 3));
+    let gw2 = GatewayProc::start(&dir, "gw2", &nats_yaml("local", &nats.urls()[1..2], &[], 3));
+    gw1.wait_ready().await;
+    gw2.wait_ready().await;
+    let mut c = open_on(&gw1, "acme", "", &["n.*"]).await;
+    let before = publish_retrying(&gw2.http(), "acme", "n.x", json!({"i": 0})).await;
+    assert_eq!(ids(&c.events(1).await), [before]);
+
+    nats.servers[0].kill();
+    let mut sent = Vec::new();
+    for i in 1..=20 {
+        sent.push(publish_retrying(&gw2.http(), "acme", "n.x", json!({"i": i})).await);
+    }
+    // Without any client action: gw1 fails over to n1/n2, re-subscribes and
+    // catches up on what was stored meanwhile.
+    let mut got = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(40);
+    while got.len() < sent.len() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "got {got:?}\n{}",
+            gw1.log()
+        );
+        if let Ok(m) = tokio::time::timeout(Duration::from_secs(1), c.recv()).await
+            && m["type"] == "event"
+        {
+            got.push(m["data"]["event_id"].as_str().unwrap().to_owned());
+        }
+    }
+    assert_eq!(got, sent);
+    eventually("gw1 ready again", || async {
+        gw1.ready_status().await == Some(200)
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn nats_late_or_restarted_readiness_follows_and_subscriptions_return() {
+    let dir = TempDir::new("late");
+    let mut nats = single_stopped(&dir);
+    let gw = GatewayProc::start(&dir, "gw", &nats_yaml("local", &nats.urls(), &[], 1));
+    // Up, but not ready, while NATS is missing.
+    eventually("gateway answering", || async {
+        gw.ready_status().await.is_some()
+    })
+    .await;
+    assert_eq!(gw.ready_status().await, Some(503));
+    let (s, _) = publish_to(&gw.http(), "acme", "l.x", json!({})).await;
+    assert_eq!(s, 503);
+
+    nats.servers[0].start();
+    gw.wait_ready().await;
+    let mut c = open_on(&gw, "acme", "", &["l.*"]).await;
+    let first = publish_retrying(&gw.http(), "acme", "l.x", json!({"i": 1})).await;
+    assert_eq!(ids(&c.events(1).await), [first]);
+
+    // NATS goes away: readiness turns false, the client stays connected.
+    nats.servers[0].kill();
+    eventually("not ready without NATS", || async {
+        gw.ready_status().await == Some(503)
+    })
+    .await;
+    nats.servers[0].start();
+    gw.wait_ready().await;
+    // The subscription came back by itself.
+    let second = publish_retrying(&gw.http(), "acme", "l.x", json!({"i": 2})).await;
+    let got = tokio::time::timeout(Duration::from_secs(20), c.events(1))
+        .await
+        .expect("event after NATS restart");
+    assert_eq!(ids(&got), [second]);
+    let m = gw.metrics().await;
+    assert_eq!(metric(&m, "switchboard_nats_connected"), 1.0);
+    assert!(metric(&m, "switchboard_nats_disconnects_total") >= 1.0);
+}
+
+#[tokio::test]
+async fn regions_share_events_and_recover_from_a_cut_link() {
+    let dir = TempDir::new("regions");
+    let clusters = supercluster(&dir, &["eu", "us"]).await;
+    let (eu, us) = (&clusters[0], &clusters[1]);
+    let region_yaml = |region: &str, c: &Cluster| {
+        format!(
+            "{}  placement_cluster: {region}\n",
+            nats_yaml(region, &c.urls(), &["eu", "us"], 3)
+        )
+    };
+    let gw_eu = GatewayProc::start(&dir, "gw-eu", &region_yaml("eu", eu));
+    let gw_us = GatewayProc::start(&dir, "gw-us", &region_yaml("us", us));
+    gw_eu.wait_ready().await;
+    gw_us.wait_ready().await;
+
+    let mut all_eu = open_on(&gw_eu, "acme", "", &["x.*"]).await;
+    let mut only_us = open_on(&gw_eu, "acme", "&region=us", &["x.*"]).await;
+    let mut all_us = open_on(&gw_us, "acme", "", &["x.*"]).await;
+
+    let from_us = publish_retrying(&gw_us.http(), "acme", "x.a", json!({"from": "us"})).await;
+    let e = tokio::time::timeout(Duration::from_secs(30), all_eu.events(1))
+        .await
+        .expect("cross-region event")
+        .remove(0);
+    assert_eq!(e["metadata"]["region"], "us");
+    assert_eq!(e["data"]["from"], "us");
+    let eu_cursor = e["event_id"].as_str().unwrap().to_owned();
+    assert_ne!(
+        eu_cursor, from_us,
+        "cursors are positions in the region's own history"
+    );
+    assert_eq!(only_us.events(1).await[0]["metadata"]["region"], "us");
+    assert_eq!(all_us.events(1).await[0]["event_id"], from_us.as_str());
+
+    let from_eu = publish_retrying(&gw_eu.http(), "acme", "x.a", json!({"from": "eu"})).await;
+    assert_eq!(ids(&all_eu.events(1).await), [from_eu]);
+    assert_eq!(all_us.events(1).await[0]["metadata"]["region"], "eu");
+
+    // Cut the link between the regions.
+    eu.cut_links();
+    us.cut_links();
+    let mut us_during = Vec::new();
+    for i in 0..3 {
+        us_during.push(publish_retrying(&gw_us.http(), "acme", "x.cut", json!({"i": i})).await);
+    }
+    let eu_during = publish_retrying(&gw_eu.http(), "acme", "x.cut", json!({"local": true})).await;
+    // Each region keeps serving its own events.
+    assert_eq!(ids(&all_us.events(3).await), us_during);
+    let local = all_eu.events(1).await;
+    assert_eq!(ids(&local), [eu_during]);
+
+    // While cut, eu's history really lacks the us events.
+    let (_, body) = get_json(
+        &format!(
+            "{}/api/realtime/poll/?topics=x.cut&cursor={eu_cursor}&timeout=0",
+            gw_eu.http()
+        ),
+        Some(&token("acme", &[])),
+    )
+    .await;
+    assert_eq!(
+        body["events"].as_array().unwrap().len(),
+        1,
+        "only eu's own event: {body}"
+    );
+
+    // Restore: the missed cross-region events arrive, in their order, and
+    // are replayable by cursor in the region's history.
+    eu.restore_links();
+    us.restore_links();
+    let mut got = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while got.len() < 3 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "missed events never arrived: {got:?}"
+        );
+        if let Ok(m) = tokio::time::timeout(Duration::from_secs(1), all_eu.recv()).await
+            && m["type"] == "event"
+        {
+            assert_eq!(m["data"]["metadata"]["region"], "us");
+            got.push(m["data"]["data"]["i"].as_i64().unwrap());
+        }
+    }
+    assert_eq!(got, [0, 1, 2]);
+    let (_, body) = get_json(
+        &format!(
+            "{}/api/realtime/poll/?topics=x.cut&cursor={eu_cursor}&timeout=0",
+            gw_eu.http()
+        ),
+        Some(&token("acme", &[])),
+    )
+    .await;
+    let replayed: Vec<&Value> = body["events"].as_array().unwrap().iter().collect();
+    assert_eq!(replayed.len(), 4, "{body}");
+}
