@@ -359,3 +359,37 @@ async fn regions_share_events_and_recover_from_a_cut_link() {
     let replayed: Vec<&Value> = body["events"].as_array().unwrap().iter().collect();
     assert_eq!(replayed.len(), 4, "{body}");
 }
+
+#[tokio::test]
+async fn nats_credentials_are_used_and_required() {
+    let dir = TempDir::new("auth");
+    let nats = single_with_token(&dir, "n4ts-t0ken").await;
+    let token_file = dir.0.join("nats.token");
+    std::fs::write(&token_file, "n4ts-t0ken\n").unwrap();
+    let good = GatewayProc::start(
+        &dir,
+        "good",
+        &format!(
+            "{}  token_file: \"{}\"\n",
+            nats_yaml("local", &nats.urls(), &[], 1),
+            token_file.display()
+        ),
+    );
+    let bad = GatewayProc::start(&dir, "bad", &nats_yaml("local", &nats.urls(), &[], 1));
+    good.wait_ready().await;
+    let mut c = open_on(&good, "acme", "", &["a.*"]).await;
+    let id = publish_retrying(&good.http(), "acme", "a.b", json!({})).await;
+    assert_eq!(ids(&c.events(1).await), [id]);
+    // Without the token the gateway never becomes ready, and says why.
+    eventually("bad gateway answering", || async {
+        bad.ready_status().await.is_some()
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(bad.ready_status().await, Some(503));
+    assert!(
+        bad.log().to_lowercase().contains("authorization"),
+        "{}",
+        bad.log()
+    );
+}

@@ -279,6 +279,24 @@ pub fn single_stopped(dir: &TempDir) -> Cluster {
     }
 }
 
+/// A single server that requires `token` from clients.
+pub async fn single_with_token(dir: &TempDir, token: &str) -> Cluster {
+    let s = NatsServer::spawn(
+        "n0",
+        &dir.0,
+        &format!("authorization {{ token: \"{token}\" }}"),
+        free_port(),
+        free_port(),
+    );
+    s.wait_ready().await;
+    Cluster {
+        name: "single".into(),
+        servers: vec![s],
+        gateway_proxies: Vec::new(),
+        gateway_ports: Vec::new(),
+    }
+}
+
 pub async fn single(dir: &TempDir) -> Cluster {
     let s = NatsServer::spawn("n0", &dir.0, "", free_port(), free_port());
     s.wait_ready().await;
