@@ -15,9 +15,8 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::event::{Cursor, Event};
-use crate::node::{Node, valid_region};
+use crate::node::Node;
 use crate::protocol::now_rfc3339;
-use crate::session::{Session, SubscribeError};
 
 /// Most events in one answer.
 pub const MAX_EVENTS: usize = 500;
@@ -60,14 +59,6 @@ async fn poll_inner(
     )
     .await
     .map_err(|e| super::auth_error_response(&e))?;
-    let topics = super::split_topics(params.topics.as_deref());
-    if topics.is_empty() {
-        return Err(super::error_response(
-            StatusCode::BAD_REQUEST,
-            "invalid_topic",
-            "'topics' is required: a comma-separated list",
-        ));
-    }
     let timeout = match params.timeout.as_deref().map(str::parse::<f64>) {
         None => 30.0,
         Some(Ok(t)) if t.is_finite() && t >= 0.0 => t.min(60.0),
@@ -81,32 +72,14 @@ async fn poll_inner(
     };
     let cursor_param = params.cursor.as_deref().filter(|c| !c.is_empty());
     let cursor = cursor_param.map(Cursor::parse_lenient);
-    let admission = node.admit(&principal).map_err(|close| {
-        let status = match close {
-            crate::protocol::Close::ServiceRestart => StatusCode::SERVICE_UNAVAILABLE,
-            crate::protocol::Close::Forbidden => StatusCode::FORBIDDEN,
-            _ => StatusCode::TOO_MANY_REQUESTS,
-        };
-        super::error_response(status, close.label(), close.reason())
-    })?;
-    let region = params.region.filter(|r| valid_region(r)).map(Arc::from);
-    let mut session = Session::new(
-        node.clone(),
-        admission,
-        principal.tenant.clone(),
-        region,
+    let mut session = super::open_http_session(
+        node,
+        &principal,
+        params.topics.as_deref(),
+        params.region,
         MAX_EVENTS,
-    );
-    let (_, errors) = session.subscribe(&topics).await;
-    if let Some(e) = errors.first() {
-        let (status, code) = match e {
-            SubscribeError::Invalid(..) => (StatusCode::BAD_REQUEST, "invalid_topic"),
-            SubscribeError::Denied(_) => (StatusCode::FORBIDDEN, "topic_not_allowed"),
-            SubscribeError::TooMany(_) => (StatusCode::BAD_REQUEST, "too_many_subscriptions"),
-            SubscribeError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "bus_unavailable"),
-        };
-        return Err(super::error_response(status, code, e));
-    }
+    )
+    .await?;
 
     let mut events: Vec<Arc<Event>> = Vec::new();
     let mut gap = None;

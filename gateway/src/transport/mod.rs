@@ -10,8 +10,12 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
+use std::sync::Arc;
+
 use crate::auth::{AuthError, Principal};
-use crate::node::Node;
+use crate::node::{Node, valid_region};
+use crate::protocol::Close;
+use crate::session::{Session, SubscribeError};
 
 /// The bearer token of a request: `Authorization: Bearer` wins over `?token=`.
 pub fn bearer<'a>(headers: &'a HeaderMap, query: Option<&'a str>) -> Option<&'a str> {
@@ -70,4 +74,51 @@ pub fn split_topics(topics: Option<&str>) -> Vec<String> {
         .filter(|t| !t.is_empty())
         .map(str::to_owned)
         .collect()
+}
+
+/// Open the session of an HTTP subscriber (long-poll or SSE): the topics
+/// are required, the connection is admitted, and every topic must be
+/// subscribed, or the request is answered with why not.
+pub async fn open_http_session(
+    node: &Arc<Node>,
+    principal: &Principal,
+    topics: Option<&str>,
+    region: Option<String>,
+    queue: usize,
+) -> Result<Session, Response> {
+    let topics = split_topics(topics);
+    if topics.is_empty() {
+        return Err(error_response(
+            StatusCode::BAD_REQUEST,
+            "invalid_topic",
+            "'topics' is required: a comma-separated list",
+        ));
+    }
+    let admission = node.admit(principal).map_err(|close| {
+        let status = match close {
+            Close::ServiceRestart => StatusCode::SERVICE_UNAVAILABLE,
+            Close::Forbidden => StatusCode::FORBIDDEN,
+            _ => StatusCode::TOO_MANY_REQUESTS,
+        };
+        error_response(status, close.label(), close.reason())
+    })?;
+    let region = region.filter(|r| valid_region(r)).map(Arc::from);
+    let mut session = Session::new(
+        node.clone(),
+        admission,
+        principal.tenant.clone(),
+        region,
+        queue,
+    );
+    let (_, errors) = session.subscribe(&topics).await;
+    if let Some(e) = errors.first() {
+        let (status, code) = match e {
+            SubscribeError::Invalid(..) => (StatusCode::BAD_REQUEST, "invalid_topic"),
+            SubscribeError::Denied(_) => (StatusCode::FORBIDDEN, "topic_not_allowed"),
+            SubscribeError::TooMany(_) => (StatusCode::BAD_REQUEST, "too_many_subscriptions"),
+            SubscribeError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "bus_unavailable"),
+        };
+        return Err(error_response(status, code, e));
+    }
+    Ok(session)
 }

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{Query, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::HeaderMap;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
@@ -18,9 +18,9 @@ use serde_json::json;
 use tokio::sync::mpsc;
 
 use crate::event::{Cursor, Event};
-use crate::node::{Node, valid_region};
+use crate::node::Node;
 use crate::protocol::now_rfc3339;
-use crate::session::{Session, SubscribeError};
+use crate::session::Session;
 
 #[derive(Debug, Deserialize)]
 pub struct SseParams {
@@ -58,43 +58,18 @@ pub async fn stream(
             return super::auth_error_response(&e);
         }
     };
-    let topics = super::split_topics(params.topics.as_deref());
-    if topics.is_empty() {
-        return super::error_response(
-            StatusCode::BAD_REQUEST,
-            "invalid_topic",
-            "'topics' is required: a comma-separated list",
-        );
-    }
-    let admission = match node.admit(&principal) {
-        Ok(a) => a,
-        Err(close) => {
-            let status = match close {
-                crate::protocol::Close::ServiceRestart => StatusCode::SERVICE_UNAVAILABLE,
-                crate::protocol::Close::Forbidden => StatusCode::FORBIDDEN,
-                _ => StatusCode::TOO_MANY_REQUESTS,
-            };
-            return super::error_response(status, close.label(), close.reason());
-        }
-    };
-    let region = params.region.filter(|r| valid_region(r)).map(Arc::from);
-    let mut session = Session::new(
-        node.clone(),
-        admission,
-        principal.tenant.clone(),
-        region,
+    let session = match super::open_http_session(
+        &node,
+        &principal,
+        params.topics.as_deref(),
+        params.region,
         node.config.limits.outbound_queue,
-    );
-    let (_, errors) = session.subscribe(&topics).await;
-    if let Some(e) = errors.first() {
-        let (status, code) = match e {
-            SubscribeError::Invalid(..) => (StatusCode::BAD_REQUEST, "invalid_topic"),
-            SubscribeError::Denied(_) => (StatusCode::FORBIDDEN, "topic_not_allowed"),
-            SubscribeError::TooMany(_) => (StatusCode::BAD_REQUEST, "too_many_subscriptions"),
-            SubscribeError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "bus_unavailable"),
-        };
-        return super::error_response(status, code, e);
-    }
+    )
+    .await
+    {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
     // `Last-Event-ID` (a browser reconnecting) wins over `?cursor=`.
     let raw_cursor = headers
         .get("last-event-id")
