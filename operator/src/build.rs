@@ -1,0 +1,385 @@
+//! Pure functions from a `RealtimeGateway` (and its compiled policy bundle)
+//! to the Kubernetes objects that run it. No API calls here: every output is
+//! unit-tested and validated against the Kubernetes schemas.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment};
+use k8s_openapi::api::autoscaling::v2::{
+    CrossVersionObjectReference, HorizontalPodAutoscaler, HorizontalPodAutoscalerSpec, MetricSpec, MetricTarget,
+    ResourceMetricSource,
+};
+use k8s_openapi::api::core::v1::{
+    Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction,
+    KeyToPath, Lifecycle, LifecycleHandler, ObjectFieldSelector, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
+    SecretVolumeSource, SecurityContext, Service, ServiceAccount, ServicePort, ServiceSpec, SleepAction, Volume,
+    VolumeMount,
+};
+use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::{Resource, ResourceExt};
+use sha2::{Digest, Sha256};
+use switchboard_config::{GatewayConfig, LogFormat, NatsConfig, PolicyBundle};
+
+use crate::crd::RealtimeGateway;
+
+pub const CONFIG_DIR: &str = "/etc/switchboard";
+pub const CONFIG_KEY: &str = "switchboard.yaml";
+pub const POLICY_KEY: &str = "policy.yaml";
+const HS256_PATH: &str = "/var/run/switchboard/auth/hs256";
+const NATS_CREDS_PATH: &str = "/var/run/switchboard/nats/nats.creds";
+/// Pod template annotation whose change rolls the pods: the hash of the
+/// gateway config (not of the policy bundle, which the gateway hot-reloads).
+pub const CONFIG_HASH: &str = "switchboard.dev/config-hash";
+const PORT: i32 = 8000;
+const DEFAULT_REPLICAS: i32 = 2;
+
+/// Why a gateway cannot be built.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("the RealtimeGateway has no name, namespace or uid yet")]
+    Incomplete,
+    #[error("invalid gateway settings: {0}")]
+    Config(String),
+}
+
+/// Everything the operator applies for one gateway.
+#[derive(Debug, Clone)]
+pub struct Objects {
+    pub service_account: ServiceAccount,
+    pub config_map: ConfigMap,
+    pub deployment: Deployment,
+    pub service: Service,
+    pub pdb: PodDisruptionBudget,
+    /// `None`: no autoscaling (an existing HPA is deleted).
+    pub hpa: Option<HorizontalPodAutoscaler>,
+}
+
+pub fn labels(gw: &RealtimeGateway) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("app.kubernetes.io/name".to_owned(), "switchboard-gateway".to_owned()),
+        ("app.kubernetes.io/instance".to_owned(), gw.name_any()),
+        ("app.kubernetes.io/managed-by".to_owned(), "switchboard-operator".to_owned()),
+    ])
+}
+
+/// The label selector of a gateway's pods (stable across updates).
+pub fn selector(gw: &RealtimeGateway) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("app.kubernetes.io/name".to_owned(), "switchboard-gateway".to_owned()),
+        ("app.kubernetes.io/instance".to_owned(), gw.name_any()),
+    ])
+}
+
+pub fn selector_string(gw: &RealtimeGateway) -> String {
+    selector(gw).iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",")
+}
+
+fn meta(gw: &RealtimeGateway, owner: &OwnerReference, suffix: &str) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(format!("{}{suffix}", gw.name_any())),
+        namespace: gw.namespace(),
+        labels: Some(labels(gw)),
+        owner_references: Some(vec![owner.clone()]),
+        ..ObjectMeta::default()
+    }
+}
+
+/// The gateway's config file, in the shared format the gateway reads.
+pub fn gateway_config(gw: &RealtimeGateway) -> GatewayConfig {
+    let spec = &gw.spec;
+    let mut c = GatewayConfig {
+        listen: format!("0.0.0.0:{PORT}"),
+        region: spec.region.clone(),
+        policy_file: Some(format!("{CONFIG_DIR}/{POLICY_KEY}").into()),
+        log_format: LogFormat::Json,
+        ..GatewayConfig::default()
+    };
+    if !spec.allowed_origins.is_empty() {
+        c.allowed_origins = spec.allowed_origins.clone();
+    }
+    if let Some(d) = spec.drain_seconds {
+        c.drain_seconds = d.into();
+    }
+    let auth = &spec.auth;
+    c.auth.issuer = auth.issuer.clone();
+    c.auth.audiences = auth.audiences.clone();
+    c.auth.jwks_url = auth.jwks_url.clone();
+    c.auth.tenant_claim = auth.tenant_claim.clone();
+    if auth.hs256_secret.is_some() {
+        c.auth.hs256_secret_file = Some(HS256_PATH.into());
+    }
+    let l = &spec.limits;
+    if let Some(v) = l.connections_per_pod {
+        c.limits.max_connections = v.max(1) as u64;
+    }
+    if let Some(v) = l.subscriptions_per_connection {
+        c.limits.max_subscriptions_per_connection = v.max(1) as u32;
+    }
+    if let Some(v) = l.message_bytes {
+        c.limits.max_message_bytes = v.max(1024) as u64;
+    }
+    if let Some(v) = l.publish_rate_per_minute {
+        c.limits.messages_per_minute = v.max(1) as u32;
+    }
+    if let Some(n) = &spec.nats {
+        c.nats = Some(NatsConfig {
+            urls: n.urls.clone(),
+            credentials_file: n.credentials_secret.as_ref().map(|_| NATS_CREDS_PATH.into()),
+            regions: n.regions.clone(),
+            placement_cluster: Some(n.placement_cluster.clone().unwrap_or_else(|| spec.region.clone())),
+            stream_replicas: n.stream_replicas.unwrap_or(3) as usize,
+            ..NatsConfig::default()
+        });
+    }
+    c
+}
+
+fn sha256(text: &str) -> String {
+    Sha256::digest(text.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Build every object for a gateway and its compiled bundle.
+pub fn build(gw: &RealtimeGateway, bundle: &PolicyBundle, default_image: &str) -> Result<Objects, BuildError> {
+    if gw.metadata.name.is_none() || gw.metadata.namespace.is_none() || gw.metadata.uid.is_none() {
+        return Err(BuildError::Incomplete);
+    }
+    let owner = gw.controller_owner_ref(&()).ok_or(BuildError::Incomplete)?;
+    let config = gateway_config(gw);
+    config.validate().map_err(|e| BuildError::Config(e.to_string()))?;
+    let config_yaml = config.to_yaml();
+    let hash = sha256(&config_yaml);
+    let name = gw.name_any();
+    let spec = &gw.spec;
+
+    let config_map = ConfigMap {
+        metadata: meta(gw, &owner, "-config"),
+        data: Some(BTreeMap::from([
+            (CONFIG_KEY.to_owned(), config_yaml),
+            (POLICY_KEY.to_owned(), bundle.to_yaml()),
+        ])),
+        ..ConfigMap::default()
+    };
+
+    let mut volumes = vec![Volume {
+        name: "config".into(),
+        config_map: Some(ConfigMapVolumeSource { name: format!("{name}-config"), ..Default::default() }),
+        ..Volume::default()
+    }];
+    let mut mounts = vec![VolumeMount {
+        name: "config".into(),
+        mount_path: CONFIG_DIR.into(),
+        read_only: Some(true),
+        ..VolumeMount::default()
+    }];
+    let mut secret_volume = |vol: &str, secret: &crate::crd::SecretKeyRef, path: &str| {
+        let (dir, file) = path.rsplit_once('/').unwrap_or(("/", path));
+        volumes.push(Volume {
+            name: vol.into(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(secret.name.clone()),
+                items: Some(vec![KeyToPath { key: secret.key.clone(), path: file.into(), ..Default::default() }]),
+                ..Default::default()
+            }),
+            ..Volume::default()
+        });
+        mounts.push(VolumeMount { name: vol.into(), mount_path: dir.into(), read_only: Some(true), ..VolumeMount::default() });
+    };
+    if let Some(s) = &spec.auth.hs256_secret {
+        secret_volume("auth", s, HS256_PATH);
+    }
+    if let Some(s) = spec.nats.as_ref().and_then(|n| n.credentials_secret.as_ref()) {
+        secret_volume("nats-credentials", s, NATS_CREDS_PATH);
+    }
+
+    let mut env = vec![EnvVar {
+        name: "POD_NAME".into(),
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector { field_path: "metadata.name".into(), ..Default::default() }),
+            ..Default::default()
+        }),
+        ..EnvVar::default()
+    }];
+    if let Some(t) = &spec.telemetry {
+        if let Some(endpoint) = &t.otlp_endpoint {
+            env.push(EnvVar { name: "OTEL_EXPORTER_OTLP_ENDPOINT".into(), value: Some(endpoint.clone()), ..EnvVar::default() });
+        }
+        if let Some(ratio) = t.sampling_ratio {
+            env.push(EnvVar { name: "OTEL_TRACES_SAMPLER".into(), value: Some("parentbased_traceidratio".into()), ..EnvVar::default() });
+            env.push(EnvVar { name: "OTEL_TRACES_SAMPLER_ARG".into(), value: Some(ratio.to_string()), ..EnvVar::default() });
+        }
+        env.push(EnvVar { name: "OTEL_SERVICE_NAME".into(), value: Some("switchboard-gateway".into()), ..EnvVar::default() });
+    }
+
+    let probe = |path: &str, period: i32| Probe {
+        http_get: Some(HTTPGetAction { path: Some(path.into()), port: IntOrString::String("http".into()), ..Default::default() }),
+        period_seconds: Some(period),
+        failure_threshold: Some(3),
+        ..Probe::default()
+    };
+    let drain = i64::from(spec.drain_seconds.unwrap_or(30));
+    let mut pod_labels = labels(gw);
+    pod_labels.extend(spec.pod_labels.clone());
+    pod_labels.extend(selector(gw));
+    let mut pod_annotations = spec.pod_annotations.clone();
+    pod_annotations.insert(CONFIG_HASH.into(), hash);
+
+    let container = Container {
+        name: "gateway".into(),
+        image: Some(spec.image.clone().unwrap_or_else(|| default_image.to_owned())),
+        args: Some(vec!["--config".into(), format!("{CONFIG_DIR}/{CONFIG_KEY}")]),
+        ports: Some(vec![ContainerPort { name: Some("http".into()), container_port: PORT, ..Default::default() }]),
+        env: Some(env),
+        readiness_probe: Some(probe("/readyz", 5)),
+        liveness_probe: Some(probe("/healthz", 10)),
+        // Let endpoints stop routing new clients here before the drain begins.
+        lifecycle: Some(Lifecycle {
+            pre_stop: Some(LifecycleHandler { sleep: Some(SleepAction { seconds: 5 }), ..Default::default() }),
+            ..Default::default()
+        }),
+        resources: spec.resources.clone(),
+        volume_mounts: Some(mounts),
+        security_context: Some(SecurityContext {
+            allow_privilege_escalation: Some(false),
+            read_only_root_filesystem: Some(true),
+            run_as_non_root: Some(true),
+            capabilities: Some(Capabilities { drop: Some(vec!["ALL".into()]), ..Default::default() }),
+            ..Default::default()
+        }),
+        ..Container::default()
+    };
+    let deployment = Deployment {
+        metadata: meta(gw, &owner, ""),
+        spec: DeploymentSpec {
+            // With autoscaling the HPA owns the replica count.
+            replicas: if spec.autoscaling.is_some() { None } else { Some(spec.replicas.unwrap_or(DEFAULT_REPLICAS)) },
+            selector: LabelSelector { match_labels: Some(selector(gw)), ..Default::default() },
+            strategy: Some(DeploymentStrategy {
+                type_: Some("RollingUpdate".into()),
+                rolling_update: Some(RollingUpdateDeployment {
+                    max_unavailable: Some(IntOrString::Int(0)),
+                    max_surge: Some(IntOrString::Int(1)),
+                }),
+            }),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(pod_labels),
+                    annotations: Some(pod_annotations),
+                    ..ObjectMeta::default()
+                }),
+                spec: Some(PodSpec {
+                    service_account_name: Some(name.clone()),
+                    automount_service_account_token: Some(false),
+                    termination_grace_period_seconds: Some(drain + 20),
+                    security_context: Some(PodSecurityContext {
+                        run_as_non_root: Some(true),
+                        run_as_user: Some(65532),
+                        seccomp_profile: Some(k8s_openapi::api::core::v1::SeccompProfile {
+                            type_: "RuntimeDefault".into(),
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    }),
+                    containers: vec![container],
+                    volumes: Some(volumes),
+                    ..PodSpec::default()
+                }),
+            },
+            ..DeploymentSpec::default()
+        },
+        ..Deployment::default()
+    };
+
+    let mut service_meta = meta(gw, &owner, "");
+    if !spec.service.annotations.is_empty() {
+        service_meta.annotations = Some(spec.service.annotations.clone());
+    }
+    let service = Service {
+        metadata: service_meta,
+        spec: Some(ServiceSpec {
+            type_: Some(spec.service.type_.clone()),
+            selector: Some(selector(gw)),
+            ports: Some(vec![ServicePort {
+                name: Some("http".into()),
+                port: spec.service.port,
+                target_port: Some(IntOrString::String("http".into())),
+                protocol: Some("TCP".into()),
+                ..Default::default()
+            }]),
+            ..ServiceSpec::default()
+        }),
+        ..Service::default()
+    };
+
+    let pdb = PodDisruptionBudget {
+        metadata: meta(gw, &owner, ""),
+        spec: Some(PodDisruptionBudgetSpec {
+            max_unavailable: Some(IntOrString::Int(1)),
+            selector: Some(LabelSelector { match_labels: Some(selector(gw)), ..Default::default() }),
+            ..Default::default()
+        }),
+        ..PodDisruptionBudget::default()
+    };
+
+    let hpa = spec.autoscaling.as_ref().map(|a| HorizontalPodAutoscaler {
+        metadata: meta(gw, &owner, ""),
+        spec: HorizontalPodAutoscalerSpec {
+            scale_target_ref: CrossVersionObjectReference {
+                api_version: Some("apps/v1".into()),
+                kind: "Deployment".into(),
+                name: name.clone(),
+            },
+            min_replicas: Some(a.min_replicas),
+            max_replicas: a.max_replicas,
+            metrics: Some(vec![MetricSpec {
+                type_: "Resource".into(),
+                resource: Some(ResourceMetricSource {
+                    name: "cpu".into(),
+                    target: MetricTarget {
+                        type_: "Utilization".into(),
+                        average_utilization: Some(a.target_cpu_utilization.unwrap_or(70)),
+                        ..Default::default()
+                    },
+                }),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        },
+        ..HorizontalPodAutoscaler::default()
+    });
+
+    Ok(Objects {
+        service_account: ServiceAccount { metadata: meta(gw, &owner, ""), automount_service_account_token: Some(false), ..Default::default() },
+        config_map,
+        deployment,
+        service,
+        pdb,
+        hpa,
+    })
+}
+
+impl Objects {
+    /// Every object as JSON, with `apiVersion` and `kind` (for validation and golden tests).
+    pub fn to_json(&self) -> Vec<serde_json::Value> {
+        fn typed<K: Resource<DynamicType = ()> + serde::Serialize>(o: &K) -> serde_json::Value {
+            let mut v = serde_json::to_value(o).unwrap_or_default();
+            if let Some(m) = v.as_object_mut() {
+                m.insert("apiVersion".into(), K::api_version(&()).into());
+                m.insert("kind".into(), K::kind(&()).into());
+            }
+            v
+        }
+        let mut out = vec![
+            typed(&self.service_account),
+            typed(&self.config_map),
+            typed(&self.deployment),
+            typed(&self.service),
+            typed(&self.pdb),
+        ];
+        if let Some(h) = &self.hpa {
+            out.push(typed(h));
+        }
+        out
+    }
+}

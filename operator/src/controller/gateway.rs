@@ -1,0 +1,196 @@
+//! Reconcile one `RealtimeGateway`.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::NamespaceResourceScope;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
+use kube::api::{DeleteParams, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType};
+use kube::{Api, Resource, ResourceExt};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::json;
+
+use super::{Context, Error, MANAGER, RESYNC, condition};
+use crate::build;
+use crate::crd::{RealtimeGateway, RealtimeGatewayStatus, TopicPolicy};
+use crate::validate::{self, Verdict};
+
+/// Server-side apply of one object under the operator's field manager.
+pub async fn apply<K>(client: &kube::Client, ns: &str, obj: &K) -> Result<K, Error>
+where
+    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()> + Clone + DeserializeOwned + Serialize + std::fmt::Debug,
+{
+    let api: Api<K> = Api::namespaced(client.clone(), ns);
+    let mut body = serde_json::to_value(obj)?;
+    if let Some(m) = body.as_object_mut() {
+        m.insert("apiVersion".into(), K::api_version(&()).into());
+        m.insert("kind".into(), K::kind(&()).into());
+    }
+    Ok(api.patch(&obj.name_any(), &PatchParams::apply(MANAGER).force(), &Patch::Apply(&body)).await?)
+}
+
+pub async fn reconcile(gw: Arc<RealtimeGateway>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let started = Instant::now();
+    let labels = vec![("kind", "RealtimeGateway")];
+    ctx.metrics.reconciles.get_or_create(&labels).inc();
+    let result = reconcile_inner(&gw, &ctx).await;
+    ctx.metrics.duration.get_or_create(&labels).observe(started.elapsed().as_secs_f64());
+    result
+}
+
+async fn reconcile_inner(gw: &RealtimeGateway, ctx: &Context) -> Result<Action, Error> {
+    let ns = gw.namespace().ok_or(Error::NoNamespace)?;
+    let name = gw.name_any();
+    let client = &ctx.client;
+    let generation = gw.metadata.generation;
+    let previous = gw.status.clone().unwrap_or_default().conditions;
+
+    // read
+    let mine: Vec<TopicPolicy> = Api::<TopicPolicy>::namespaced(client.clone(), &ns)
+        .list(&Default::default())
+        .await?
+        .items
+        .into_iter()
+        .filter(|p| p.spec.gateway == name)
+        .collect();
+    // validate
+    let (verdicts, bundle) = validate::judge(true, &mine);
+    // build
+    let objects = match build::build(gw, &bundle, &ctx.default_image) {
+        Ok(o) => o,
+        Err(e) => {
+            let message = e.to_string();
+            publish_event(ctx, gw, EventType::Warning, "InvalidSpec", &message).await;
+            let status = RealtimeGatewayStatus {
+                conditions: vec![
+                    condition(&previous, "Ready", false, "InvalidSpec", &message, generation),
+                    condition(&previous, "Progressing", false, "InvalidSpec", &message, generation),
+                    condition(&previous, "Degraded", true, "InvalidSpec", &message, generation),
+                ],
+                observed_generation: generation,
+                selector: Some(build::selector_string(gw)),
+                ..gw.status.clone().unwrap_or_default()
+            };
+            patch_gateway_status(client, &ns, &name, &status).await?;
+            return Ok(Action::requeue(RESYNC));
+        }
+    };
+    // apply
+    apply(client, &ns, &objects.service_account).await?;
+    apply(client, &ns, &objects.config_map).await?;
+    let deployment = apply(client, &ns, &objects.deployment).await?;
+    apply(client, &ns, &objects.service).await?;
+    apply(client, &ns, &objects.pdb).await?;
+    match &objects.hpa {
+        Some(hpa) => {
+            apply(client, &ns, hpa).await?;
+        }
+        None => {
+            let api: Api<HorizontalPodAutoscaler> = Api::namespaced(client.clone(), &ns);
+            match api.delete(&name, &DeleteParams::default()).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(s)) if s.code == 404 => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    // status: policies
+    for p in &mine {
+        let Some(verdict) = verdicts.get(&p.name_any()) else { continue };
+        super::policy::set_accepted(client, p, verdict).await?;
+    }
+    // status: gateway
+    let rejected: Vec<String> = verdicts
+        .iter()
+        .filter(|(_, v)| !v.is_accepted())
+        .map(|(n, _)| n.clone())
+        .collect();
+    let status = gateway_status(gw, &deployment, &previous, verdicts.values().filter(|v| v.is_accepted()).count(), &rejected);
+    patch_gateway_status(client, &ns, &name, &status).await?;
+    Ok(Action::requeue(RESYNC))
+}
+
+/// The status a gateway has, given its Deployment.
+pub fn gateway_status(
+    gw: &RealtimeGateway,
+    deployment: &Deployment,
+    previous: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition],
+    accepted: usize,
+    rejected: &[String],
+) -> RealtimeGatewayStatus {
+    let generation = gw.metadata.generation;
+    let desired = deployment.spec.replicas.unwrap_or(1);
+    let st = deployment.status.clone().unwrap_or_default();
+    let ready = st.ready_replicas.unwrap_or(0);
+    let updated = st.updated_replicas.unwrap_or(0);
+    let observed = st.observed_generation >= deployment.metadata.generation;
+    let rolled = observed && updated >= desired && st.replicas.unwrap_or(0) <= desired;
+    let is_ready = rolled && ready >= desired && desired > 0;
+    let ready_msg = format!("{ready}/{desired} pods ready");
+    let degraded_msg = if rejected.is_empty() {
+        "all TopicPolicies accepted".to_owned()
+    } else {
+        format!("TopicPolicies not accepted: {}", rejected.join(", "))
+    };
+    RealtimeGatewayStatus {
+        conditions: vec![
+            condition(previous, "Ready", is_ready, if is_ready { "PodsReady" } else { "PodsNotReady" }, &ready_msg, generation),
+            condition(previous, "Progressing", !rolled, if rolled { "RolloutComplete" } else { "RollingOut" }, &ready_msg, generation),
+            condition(previous, "Degraded", !rejected.is_empty(), if rejected.is_empty() { "AsExpected" } else { "PoliciesRejected" }, &degraded_msg, generation),
+        ],
+        observed_generation: generation,
+        replicas: st.replicas.unwrap_or(0),
+        ready_replicas: ready,
+        policies_applied: accepted as i32,
+        selector: Some(build::selector_string(gw)),
+    }
+}
+
+async fn patch_gateway_status(client: &kube::Client, ns: &str, name: &str, status: &RealtimeGatewayStatus) -> Result<(), Error> {
+    let api: Api<RealtimeGateway> = Api::namespaced(client.clone(), ns);
+    let body = json!({
+        "apiVersion": RealtimeGateway::api_version(&()),
+        "kind": RealtimeGateway::kind(&()),
+        "status": status,
+    });
+    api.patch_status(name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&body)).await?;
+    Ok(())
+}
+
+pub(crate) async fn publish_event<K: Resource<DynamicType = ()>>(ctx: &Context, obj: &K, type_: EventType, reason: &str, note: &str) {
+    let event = Event {
+        type_,
+        reason: reason.into(),
+        note: Some(note.chars().take(1000).collect()),
+        action: "Reconcile".into(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&event, &obj.object_ref(&())).await {
+        tracing::warn!(error = %e, "cannot publish a Kubernetes event");
+    }
+}
+
+pub fn error_policy(gw: Arc<RealtimeGateway>, error: &Error, ctx: Arc<Context>) -> Action {
+    ctx.metrics.failures.get_or_create(&vec![("kind", "RealtimeGateway")]).inc();
+    tracing::warn!(gateway = %gw.name_any(), error = %error, "reconcile failed");
+    let note = error.to_string();
+    tokio::spawn(async move {
+        publish_event(&ctx, gw.as_ref(), EventType::Warning, "ReconcileFailed", &note).await;
+    });
+    Action::requeue(Duration::from_secs(30))
+}
+
+impl Verdict {
+    /// Condition reason and message.
+    pub fn reason_message(&self) -> (&'static str, String) {
+        match self {
+            Verdict::Accepted => ("Accepted", "compiled into the gateway's policy bundle".into()),
+            Verdict::Rejected { reason, message } => (reason, message.clone()),
+        }
+    }
+}

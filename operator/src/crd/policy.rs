@@ -1,0 +1,78 @@
+//! `TopicPolicy`: one tenant's allowlist on one gateway.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::{CustomResource, KubeSchema};
+use serde::{Deserialize, Serialize};
+use switchboard_config::InteractionClass;
+
+/// One tenant's subscribe/publish allowlist and limits on one gateway.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "switchboard.dev",
+    version = "v1alpha1",
+    kind = "TopicPolicy",
+    namespaced,
+    status = "TopicPolicyStatus",
+    shortname = "tpol",
+    category = "switchboard",
+    printcolumn(name = "Tenant", type_ = "string", json_path = ".spec.tenant"),
+    printcolumn(name = "Gateway", type_ = "string", json_path = ".spec.gateway"),
+    printcolumn(name = "Accepted", type_ = "string", json_path = ".status.conditions[?(@.type==\"Accepted\")].status"),
+    printcolumn(name = "Reason", type_ = "string", json_path = ".status.conditions[?(@.type==\"Accepted\")].reason"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct TopicPolicySpec {
+    /// Name of the RealtimeGateway (same namespace) this policy applies to.
+    pub gateway: String,
+    /// The tenant (the token's tenant claim).
+    #[x_kube(validation = Rule::new("self.matches('^[A-Za-z0-9_.:-]{1,128}$')").message("tenant must be 1-128 characters of [A-Za-z0-9_.:-]"))]
+    pub tenant: String,
+    /// Patterns this tenant's connections may subscribe to.
+    #[serde(default)]
+    pub subscribe: Vec<PatternRule>,
+    /// Topics this tenant's publishers may publish to.
+    #[serde(default)]
+    pub publish: Vec<PatternRule>,
+    #[serde(default)]
+    pub limits: PolicyLimits,
+    /// How long this tenant's events stay replayable, in seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self >= 1"))]
+    pub history_retention_seconds: Option<i64>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PatternRule {
+    /// `*` matches one token; a trailing `*` or `>` matches the rest.
+    #[x_kube(validation = Rule::new("self.matches('^(([A-Za-z0-9_:-]+|[*])([.]([A-Za-z0-9_:-]+|[*]))*([.]>)?|>)$')").message("a pattern is dot-separated tokens of [A-Za-z0-9_:-], '*' for one token, and a trailing '*' or '>'"))]
+    pub pattern: String,
+    /// Interaction class (seed 002): presence (A), stream (B), interactive (C), critical (D: no realtime).
+    #[serde(default)]
+    pub class: InteractionClass,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PolicyLimits {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self >= 1"))]
+    pub connections: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self >= 1"))]
+    pub subscriptions_per_connection: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self >= 1"))]
+    pub messages_per_minute: Option<i32>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TopicPolicyStatus {
+    /// `Accepted` (reasons: `Accepted`, `Conflict`, `InvalidPattern`, `GatewayNotFound`).
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}
