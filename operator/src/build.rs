@@ -4,16 +4,18 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment};
+use k8s_openapi::api::apps::v1::{
+    Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment,
+};
 use k8s_openapi::api::autoscaling::v2::{
-    CrossVersionObjectReference, HorizontalPodAutoscaler, HorizontalPodAutoscalerSpec, MetricSpec, MetricTarget,
-    ResourceMetricSource,
+    CrossVersionObjectReference, HorizontalPodAutoscaler, HorizontalPodAutoscalerSpec, MetricSpec,
+    MetricTarget, ResourceMetricSource,
 };
 use k8s_openapi::api::core::v1::{
-    Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction,
-    KeyToPath, Lifecycle, LifecycleHandler, ObjectFieldSelector, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
-    SecretVolumeSource, SecurityContext, Service, ServiceAccount, ServicePort, ServiceSpec, SleepAction, Volume,
-    VolumeMount,
+    Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource,
+    HTTPGetAction, KeyToPath, Lifecycle, LifecycleHandler, ObjectFieldSelector, PodSecurityContext,
+    PodSpec, PodTemplateSpec, Probe, SecretVolumeSource, SecurityContext, Service, ServiceAccount,
+    ServicePort, ServiceSpec, SleepAction, Volume, VolumeMount,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
@@ -58,22 +60,35 @@ pub struct Objects {
 
 pub fn labels(gw: &RealtimeGateway) -> BTreeMap<String, String> {
     BTreeMap::from([
-        ("app.kubernetes.io/name".to_owned(), "switchboard-gateway".to_owned()),
+        (
+            "app.kubernetes.io/name".to_owned(),
+            "switchboard-gateway".to_owned(),
+        ),
         ("app.kubernetes.io/instance".to_owned(), gw.name_any()),
-        ("app.kubernetes.io/managed-by".to_owned(), "switchboard-operator".to_owned()),
+        (
+            "app.kubernetes.io/managed-by".to_owned(),
+            "switchboard-operator".to_owned(),
+        ),
     ])
 }
 
 /// The label selector of a gateway's pods (stable across updates).
 pub fn selector(gw: &RealtimeGateway) -> BTreeMap<String, String> {
     BTreeMap::from([
-        ("app.kubernetes.io/name".to_owned(), "switchboard-gateway".to_owned()),
+        (
+            "app.kubernetes.io/name".to_owned(),
+            "switchboard-gateway".to_owned(),
+        ),
         ("app.kubernetes.io/instance".to_owned(), gw.name_any()),
     ])
 }
 
 pub fn selector_string(gw: &RealtimeGateway) -> String {
-    selector(gw).iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",")
+    selector(gw)
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 fn meta(gw: &RealtimeGateway, owner: &OwnerReference, suffix: &str) -> ObjectMeta {
@@ -126,9 +141,16 @@ pub fn gateway_config(gw: &RealtimeGateway) -> GatewayConfig {
     if let Some(n) = &spec.nats {
         c.nats = Some(NatsConfig {
             urls: n.urls.clone(),
-            credentials_file: n.credentials_secret.as_ref().map(|_| NATS_CREDS_PATH.into()),
+            credentials_file: n
+                .credentials_secret
+                .as_ref()
+                .map(|_| NATS_CREDS_PATH.into()),
             regions: n.regions.clone(),
-            placement_cluster: Some(n.placement_cluster.clone().unwrap_or_else(|| spec.region.clone())),
+            placement_cluster: Some(
+                n.placement_cluster
+                    .clone()
+                    .unwrap_or_else(|| spec.region.clone()),
+            ),
             stream_replicas: n.stream_replicas.unwrap_or(3) as usize,
             ..NatsConfig::default()
         });
@@ -137,17 +159,26 @@ pub fn gateway_config(gw: &RealtimeGateway) -> GatewayConfig {
 }
 
 fn sha256(text: &str) -> String {
-    Sha256::digest(text.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
+    Sha256::digest(text.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// Build every object for a gateway and its compiled bundle.
-pub fn build(gw: &RealtimeGateway, bundle: &PolicyBundle, default_image: &str) -> Result<Objects, BuildError> {
+pub fn build(
+    gw: &RealtimeGateway,
+    bundle: &PolicyBundle,
+    default_image: &str,
+) -> Result<Objects, BuildError> {
     if gw.metadata.name.is_none() || gw.metadata.namespace.is_none() || gw.metadata.uid.is_none() {
         return Err(BuildError::Incomplete);
     }
     let owner = gw.controller_owner_ref(&()).ok_or(BuildError::Incomplete)?;
     let config = gateway_config(gw);
-    config.validate().map_err(|e| BuildError::Config(e.to_string()))?;
+    config
+        .validate()
+        .map_err(|e| BuildError::Config(e.to_string()))?;
     let config_yaml = config.to_yaml();
     let hash = sha256(&config_yaml);
     let name = gw.name_any();
@@ -164,7 +195,10 @@ pub fn build(gw: &RealtimeGateway, bundle: &PolicyBundle, default_image: &str) -
 
     let mut volumes = vec![Volume {
         name: "config".into(),
-        config_map: Some(ConfigMapVolumeSource { name: format!("{name}-config"), ..Default::default() }),
+        config_map: Some(ConfigMapVolumeSource {
+            name: format!("{name}-config"),
+            ..Default::default()
+        }),
         ..Volume::default()
     }];
     let mut mounts = vec![VolumeMount {
@@ -179,41 +213,77 @@ pub fn build(gw: &RealtimeGateway, bundle: &PolicyBundle, default_image: &str) -
             name: vol.into(),
             secret: Some(SecretVolumeSource {
                 secret_name: Some(secret.name.clone()),
-                items: Some(vec![KeyToPath { key: secret.key.clone(), path: file.into(), ..Default::default() }]),
+                items: Some(vec![KeyToPath {
+                    key: secret.key.clone(),
+                    path: file.into(),
+                    ..Default::default()
+                }]),
                 ..Default::default()
             }),
             ..Volume::default()
         });
-        mounts.push(VolumeMount { name: vol.into(), mount_path: dir.into(), read_only: Some(true), ..VolumeMount::default() });
+        mounts.push(VolumeMount {
+            name: vol.into(),
+            mount_path: dir.into(),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        });
     };
     if let Some(s) = &spec.auth.hs256_secret {
         secret_volume("auth", s, HS256_PATH);
     }
-    if let Some(s) = spec.nats.as_ref().and_then(|n| n.credentials_secret.as_ref()) {
+    if let Some(s) = spec
+        .nats
+        .as_ref()
+        .and_then(|n| n.credentials_secret.as_ref())
+    {
         secret_volume("nats-credentials", s, NATS_CREDS_PATH);
     }
 
     let mut env = vec![EnvVar {
         name: "POD_NAME".into(),
         value_from: Some(EnvVarSource {
-            field_ref: Some(ObjectFieldSelector { field_path: "metadata.name".into(), ..Default::default() }),
+            field_ref: Some(ObjectFieldSelector {
+                field_path: "metadata.name".into(),
+                ..Default::default()
+            }),
             ..Default::default()
         }),
         ..EnvVar::default()
     }];
     if let Some(t) = &spec.telemetry {
         if let Some(endpoint) = &t.otlp_endpoint {
-            env.push(EnvVar { name: "OTEL_EXPORTER_OTLP_ENDPOINT".into(), value: Some(endpoint.clone()), ..EnvVar::default() });
+            env.push(EnvVar {
+                name: "OTEL_EXPORTER_OTLP_ENDPOINT".into(),
+                value: Some(endpoint.clone()),
+                ..EnvVar::default()
+            });
         }
         if let Some(ratio) = t.sampling_ratio {
-            env.push(EnvVar { name: "OTEL_TRACES_SAMPLER".into(), value: Some("parentbased_traceidratio".into()), ..EnvVar::default() });
-            env.push(EnvVar { name: "OTEL_TRACES_SAMPLER_ARG".into(), value: Some(ratio.to_string()), ..EnvVar::default() });
+            env.push(EnvVar {
+                name: "OTEL_TRACES_SAMPLER".into(),
+                value: Some("parentbased_traceidratio".into()),
+                ..EnvVar::default()
+            });
+            env.push(EnvVar {
+                name: "OTEL_TRACES_SAMPLER_ARG".into(),
+                value: Some(ratio.to_string()),
+                ..EnvVar::default()
+            });
         }
-        env.push(EnvVar { name: "OTEL_SERVICE_NAME".into(), value: Some("switchboard-gateway".into()), ..EnvVar::default() });
+        env.push(EnvVar {
+            name: "OTEL_SERVICE_NAME".into(),
+            value: Some("switchboard-gateway".into()),
+            ..EnvVar::default()
+        });
     }
 
     let probe = |path: &str, period: i32| Probe {
-        http_get: Some(HTTPGetAction { path: Some(path.into()), port: IntOrString::String("http".into()), ..Default::default() }),
+        http_get: Some(HTTPGetAction {
+            path: Some(path.into()),
+            port: IntOrString::String("http".into()),
+            ..Default::default()
+        }),
         period_seconds: Some(period),
         failure_threshold: Some(3),
         ..Probe::default()
@@ -227,15 +297,29 @@ pub fn build(gw: &RealtimeGateway, bundle: &PolicyBundle, default_image: &str) -
 
     let container = Container {
         name: "gateway".into(),
-        image: Some(spec.image.clone().unwrap_or_else(|| default_image.to_owned())),
-        args: Some(vec!["--config".into(), format!("{CONFIG_DIR}/{CONFIG_KEY}")]),
-        ports: Some(vec![ContainerPort { name: Some("http".into()), container_port: PORT, ..Default::default() }]),
+        image: Some(
+            spec.image
+                .clone()
+                .unwrap_or_else(|| default_image.to_owned()),
+        ),
+        args: Some(vec![
+            "--config".into(),
+            format!("{CONFIG_DIR}/{CONFIG_KEY}"),
+        ]),
+        ports: Some(vec![ContainerPort {
+            name: Some("http".into()),
+            container_port: PORT,
+            ..Default::default()
+        }]),
         env: Some(env),
         readiness_probe: Some(probe("/readyz", 5)),
         liveness_probe: Some(probe("/healthz", 10)),
         // Let endpoints stop routing new clients here before the drain begins.
         lifecycle: Some(Lifecycle {
-            pre_stop: Some(LifecycleHandler { sleep: Some(SleepAction { seconds: 5 }), ..Default::default() }),
+            pre_stop: Some(LifecycleHandler {
+                sleep: Some(SleepAction { seconds: 5 }),
+                ..Default::default()
+            }),
             ..Default::default()
         }),
         resources: spec.resources.clone(),
@@ -244,7 +328,10 @@ pub fn build(gw: &RealtimeGateway, bundle: &PolicyBundle, default_image: &str) -
             allow_privilege_escalation: Some(false),
             read_only_root_filesystem: Some(true),
             run_as_non_root: Some(true),
-            capabilities: Some(Capabilities { drop: Some(vec!["ALL".into()]), ..Default::default() }),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".into()]),
+                ..Default::default()
+            }),
             ..Default::default()
         }),
         ..Container::default()
@@ -253,8 +340,15 @@ pub fn build(gw: &RealtimeGateway, bundle: &PolicyBundle, default_image: &str) -
         metadata: meta(gw, &owner, ""),
         spec: DeploymentSpec {
             // With autoscaling the HPA owns the replica count.
-            replicas: if spec.autoscaling.is_some() { None } else { Some(spec.replicas.unwrap_or(DEFAULT_REPLICAS)) },
-            selector: LabelSelector { match_labels: Some(selector(gw)), ..Default::default() },
+            replicas: if spec.autoscaling.is_some() {
+                None
+            } else {
+                Some(spec.replicas.unwrap_or(DEFAULT_REPLICAS))
+            },
+            selector: LabelSelector {
+                match_labels: Some(selector(gw)),
+                ..Default::default()
+            },
             strategy: Some(DeploymentStrategy {
                 type_: Some("RollingUpdate".into()),
                 rolling_update: Some(RollingUpdateDeployment {
@@ -316,7 +410,10 @@ pub fn build(gw: &RealtimeGateway, bundle: &PolicyBundle, default_image: &str) -
         metadata: meta(gw, &owner, ""),
         spec: Some(PodDisruptionBudgetSpec {
             max_unavailable: Some(IntOrString::Int(1)),
-            selector: Some(LabelSelector { match_labels: Some(selector(gw)), ..Default::default() }),
+            selector: Some(LabelSelector {
+                match_labels: Some(selector(gw)),
+                ..Default::default()
+            }),
             ..Default::default()
         }),
         ..PodDisruptionBudget::default()
@@ -350,7 +447,11 @@ pub fn build(gw: &RealtimeGateway, bundle: &PolicyBundle, default_image: &str) -
     });
 
     Ok(Objects {
-        service_account: ServiceAccount { metadata: meta(gw, &owner, ""), automount_service_account_token: Some(false), ..Default::default() },
+        service_account: ServiceAccount {
+            metadata: meta(gw, &owner, ""),
+            automount_service_account_token: Some(false),
+            ..Default::default()
+        },
         config_map,
         deployment,
         service,

@@ -22,7 +22,13 @@ enum Outcome {
 }
 
 impl LeaseLock {
-    pub fn new(client: kube::Client, namespace: &str, name: &str, identity: &str, duration: Duration) -> Self {
+    pub fn new(
+        client: kube::Client,
+        namespace: &str,
+        name: &str,
+        identity: &str,
+        duration: Duration,
+    ) -> Self {
         Self {
             api: Api::namespaced(client, namespace),
             name: name.into(),
@@ -46,7 +52,10 @@ impl LeaseLock {
         match self.api.get_opt(&self.name).await? {
             None => {
                 let lease = Lease {
-                    metadata: ObjectMeta { name: Some(self.name.clone()), ..ObjectMeta::default() },
+                    metadata: ObjectMeta {
+                        name: Some(self.name.clone()),
+                        ..ObjectMeta::default()
+                    },
                     spec: Some(spec(0, None)),
                 };
                 match self.api.create(&PostParams::default(), &lease).await {
@@ -69,7 +78,11 @@ impl LeaseLock {
                 let acquired = if ours { current.acquire_time } else { None };
                 lease.spec = Some(spec(transitions, acquired));
                 // `replace` carries the resourceVersion: a concurrent writer makes it fail.
-                match self.api.replace(&self.name, &PostParams::default(), &lease).await {
+                match self
+                    .api
+                    .replace(&self.name, &PostParams::default(), &lease)
+                    .await
+                {
                     Ok(_) => Ok(Outcome::Held),
                     Err(kube::Error::Api(s)) if s.code == 409 => Ok(Outcome::Taken),
                     Err(e) => Err(e),

@@ -6,7 +6,7 @@
 //! - [`controller`]: read → validate → build → apply → status.
 pub mod build;
 pub mod controller;
+pub mod crd;
 pub mod lease;
 pub mod metrics;
-pub mod crd;
 pub mod validate;

@@ -18,7 +18,11 @@ use switchboard_operator::metrics::Metrics;
 use switchboard_operator::{build, crd, validate};
 
 #[derive(Parser)]
-#[command(name = "switchboard-operator", version, about = "Switchboard Kubernetes operator")]
+#[command(
+    name = "switchboard-operator",
+    version,
+    about = "Switchboard Kubernetes operator"
+)]
 struct Args {
     #[command(subcommand)]
     command: Option<Command>,
@@ -44,10 +48,18 @@ enum Command {
 #[derive(clap::Args, Clone)]
 struct RunArgs {
     /// Gateway image used when a RealtimeGateway sets none.
-    #[arg(long, env = "SWITCHBOARD_GATEWAY_IMAGE", default_value = "ghcr.io/switchboard-dev/gateway:0.1.0")]
+    #[arg(
+        long,
+        env = "SWITCHBOARD_GATEWAY_IMAGE",
+        default_value = "ghcr.io/switchboard-dev/gateway:0.1.0"
+    )]
     gateway_image: String,
     /// Address of /healthz and /metrics.
-    #[arg(long, env = "SWITCHBOARD_OPERATOR_METRICS", default_value = "0.0.0.0:8080")]
+    #[arg(
+        long,
+        env = "SWITCHBOARD_OPERATOR_METRICS",
+        default_value = "0.0.0.0:8080"
+    )]
     metrics_addr: SocketAddr,
     /// Namespace of the leader-election Lease (the operator's own).
     #[arg(long, env = "POD_NAMESPACE", default_value = "switchboard-system")]
@@ -60,39 +72,65 @@ struct RunArgs {
     no_leader_election: bool,
 }
 
-
 fn init_logs() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).json().init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .json()
+        .init();
 }
 
 async fn serve_http(addr: SocketAddr, metrics: Arc<Metrics>) -> anyhow::Result<()> {
     use axum::routing::get;
     let app = axum::Router::new()
         .route("/healthz", get(|| async { "ok" }))
-        .route("/metrics", get(move || {
-            let m = metrics.clone();
-            async move { m.render() }
-        }));
-    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
+        .route(
+            "/metrics",
+            get(move || {
+                let m = metrics.clone();
+                async move { m.render() }
+            }),
+        );
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding {addr}"))?;
     axum::serve(listener, app).await?;
     Ok(())
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
     init_logs();
-    let client = Client::try_default().await.context("connecting to the Kubernetes API")?;
+    let client = Client::try_default()
+        .await
+        .context("connecting to the Kubernetes API")?;
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    for name in ["realtimegateways.switchboard.dev", "topicpolicies.switchboard.dev"] {
-        if crds.get_opt(name).await.context("reading CustomResourceDefinitions")?.is_none() {
-            bail!("the CRD {name} is not installed: install the chart's CRDs or run `switchboard-operator crdgen | kubectl apply -f -`");
+    for name in [
+        "realtimegateways.switchboard.dev",
+        "topicpolicies.switchboard.dev",
+    ] {
+        if crds
+            .get_opt(name)
+            .await
+            .context("reading CustomResourceDefinitions")?
+            .is_none()
+        {
+            bail!(
+                "the CRD {name} is not installed: install the chart's CRDs or run `switchboard-operator crdgen | kubectl apply -f -`"
+            );
         }
     }
     let metrics = Arc::new(Metrics::default());
     tokio::spawn(serve_http(args.metrics_addr, metrics.clone()));
     let lease = (!args.no_leader_election).then(|| {
-        LeaseLock::new(client.clone(), &args.lease_namespace, "switchboard-operator", &args.identity, Duration::from_secs(15))
+        LeaseLock::new(
+            client.clone(),
+            &args.lease_namespace,
+            "switchboard-operator",
+            &args.identity,
+            Duration::from_secs(15),
+        )
     });
     if let Some(lease) = &lease {
         tracing::info!(identity = %args.identity, "waiting for the leader lease");
@@ -101,7 +139,13 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     metrics.leader.set(1);
     let ctx = Arc::new(Context {
-        recorder: Recorder::new(client.clone(), Reporter { controller: "switchboard-operator".into(), instance: Some(args.identity.clone()) }),
+        recorder: Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: "switchboard-operator".into(),
+                instance: Some(args.identity.clone()),
+            },
+        ),
         client,
         metrics,
         default_image: args.gateway_image,
@@ -125,21 +169,33 @@ fn render(files: &[PathBuf], image: &str) -> anyhow::Result<()> {
     let mut gateways = Vec::new();
     let mut policies = Vec::new();
     for f in files {
-        let text = std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
+        let text =
+            std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
         for doc in text.split("\n---").filter(|d| d.contains("kind:")) {
-            let v: serde_json::Value = serde_saphyr::from_str(doc).with_context(|| format!("parsing {}", f.display()))?;
+            let v: serde_json::Value =
+                serde_saphyr::from_str(doc).with_context(|| format!("parsing {}", f.display()))?;
             match v["kind"].as_str() {
-                Some("RealtimeGateway") => gateways.push(serde_json::from_value::<RealtimeGateway>(v)?),
+                Some("RealtimeGateway") => {
+                    gateways.push(serde_json::from_value::<RealtimeGateway>(v)?)
+                }
                 Some("TopicPolicy") => policies.push(serde_json::from_value::<TopicPolicy>(v)?),
                 _ => {}
             }
         }
     }
     for mut gw in gateways {
-        gw.metadata.namespace.get_or_insert_with(|| "default".into());
-        gw.metadata.uid.get_or_insert_with(|| "00000000-0000-0000-0000-000000000000".into());
+        gw.metadata
+            .namespace
+            .get_or_insert_with(|| "default".into());
+        gw.metadata
+            .uid
+            .get_or_insert_with(|| "00000000-0000-0000-0000-000000000000".into());
         let name = gw.metadata.name.clone().unwrap_or_default();
-        let mine: Vec<TopicPolicy> = policies.iter().filter(|p| p.spec.gateway == name).cloned().collect();
+        let mine: Vec<TopicPolicy> = policies
+            .iter()
+            .filter(|p| p.spec.gateway == name)
+            .cloned()
+            .collect();
         let (verdicts, bundle) = validate::judge(true, &mine);
         for (policy, v) in verdicts {
             if !v.is_accepted() {
@@ -163,6 +219,9 @@ async fn main() -> anyhow::Result<()> {
             print!("{}", crd::crds_yaml());
             Ok(())
         }
-        Some(Command::Render { files, gateway_image }) => render(&files, &gateway_image),
+        Some(Command::Render {
+            files,
+            gateway_image,
+        }) => render(&files, &gateway_image),
     }
 }

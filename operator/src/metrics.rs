@@ -27,10 +27,28 @@ impl Default for Metrics {
         });
         let leader = Gauge::default();
         registry.register("reconciles", "Reconciliations by kind", reconciles.clone());
-        registry.register("reconcile_failures", "Failed reconciliations by kind", failures.clone());
-        registry.register("reconcile_duration_seconds", "Reconciliation time by kind", duration.clone());
-        registry.register("leader", "1 while this replica holds the leader lease", leader.clone());
-        Self { registry, reconciles, failures, duration, leader }
+        registry.register(
+            "reconcile_failures",
+            "Failed reconciliations by kind",
+            failures.clone(),
+        );
+        registry.register(
+            "reconcile_duration_seconds",
+            "Reconciliation time by kind",
+            duration.clone(),
+        );
+        registry.register(
+            "leader",
+            "1 while this replica holds the leader lease",
+            leader.clone(),
+        );
+        Self {
+            registry,
+            reconciles,
+            failures,
+            duration,
+            leader,
+        }
     }
 }
 

@@ -13,7 +13,10 @@ use crate::crd::policy::PatternRule;
 pub enum Verdict {
     Accepted,
     /// `reason` is the condition reason: `InvalidPattern`, `Conflict`, `GatewayNotFound`.
-    Rejected { reason: &'static str, message: String },
+    Rejected {
+        reason: &'static str,
+        message: String,
+    },
 }
 
 impl Verdict {
@@ -22,12 +25,18 @@ impl Verdict {
     }
 }
 
-fn rules(kind: &str, rules: &[PatternRule]) -> Result<Vec<switchboard_config::PatternRule>, String> {
+fn rules(
+    kind: &str,
+    rules: &[PatternRule],
+) -> Result<Vec<switchboard_config::PatternRule>, String> {
     rules
         .iter()
         .map(|r| {
             Pattern::parse(&r.pattern)
-                .map(|pattern| switchboard_config::PatternRule { pattern, class: r.class })
+                .map(|pattern| switchboard_config::PatternRule {
+                    pattern,
+                    class: r.class,
+                })
                 .map_err(|e| format!("{kind} pattern {:?}: {e}", r.pattern))
         })
         .collect()
@@ -37,7 +46,10 @@ fn rules(kind: &str, rules: &[PatternRule]) -> Result<Vec<switchboard_config::Pa
 pub fn compile(policy: &TopicPolicy) -> Result<TenantPolicy, String> {
     let spec = &policy.spec;
     if !switchboard_config::policy::valid_tenant(&spec.tenant) {
-        return Err(format!("tenant {:?} must be 1-128 characters of [A-Za-z0-9_.:-]", spec.tenant));
+        return Err(format!(
+            "tenant {:?} must be 1-128 characters of [A-Za-z0-9_.:-]",
+            spec.tenant
+        ));
     }
     let positive = |v: Option<i64>, what: &str| -> Result<Option<u64>, String> {
         match v {
@@ -56,24 +68,38 @@ pub fn compile(policy: &TopicPolicy) -> Result<TenantPolicy, String> {
                 "limits.subscriptionsPerConnection",
             )?
             .map(|n| n.min(u32::MAX as u64) as u32),
-            messages_per_minute: positive(spec.limits.messages_per_minute.map(i64::from), "limits.messagesPerMinute")?
-                .map(|n| n.min(u32::MAX as u64) as u32),
+            messages_per_minute: positive(
+                spec.limits.messages_per_minute.map(i64::from),
+                "limits.messagesPerMinute",
+            )?
+            .map(|n| n.min(u32::MAX as u64) as u32),
             max_message_bytes: None,
         },
-        history_retention_seconds: positive(spec.history_retention_seconds, "historyRetentionSeconds")?,
+        history_retention_seconds: positive(
+            spec.history_retention_seconds,
+            "historyRetentionSeconds",
+        )?,
     })
 }
 
 /// Judge every policy that names one gateway. Two policies claiming the same
 /// tenant conflict: the older one (by creation time, then name) keeps the
 /// tenant and the newer is rejected; nothing is merged.
-pub fn judge(gateway_exists: bool, policies: &[TopicPolicy]) -> (BTreeMap<String, Verdict>, PolicyBundle) {
+pub fn judge(
+    gateway_exists: bool,
+    policies: &[TopicPolicy],
+) -> (BTreeMap<String, Verdict>, PolicyBundle) {
     let mut verdicts = BTreeMap::new();
     let mut bundle = PolicyBundle::default();
     let mut owner: BTreeMap<String, String> = BTreeMap::new();
     let mut ordered: Vec<&TopicPolicy> = policies.iter().collect();
     ordered.sort_by(|a, b| {
-        let key = |p: &TopicPolicy| (p.metadata.creation_timestamp.clone().map(|t| t.0), p.metadata.name.clone());
+        let key = |p: &TopicPolicy| {
+            (
+                p.metadata.creation_timestamp.clone().map(|t| t.0),
+                p.metadata.name.clone(),
+            )
+        };
         key(a).cmp(&key(b))
     });
     for p in ordered {
@@ -81,11 +107,17 @@ pub fn judge(gateway_exists: bool, policies: &[TopicPolicy]) -> (BTreeMap<String
         let verdict = if !gateway_exists {
             Verdict::Rejected {
                 reason: "GatewayNotFound",
-                message: format!("RealtimeGateway {:?} does not exist in this namespace", p.spec.gateway),
+                message: format!(
+                    "RealtimeGateway {:?} does not exist in this namespace",
+                    p.spec.gateway
+                ),
             }
         } else {
             match compile(p) {
-                Err(message) => Verdict::Rejected { reason: "InvalidPattern", message },
+                Err(message) => Verdict::Rejected {
+                    reason: "InvalidPattern",
+                    message,
+                },
                 Ok(_) if owner.contains_key(&p.spec.tenant) => Verdict::Rejected {
                     reason: "Conflict",
                     message: format!(
@@ -121,7 +153,10 @@ mod tests {
                 tenant: tenant.into(),
                 subscribe: patterns
                     .iter()
-                    .map(|p| PatternRule { pattern: p.to_string(), class: InteractionClass::Stream })
+                    .map(|p| PatternRule {
+                        pattern: p.to_string(),
+                        class: InteractionClass::Stream,
+                    })
                     .collect(),
                 publish: vec![],
                 limits: PolicyLimits::default(),
@@ -144,18 +179,34 @@ mod tests {
         ];
         let (v, bundle) = judge(true, &ps);
         assert_eq!(v["a-older"], Verdict::Accepted);
-        assert!(matches!(&v["b-newer"], Verdict::Rejected { reason: "Conflict", message } if message.contains("a-older")));
-        assert!(matches!(&v["bad"], Verdict::Rejected { reason: "InvalidPattern", message } if message.contains("a.>.b")));
+        assert!(
+            matches!(&v["b-newer"], Verdict::Rejected { reason: "Conflict", message } if message.contains("a-older"))
+        );
+        assert!(
+            matches!(&v["bad"], Verdict::Rejected { reason: "InvalidPattern", message } if message.contains("a.>.b"))
+        );
         assert_eq!(v["ok"], Verdict::Accepted);
-        assert_eq!(bundle.tenants.keys().collect::<Vec<_>>(), ["acme", "initech"]);
-        assert_eq!(bundle.tenants["acme"].subscribe[0].pattern.as_str(), "contact.*");
+        assert_eq!(
+            bundle.tenants.keys().collect::<Vec<_>>(),
+            ["acme", "initech"]
+        );
+        assert_eq!(
+            bundle.tenants["acme"].subscribe[0].pattern.as_str(),
+            "contact.*"
+        );
         assert!(bundle.default.is_none(), "unknown tenants are shut out");
     }
 
     #[test]
     fn no_gateway_means_gateway_not_found() {
         let (v, bundle) = judge(false, &[policy("p", "acme", &["a"], 0)]);
-        assert!(matches!(v["p"], Verdict::Rejected { reason: "GatewayNotFound", .. }));
+        assert!(matches!(
+            v["p"],
+            Verdict::Rejected {
+                reason: "GatewayNotFound",
+                ..
+            }
+        ));
         assert!(bundle.tenants.is_empty());
     }
 }

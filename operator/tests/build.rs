@@ -23,13 +23,17 @@ fn docs(file: &str) -> Vec<serde_json::Value> {
 }
 
 fn example_gateway() -> RealtimeGateway {
-    let mut gw: RealtimeGateway = serde_json::from_value(docs("deploy/examples/gateway.yaml").remove(0)).unwrap();
+    let mut gw: RealtimeGateway =
+        serde_json::from_value(docs("deploy/examples/gateway.yaml").remove(0)).unwrap();
     gw.metadata.uid = Some("uid-1".into());
     gw
 }
 
 fn example_policies() -> Vec<TopicPolicy> {
-    docs("deploy/examples/policies.yaml").into_iter().map(|d| serde_json::from_value(d).unwrap()).collect()
+    docs("deploy/examples/policies.yaml")
+        .into_iter()
+        .map(|d| serde_json::from_value(d).unwrap())
+        .collect()
 }
 
 #[test]
@@ -53,12 +57,18 @@ fn the_config_map_holds_exactly_what_the_gateway_reads() {
     assert_eq!(config.region, "eu");
     assert_eq!(config.allowed_origins, ["https://app.example.com"]);
     assert_eq!(config.limits.max_connections, 50_000);
-    assert_eq!(config.auth.hs256_secret_file.unwrap().to_str(), Some("/var/run/switchboard/auth/hs256"));
+    assert_eq!(
+        config.auth.hs256_secret_file.unwrap().to_str(),
+        Some("/var/run/switchboard/auth/hs256")
+    );
     let nats = config.nats.unwrap();
     assert_eq!(nats.regions, ["eu", "us"]);
     assert_eq!(nats.placement_cluster.as_deref(), Some("eu"));
     assert_eq!(nats.stream_replicas, 3);
-    assert_eq!(config.policy_file.unwrap().to_str(), Some("/etc/switchboard/policy.yaml"));
+    assert_eq!(
+        config.policy_file.unwrap().to_str(),
+        Some("/etc/switchboard/policy.yaml")
+    );
     let parsed = PolicyBundle::from_yaml(&data[POLICY_KEY]).unwrap();
     assert_eq!(parsed, bundle);
     assert_eq!(parsed.tenants.keys().collect::<Vec<_>>(), ["1042", "acme"]);
@@ -66,7 +76,15 @@ fn the_config_map_holds_exactly_what_the_gateway_reads() {
 }
 
 fn hash(d: &Deployment) -> String {
-    d.spec.template.metadata.as_ref().unwrap().annotations.as_ref().unwrap()[CONFIG_HASH].clone()
+    d.spec
+        .template
+        .metadata
+        .as_ref()
+        .unwrap()
+        .annotations
+        .as_ref()
+        .unwrap()[CONFIG_HASH]
+        .clone()
 }
 
 #[test]
@@ -79,7 +97,10 @@ fn gateway_changes_roll_pods_policy_changes_do_not() {
     assert_eq!(hash(&before.deployment), hash(&policy_only.deployment));
     assert_ne!(before.config_map.data, policy_only.config_map.data);
     let mut changed = gw.clone();
-    changed.spec.allowed_origins.push("https://admin.example.com".into());
+    changed
+        .spec
+        .allowed_origins
+        .push("https://admin.example.com".into());
     let rolled = build::build(&changed, &bundle, "img:1").unwrap();
     assert_ne!(hash(&before.deployment), hash(&rolled.deployment));
 }
@@ -91,14 +112,53 @@ fn autoscaling_secrets_probes_and_ownership() {
     let spec = &o.deployment.spec;
     assert_eq!(spec.replicas, None, "the HPA owns the replica count");
     let hpa = o.hpa.as_ref().unwrap();
-    assert_eq!((hpa.spec.min_replicas, hpa.spec.max_replicas), (Some(2), 10));
+    assert_eq!(
+        (hpa.spec.min_replicas, hpa.spec.max_replicas),
+        (Some(2), 10)
+    );
     let pod = spec.template.spec.as_ref().unwrap();
-    assert_eq!(pod.termination_grace_period_seconds, Some(50), "drain + preStop + margin");
+    assert_eq!(
+        pod.termination_grace_period_seconds,
+        Some(50),
+        "drain + preStop + margin"
+    );
     let c = &pod.containers[0];
-    assert_eq!(c.readiness_probe.as_ref().unwrap().http_get.as_ref().unwrap().path.as_deref(), Some("/readyz"));
-    assert_eq!(c.liveness_probe.as_ref().unwrap().http_get.as_ref().unwrap().path.as_deref(), Some("/healthz"));
-    assert_eq!(c.security_context.as_ref().unwrap().read_only_root_filesystem, Some(true));
-    let volumes: Vec<String> = pod.volumes.as_ref().unwrap().iter().map(|v| v.name.clone()).collect();
+    assert_eq!(
+        c.readiness_probe
+            .as_ref()
+            .unwrap()
+            .http_get
+            .as_ref()
+            .unwrap()
+            .path
+            .as_deref(),
+        Some("/readyz")
+    );
+    assert_eq!(
+        c.liveness_probe
+            .as_ref()
+            .unwrap()
+            .http_get
+            .as_ref()
+            .unwrap()
+            .path
+            .as_deref(),
+        Some("/healthz")
+    );
+    assert_eq!(
+        c.security_context
+            .as_ref()
+            .unwrap()
+            .read_only_root_filesystem,
+        Some(true)
+    );
+    let volumes: Vec<String> = pod
+        .volumes
+        .as_ref()
+        .unwrap()
+        .iter()
+        .map(|v| v.name.clone())
+        .collect();
     assert_eq!(volumes, ["config", "auth", "nats-credentials"]);
     for obj in o.to_json() {
         let owner = &obj["metadata"]["ownerReferences"][0];
@@ -118,21 +178,28 @@ fn autoscaling_secrets_probes_and_ownership() {
 fn golden_render_of_the_examples() {
     let gw = example_gateway();
     let (_, bundle) = validate::judge(true, &example_policies());
-    let objects = build::build(&gw, &bundle, "ghcr.io/switchboard-dev/gateway:0.1.0").unwrap().to_json();
+    let objects = build::build(&gw, &bundle, "ghcr.io/switchboard-dev/gateway:0.1.0")
+        .unwrap()
+        .to_json();
     let rendered = serde_json::to_string_pretty(&objects).unwrap() + "\n";
     let golden = root().join("operator/tests/golden/examples.json");
     if std::env::var_os("UPDATE_GOLDEN").is_some() {
         std::fs::write(&golden, &rendered).unwrap();
     }
     let expected = std::fs::read_to_string(&golden).unwrap_or_default();
-    assert!(expected == rendered, "golden output changed; review and run with UPDATE_GOLDEN=1");
+    assert!(
+        expected == rendered,
+        "golden output changed; review and run with UPDATE_GOLDEN=1"
+    );
 }
 
 #[test]
 fn invalid_gateway_settings_are_reported_not_built() {
     let mut gw = example_gateway();
     gw.spec.region = "eu west".into();
-    let err = build::build(&gw, &Default::default(), "img").unwrap_err().to_string();
+    let err = build::build(&gw, &Default::default(), "img")
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("region"), "{err}");
     let mut gw = example_gateway();
     gw.metadata.uid = None;

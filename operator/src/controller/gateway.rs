@@ -22,7 +22,11 @@ use crate::validate::{self, Verdict};
 /// Server-side apply of one object under the operator's field manager.
 pub async fn apply<K>(client: &kube::Client, ns: &str, obj: &K) -> Result<K, Error>
 where
-    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()> + Clone + DeserializeOwned + Serialize + std::fmt::Debug,
+    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + DeserializeOwned
+        + Serialize
+        + std::fmt::Debug,
 {
     let api: Api<K> = Api::namespaced(client.clone(), ns);
     let mut body = serde_json::to_value(obj)?;
@@ -30,7 +34,13 @@ where
         m.insert("apiVersion".into(), K::api_version(&()).into());
         m.insert("kind".into(), K::kind(&()).into());
     }
-    Ok(api.patch(&obj.name_any(), &PatchParams::apply(MANAGER).force(), &Patch::Apply(&body)).await?)
+    Ok(api
+        .patch(
+            &obj.name_any(),
+            &PatchParams::apply(MANAGER).force(),
+            &Patch::Apply(&body),
+        )
+        .await?)
 }
 
 pub async fn reconcile(gw: Arc<RealtimeGateway>, ctx: Arc<Context>) -> Result<Action, Error> {
@@ -38,7 +48,10 @@ pub async fn reconcile(gw: Arc<RealtimeGateway>, ctx: Arc<Context>) -> Result<Ac
     let labels = vec![("kind", "RealtimeGateway")];
     ctx.metrics.reconciles.get_or_create(&labels).inc();
     let result = reconcile_inner(&gw, &ctx).await;
-    ctx.metrics.duration.get_or_create(&labels).observe(started.elapsed().as_secs_f64());
+    ctx.metrics
+        .duration
+        .get_or_create(&labels)
+        .observe(started.elapsed().as_secs_f64());
     result
 }
 
@@ -67,9 +80,30 @@ async fn reconcile_inner(gw: &RealtimeGateway, ctx: &Context) -> Result<Action, 
             publish_event(ctx, gw, EventType::Warning, "InvalidSpec", &message).await;
             let status = RealtimeGatewayStatus {
                 conditions: vec![
-                    condition(&previous, "Ready", false, "InvalidSpec", &message, generation),
-                    condition(&previous, "Progressing", false, "InvalidSpec", &message, generation),
-                    condition(&previous, "Degraded", true, "InvalidSpec", &message, generation),
+                    condition(
+                        &previous,
+                        "Ready",
+                        false,
+                        "InvalidSpec",
+                        &message,
+                        generation,
+                    ),
+                    condition(
+                        &previous,
+                        "Progressing",
+                        false,
+                        "InvalidSpec",
+                        &message,
+                        generation,
+                    ),
+                    condition(
+                        &previous,
+                        "Degraded",
+                        true,
+                        "InvalidSpec",
+                        &message,
+                        generation,
+                    ),
                 ],
                 observed_generation: generation,
                 selector: Some(build::selector_string(gw)),
@@ -101,7 +135,9 @@ async fn reconcile_inner(gw: &RealtimeGateway, ctx: &Context) -> Result<Action, 
 
     // status: policies
     for p in &mine {
-        let Some(verdict) = verdicts.get(&p.name_any()) else { continue };
+        let Some(verdict) = verdicts.get(&p.name_any()) else {
+            continue;
+        };
         super::policy::set_accepted(client, p, verdict).await?;
     }
     // status: gateway
@@ -110,7 +146,13 @@ async fn reconcile_inner(gw: &RealtimeGateway, ctx: &Context) -> Result<Action, 
         .filter(|(_, v)| !v.is_accepted())
         .map(|(n, _)| n.clone())
         .collect();
-    let status = gateway_status(gw, &deployment, &previous, verdicts.values().filter(|v| v.is_accepted()).count(), &rejected);
+    let status = gateway_status(
+        gw,
+        &deployment,
+        &previous,
+        verdicts.values().filter(|v| v.is_accepted()).count(),
+        &rejected,
+    );
     patch_gateway_status(client, &ns, &name, &status).await?;
     Ok(Action::requeue(RESYNC))
 }
@@ -139,9 +181,42 @@ pub fn gateway_status(
     };
     RealtimeGatewayStatus {
         conditions: vec![
-            condition(previous, "Ready", is_ready, if is_ready { "PodsReady" } else { "PodsNotReady" }, &ready_msg, generation),
-            condition(previous, "Progressing", !rolled, if rolled { "RolloutComplete" } else { "RollingOut" }, &ready_msg, generation),
-            condition(previous, "Degraded", !rejected.is_empty(), if rejected.is_empty() { "AsExpected" } else { "PoliciesRejected" }, &degraded_msg, generation),
+            condition(
+                previous,
+                "Ready",
+                is_ready,
+                if is_ready {
+                    "PodsReady"
+                } else {
+                    "PodsNotReady"
+                },
+                &ready_msg,
+                generation,
+            ),
+            condition(
+                previous,
+                "Progressing",
+                !rolled,
+                if rolled {
+                    "RolloutComplete"
+                } else {
+                    "RollingOut"
+                },
+                &ready_msg,
+                generation,
+            ),
+            condition(
+                previous,
+                "Degraded",
+                !rejected.is_empty(),
+                if rejected.is_empty() {
+                    "AsExpected"
+                } else {
+                    "PoliciesRejected"
+                },
+                &degraded_msg,
+                generation,
+            ),
         ],
         observed_generation: generation,
         replicas: st.replicas.unwrap_or(0),
@@ -151,18 +226,34 @@ pub fn gateway_status(
     }
 }
 
-async fn patch_gateway_status(client: &kube::Client, ns: &str, name: &str, status: &RealtimeGatewayStatus) -> Result<(), Error> {
+async fn patch_gateway_status(
+    client: &kube::Client,
+    ns: &str,
+    name: &str,
+    status: &RealtimeGatewayStatus,
+) -> Result<(), Error> {
     let api: Api<RealtimeGateway> = Api::namespaced(client.clone(), ns);
     let body = json!({
         "apiVersion": RealtimeGateway::api_version(&()),
         "kind": RealtimeGateway::kind(&()),
         "status": status,
     });
-    api.patch_status(name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&body)).await?;
+    api.patch_status(
+        name,
+        &PatchParams::apply(MANAGER).force(),
+        &Patch::Apply(&body),
+    )
+    .await?;
     Ok(())
 }
 
-pub(crate) async fn publish_event<K: Resource<DynamicType = ()>>(ctx: &Context, obj: &K, type_: EventType, reason: &str, note: &str) {
+pub(crate) async fn publish_event<K: Resource<DynamicType = ()>>(
+    ctx: &Context,
+    obj: &K,
+    type_: EventType,
+    reason: &str,
+    note: &str,
+) {
     let event = Event {
         type_,
         reason: reason.into(),
@@ -176,11 +267,21 @@ pub(crate) async fn publish_event<K: Resource<DynamicType = ()>>(ctx: &Context, 
 }
 
 pub fn error_policy(gw: Arc<RealtimeGateway>, error: &Error, ctx: Arc<Context>) -> Action {
-    ctx.metrics.failures.get_or_create(&vec![("kind", "RealtimeGateway")]).inc();
+    ctx.metrics
+        .failures
+        .get_or_create(&vec![("kind", "RealtimeGateway")])
+        .inc();
     tracing::warn!(gateway = %gw.name_any(), error = %error, "reconcile failed");
     let note = error.to_string();
     tokio::spawn(async move {
-        publish_event(&ctx, gw.as_ref(), EventType::Warning, "ReconcileFailed", &note).await;
+        publish_event(
+            &ctx,
+            gw.as_ref(),
+            EventType::Warning,
+            "ReconcileFailed",
+            &note,
+        )
+        .await;
     });
     Action::requeue(Duration::from_secs(30))
 }
@@ -189,7 +290,10 @@ impl Verdict {
     /// Condition reason and message.
     pub fn reason_message(&self) -> (&'static str, String) {
         match self {
-            Verdict::Accepted => ("Accepted", "compiled into the gateway's policy bundle".into()),
+            Verdict::Accepted => (
+                "Accepted",
+                "compiled into the gateway's policy bundle".into(),
+            ),
             Verdict::Rejected { reason, message } => (reason, message.clone()),
         }
     }

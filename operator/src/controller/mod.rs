@@ -73,7 +73,10 @@ pub fn condition(
 }
 
 /// Run both controllers until `shutdown` resolves.
-pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static) {
+pub async fn run(
+    ctx: Arc<Context>,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
     let client = ctx.client.clone();
     let cfg = watcher::Config::default();
     let (tx, rx) = tokio::sync::watch::channel(false);
@@ -90,9 +93,13 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
         .owns(Api::<Service>::all(client.clone()), cfg.clone())
         .owns(Api::<ServiceAccount>::all(client.clone()), cfg.clone())
         .owns(Api::<PodDisruptionBudget>::all(client.clone()), cfg.clone())
-        .owns(Api::<HorizontalPodAutoscaler>::all(client.clone()), cfg.clone())
+        .owns(
+            Api::<HorizontalPodAutoscaler>::all(client.clone()),
+            cfg.clone(),
+        )
         .watches(Api::<TopicPolicy>::all(client.clone()), cfg.clone(), |p| {
-            p.namespace().map(|ns| ObjectRef::new(&p.spec.gateway).within(&ns))
+            p.namespace()
+                .map(|ns| ObjectRef::new(&p.spec.gateway).within(&ns))
         })
         .graceful_shutdown_on(stop(rx.clone()))
         .run(gateway::reconcile, gateway::error_policy, ctx.clone())

@@ -15,15 +15,28 @@ use super::{Context, Error, MANAGER, RESYNC, condition};
 use crate::crd::{RealtimeGateway, TopicPolicy, TopicPolicyStatus};
 use crate::validate::{self, Verdict};
 
-pub async fn set_accepted(client: &kube::Client, p: &TopicPolicy, verdict: &Verdict) -> Result<(), Error> {
+pub async fn set_accepted(
+    client: &kube::Client,
+    p: &TopicPolicy,
+    verdict: &Verdict,
+) -> Result<(), Error> {
     let ns = p.namespace().ok_or(Error::NoNamespace)?;
     let previous = p.status.clone().unwrap_or_default().conditions;
     let (reason, message) = verdict.reason_message();
     let status = TopicPolicyStatus {
-        conditions: vec![condition(&previous, "Accepted", verdict.is_accepted(), reason, &message, p.metadata.generation)],
+        conditions: vec![condition(
+            &previous,
+            "Accepted",
+            verdict.is_accepted(),
+            reason,
+            &message,
+            p.metadata.generation,
+        )],
         observed_generation: p.metadata.generation,
     };
-    if p.status.as_ref().is_some_and(|s| s.conditions == status.conditions && s.observed_generation == status.observed_generation) {
+    if p.status.as_ref().is_some_and(|s| {
+        s.conditions == status.conditions && s.observed_generation == status.observed_generation
+    }) {
         return Ok(());
     }
     let body = json!({
@@ -32,7 +45,11 @@ pub async fn set_accepted(client: &kube::Client, p: &TopicPolicy, verdict: &Verd
         "status": status,
     });
     Api::<TopicPolicy>::namespaced(client.clone(), &ns)
-        .patch_status(&p.name_any(), &PatchParams::apply(MANAGER).force(), &Patch::Apply(&body))
+        .patch_status(
+            &p.name_any(),
+            &PatchParams::apply(MANAGER).force(),
+            &Patch::Apply(&body),
+        )
         .await?;
     Ok(())
 }
@@ -49,7 +66,14 @@ pub async fn reconcile(p: Arc<TopicPolicy>, ctx: Arc<Context>) -> Result<Action,
         if let Some(v) = verdicts.values().next() {
             set_accepted(&ctx.client, &p, v).await?;
             if let Verdict::Rejected { reason, message } = v {
-                super::gateway::publish_event(&ctx, p.as_ref(), EventType::Warning, reason, message).await;
+                super::gateway::publish_event(
+                    &ctx,
+                    p.as_ref(),
+                    EventType::Warning,
+                    reason,
+                    message,
+                )
+                .await;
             }
         }
     }
@@ -57,7 +81,10 @@ pub async fn reconcile(p: Arc<TopicPolicy>, ctx: Arc<Context>) -> Result<Action,
 }
 
 pub fn error_policy(p: Arc<TopicPolicy>, error: &Error, ctx: Arc<Context>) -> Action {
-    ctx.metrics.failures.get_or_create(&vec![("kind", "TopicPolicy")]).inc();
+    ctx.metrics
+        .failures
+        .get_or_create(&vec![("kind", "TopicPolicy")])
+        .inc();
     tracing::warn!(policy = %p.name_any(), error = %error, "reconcile failed");
     Action::requeue(Duration::from_secs(30))
 }

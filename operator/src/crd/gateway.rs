@@ -12,6 +12,8 @@ use super::SecretKeyRef;
 /// A gateway deployment in one region: image, scale, NATS, auth, limits,
 /// exposure and telemetry. The operator renders it into a ServiceAccount,
 /// ConfigMap, Deployment, Service, HPA and PDB.
+// Several printcolumns repeat `type_`: not a duplicated attribute.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[kube(
     group = "switchboard.dev",
@@ -23,9 +25,21 @@ use super::SecretKeyRef;
     category = "switchboard",
     printcolumn(name = "Region", type_ = "string", json_path = ".spec.region"),
     printcolumn(name = "Ready", type_ = "integer", json_path = ".status.readyReplicas"),
-    printcolumn(name = "Policies", type_ = "integer", json_path = ".status.policiesApplied"),
-    printcolumn(name = "Status", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+    printcolumn(
+        name = "Policies",
+        type_ = "integer",
+        json_path = ".status.policiesApplied"
+    ),
+    printcolumn(
+        name = "Status",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    ),
     scale(
         spec_replicas_path = ".spec.replicas",
         status_replicas_path = ".status.replicas",

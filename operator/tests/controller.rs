@@ -1,0 +1,336 @@
+//! The controllers end to end through kube's real `Client` and `Controller`,
+//! against the in-process fake API server (see `fake_api`: no Kubernetes API
+//! server can run on the machines these tests run on). The same scenario runs
+//! against a real cluster with `--features real-cluster` and `KUBECONFIG`
+//! (see docs/operator.md).
+
+mod fake_api;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use fake_api::FakeApi;
+use kube::runtime::events::{Recorder, Reporter};
+use serde_json::{Value, json};
+use switchboard_operator::controller::{self, Context};
+use switchboard_operator::metrics::Metrics;
+
+const NS: &str = "switchboard";
+const CRD_API: &str = "switchboard.dev/v1alpha1";
+
+async fn eventually<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+fn condition<'a>(obj: &'a Value, type_: &str) -> Option<&'a Value> {
+    obj["status"]["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == type_)
+}
+
+async fn create(client: &kube::Client, api: &str, plural: &str, body: Value) {
+    let (group_path, _) = if api == "v1" {
+        ("/api/v1".to_owned(), ())
+    } else {
+        (format!("/apis/{api}"), ())
+    };
+    let req = http::Request::post(format!("{group_path}/namespaces/{NS}/{plural}"))
+        .header("content-type", "application/json")
+        .body(serde_json::to_vec(&body).unwrap())
+        .unwrap();
+    client.request::<Value>(req).await.unwrap();
+}
+
+async fn merge_patch(client: &kube::Client, path: &str, body: Value) {
+    let req = http::Request::patch(path)
+        .header("content-type", "application/merge-patch+json")
+        .body(serde_json::to_vec(&body).unwrap())
+        .unwrap();
+    client.request::<Value>(req).await.unwrap();
+}
+
+async fn delete(client: &kube::Client, path: &str) {
+    let req = http::Request::delete(path).body(Vec::new()).unwrap();
+    client.request::<Value>(req).await.unwrap();
+}
+
+fn gateway(replicas: i32, origins: &[&str]) -> Value {
+    json!({
+        "apiVersion": CRD_API, "kind": "RealtimeGateway",
+        "metadata": {"name": "rt", "namespace": NS},
+        "spec": {"region": "eu", "replicas": replicas, "allowedOrigins": origins,
+                 "auth": {"hs256Secret": {"name": "auth", "key": "hs256"}}}
+    })
+}
+
+fn policy(name: &str, tenant: &str, gateway: &str, patterns: &[&str]) -> Value {
+    json!({
+        "apiVersion": CRD_API, "kind": "TopicPolicy",
+        "metadata": {"name": name, "namespace": NS},
+        "spec": {"gateway": gateway, "tenant": tenant,
+                 "subscribe": patterns.iter().map(|p| json!({"pattern": p})).collect::<Vec<_>>()}
+    })
+}
+
+fn config_hash(deploy: &Value) -> String {
+    deploy["spec"]["template"]["metadata"]["annotations"]["switchboard.dev/config-hash"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+#[tokio::test]
+async fn reconciles_gateways_and_policies_end_to_end() {
+    let fake = FakeApi::new();
+    let client = fake.client();
+    let metrics = Arc::new(Metrics::default());
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        recorder: Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: "switchboard-operator".into(),
+                instance: None,
+            },
+        ),
+        metrics: metrics.clone(),
+        default_image: "gateway:test".into(),
+    });
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(controller::run(ctx, async move {
+        let _ = stop_rx.await;
+    }));
+
+    // create → reconcile
+    create(
+        &client,
+        CRD_API,
+        "realtimegateways",
+        gateway(3, &["https://a.example"]),
+    )
+    .await;
+    create(
+        &client,
+        CRD_API,
+        "topicpolicies",
+        policy("acme", "acme", "rt", &["deal.*"]),
+    )
+    .await;
+    create(
+        &client,
+        CRD_API,
+        "topicpolicies",
+        policy("acme-again", "acme", "rt", &["contact.*"]),
+    )
+    .await;
+    create(
+        &client,
+        CRD_API,
+        "topicpolicies",
+        policy("broken", "globex", "rt", &["a.>.b"]),
+    )
+    .await;
+    create(
+        &client,
+        CRD_API,
+        "topicpolicies",
+        policy("orphan", "initech", "nope", &["x"]),
+    )
+    .await;
+
+    let deploy = eventually("deployment", || {
+        fake.get("apps/v1", "deployments", NS, "rt")
+    })
+    .await;
+    for (api, plural, name) in [
+        ("v1", "configmaps", "rt-config"),
+        ("v1", "services", "rt"),
+        ("v1", "serviceaccounts", "rt"),
+        ("policy/v1", "poddisruptionbudgets", "rt"),
+    ] {
+        let obj = eventually(plural, || fake.get(api, plural, NS, name)).await;
+        assert_eq!(
+            obj["metadata"]["ownerReferences"][0]["name"], "rt",
+            "{plural} owned by the gateway"
+        );
+    }
+    assert_eq!(fake.count("autoscaling/v2", "horizontalpodautoscalers"), 0);
+    assert_eq!(deploy["spec"]["replicas"], 3);
+
+    // Policy verdicts.
+    let accepted = |name: &str| {
+        let p = fake.get(CRD_API, "topicpolicies", NS, name)?;
+        let c = condition(&p, "Accepted")?;
+        Some((
+            c["status"].as_str()?.to_owned(),
+            c["reason"].as_str()?.to_owned(),
+        ))
+    };
+    assert_eq!(
+        eventually("acme accepted", || accepted("acme")).await,
+        ("True".into(), "Accepted".into())
+    );
+    assert_eq!(
+        eventually("conflict", || accepted("acme-again")).await,
+        ("False".into(), "Conflict".into())
+    );
+    assert_eq!(
+        eventually("invalid", || accepted("broken")).await,
+        ("False".into(), "InvalidPattern".into())
+    );
+    assert_eq!(
+        eventually("orphan", || accepted("orphan")).await,
+        ("False".into(), "GatewayNotFound".into())
+    );
+
+    // Play the Deployment controller: the pods become ready.
+    let d = fake.get("apps/v1", "deployments", NS, "rt").unwrap();
+    let generation = d["metadata"]["generation"].clone();
+    merge_patch(
+        &client,
+        &format!("/apis/apps/v1/namespaces/{NS}/deployments/rt/status"),
+        json!({"status": {"observedGeneration": generation, "replicas": 3, "readyReplicas": 3, "updatedReplicas": 3}}),
+    )
+    .await;
+    let gw = eventually("gateway Ready", || {
+        let gw = fake.get(CRD_API, "realtimegateways", NS, "rt")?;
+        (condition(&gw, "Ready")?["status"] == "True").then_some(gw)
+    })
+    .await;
+    assert_eq!(gw["status"]["readyReplicas"], 3);
+    assert_eq!(gw["status"]["policiesApplied"], 1);
+    assert_eq!(
+        condition(&gw, "Degraded").unwrap()["status"],
+        "True",
+        "rejected policies degrade the gateway"
+    );
+    assert_eq!(
+        gw["status"]["selector"],
+        "app.kubernetes.io/instance=rt,app.kubernetes.io/name=switchboard-gateway"
+    );
+    let cm = fake.get("v1", "configmaps", NS, "rt-config").unwrap();
+    let bundle =
+        switchboard_config::PolicyBundle::from_yaml(cm["data"]["policy.yaml"].as_str().unwrap())
+            .unwrap();
+    assert_eq!(bundle.tenants.keys().collect::<Vec<_>>(), ["acme"]);
+    let hash0 = config_hash(&deploy);
+
+    // A policy edit updates the bundle without a rollout.
+    merge_patch(
+        &client,
+        &format!("/apis/{CRD_API}/namespaces/{NS}/topicpolicies/acme"),
+        json!({"spec": {"subscribe": [{"pattern": "deal.*"}, {"pattern": "timeline.*"}]}}),
+    )
+    .await;
+    eventually("bundle updated", || {
+        let cm = fake.get("v1", "configmaps", NS, "rt-config")?;
+        cm["data"]["policy.yaml"]
+            .as_str()?
+            .contains("timeline.*")
+            .then_some(())
+    })
+    .await;
+    assert_eq!(
+        config_hash(&fake.get("apps/v1", "deployments", NS, "rt").unwrap()),
+        hash0,
+        "no rollout for a policy change"
+    );
+
+    // A gateway edit rolls the pods.
+    merge_patch(
+        &client,
+        &format!("/apis/{CRD_API}/namespaces/{NS}/realtimegateways/rt"),
+        json!({"spec": {"allowedOrigins": ["https://b.example"]}}),
+    )
+    .await;
+    eventually("config hash changed", || {
+        let d = fake.get("apps/v1", "deployments", NS, "rt")?;
+        (config_hash(&d) != hash0).then_some(())
+    })
+    .await;
+
+    // Drift is corrected: someone scales the Deployment by hand.
+    merge_patch(
+        &client,
+        &format!("/apis/apps/v1/namespaces/{NS}/deployments/rt"),
+        json!({"spec": {"replicas": 7}}),
+    )
+    .await;
+    eventually("drift corrected", || {
+        let d = fake.get("apps/v1", "deployments", NS, "rt")?;
+        (d["spec"]["replicas"] == 3).then_some(())
+    })
+    .await;
+
+    // Autoscaling on: an HPA appears and the Deployment leaves replicas to it.
+    merge_patch(
+        &client,
+        &format!("/apis/{CRD_API}/namespaces/{NS}/realtimegateways/rt"),
+        json!({"spec": {"replicas": null, "autoscaling": {"minReplicas": 2, "maxReplicas": 6}}}),
+    )
+    .await;
+    let hpa = eventually("hpa", || {
+        fake.get("autoscaling/v2", "horizontalpodautoscalers", NS, "rt")
+    })
+    .await;
+    assert_eq!(hpa["spec"]["maxReplicas"], 6);
+
+    // Deleting the winning policy lets nobody claim acme until the
+    // conflicting one is judged again: it is accepted now.
+    delete(
+        &client,
+        &format!("/apis/{CRD_API}/namespaces/{NS}/topicpolicies/acme"),
+    )
+    .await;
+    assert_eq!(
+        eventually("re-judged", || accepted("acme-again")
+            .filter(|a| a.0 == "True"))
+        .await
+        .1,
+        "Accepted"
+    );
+    eventually("bundle follows", || {
+        let cm = fake.get("v1", "configmaps", NS, "rt-config")?;
+        cm["data"]["policy.yaml"]
+            .as_str()?
+            .contains("contact.*")
+            .then_some(())
+    })
+    .await;
+
+    // Deleting the gateway removes everything it owns (garbage collection
+    // through the owner references the operator set).
+    delete(
+        &client,
+        &format!("/apis/{CRD_API}/namespaces/{NS}/realtimegateways/rt"),
+    )
+    .await;
+    eventually("owned objects gone", || {
+        (fake.count("apps/v1", "deployments") == 0 && fake.count("v1", "configmaps") == 0)
+            .then_some(())
+    })
+    .await;
+
+    let m = metrics.render();
+    assert!(
+        m.contains("switchboard_operator_reconciles_total{kind=\"RealtimeGateway\"}"),
+        "{m}"
+    );
+    assert!(
+        fake.count("events.k8s.io/v1", "events") >= 1,
+        "rejections become Kubernetes Events"
+    );
+    let _ = stop_tx.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(10), running).await;
+}

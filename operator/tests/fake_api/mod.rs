@@ -1,0 +1,458 @@
+//! An in-process fake Kubernetes API server for kube's real `Client`.
+//!
+//! No API server can be installed on the machines these tests run on, so
+//! this stands in for one: it keeps objects, answers get, list, watch
+//! (streamed JSON lines), create, replace, delete, JSON merge patch and
+//! server-side apply (as "the applied object is the manager's whole intent":
+//! labels, annotations and owner references merge; spec and data are
+//! replaced; status only through the `/status` subresource), bumps
+//! `resourceVersion` and `generation` like the real one, and emulates the
+//! garbage collector (deleting an owner deletes what it owns). Nothing else
+//! (no admission, no CRD schema validation, no controllers): tests play the
+//! Deployment controller themselves where they need pod readiness.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
+use serde_json::{Value, json};
+use tokio::sync::broadcast;
+
+type Body = BoxBody<Bytes, Infallible>;
+
+#[derive(Clone, Debug)]
+struct Ev {
+    rv: u64,
+    key: (String, String, String), // api, plural, namespace
+    kind: &'static str,
+    object: Value,
+}
+
+#[derive(Default)]
+struct State {
+    rv: u64,
+    uid: u64,
+    /// (api, plural, namespace, name) -> object
+    objects: BTreeMap<(String, String, String, String), Value>,
+    events: Vec<Ev>,
+}
+
+#[derive(Clone)]
+pub struct FakeApi {
+    state: Arc<Mutex<State>>,
+    tx: broadcast::Sender<Ev>,
+}
+
+#[derive(Clone)]
+struct Path {
+    api: String,
+    plural: String,
+    namespace: Option<String>,
+    name: Option<String>,
+    sub: Option<String>,
+}
+
+fn parse_path(path: &str) -> Option<Path> {
+    let (api, rest) = if let Some(r) = path.strip_prefix("/api/v1/") {
+        ("v1".to_owned(), r)
+    } else {
+        let r = path.strip_prefix("/apis/")?;
+        let mut it = r.splitn(3, '/');
+        let (g, v, rest) = (it.next()?, it.next()?, it.next()?);
+        (format!("{g}/{v}"), rest)
+    };
+    let parts: Vec<&str> = rest.split('/').filter(|s| !s.is_empty()).collect();
+    let (namespace, parts) = match parts.as_slice() {
+        ["namespaces", ns, rest @ ..] if !rest.is_empty() => (Some(ns.to_string()), rest.to_vec()),
+        _ => (None, parts),
+    };
+    Some(Path {
+        api,
+        plural: parts.first()?.to_string(),
+        namespace,
+        name: parts.get(1).map(|s| s.to_string()),
+        sub: parts.get(2).map(|s| s.to_string()),
+    })
+}
+
+fn merge(target: &mut Value, patch: &Value) {
+    match (target, patch) {
+        (Value::Object(t), Value::Object(p)) => {
+            for (k, v) in p {
+                if v.is_null() {
+                    t.remove(k);
+                } else {
+                    merge(t.entry(k.clone()).or_insert(Value::Null), v);
+                }
+            }
+        }
+        (t, p) => *t = p.clone(),
+    }
+}
+
+fn status(code: u16, reason: &str, message: String) -> Response<Body> {
+    json_response(
+        StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+        json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+               "message": message, "reason": reason, "code": code}),
+    )
+}
+
+fn json_response(code: StatusCode, v: Value) -> Response<Body> {
+    Response::builder()
+        .status(code)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(v.to_string())).boxed())
+        .unwrap()
+}
+
+fn now() -> String {
+    time::OffsetDateTime::now_utc()
+        .replace_nanosecond(0)
+        .unwrap()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap()
+}
+
+impl FakeApi {
+    pub fn new() -> Self {
+        Self {
+            state: Arc::default(),
+            tx: broadcast::channel(4096).0,
+        }
+    }
+
+    /// A kube `Client` talking to this fake.
+    pub fn client(&self) -> kube::Client {
+        let api = self.clone();
+        let svc = tower::service_fn(move |req: Request<kube::client::Body>| {
+            let api = api.clone();
+            async move { Ok::<_, Infallible>(api.handle(req).await) }
+        });
+        kube::Client::new(svc, "default")
+    }
+
+    fn emit(
+        &self,
+        st: &mut State,
+        kind: &'static str,
+        key: &(String, String, String, String),
+        object: Value,
+    ) {
+        let ev = Ev {
+            rv: st.rv,
+            key: (key.0.clone(), key.1.clone(), key.2.clone()),
+            kind,
+            object,
+        };
+        st.events.push(ev.clone());
+        let _ = self.tx.send(ev);
+    }
+
+    /// Read an object directly (test assertions).
+    pub fn get(&self, api: &str, plural: &str, ns: &str, name: &str) -> Option<Value> {
+        let st = self.state.lock().unwrap();
+        st.objects
+            .get(&(api.into(), plural.into(), ns.into(), name.into()))
+            .cloned()
+    }
+
+    pub fn count(&self, api: &str, plural: &str) -> usize {
+        let st = self.state.lock().unwrap();
+        st.objects
+            .keys()
+            .filter(|k| k.0 == api && k.1 == plural)
+            .count()
+    }
+
+    fn write(
+        &self,
+        st: &mut State,
+        key: (String, String, String, String),
+        mut obj: Value,
+        created: bool,
+    ) -> Value {
+        st.rv += 1;
+        obj["metadata"]["resourceVersion"] = json!(st.rv.to_string());
+        st.objects.insert(key.clone(), obj.clone());
+        self.emit(
+            st,
+            if created { "ADDED" } else { "MODIFIED" },
+            &key,
+            obj.clone(),
+        );
+        obj
+    }
+
+    fn create(
+        &self,
+        st: &mut State,
+        key: (String, String, String, String),
+        mut obj: Value,
+    ) -> Value {
+        st.uid += 1;
+        let m = &mut obj["metadata"];
+        m["uid"] = json!(format!("uid-{}", st.uid));
+        m["generation"] = json!(1);
+        m["creationTimestamp"] = json!(now());
+        m["name"] = json!(key.3);
+        if !key.2.is_empty() {
+            m["namespace"] = json!(key.2);
+        }
+        self.write(st, key, obj, true)
+    }
+
+    /// Store an updated object; bumps `generation` when anything outside
+    /// metadata and status changed; a no-op writes nothing.
+    fn update(
+        &self,
+        st: &mut State,
+        key: (String, String, String, String),
+        old: &Value,
+        mut new: Value,
+    ) -> Value {
+        let strip = |v: &Value| {
+            let mut v = v.clone();
+            if let Some(m) = v.as_object_mut() {
+                m.remove("metadata");
+                m.remove("status");
+            }
+            v
+        };
+        let mut generation = old["metadata"]["generation"].as_i64().unwrap_or(1);
+        if strip(old) != strip(&new) {
+            generation += 1;
+        }
+        new["metadata"]["generation"] = json!(generation);
+        new["metadata"]["resourceVersion"] = old["metadata"]["resourceVersion"].clone();
+        if &new == old {
+            return new;
+        }
+        self.write(st, key, new, false)
+    }
+
+    fn delete(&self, st: &mut State, key: (String, String, String, String)) -> Option<Value> {
+        let obj = st.objects.remove(&key)?;
+        st.rv += 1;
+        self.emit(st, "DELETED", &key, obj.clone());
+        // The garbage collector: owned objects go with their owner.
+        let uid = obj["metadata"]["uid"].clone();
+        let owned: Vec<_> = st
+            .objects
+            .iter()
+            .filter(|(_, o)| {
+                o["metadata"]["ownerReferences"]
+                    .as_array()
+                    .is_some_and(|refs| refs.iter().any(|r| r["uid"] == uid))
+            })
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in owned {
+            self.delete(st, k);
+        }
+        Some(obj)
+    }
+
+    async fn handle(&self, req: Request<kube::client::Body>) -> Response<Body> {
+        let (parts, body) = req.into_parts();
+        let bytes = body
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
+        let query: BTreeMap<String, String> = parts
+            .uri
+            .query()
+            .unwrap_or_default()
+            .split('&')
+            .filter_map(|kv| kv.split_once('='))
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect();
+        let Some(p) = parse_path(parts.uri.path()) else {
+            return status(404, "NotFound", format!("no route {}", parts.uri.path()));
+        };
+        let ns = p.namespace.clone().unwrap_or_default();
+        let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        let content_type = parts
+            .headers
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
+
+        if parts.method == Method::GET && p.name.is_none() {
+            if query.get("watch").map(String::as_str) == Some("true")
+                || query.get("watch").map(String::as_str) == Some("1")
+            {
+                let from: u64 = query
+                    .get("resourceVersion")
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0);
+                return self.watch(p, from);
+            }
+            let st = self.state.lock().unwrap();
+            let items: Vec<Value> = st
+                .objects
+                .iter()
+                .filter(|(k, _)| {
+                    k.0 == p.api && k.1 == p.plural && (p.namespace.is_none() || k.2 == ns)
+                })
+                .map(|(_, v)| v.clone())
+                .collect();
+            return json_response(
+                StatusCode::OK,
+                json!({"apiVersion": p.api, "kind": "List", "metadata": {"resourceVersion": st.rv.to_string()}, "items": items}),
+            );
+        }
+        let Some(name) = p.name.clone() else {
+            if parts.method == Method::POST {
+                let name = body["metadata"]["name"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned();
+                let name = if name.is_empty() {
+                    format!(
+                        "{}{}",
+                        body["metadata"]["generateName"].as_str().unwrap_or("obj-"),
+                        self.state.lock().unwrap().rv + 1
+                    )
+                } else {
+                    name
+                };
+                let key = (p.api, p.plural, ns, name.clone());
+                let mut st = self.state.lock().unwrap();
+                if st.objects.contains_key(&key) {
+                    return status(409, "AlreadyExists", format!("{name} already exists"));
+                }
+                let obj = self.create(&mut st, key, body);
+                return json_response(StatusCode::CREATED, obj);
+            }
+            return status(405, "MethodNotAllowed", "unsupported".into());
+        };
+        let key = (p.api.clone(), p.plural.clone(), ns.clone(), name.clone());
+        let mut st = self.state.lock().unwrap();
+        let existing = st.objects.get(&key).cloned();
+        match (parts.method.clone(), existing) {
+            (Method::GET, Some(o)) => json_response(StatusCode::OK, o),
+            (Method::GET, None) | (Method::DELETE, None) => {
+                status(404, "NotFound", format!("{} {name} not found", p.plural))
+            }
+            (Method::DELETE, Some(_)) => {
+                let obj = self.delete(&mut st, key).unwrap_or_default();
+                json_response(StatusCode::OK, obj)
+            }
+            (Method::PUT, Some(old)) => {
+                let want = body["metadata"]["resourceVersion"]
+                    .as_str()
+                    .unwrap_or_default();
+                if !want.is_empty() && old["metadata"]["resourceVersion"].as_str() != Some(want) {
+                    return status(409, "Conflict", "the object has been modified".into());
+                }
+                let mut new = body;
+                for f in ["uid", "creationTimestamp"] {
+                    new["metadata"][f] = old["metadata"][f].clone();
+                }
+                json_response(StatusCode::OK, self.update(&mut st, key, &old, new))
+            }
+            (Method::PUT, None) => status(404, "NotFound", format!("{name} not found")),
+            (Method::PATCH, existing) => {
+                let is_status = p.sub.as_deref() == Some("status");
+                match (content_type.contains("apply-patch"), existing) {
+                    (_, None) if is_status => status(404, "NotFound", format!("{name} not found")),
+                    (true, None) => {
+                        let mut obj = body;
+                        if let Some(m) = obj.as_object_mut() {
+                            m.remove("status");
+                        }
+                        json_response(StatusCode::CREATED, self.create(&mut st, key, obj))
+                    }
+                    (false, None) => status(404, "NotFound", format!("{name} not found")),
+                    (apply, Some(old)) => {
+                        let mut new = old.clone();
+                        if is_status {
+                            merge(&mut new["status"], &body["status"]);
+                            if apply {
+                                new["status"] = body["status"].clone();
+                            }
+                        } else if apply {
+                            let mut intent = body.clone();
+                            let meta = intent
+                                .as_object_mut()
+                                .and_then(|m| m.remove("metadata"))
+                                .unwrap_or(Value::Null);
+                            if let Some(m) = intent.as_object_mut() {
+                                m.remove("status");
+                            }
+                            let keep_meta = new["metadata"].clone();
+                            let keep_status = new["status"].clone();
+                            new = intent;
+                            new["metadata"] = keep_meta;
+                            for f in ["labels", "annotations", "ownerReferences"] {
+                                if !meta[f].is_null() {
+                                    new["metadata"][f] = meta[f].clone();
+                                }
+                            }
+                            if !keep_status.is_null() {
+                                new["status"] = keep_status;
+                            }
+                        } else {
+                            merge(&mut new, &body);
+                        }
+                        json_response(StatusCode::OK, self.update(&mut st, key, &old, new))
+                    }
+                }
+            }
+            _ => status(405, "MethodNotAllowed", "unsupported".into()),
+        }
+    }
+
+    fn watch(&self, p: Path, from: u64) -> Response<Body> {
+        let matches = move |ev: &Ev| {
+            ev.key.0 == p.api
+                && ev.key.1 == p.plural
+                && p.namespace.as_ref().is_none_or(|n| &ev.key.2 == n)
+        };
+        let rx = self.tx.subscribe();
+        let backlog: Vec<Ev> = {
+            let st = self.state.lock().unwrap();
+            st.events
+                .iter()
+                .filter(|e| e.rv > from && matches(e))
+                .cloned()
+                .collect()
+        };
+        let last = backlog.last().map_or(from, |e| e.rv);
+        let line = |e: &Ev| {
+            let mut s = json!({"type": e.kind, "object": e.object}).to_string();
+            s.push('\n');
+            Ok::<_, Infallible>(http_body::Frame::data(Bytes::from(s)))
+        };
+        let initial = futures_util::stream::iter(backlog.iter().map(line).collect::<Vec<_>>());
+        let live = futures_util::stream::unfold((rx, last), move |(mut rx, last)| {
+            let matches = matches.clone();
+            async move {
+                loop {
+                    match rx.recv().await {
+                        Ok(e) if e.rv > last && matches(&e) => {
+                            let rv = e.rv;
+                            return Some((line(&e), (rx, rv)));
+                        }
+                        Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                        Err(broadcast::error::RecvError::Closed) => return None,
+                    }
+                }
+            }
+        });
+        use futures_util::StreamExt;
+        let stream = initial.chain(live);
+        Response::builder()
+            .status(200)
+            .header("content-type", "application/json")
+            .body(BodyExt::boxed(StreamBody::new(stream)))
+            .unwrap()
+    }
+}
