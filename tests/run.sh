@@ -6,6 +6,7 @@
 #   Rust tests            -> unit tests and end-to-end tests over real sockets,
 #                            cluster tests on real nats-server topologies
 #   Python client tests   -> `websockets`/urllib against the real binary
+#   manifests             -> operator output and CRDs checked with kubernetes-validate
 #   browser test          -> headless Chromium, page on another origin
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -53,6 +54,10 @@ fi
 
 step "Python client tests"
 (cd tests/python && "$work/venv/bin/pytest" -q)
+
+step "manifest validation (kubernetes-validate, CRD schemas)"
+export SWITCHBOARD_OPERATOR_BIN="$root/target/debug/switchboard-operator"
+(cd tests/manifests && "$work/venv/bin/pytest" -q)
 
 step "browser test"
 CHROMIUM="$chromium_bin" node tests/browser/run.mjs
