@@ -334,3 +334,38 @@ async fn reconciles_gateways_and_policies_end_to_end() {
     let _ = stop_tx.send(());
     let _ = tokio::time::timeout(Duration::from_secs(10), running).await;
 }
+
+#[tokio::test]
+async fn only_one_replica_leads_and_a_dead_leader_is_replaced() {
+    use switchboard_operator::lease::LeaseLock;
+    let fake = FakeApi::new();
+    let ttl = Duration::from_secs(2);
+    let a = LeaseLock::new(fake.client(), NS, "switchboard-operator", "replica-a", ttl);
+    let b = LeaseLock::new(fake.client(), NS, "switchboard-operator", "replica-b", ttl);
+    tokio::time::timeout(Duration::from_secs(5), a.acquire())
+        .await
+        .expect("a leads");
+    // While a renews, b waits.
+    let renewing = tokio::spawn(async move { a.hold().await });
+    assert!(
+        tokio::time::timeout(Duration::from_secs(3), b.acquire())
+            .await
+            .is_err(),
+        "b must not lead while a renews"
+    );
+    // a dies: after the lease expires, b takes over.
+    renewing.abort();
+    tokio::time::timeout(Duration::from_secs(10), b.acquire())
+        .await
+        .expect("b leads after a stopped renewing");
+    let lease = fake
+        .get(
+            "coordination.k8s.io/v1",
+            "leases",
+            NS,
+            "switchboard-operator",
+        )
+        .unwrap();
+    assert_eq!(lease["spec"]["holderIdentity"], "replica-b");
+    assert_eq!(lease["spec"]["leaseTransitions"], 1);
+}
