@@ -7,6 +7,7 @@
 #                            cluster tests on real nats-server topologies
 #   Python client tests   -> `websockets`/urllib against the real binary
 #   manifests             -> operator output and CRDs checked with kubernetes-validate
+#   charts                -> helm lint/render for every values file, schema errors, RBAC
 #   browser test          -> headless Chromium, page on another origin
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -58,6 +59,9 @@ step "Python client tests"
 step "manifest validation (kubernetes-validate, CRD schemas)"
 export SWITCHBOARD_OPERATOR_BIN="$root/target/debug/switchboard-operator"
 (cd tests/manifests && "$work/venv/bin/pytest" -q)
+
+step "Helm charts (real Helm engine via helm-python-sdk)"
+(cd tests/chart && "$work/venv/bin/pytest" -q)
 
 step "browser test"
 CHROMIUM="$chromium_bin" node tests/browser/run.mjs

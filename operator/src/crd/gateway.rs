@@ -23,6 +23,8 @@ use super::SecretKeyRef;
     status = "RealtimeGatewayStatus",
     shortname = "rtgw",
     category = "switchboard",
+    // Helm keeps CRDs (and so every custom resource) when a release is uninstalled.
+    annotation("helm.sh/resource-policy", "keep"),
     printcolumn(name = "Region", type_ = "string", json_path = ".spec.region"),
     printcolumn(name = "Ready", type_ = "integer", json_path = ".status.readyReplicas"),
     printcolumn(

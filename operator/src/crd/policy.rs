@@ -17,6 +17,8 @@ use switchboard_config::InteractionClass;
     status = "TopicPolicyStatus",
     shortname = "tpol",
     category = "switchboard",
+    // Helm keeps CRDs (and so every custom resource) when a release is uninstalled.
+    annotation("helm.sh/resource-policy", "keep"),
     printcolumn(name = "Tenant", type_ = "string", json_path = ".spec.tenant"),
     printcolumn(name = "Gateway", type_ = "string", json_path = ".spec.gateway"),
     printcolumn(
