@@ -198,6 +198,36 @@ mod tests {
     }
 
     #[test]
+    fn every_compile_error_names_its_field() {
+        let mut p = policy("p", "acme", &["deal.*"], 0);
+        p.spec.tenant = "a b".into();
+        assert!(compile(&p).unwrap_err().contains("tenant"));
+        let mut p = policy("p", "acme", &["deal.*"], 0);
+        p.spec.publish = vec![PatternRule {
+            pattern: "x..y".into(),
+            class: InteractionClass::Stream,
+        }];
+        assert!(
+            compile(&p)
+                .unwrap_err()
+                .contains("publish pattern \"x..y\"")
+        );
+        let mut p = policy("p", "acme", &["deal.*"], 0);
+        p.spec.limits.connections = Some(0);
+        assert!(compile(&p).unwrap_err().contains("limits.connections"));
+        let mut p = policy("p", "acme", &["deal.*"], 0);
+        p.spec.limits.messages_per_minute = Some(-1);
+        assert!(
+            compile(&p)
+                .unwrap_err()
+                .contains("limits.messagesPerMinute")
+        );
+        let mut p = policy("p", "acme", &["deal.*"], 0);
+        p.spec.history_retention_seconds = Some(0);
+        assert!(compile(&p).unwrap_err().contains("historyRetentionSeconds"));
+    }
+
+    #[test]
     fn no_gateway_means_gateway_not_found() {
         let (v, bundle) = judge(false, &[policy("p", "acme", &["a"], 0)]);
         assert!(matches!(

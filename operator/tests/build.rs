@@ -194,6 +194,29 @@ fn golden_render_of_the_examples() {
 }
 
 #[test]
+fn golden_render_of_a_minimal_gateway() {
+    let gw: RealtimeGateway = serde_json::from_value(serde_json::json!({
+        "apiVersion": "switchboard.dev/v1alpha1", "kind": "RealtimeGateway",
+        "metadata": {"name": "mini", "namespace": "default", "uid": "uid-2"},
+        "spec": {"region": "local"}
+    }))
+    .unwrap();
+    let objects = build::build(&gw, &Default::default(), "gw:1")
+        .unwrap()
+        .to_json();
+    let rendered = serde_json::to_string_pretty(&objects).unwrap() + "\n";
+    let golden = root().join("operator/tests/golden/minimal.json");
+    if std::env::var_os("UPDATE_GOLDEN").is_some() {
+        std::fs::write(&golden, &rendered).unwrap();
+    }
+    let expected = std::fs::read_to_string(&golden).unwrap_or_default();
+    assert!(
+        expected == rendered,
+        "golden output changed; review and run with UPDATE_GOLDEN=1"
+    );
+}
+
+#[test]
 fn invalid_gateway_settings_are_reported_not_built() {
     let mut gw = example_gateway();
     gw.spec.region = "eu west".into();
