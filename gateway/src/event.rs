@@ -72,6 +72,8 @@ pub struct NewEvent {
     pub region: Arc<str>,
     pub idempotency_key: Option<String>,
     pub gdpr_context: Option<Value>,
+    /// W3C trace context of the publish, carried to every fan-out.
+    pub traceparent: Option<String>,
 }
 
 /// A stored event, ready to deliver.
@@ -88,6 +90,7 @@ pub struct Event {
     pub envelope: Utf8Bytes,
     /// The WebSocket frame `{"type":"event","data":<envelope>}`.
     pub frame: Utf8Bytes,
+    pub traceparent: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -133,6 +136,7 @@ impl Event {
             topic: new.topic,
             id,
             region: new.region,
+            traceparent: new.traceparent,
             idempotency_key,
             stored_at_ms: (now.unix_timestamp_nanos() / 1_000_000) as i64,
             envelope: envelope.into(),
@@ -177,6 +181,7 @@ mod tests {
                 region: "eu".into(),
                 idempotency_key: Some("k".into()),
                 gdpr_context: Some(serde_json::json!({"consent": true})),
+                traceparent: None,
             },
             Cursor { epoch: 1, seq: 7 },
             time::OffsetDateTime::UNIX_EPOCH,

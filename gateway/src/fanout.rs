@@ -1,4 +1,5 @@
-//! Routing one stored event into this process's hub, with its metrics.
+//! Routing one stored event into this process's hub, with its span and
+//! metrics: one span per event per process (never per connection).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -8,9 +9,29 @@ use crate::hub::Hub;
 use crate::metrics::Metrics;
 
 pub fn route(hub: &Hub, metrics: &Metrics, event: &Arc<Event>) {
+    let span = tracing::info_span!(
+        "fanout",
+        otel.kind = "internal",
+        event_type = %event.topic,
+        event_id = %event.id,
+        region = %event.region,
+        tenant = tracing::field::Empty,
+        connections = tracing::field::Empty,
+    );
+    // Inside a publish or a bus receive, the span is their child; otherwise
+    // it continues the publisher's trace.
+    if tracing::Span::current().is_none() {
+        crate::telemetry::adopt(&span, event.traceparent.as_deref());
+    }
+    let _entered = span.enter();
+    if metrics.tenant_labels() {
+        span.record("tenant", &*event.tenant);
+    }
     let started = Instant::now();
     let out = hub.dispatch(event);
+    span.record("connections", out.delivered);
     metrics.events_delivered.inc_by(out.delivered);
+    metrics.tenant_delivered(&event.tenant, out.delivered);
     if out.overflowed > 0 {
         metrics.dropped("slow_consumer", out.overflowed);
     }
@@ -20,4 +41,8 @@ pub fn route(hub: &Hub, metrics: &Metrics, event: &Arc<Event>) {
     metrics
         .fanout_seconds
         .observe(started.elapsed().as_secs_f64());
+    let now_ms = (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64;
+    metrics
+        .delivery_latency
+        .observe((now_ms - event.stored_at_ms).max(0) as f64 / 1000.0);
 }

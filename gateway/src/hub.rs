@@ -214,6 +214,7 @@ mod tests {
                 region: "r".into(),
                 idempotency_key: None,
                 gdpr_context: None,
+                traceparent: None,
             },
             Cursor { epoch: 1, seq },
             time::OffsetDateTime::now_utc(),

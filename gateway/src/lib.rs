@@ -27,6 +27,7 @@ pub mod protocol;
 pub mod server;
 pub mod session;
 pub mod startup;
+pub mod telemetry;
 pub mod transport;
 
 pub use switchboard_config as config;

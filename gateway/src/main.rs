@@ -6,6 +6,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use switchboard_config::{GatewayConfig, LogFormat};
+
 use switchboard_gateway::{auth, cli, server, startup};
 
 #[derive(Parser)]
@@ -142,21 +143,10 @@ fn load_config(args: &ServeArgs) -> anyhow::Result<GatewayConfig> {
     Ok(config)
 }
 
-fn init_logs(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Json => builder.json().flatten_event(true).init(),
-        LogFormat::Text => builder.init(),
-    }
-}
-
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let config = load_config(&args)?;
-    init_logs(config.log_format);
+    // Flushes traces when `serve` returns.
+    let _telemetry = switchboard_gateway::telemetry::init(&config)?;
     let listener = tokio::net::TcpListener::bind(&config.listen)
         .await
         .with_context(|| format!("binding {}", config.listen))?;

@@ -31,16 +31,23 @@ pub struct Metrics {
     pub fanout_seconds: Histogram,
     pub nats_connected: Gauge,
     pub nats_reconnects: Counter,
+    pub delivery_latency: Histogram,
+    tenant_delivered: Family<Vec<(&'static str, String)>, Counter>,
+    /// `Some(cap)` when tenant labels are enabled.
+    tenant_cap: Option<usize>,
+    tenants_seen: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 impl Default for Metrics {
     fn default() -> Self {
-        Self::new()
+        Self::new(None)
     }
 }
 
 impl Metrics {
-    pub fn new() -> Self {
+    /// `tenant_cap`: `Some(n)` labels per-tenant metrics for at most `n`
+    /// tenants (the rest are `other`); `None` keeps tenants out of metrics.
+    pub fn new(tenant_cap: Option<usize>) -> Self {
         let mut r = Registry::with_prefix("switchboard");
         let m = Self {
             connections_active: Gauge::default(),
@@ -60,6 +67,10 @@ impl Metrics {
             fanout_seconds: Histogram::new(exponential_buckets(0.000_01, 4.0, 10)),
             nats_connected: Gauge::default(),
             nats_reconnects: Counter::default(),
+            delivery_latency: Histogram::new(exponential_buckets(0.000_25, 2.0, 16)),
+            tenant_delivered: Family::default(),
+            tenant_cap,
+            tenants_seen: Default::default(),
             registry: Registry::default(),
         };
         r.register(
@@ -139,6 +150,18 @@ impl Metrics {
             "Times the NATS connection was lost",
             m.nats_reconnects.clone(),
         );
+        r.register(
+            "delivery_latency_seconds",
+            "From storing an event to routing it to this process's connections (publish-to-deliver)",
+            m.delivery_latency.clone(),
+        );
+        if m.tenant_cap.is_some() {
+            r.register(
+                "tenant_events_delivered",
+                "Deliveries per tenant (enabled by telemetry.tenant_labels, capped)",
+                m.tenant_delivered.clone(),
+            );
+        }
         Self { registry: r, ..m }
     }
 
@@ -149,6 +172,29 @@ impl Metrics {
     pub fn dropped(&self, reason: &'static str, n: u64) {
         self.events_dropped
             .get_or_create(&vec![("reason", reason)])
+            .inc_by(n);
+    }
+
+    pub fn tenant_labels(&self) -> bool {
+        self.tenant_cap.is_some()
+    }
+
+    /// Count deliveries for a tenant, when tenant labels are on.
+    pub fn tenant_delivered(&self, tenant: &str, n: u64) {
+        let Some(cap) = self.tenant_cap else { return };
+        if n == 0 {
+            return;
+        }
+        let label = {
+            let mut seen = self.tenants_seen.lock().unwrap_or_else(|e| e.into_inner());
+            if seen.contains(tenant) || (seen.len() < cap && seen.insert(tenant.to_owned())) {
+                tenant.to_owned()
+            } else {
+                "other".to_owned()
+            }
+        };
+        self.tenant_delivered
+            .get_or_create(&vec![("tenant", label)])
             .inc_by(n);
     }
 

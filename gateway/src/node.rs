@@ -11,6 +11,7 @@ use serde_json::Value;
 use switchboard_config::policy::{Denied, EffectiveLimits};
 use switchboard_config::{GatewayConfig, PolicyBundle, Topic};
 use tokio::sync::watch;
+use tracing::Instrument;
 
 use crate::auth::{Principal, SCOPE_PLATFORM, SCOPE_PUBLISH, Verifier};
 use crate::bus::{Broker, BrokerError, Published};
@@ -236,6 +237,19 @@ impl Node {
             Some(r) => return Err(PublishError::InvalidRegion(r)),
             _ => self.region.clone(),
         };
+        let span = tracing::info_span!(
+            "bus.publish",
+            otel.kind = "producer",
+            event_type = %topic,
+            region = %region,
+            tenant = tracing::field::Empty,
+            event_id = tracing::field::Empty,
+            duplicate = tracing::field::Empty,
+        );
+        if self.metrics.tenant_labels() {
+            span.record("tenant", &*tenant);
+        }
+        let traceparent = crate::telemetry::traceparent(&span);
         let published = self
             .broker
             .publish(
@@ -246,10 +260,14 @@ impl Node {
                     region,
                     idempotency_key: req.idempotency_key.filter(|k| !k.is_empty()),
                     gdpr_context: req.gdpr_context,
+                    traceparent,
                 },
                 Duration::from_secs(retention),
             )
+            .instrument(span.clone())
             .await?;
+        span.record("event_id", tracing::field::display(&published.event.id));
+        span.record("duplicate", published.duplicate);
         tracing::debug!(
             event_id = %published.event.id,
             event_type = %published.event.topic,

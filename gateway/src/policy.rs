@@ -50,6 +50,8 @@ pub async fn watch_file(
             continue;
         }
         last_text = Some(text.clone());
+        let span = tracing::info_span!("policy.reload", path = %path.display(), result = tracing::field::Empty);
+        let _entered = span.enter();
         match PolicyBundle::from_yaml(&text) {
             Ok(bundle) => {
                 tracing::info!(path = %path.display(), tenants = bundle.tenants.len(), "policy reloaded");
@@ -57,9 +59,11 @@ pub async fn watch_file(
                     .policy_reloads
                     .get_or_create(&vec![("result", "ok")])
                     .inc();
+                span.record("result", "ok");
                 tx.send_replace(Arc::new(bundle));
             }
             Err(e) => {
+                span.record("result", "error");
                 tracing::error!(path = %path.display(), error = %e, "policy file invalid; keeping the current policy");
                 metrics
                     .policy_reloads

@@ -23,7 +23,12 @@ pub async fn build(config: GatewayConfig) -> anyhow::Result<Arc<Node>> {
         Some(path) => crate::policy::load(path)?,
         None => PolicyBundle::allow_all(),
     };
-    let metrics = Arc::new(Metrics::new());
+    let metrics = Arc::new(Metrics::new(
+        config
+            .telemetry
+            .tenant_labels
+            .then_some(config.telemetry.tenant_label_cap),
+    ));
     let hub = Arc::new(Hub::default());
     let broker: Arc<dyn Broker> = match &config.nats {
         Some(nats) => NatsBroker::start(

@@ -33,6 +33,54 @@ pub struct GatewayConfig {
     /// Cluster mode: NATS/JetStream. Without it the gateway runs alone with
     /// an in-memory bus and history (the embedded mode).
     pub nats: Option<NatsConfig>,
+    pub telemetry: TelemetryConfig,
+}
+
+/// Traces (OpenTelemetry over OTLP) and metric labels.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(default, deny_unknown_fields, rename_all = "snake_case")]
+pub struct TelemetryConfig {
+    /// OTLP endpoint (`http://collector:4317` for gRPC, `http://collector:4318`
+    /// for HTTP). Unset: `OTEL_EXPORTER_OTLP_ENDPOINT`, and without it no
+    /// traces are exported.
+    pub otlp_endpoint: Option<String>,
+    pub otlp_protocol: OtlpProtocol,
+    /// Extra headers sent with every export (e.g. an API key).
+    pub otlp_headers: std::collections::BTreeMap<String, String>,
+    /// Fraction of new traces sampled (0-1); a caller's sampled `traceparent`
+    /// is always followed. `OTEL_TRACES_SAMPLER_ARG` overrides it.
+    pub sampling_ratio: f64,
+    /// `service.name`; `OTEL_SERVICE_NAME` overrides it.
+    pub service_name: String,
+    /// Extra resource attributes (`OTEL_RESOURCE_ATTRIBUTES` adds to them).
+    pub resource: std::collections::BTreeMap<String, String>,
+    /// Put tenant names in span attributes and per-tenant metrics.
+    pub tenant_labels: bool,
+    /// At most this many tenants get their own metric label; the rest are `other`.
+    pub tenant_label_cap: usize,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        Self {
+            otlp_endpoint: None,
+            otlp_protocol: OtlpProtocol::Grpc,
+            otlp_headers: Default::default(),
+            sampling_ratio: 0.1,
+            service_name: "switchboard-gateway".into(),
+            resource: Default::default(),
+            tenant_labels: false,
+            tenant_label_cap: 100,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum OtlpProtocol {
+    #[default]
+    Grpc,
+    HttpProtobuf,
 }
 
 /// How to reach NATS, and how this region's history stream is laid out.
@@ -109,6 +157,7 @@ impl Default for GatewayConfig {
             policy_reload_seconds: 2,
             log_format: LogFormat::Text,
             nats: None,
+            telemetry: TelemetryConfig::default(),
         }
     }
 }
@@ -306,6 +355,9 @@ impl GatewayConfig {
         }
         if self.history.max_events_per_tenant == 0 {
             problems.push("history.max_events_per_tenant must be at least 1".into());
+        }
+        if !(0.0..=1.0).contains(&self.telemetry.sampling_ratio) {
+            problems.push("telemetry.sampling_ratio must be between 0 and 1".into());
         }
         if let Some(nats) = &self.nats {
             let token = |t: &str| {

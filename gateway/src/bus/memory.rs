@@ -209,7 +209,7 @@ mod tests {
     use switchboard_config::Topic;
 
     fn broker(max: usize) -> MemoryBroker {
-        let metrics = Arc::new(Metrics::new());
+        let metrics = Arc::new(Metrics::default());
         MemoryBroker::new(
             HistoryConfig {
                 max_events_per_tenant: max,
@@ -228,6 +228,7 @@ mod tests {
             region: "r".into(),
             idempotency_key: key.map(Into::into),
             gdpr_context: None,
+            traceparent: None,
         }
     }
 

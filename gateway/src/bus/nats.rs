@@ -256,6 +256,7 @@ impl NatsBroker {
         seq: u64,
         stored: time::OffsetDateTime,
         payload: &[u8],
+        traceparent: Option<String>,
     ) -> Option<Event> {
         let epoch = self.state.epoch.load(Ordering::Acquire);
         let (origin, tenant, topic) = self.subjects.parse_event(subject)?;
@@ -272,6 +273,7 @@ impl NatsBroker {
                 region: region.into(),
                 idempotency_key: wire.idempotency_key,
                 gdpr_context: wire.gdpr_context,
+                traceparent,
             },
             Cursor { epoch, seq },
             stored,
@@ -294,7 +296,8 @@ impl NatsBroker {
                 .ok()
             })
             .unwrap_or_else(time::OffsetDateTime::now_utc);
-        self.seal(subject, seq, stored, &msg.payload)
+        let traceparent = headers.get("traceparent").map(|v| v.as_str().to_owned());
+        self.seal(subject, seq, stored, &msg.payload, traceparent)
     }
 
     async fn get_stored(&self, seq: u64) -> Result<Option<Event>, BrokerError> {
@@ -304,8 +307,12 @@ impl NatsBroker {
             Ok(Err(_)) => return Ok(None),
             Err(e) => return Err(unavailable(e)),
         };
-        Ok(self.seal(&msg.subject, msg.sequence, msg.time, &msg.payload))
+        Ok(self.seal(&msg.subject, msg.sequence, msg.time, &msg.payload, header_traceparent(&msg.headers)))
     }
+}
+
+fn header_traceparent(headers: &HeaderMap) -> Option<String> {
+    headers.get("traceparent").map(|v| v.as_str().to_owned())
 }
 
 fn stream_config(
@@ -453,6 +460,15 @@ async fn dispatch(
                 };
                 broker.note_head(event.id.seq);
                 if order.admit(&event) {
+                    let span = tracing::info_span!(
+                        "bus.receive",
+                        otel.kind = "consumer",
+                        event_type = %event.topic,
+                        event_id = %event.id,
+                        region = %event.region,
+                    );
+                    crate::telemetry::adopt(&span, event.traceparent.as_deref());
+                    let _entered = span.enter();
                     crate::fanout::route(&hub, &metrics, &Arc::new(event));
                 }
             }
@@ -595,7 +611,7 @@ async fn read_range(
             break;
         }
         out.next.seq = seq;
-        if let Some(event) = broker.seal(&msg.subject, seq, published, &msg.payload)
+        if let Some(event) = broker.seal(&msg.subject, seq, published, &msg.payload, msg.headers.as_ref().and_then(|h| h.get("traceparent")).map(|v| v.as_str().to_owned()))
             && filter(&event)
         {
             out.events.push(Arc::new(event));
@@ -639,7 +655,7 @@ async fn read_direct(
         }
         out.next.seq = msg.sequence;
         seq = msg.sequence + 1;
-        if let Some(event) = broker.seal(&msg.subject, msg.sequence, msg.time, &msg.payload)
+        if let Some(event) = broker.seal(&msg.subject, msg.sequence, msg.time, &msg.payload, header_traceparent(&msg.headers))
             && filter(&event)
         {
             out.events.push(Arc::new(event));
@@ -661,6 +677,9 @@ impl Broker for NatsBroker {
         if let Some(key) = &new.idempotency_key {
             // Per tenant: the same key from two tenants is two events.
             headers.insert("Nats-Msg-Id", format!("{}:{key}", new.tenant).as_str());
+        }
+        if let Some(tp) = &new.traceparent {
+            headers.insert("traceparent", tp.as_str());
         }
         let wire = WireEvent {
             data: new.data.clone(),

@@ -12,6 +12,7 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
+use tracing::Instrument;
 
 use crate::bus::Published;
 use crate::node::{Node, PublishError, PublishRequest};
@@ -44,6 +45,25 @@ fn error_status(e: &PublishError) -> (StatusCode, &'static str) {
 }
 
 pub async fn publish(State(node): State<Arc<Node>>, headers: HeaderMap, body: Bytes) -> Response {
+    let span = tracing::info_span!(
+        "publish",
+        otel.kind = "server",
+        http.route = "/api/realtime/publish/",
+        http.response.status_code = tracing::field::Empty,
+        trace_id = tracing::field::Empty,
+    );
+    // The caller's W3C trace context, when it sent one.
+    let traceparent = headers.get("traceparent").and_then(|v| v.to_str().ok());
+    crate::telemetry::adopt(&span, traceparent);
+    if let Some(id) = crate::telemetry::trace_id(&span) {
+        span.record("trace_id", id);
+    }
+    let response = publish_inner(node, headers, body).instrument(span.clone()).await;
+    span.record("http.response.status_code", response.status().as_u16());
+    response
+}
+
+async fn publish_inner(node: Arc<Node>, headers: HeaderMap, body: Bytes) -> Response {
     let principal = match super::authenticate(&node, &headers, None, None).await {
         Ok(p) => p,
         Err(e) => {

@@ -19,6 +19,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use switchboard_config::Pattern;
 use tokio::time::{Instant, sleep_until};
+use tracing::Instrument;
 
 use crate::auth::Principal;
 use crate::event::Cursor;
@@ -101,7 +102,19 @@ pub async fn upgrade(
         .write_buffer_size(WRITE_BUFFER)
         .max_message_size(max)
         .max_frame_size(max)
-        .on_upgrade(move |socket| async move {
+        .on_upgrade(move |socket| {
+            let span = tracing::info_span!(
+                "ws.connection",
+                otel.kind = "server",
+                conn = tracing::field::Empty,
+                tenant = tracing::field::Empty,
+                close_code = tracing::field::Empty,
+                trace_id = tracing::field::Empty,
+            );
+            if let Some(id) = crate::telemetry::trace_id(&span) {
+                span.record("trace_id", id);
+            }
+            async move {
             let principal = match auth {
                 Ok(p) => p,
                 Err(e) => {
@@ -133,11 +146,20 @@ pub async fn upgrade(
                 node.config.limits.outbound_queue,
             );
             let cursor = params.cursor.as_deref().map(Cursor::parse_lenient);
+            let span = tracing::Span::current();
+            span.record("conn", session.admission.id);
+            if node.metrics.tenant_labels() {
+                span.record("tenant", &*principal.tenant);
+            }
+            tracing::info!("authenticated");
             Connection::run(session, principal, cursor, socket).await;
+            }
+            .instrument(span)
         })
 }
 
 async fn reject(mut socket: WebSocket, close: Close, detail: &str) {
+    tracing::Span::current().record("close_code", close.code());
     let reason: String = format!("{}: {detail}", close.reason())
         .chars()
         .take(120)
@@ -242,6 +264,7 @@ impl Connection {
         let close = conn.serve(&mut stream).await;
         let label = close.as_ref().map_or("client", |c| c.0.label());
         if let Some((close, detail)) = close {
+            tracing::Span::current().record("close_code", close.code());
             let reason: String = detail
                 .unwrap_or_else(|| close.reason().to_owned())
                 .chars()
@@ -490,6 +513,11 @@ impl Connection {
     }
 
     async fn on_subscribe(&mut self, req: SubscriptionRequest) -> Flow {
+        let span = tracing::info_span!("subscribe", patterns = req.patterns().len());
+        self.subscribe(req).instrument(span).await
+    }
+
+    async fn subscribe(&mut self, req: SubscriptionRequest) -> Flow {
         let node = self.session.node.clone();
         let requested = req.patterns();
         let rid = req.request_id.clone();
@@ -549,6 +577,7 @@ impl Connection {
         }
     }
 
+    #[tracing::instrument(name = "unsubscribe", skip_all)]
     async fn on_unsubscribe(&mut self, req: SubscriptionRequest) -> Flow {
         let patterns: Vec<Pattern> = req
             .patterns()
@@ -587,6 +616,7 @@ impl Connection {
     }
 
     /// Replay after `cursor`, then tell the client where it stands.
+    #[tracing::instrument(name = "replay", skip_all, fields(replayed = tracing::field::Empty, gap = tracing::field::Empty))]
     async fn replay(
         &mut self,
         cursor: Cursor,
@@ -621,7 +651,10 @@ impl Connection {
                 return self.reply(m).await;
             }
         };
+        let span = tracing::Span::current();
+        span.record("replayed", replayed.sent);
         if let Some(gap) = replayed.gap {
+            span.record("gap", gap.as_str());
             node.metrics
                 .resumes
                 .get_or_create(&vec![("outcome", "gap")])
