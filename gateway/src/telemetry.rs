@@ -39,7 +39,11 @@ fn env(name: &str) -> Option<String> {
 
 fn provider(config: &GatewayConfig) -> anyhow::Result<Option<SdkTracerProvider>> {
     let t = &config.telemetry;
-    let Some(endpoint) = t.otlp_endpoint.clone().or_else(|| env("OTEL_EXPORTER_OTLP_ENDPOINT")) else {
+    let Some(endpoint) = t
+        .otlp_endpoint
+        .clone()
+        .or_else(|| env("OTEL_EXPORTER_OTLP_ENDPOINT"))
+    else {
         return Ok(None);
     };
     let headers: HashMap<String, String> = t.otlp_headers.clone().into_iter().collect();
@@ -61,7 +65,11 @@ fn provider(config: &GatewayConfig) -> anyhow::Result<Option<SdkTracerProvider>>
                 .build()?
         }
         OtlpProtocol::HttpProtobuf => {
-            let url = if endpoint.ends_with("/v1/traces") { endpoint } else { format!("{}/v1/traces", endpoint.trim_end_matches('/')) };
+            let url = if endpoint.ends_with("/v1/traces") {
+                endpoint
+            } else {
+                format!("{}/v1/traces", endpoint.trim_end_matches('/'))
+            };
             opentelemetry_otlp::SpanExporter::builder()
                 .with_http()
                 .with_endpoint(url)
@@ -69,18 +77,29 @@ fn provider(config: &GatewayConfig) -> anyhow::Result<Option<SdkTracerProvider>>
                 .build()?
         }
     };
-    let ratio = env("OTEL_TRACES_SAMPLER_ARG").and_then(|v| v.parse().ok()).unwrap_or(t.sampling_ratio);
+    let ratio = env("OTEL_TRACES_SAMPLER_ARG")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(t.sampling_ratio);
     let service = env("OTEL_SERVICE_NAME").unwrap_or_else(|| t.service_name.clone());
     let mut attributes = vec![KeyValue::new("switchboard.region", config.region.clone())];
     if let Some(pod) = env("POD_NAME").or_else(|| env("HOSTNAME")) {
         attributes.push(KeyValue::new("k8s.pod.name", pod));
     }
-    attributes.extend(t.resource.iter().map(|(k, v)| KeyValue::new(k.clone(), v.clone())));
-    let resource = opentelemetry_sdk::Resource::builder().with_service_name(service).with_attributes(attributes).build();
+    attributes.extend(
+        t.resource
+            .iter()
+            .map(|(k, v)| KeyValue::new(k.clone(), v.clone())),
+    );
+    let resource = opentelemetry_sdk::Resource::builder()
+        .with_service_name(service)
+        .with_attributes(attributes)
+        .build();
     Ok(Some(
         SdkTracerProvider::builder()
             .with_batch_exporter(exporter)
-            .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(ratio))))
+            .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
+                ratio,
+            ))))
             .with_resource(resource)
             .build(),
     ))
@@ -98,7 +117,9 @@ pub fn init(config: &GatewayConfig) -> anyhow::Result<Telemetry> {
     let registry = tracing_subscriber::registry().with(filter).with(otel);
     let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     match config.log_format {
-        LogFormat::Json => registry.with(fmt.json().with_current_span(true).with_span_list(false)).try_init()?,
+        LogFormat::Json => registry
+            .with(fmt.json().with_current_span(true).with_span_list(false))
+            .try_init()?,
         LogFormat::Text => registry.with(fmt).try_init()?,
     }
     Ok(Telemetry { provider })

@@ -307,7 +307,13 @@ impl NatsBroker {
             Ok(Err(_)) => return Ok(None),
             Err(e) => return Err(unavailable(e)),
         };
-        Ok(self.seal(&msg.subject, msg.sequence, msg.time, &msg.payload, header_traceparent(&msg.headers)))
+        Ok(self.seal(
+            &msg.subject,
+            msg.sequence,
+            msg.time,
+            &msg.payload,
+            header_traceparent(&msg.headers),
+        ))
     }
 }
 
@@ -611,8 +617,16 @@ async fn read_range(
             break;
         }
         out.next.seq = seq;
-        if let Some(event) = broker.seal(&msg.subject, seq, published, &msg.payload, msg.headers.as_ref().and_then(|h| h.get("traceparent")).map(|v| v.as_str().to_owned()))
-            && filter(&event)
+        if let Some(event) = broker.seal(
+            &msg.subject,
+            seq,
+            published,
+            &msg.payload,
+            msg.headers
+                .as_ref()
+                .and_then(|h| h.get("traceparent"))
+                .map(|v| v.as_str().to_owned()),
+        ) && filter(&event)
         {
             out.events.push(Arc::new(event));
         }
@@ -655,8 +669,13 @@ async fn read_direct(
         }
         out.next.seq = msg.sequence;
         seq = msg.sequence + 1;
-        if let Some(event) = broker.seal(&msg.subject, msg.sequence, msg.time, &msg.payload, header_traceparent(&msg.headers))
-            && filter(&event)
+        if let Some(event) = broker.seal(
+            &msg.subject,
+            msg.sequence,
+            msg.time,
+            &msg.payload,
+            header_traceparent(&msg.headers),
+        ) && filter(&event)
         {
             out.events.push(Arc::new(event));
             if out.events.len() >= limit {

@@ -58,7 +58,9 @@ pub async fn publish(State(node): State<Arc<Node>>, headers: HeaderMap, body: By
     if let Some(id) = crate::telemetry::trace_id(&span) {
         span.record("trace_id", id);
     }
-    let response = publish_inner(node, headers, body).instrument(span.clone()).await;
+    let response = publish_inner(node, headers, body)
+        .instrument(span.clone())
+        .await;
     span.record("http.response.status_code", response.status().as_u16());
     response
 }

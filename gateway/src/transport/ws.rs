@@ -115,44 +115,44 @@ pub async fn upgrade(
                 span.record("trace_id", id);
             }
             async move {
-            let principal = match auth {
-                Ok(p) => p,
-                Err(e) => {
-                    tracing::info!(reason = %e, "websocket rejected: unauthorized");
-                    node.metrics
-                        .connections_rejected
-                        .get_or_create(&vec![("reason", "unauthorized")])
-                        .inc();
-                    node.metrics.error("auth");
-                    return reject(socket, Close::Unauthorized, &e.to_string()).await;
+                let principal = match auth {
+                    Ok(p) => p,
+                    Err(e) => {
+                        tracing::info!(reason = %e, "websocket rejected: unauthorized");
+                        node.metrics
+                            .connections_rejected
+                            .get_or_create(&vec![("reason", "unauthorized")])
+                            .inc();
+                        node.metrics.error("auth");
+                        return reject(socket, Close::Unauthorized, &e.to_string()).await;
+                    }
+                };
+                let admission = match node.admit(&principal) {
+                    Ok(a) => a,
+                    Err(close) => {
+                        node.metrics
+                            .connections_rejected
+                            .get_or_create(&vec![("reason", close.label())])
+                            .inc();
+                        return reject(socket, close, close.reason()).await;
+                    }
+                };
+                let region = params.region.filter(|r| valid_region(r)).map(Arc::from);
+                let session = Session::new(
+                    node.clone(),
+                    admission,
+                    principal.tenant.clone(),
+                    region,
+                    node.config.limits.outbound_queue,
+                );
+                let cursor = params.cursor.as_deref().map(Cursor::parse_lenient);
+                let span = tracing::Span::current();
+                span.record("conn", session.admission.id);
+                if node.metrics.tenant_labels() {
+                    span.record("tenant", &*principal.tenant);
                 }
-            };
-            let admission = match node.admit(&principal) {
-                Ok(a) => a,
-                Err(close) => {
-                    node.metrics
-                        .connections_rejected
-                        .get_or_create(&vec![("reason", close.label())])
-                        .inc();
-                    return reject(socket, close, close.reason()).await;
-                }
-            };
-            let region = params.region.filter(|r| valid_region(r)).map(Arc::from);
-            let session = Session::new(
-                node.clone(),
-                admission,
-                principal.tenant.clone(),
-                region,
-                node.config.limits.outbound_queue,
-            );
-            let cursor = params.cursor.as_deref().map(Cursor::parse_lenient);
-            let span = tracing::Span::current();
-            span.record("conn", session.admission.id);
-            if node.metrics.tenant_labels() {
-                span.record("tenant", &*principal.tenant);
-            }
-            tracing::info!("authenticated");
-            Connection::run(session, principal, cursor, socket).await;
+                tracing::info!("authenticated");
+                Connection::run(session, principal, cursor, socket).await;
             }
             .instrument(span)
         })

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod nats;
+pub mod otlp;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

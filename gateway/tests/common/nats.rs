@@ -414,6 +414,10 @@ pub struct GatewayProc {
 impl GatewayProc {
     /// Start with a YAML config (listen and secret are filled in).
     pub fn start(dir: &TempDir, name: &str, yaml: &str) -> Self {
+        Self::start_with_env(dir, name, yaml, &[])
+    }
+
+    pub fn start_with_env(dir: &TempDir, name: &str, yaml: &str, env: &[(&str, &str)]) -> Self {
         let port = free_port();
         let conf = dir.0.join(format!("{name}.yaml"));
         std::fs::write(
@@ -429,16 +433,17 @@ impl GatewayProc {
             child: None,
             conf,
         };
-        g.spawn();
+        g.spawn(env);
         g
     }
 
-    fn spawn(&mut self) {
+    fn spawn(&mut self, env: &[(&str, &str)]) {
         let log = std::fs::File::create(self.conf.with_extension("log")).unwrap();
         self.child = Some(
             Command::new(env!("CARGO_BIN_EXE_switchboard"))
                 .arg("--config")
                 .arg(&self.conf)
+                .envs(env.iter().copied())
                 .env("RUST_LOG", "info")
                 .stdout(Stdio::null())
                 .stderr(log)
