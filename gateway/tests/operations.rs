@@ -107,6 +107,11 @@ async fn metrics_move_by_exactly_the_scenario() {
         ),
         1.0
     );
+    assert_eq!(
+        metric(&m, "switchboard_delivery_latency_seconds_count"),
+        3.0,
+        "one publish-to-deliver observation per routed event"
+    );
     assert!(!m.contains("acme"), "no tenant names in metric labels");
 
     drop(a);
@@ -235,4 +240,47 @@ async fn sigterm_drains_the_real_binary_spreading_reconnects() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert!(status.success(), "{status:?}");
+}
+
+#[tokio::test]
+async fn tenant_labels_are_opt_in_and_capped() {
+    let mut cfg = config();
+    cfg.telemetry.tenant_labels = true;
+    cfg.telemetry.tenant_label_cap = 2;
+    let gw = Gateway::start(cfg).await;
+    let mut clients = Vec::new();
+    for t in ["t1", "t2", "t3"] {
+        let mut c = Client::open(&gw, t).await;
+        c.subscribe(&["x"]).await;
+        publish_ok(&gw, t, "x", json!({})).await;
+        c.events(1).await;
+        clients.push(c);
+    }
+    let m = gw.metrics().await;
+    let labelled: Vec<&str> = m
+        .lines()
+        .filter(|l| l.starts_with("switchboard_tenant_events_delivered_total{"))
+        .collect();
+    assert_eq!(labelled.len(), 3, "{labelled:?}");
+    assert_eq!(
+        metric(
+            &m,
+            r#"switchboard_tenant_events_delivered_total{tenant="t1"}"#
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &m,
+            r#"switchboard_tenant_events_delivered_total{tenant="t2"}"#
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &m,
+            r#"switchboard_tenant_events_delivered_total{tenant="other"}"#
+        ),
+        1.0
+    );
 }
