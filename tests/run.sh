@@ -8,6 +8,7 @@
 #   Python client tests   -> `websockets`/urllib against the real binary
 #   manifests             -> operator output and CRDs checked with kubernetes-validate
 #   charts                -> helm lint/render for every values file, schema errors, RBAC
+#   load generator        -> a short smoke run (no loss, no duplicates)
 #   browser test          -> headless Chromium, page on another origin
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -65,5 +66,15 @@ step "Helm charts (real Helm engine via helm-python-sdk)"
 
 step "browser test"
 CHROMIUM="$chromium_bin" node tests/browser/run.mjs
+
+step "load generator smoke run (the full benchmark is ./bench/run.sh)"
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+SWITCHBOARD_HS256_SECRET=bench-secret RUST_LOG=warn "$root/target/debug/switchboard" --listen 127.0.0.1:$port &
+gw_pid=$!
+for _ in $(seq 100); do curl -sf "http://127.0.0.1:$port/readyz" >/dev/null && break; sleep 0.1; done
+"$root/target/debug/loadgen" --url "http://127.0.0.1:$port" --server-pid $gw_pid --connections 200 --topics 4 \
+  --rate 20 --seconds 2 --scenario smoke | tee "$work/smoke.json"
+kill $gw_pid
+python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); assert r["connections"]==200 and r["lost"]==0 and r["duplicates"]==0 and r["delivered"]==r["expected_deliveries"]>0, r' "$work/smoke.json"
 
 step "all checks passed"

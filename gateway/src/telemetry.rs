@@ -16,6 +16,7 @@ use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
 use switchboard_config::{GatewayConfig, LogFormat, OtlpProtocol};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
+use tracing_subscriber::Layer;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
@@ -111,16 +112,27 @@ pub fn init(config: &GatewayConfig) -> anyhow::Result<Telemetry> {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let provider = provider(config)?;
-    let otel = provider
-        .as_ref()
-        .map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer("switchboard-gateway")));
-    let registry = tracing_subscriber::registry().with(filter).with(otel);
+    // Spans are exported whatever the log level (RUST_LOG only filters logs).
+    let otel = provider.as_ref().map(|p| {
+        tracing_opentelemetry::layer()
+            .with_tracer(p.tracer("switchboard-gateway"))
+            .with_filter(
+                tracing_subscriber::filter::Targets::new()
+                    .with_target("switchboard_gateway", tracing::Level::INFO),
+            )
+    });
+    let registry = tracing_subscriber::registry().with(otel);
     let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     match config.log_format {
         LogFormat::Json => registry
-            .with(fmt.json().with_current_span(true).with_span_list(false))
+            .with(
+                fmt.json()
+                    .with_current_span(true)
+                    .with_span_list(false)
+                    .with_filter(filter),
+            )
             .try_init()?,
-        LogFormat::Text => registry.with(fmt).try_init()?,
+        LogFormat::Text => registry.with(fmt.with_filter(filter)).try_init()?,
     }
     Ok(Telemetry { provider })
 }

@@ -28,7 +28,13 @@ async fn a_publish_in_one_region_and_its_delivery_in_another_are_one_trace() {
             nats_yaml(region, &c.urls(), &["eu", "us"], 3),
             receiver.endpoint()
         );
-        GatewayProc::start_with_env(&dir, name, &yaml, &[("OTEL_BSP_SCHEDULE_DELAY", "100")])
+        // Logs at warn only: spans must be exported whatever the log level.
+        GatewayProc::start_with_env(
+            &dir,
+            name,
+            &yaml,
+            &[("OTEL_BSP_SCHEDULE_DELAY", "100"), ("RUST_LOG", "warn")],
+        )
     };
     let gw_eu = gw("gw-eu", "eu", &clusters[0], false);
     let gw_us = gw("gw-us", "us", &clusters[1], true);
