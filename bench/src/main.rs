@@ -316,7 +316,7 @@ async fn main() -> anyhow::Result<()> {
         "duplicates": totals.duplicates.load(Ordering::Relaxed),
         "deliveries_per_second": delivered as f64 / elapsed.max(1e-9),
         "latency_ms": {"p50": ms(0.5), "p99": ms(0.99), "p999": ms(0.999), "max": if hist.is_empty() { None } else { Some(hist.max() as f64 / 1000.0) }},
-        "server_cpu_seconds": match cpu_before.0.zip(cpu_after.0) { Some((b, a)) => Some(a - b), None => None },
+        "server_cpu_seconds": cpu_before.0.zip(cpu_after.0).map(|(b, a)| a - b),
         "loadgen_cpu_seconds": cpu_after.1 - cpu_before.1,
     });
     println!("{report}");
