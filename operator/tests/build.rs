@@ -174,6 +174,20 @@ fn autoscaling_secrets_probes_and_ownership() {
     assert_eq!(o.deployment.name_any(), "realtime");
 }
 
+/// Compare with `operator/tests/golden/<name>.json`; `UPDATE_GOLDEN=1` rewrites it.
+fn assert_golden(name: &str, objects: &[serde_json::Value]) {
+    let rendered = serde_json::to_string_pretty(objects).unwrap() + "\n";
+    let golden = root().join(format!("operator/tests/golden/{name}.json"));
+    if std::env::var_os("UPDATE_GOLDEN").is_some() {
+        std::fs::write(&golden, &rendered).unwrap();
+    }
+    let expected = std::fs::read_to_string(&golden).unwrap_or_default();
+    assert!(
+        expected == rendered,
+        "golden output {name} changed; review and run with UPDATE_GOLDEN=1"
+    );
+}
+
 #[test]
 fn golden_render_of_the_examples() {
     let gw = example_gateway();
@@ -181,16 +195,7 @@ fn golden_render_of_the_examples() {
     let objects = build::build(&gw, &bundle, "ghcr.io/switchboard-dev/gateway:0.1.0")
         .unwrap()
         .to_json();
-    let rendered = serde_json::to_string_pretty(&objects).unwrap() + "\n";
-    let golden = root().join("operator/tests/golden/examples.json");
-    if std::env::var_os("UPDATE_GOLDEN").is_some() {
-        std::fs::write(&golden, &rendered).unwrap();
-    }
-    let expected = std::fs::read_to_string(&golden).unwrap_or_default();
-    assert!(
-        expected == rendered,
-        "golden output changed; review and run with UPDATE_GOLDEN=1"
-    );
+    assert_golden("examples", &objects);
 }
 
 #[test]
@@ -204,16 +209,7 @@ fn golden_render_of_a_minimal_gateway() {
     let objects = build::build(&gw, &Default::default(), "gw:1")
         .unwrap()
         .to_json();
-    let rendered = serde_json::to_string_pretty(&objects).unwrap() + "\n";
-    let golden = root().join("operator/tests/golden/minimal.json");
-    if std::env::var_os("UPDATE_GOLDEN").is_some() {
-        std::fs::write(&golden, &rendered).unwrap();
-    }
-    let expected = std::fs::read_to_string(&golden).unwrap_or_default();
-    assert!(
-        expected == rendered,
-        "golden output changed; review and run with UPDATE_GOLDEN=1"
-    );
+    assert_golden("minimal", &objects);
 }
 
 #[test]
