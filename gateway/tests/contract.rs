@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use common::nats::{TempDir, single};
 use common::*;
-use futures_util::StreamExt;
 use serde_json::json;
 use switchboard_gateway::config::{GatewayConfig, NatsConfig};
 
@@ -252,15 +251,7 @@ async fn long_poll_and_sse_share_cursors(e: Env) {
         .unwrap();
     let mut stream = resp.bytes_stream();
     let mut text = String::new();
-    let deadline = tokio::time::Instant::now() + DEADLINE;
-    while !text.contains(&format!("id: {e2}")) {
-        let chunk = tokio::time::timeout_at(deadline, stream.next())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
-        text.push_str(&String::from_utf8_lossy(&chunk));
-    }
+    read_sse_until(&mut stream, &mut text, &format!("id: {e2}")).await;
     assert!(!text.contains(&format!("id: {e1}\n")));
 }
 

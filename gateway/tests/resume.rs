@@ -5,7 +5,6 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use futures_util::StreamExt;
 use serde_json::{Value, json};
 
 #[tokio::test]
@@ -229,28 +228,10 @@ async fn sse_streams_with_ids_and_resumes_from_last_event_id() {
     );
     let mut body = resp.bytes_stream();
     let mut text = String::new();
-    let e3 = {
-        // Replayed e2 first, then live e3.
-        let deadline = tokio::time::Instant::now() + DEADLINE;
-        while !text.contains(&format!("id: {e2}")) {
-            let chunk = tokio::time::timeout_at(deadline, body.next())
-                .await
-                .unwrap()
-                .unwrap()
-                .unwrap();
-            text.push_str(&String::from_utf8_lossy(&chunk));
-        }
-        publish_ok(&gw, "acme", "s.a", json!({"n": 3})).await
-    };
-    let deadline = tokio::time::Instant::now() + DEADLINE;
-    while !text.contains(&format!("id: {e3}")) {
-        let chunk = tokio::time::timeout_at(deadline, body.next())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
-        text.push_str(&String::from_utf8_lossy(&chunk));
-    }
+    // Replayed e2 first, then live e3.
+    read_sse_until(&mut body, &mut text, &format!("id: {e2}")).await;
+    let e3 = publish_ok(&gw, "acme", "s.a", json!({"n": 3})).await;
+    read_sse_until(&mut body, &mut text, &format!("id: {e3}")).await;
     assert!(
         !text.contains(&format!("id: {e1}\n")),
         "the Last-Event-ID event itself is not resent"

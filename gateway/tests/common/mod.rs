@@ -106,13 +106,18 @@ impl Gateway {
     }
 
     pub async fn metrics(&self) -> String {
-        reqwest::get(format!("{}/metrics", self.http()))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
+        scrape(&self.http()).await
     }
+}
+
+/// The Prometheus text of a gateway at `base`.
+pub async fn scrape(base: &str) -> String {
+    reqwest::get(format!("{base}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
 }
 
 /// Read one sample from a Prometheus text exposition; 0 when absent.
@@ -304,4 +309,21 @@ pub fn ids(events: &[Value]) -> Vec<String> {
         .iter()
         .map(|e| e["event_id"].as_str().unwrap().to_owned())
         .collect()
+}
+
+/// Read an SSE body until `needle` appears (deadline), appending to `text`.
+pub async fn read_sse_until<S, E>(body: &mut S, text: &mut String, needle: &str)
+where
+    S: futures_util::Stream<Item = Result<bytes::Bytes, E>> + Unpin,
+    E: std::fmt::Debug,
+{
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while !text.contains(needle) {
+        let chunk = tokio::time::timeout_at(deadline, body.next())
+            .await
+            .expect("SSE data before the deadline")
+            .expect("stream open")
+            .expect("no read error");
+        text.push_str(&String::from_utf8_lossy(&chunk));
+    }
 }

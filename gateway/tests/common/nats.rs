@@ -492,12 +492,7 @@ impl GatewayProc {
     }
 
     pub async fn metrics(&self) -> String {
-        reqwest::get(format!("{}/metrics", self.http()))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
+        super::scrape(&self.http()).await
     }
 }
 
