@@ -1,135 +1,117 @@
-//! `loadgen`: opens N WebSocket connections to a Switchboard gateway,
-//! subscribes them over T topics, publishes at a target rate and reports
-//! connect time, server RSS per connection, deliveries/s, loss, duplicates,
-//! latency percentiles (payloads carry a sequence number and the send time)
-//! and CPU seconds of server and load generator, as one JSON line.
+//! `loadgen`: Switchboard's benchmark load generator (docs/benchmarks.md).
+//!
+//! Opens N WebSocket subscribers (spread over several loopback source
+//! addresses), subscribes them over T topics of one target (Switchboard,
+//! nats-server's WebSocket, Socket.IO), publishes at a paced rate and prints
+//! one JSON line: connect time, server RSS per idle connection, deliveries/s,
+//! loss, duplicates, latency percentiles (payloads carry a sequence number
+//! and the send time) and CPU seconds of the servers and of itself.
+//!
+//! Modes: `fixed` (one rate), `ramp` (raise the rate step by step until p99
+//! passes 200 ms or anything is lost) and `storm` (the gateway the clients
+//! are on is killed or drained; they resume on another one from their last
+//! cursor).
 
+mod publisher;
+mod sink;
+mod stats;
+mod target;
+
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use clap::Parser;
+use clap::{Parser, ValueEnum};
 use futures_util::{SinkExt, StreamExt};
-use hdrhistogram::Histogram;
 use serde_json::json;
+use tokio::net::TcpSocket;
 use tokio_tungstenite::tungstenite::Message;
+
+use publisher::Publisher;
+use stats::{Seen, Stats, Usage, now_us};
+use target::Kind;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Mode {
+    Fixed,
+    Ramp,
+    Storm,
+}
 
 #[derive(Parser, Clone)]
 struct Args {
-    /// Run an OTLP/gRPC trace sink on this port instead (counts spans; for
-    /// measuring the gateway with trace export on).
+    /// Run an OTLP/gRPC trace sink on this port instead (counts spans).
     #[arg(long)]
     otlp_sink: Option<u16>,
-    /// Gateway base URL.
-    #[arg(long, default_value = "http://127.0.0.1:8000")]
-    url: String,
+    #[arg(long, value_enum, default_value = "switchboard")]
+    target: Kind,
+    /// Label of the target in the report (e.g. "switchboard-cluster").
+    #[arg(long)]
+    label: Option<String>,
+    /// Where subscribers connect; repeat for several gateways (subscribers
+    /// are spread over them; in storm mode all start on the first).
+    #[arg(long = "url", required_unless_present = "otlp_sink")]
+    urls: Vec<String>,
+    /// Where the publisher publishes (default: the first --url).
+    #[arg(long)]
+    publish_url: Option<String>,
     /// HS256 secret of the gateway (tokens are minted here).
     #[arg(long, default_value = "bench-secret")]
     secret: String,
-    /// PID of the server, for RSS and CPU.
-    #[arg(long)]
-    server_pid: Option<u32>,
+    /// Processes under test, for RSS and CPU (repeat; summed).
+    #[arg(long = "server-pid")]
+    server_pids: Vec<u32>,
+    /// Local addresses subscribers connect from (comma-separated), so more
+    /// than ~28k connections fit in the ephemeral port range.
+    #[arg(long, value_delimiter = ',', default_value = "127.0.0.1")]
+    sources: Vec<IpAddr>,
     #[arg(long, default_value_t = 1000)]
     connections: usize,
     #[arg(long, default_value_t = 1)]
     topics: usize,
-    /// Publishes per second (0: idle scenario, no publishing).
-    #[arg(long, default_value_t = 0)]
-    rate: u64,
+    /// Publishes per second (0: idle scenario); the start rate in ramp mode.
+    #[arg(long, default_value_t = 0.0)]
+    rate: f64,
+    /// Seconds of publishing (per step in ramp mode).
     #[arg(long, default_value_t = 10)]
     seconds: u64,
-    /// Label for the report.
-    #[arg(long, default_value = "switchboard")]
-    target: String,
+    #[arg(long, value_enum, default_value = "fixed")]
+    mode: Mode,
+    /// Ramp: rate factor between steps, and the most steps.
+    #[arg(long, default_value_t = 1.5)]
+    factor: f64,
+    #[arg(long, default_value_t = 14)]
+    max_steps: usize,
+    /// Ramp: the p99 (ms) beyond which a step does not count as sustained.
+    #[arg(long, default_value_t = 200.0)]
+    max_p99_ms: f64,
+    /// Storm: the gateway to stop, the signal, and when (s after publishing starts).
+    #[arg(long)]
+    kill_pid: Option<u32>,
+    #[arg(long, default_value = "KILL")]
+    kill_signal: String,
+    #[arg(long, default_value_t = 3)]
+    kill_after: u64,
+    /// Seconds to let the server settle before reading its idle RSS.
+    #[arg(long, default_value_t = 3)]
+    settle: u64,
+    /// Concurrent WebSocket handshakes.
+    #[arg(long, default_value_t = 128)]
+    handshakes: usize,
     #[arg(long, default_value = "")]
     scenario: String,
 }
 
-fn now_us() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_micros() as u64)
-        .unwrap_or(0)
-}
-
-/// (resident KiB, CPU seconds) of a process.
-fn proc_stats(pid: u32) -> Option<(u64, f64)> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let rss = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()?;
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
-    Some((rss, ticks / 100.0))
-}
-
-fn self_cpu() -> f64 {
-    proc_stats(std::process::id()).map_or(0.0, |s| s.1)
-}
-
-/// Find `"key":<number>` in a frame without parsing all of it.
-fn number_after(text: &str, key: &str) -> Option<u64> {
-    let at = text.find(key)? + key.len();
-    let digits: String = text[at..]
-        .chars()
-        .take_while(|c| c.is_ascii_digit())
-        .collect();
-    digits.parse().ok()
-}
-
-struct Totals {
-    delivered: AtomicU64,
-    duplicates: AtomicU64,
-}
-
-mod sink {
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicU64, Ordering};
-
-    use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
-        TraceService, TraceServiceServer,
-    };
-    use opentelemetry_proto::tonic::collector::trace::v1::{
-        ExportTraceServiceRequest, ExportTraceServiceResponse,
-    };
-
-    #[derive(Clone, Default)]
-    struct Count(Arc<AtomicU64>);
-
-    #[tonic::async_trait]
-    impl TraceService for Count {
-        async fn export(
-            &self,
-            request: tonic::Request<ExportTraceServiceRequest>,
-        ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
-            let n: usize = request
-                .into_inner()
-                .resource_spans
-                .iter()
-                .flat_map(|r| &r.scope_spans)
-                .map(|s| s.spans.len())
-                .sum();
-            let total = self.0.fetch_add(n as u64, Ordering::Relaxed) + n as u64;
-            eprintln!("otlp sink: {total} spans");
-            Ok(tonic::Response::new(ExportTraceServiceResponse {
-                partial_success: None,
-            }))
-        }
-    }
-
-    pub async fn run(port: u16) -> anyhow::Result<()> {
-        tonic::transport::Server::builder()
-            .add_service(TraceServiceServer::new(Count::default()))
-            .serve(([127, 0, 0, 1], port).into())
-            .await?;
-        Ok(())
-    }
+struct Run {
+    args: Args,
+    token: String,
+    stats: Stats,
+    /// Subscribers per topic that completed their subscription.
+    subscribers: Vec<AtomicU64>,
+    /// Next sequence number per topic (across steps).
+    seqs: Vec<AtomicU64>,
 }
 
 #[tokio::main]
@@ -143,182 +125,334 @@ async fn main() -> anyhow::Result<()> {
         "bench",
         "loadgen",
         &["publish".into()],
-        Duration::from_secs(3600),
+        Duration::from_secs(6 * 3600),
     )?;
-    let ws_base = args.url.replacen("http", "ws", 1);
-    let before = args.server_pid.and_then(proc_stats);
+    let topics = args.topics.max(1);
+    let run = Arc::new(Run {
+        token,
+        stats: Stats::new(),
+        subscribers: (0..topics).map(|_| AtomicU64::new(0)).collect(),
+        seqs: (0..topics).map(|_| AtomicU64::new(0)).collect(),
+        args,
+    });
+    let args = &run.args;
+    let before = stats::usage(&args.server_pids);
 
     // Connect and subscribe.
     let started = Instant::now();
-    let totals = Arc::new(Totals {
-        delivered: AtomicU64::new(0),
-        duplicates: AtomicU64::new(0),
-    });
-    let expected_per_topic = args.rate * args.seconds / args.topics.max(1) as u64;
-    let mut handles = Vec::with_capacity(args.connections);
-    let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel::<bool>(args.connections.max(1));
-    let sem = Arc::new(tokio::sync::Semaphore::new(256));
+    let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel::<bool>(1024);
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(args.handshakes.max(1)));
+    let mut tasks = Vec::with_capacity(args.connections);
     for i in 0..args.connections {
-        let url = format!("{ws_base}/ws?token={token}");
-        let topic = format!("bench.t{}", i % args.topics.max(1));
-        let totals = totals.clone();
-        let ready = ready_tx.clone();
-        let sem = sem.clone();
-        let expected = expected_per_topic;
-        handles.push(tokio::spawn(async move {
-            let permit = sem.acquire_owned().await.ok()?;
-            let opened = async {
-                let (mut ws, _) = tokio_tungstenite::connect_async(&url).await.ok()?;
-                ws.send(Message::Text(
-                    json!({"type": "subscribe", "topics": [topic]})
-                        .to_string()
-                        .into(),
-                ))
-                .await
-                .ok()?;
-                while let Some(Ok(m)) = ws.next().await {
-                    if let Message::Text(t) = m
-                        && t.contains("subscription.confirmed")
-                    {
-                        return Some(ws);
-                    }
-                }
-                None
-            }
-            .await;
-            drop(permit);
-            let _ = ready.send(opened.is_some()).await;
-            drop(ready);
-            let mut ws = opened?;
-            let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).ok()?;
-            let mut seen = vec![false; expected as usize + 1];
-            let mut got = 0u64;
-            while let Some(Ok(m)) = ws.next().await {
-                let Message::Text(t) = m else { continue };
-                let (Some(seq), Some(sent)) =
-                    (number_after(&t, "\"seq\":"), number_after(&t, "\"sent\":"))
-                else {
-                    continue;
-                };
-                let _ = hist.record(now_us().saturating_sub(sent).max(1));
-                let slot = seq as usize;
-                if slot < seen.len() {
-                    if seen[slot] {
-                        totals.duplicates.fetch_add(1, Ordering::Relaxed);
-                    }
-                    seen[slot] = true;
-                }
-                got += 1;
-                totals.delivered.fetch_add(1, Ordering::Relaxed);
-                if got >= expected && expected > 0 {
-                    break;
-                }
-            }
-            Some(hist)
-        }));
+        tasks.push(tokio::spawn(subscriber(
+            run.clone(),
+            i,
+            handshakes.clone(),
+            ready_tx.clone(),
+        )));
     }
     drop(ready_tx);
-    let mut connected = 0;
-    for _ in 0..args.connections {
-        if ready_rx.recv().await == Some(true) {
-            connected += 1;
-        }
+    let mut connected = 0u64;
+    while let Some(ok) = ready_rx.recv().await {
+        connected += u64::from(ok);
     }
-    let connect_secs = started.elapsed().as_secs_f64();
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let idle = args.server_pid.and_then(proc_stats);
-    let kib_per_conn = match (before, idle) {
-        (Some(b), Some(a)) if connected > 0 => Some((a.0 as f64 - b.0 as f64) / connected as f64),
+    let connect_seconds = started.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_secs(args.settle)).await;
+    let idle = stats::usage(&args.server_pids);
+    let kib_per_idle_connection = match (before, idle) {
+        (Some(b), Some(a)) if connected > 0 => {
+            Some((a.rss_kib as f64 - b.rss_kib as f64) / connected as f64)
+        }
         _ => None,
     };
-
-    // Publish at the target rate, spread over the topics.
-    let cpu_before = (
-        args.server_pid.and_then(proc_stats).map(|s| s.1),
-        self_cpu(),
-    );
-    let publish_started = Instant::now();
-    let mut published = 0u64;
-    if args.rate > 0 {
-        let http = reqwest::Client::new();
-        let total = args.rate * args.seconds;
-        let interval = Duration::from_secs_f64(1.0 / args.rate as f64);
-        let mut next = Instant::now();
-        // Each publish is its own task, so it is sent at once (a future
-        // nobody polls would sit and distort the latency).
-        let limit = Arc::new(tokio::sync::Semaphore::new(64));
-        let mut tasks = Vec::with_capacity(total as usize);
-        for n in 0..total {
-            let topic = n as usize % args.topics.max(1);
-            let seq = n / args.topics.max(1) as u64;
-            next += interval;
-            if let Some(wait) = next.checked_duration_since(Instant::now()) {
-                tokio::time::sleep(wait).await;
-            }
-            let permit = limit.clone().acquire_owned().await?;
-            let req = http
-                .post(format!("{}/api/realtime/publish/", args.url))
-                .bearer_auth(&token)
-                .json(&json!({"event_type": format!("bench.t{topic}"), "data": {"seq": seq, "sent": now_us()}}));
-            tasks.push(tokio::spawn(async move {
-                let r = req.send().await;
-                drop(permit);
-                r.map(|r| r.status().is_success())
-            }));
-        }
-        for t in tasks {
-            if t.await?.context("publish")? {
-                published += 1;
-            }
-        }
-    }
-    // Wait for the deliveries (bounded).
-    let expected_total = expected_per_topic * connected as u64;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while totals.delivered.load(Ordering::Relaxed) < expected_total && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let elapsed = publish_started.elapsed().as_secs_f64();
-    let cpu_after = (
-        args.server_pid.and_then(proc_stats).map(|s| s.1),
-        self_cpu(),
-    );
-    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
-    for h in handles {
-        h.abort();
-        if let Ok(Some(part)) = h.await {
-            hist.add(&part)?;
-        }
-    }
-    let delivered = totals.delivered.load(Ordering::Relaxed);
-    let ms = |q: f64| {
-        if hist.is_empty() {
-            None
-        } else {
-            Some(hist.value_at_quantile(q) as f64 / 1000.0)
-        }
-    };
-    let report = json!({
-        "target": args.target,
+    let mut report = json!({
+        "target": args.label.clone().unwrap_or_else(|| format!("{:?}", args.target).to_lowercase()),
         "scenario": args.scenario,
+        "mode": format!("{:?}", args.mode).to_lowercase(),
         "connections": connected,
-        "topics": args.topics,
-        "rate": args.rate,
-        "seconds": args.seconds,
-        "connect_seconds": connect_secs,
-        "kib_per_idle_connection": kib_per_conn,
-        "server_rss_kib_before": before.map(|b| b.0),
-        "server_rss_kib_idle": idle.map(|b| b.0),
-        "published": published,
-        "expected_deliveries": expected_total,
-        "delivered": delivered,
-        "lost": expected_total.saturating_sub(delivered),
-        "duplicates": totals.duplicates.load(Ordering::Relaxed),
-        "deliveries_per_second": delivered as f64 / elapsed.max(1e-9),
-        "latency_ms": {"p50": ms(0.5), "p99": ms(0.99), "p999": ms(0.999), "max": if hist.is_empty() { None } else { Some(hist.max() as f64 / 1000.0) }},
-        "server_cpu_seconds": cpu_before.0.zip(cpu_after.0).map(|(b, a)| a - b),
-        "loadgen_cpu_seconds": cpu_after.1 - cpu_before.1,
+        "requested_connections": args.connections,
+        "topics": topics,
+        "sources": args.sources.len(),
+        "connect_seconds": connect_seconds,
+        "kib_per_idle_connection": kib_per_idle_connection,
+        "server_rss_kib_before": before.map(|u| u.rss_kib),
+        "server_rss_kib_idle": idle.map(|u| u.rss_kib),
     });
+
+    if args.rate > 0.0 && connected > 0 {
+        let publish_url = args
+            .publish_url
+            .clone()
+            .unwrap_or_else(|| args.urls[0].clone());
+        let publisher = Publisher::connect(args.target, &publish_url, &run.token).await?;
+        let mut steps = Vec::new();
+        match args.mode {
+            Mode::Fixed => steps.push(step(&run, &publisher, 0, args.rate).await?),
+            Mode::Ramp => {
+                for k in 0..args.max_steps.min(stats::MAX_STEPS) {
+                    let rate = args.rate * args.factor.powi(k as i32);
+                    let s = step(&run, &publisher, k, rate).await?;
+                    let sustained = s["sustained"].as_bool() == Some(true);
+                    eprintln!("ramp step {k}: {s}");
+                    steps.push(s);
+                    if !sustained {
+                        break;
+                    }
+                }
+                let best = steps
+                    .iter()
+                    .filter(|s| s["sustained"].as_bool() == Some(true))
+                    .filter_map(|s| s["deliveries_per_second"].as_f64())
+                    .fold(None::<f64>, |m, v| Some(m.map_or(v, |m| m.max(v))));
+                report["max_sustained_deliveries_per_second"] = json!(best);
+            }
+            Mode::Storm => {
+                let pid = args.kill_pid.context("storm mode needs --kill-pid")?;
+                let killer = tokio::spawn(storm(run.clone(), pid, connected));
+                steps.push(step(&run, &publisher, 0, args.rate).await?);
+                report["storm"] = killer.await??;
+            }
+        }
+        report["steps"] = json!(steps);
+        if let Some(first) = steps.first() {
+            for key in [
+                "rate",
+                "published",
+                "expected_deliveries",
+                "delivered",
+                "lost",
+                "deliveries_per_second",
+                "latency_ms",
+                "server_cpu_seconds",
+                "loadgen_cpu_seconds",
+            ] {
+                report[key] = first[key].clone();
+            }
+        }
+    }
+    report["duplicates"] = json!(run.stats.duplicates.load(Ordering::Relaxed));
+    for t in tasks {
+        t.abort();
+    }
     println!("{report}");
     Ok(())
+}
+
+/// Publish at `rate` for the configured seconds as step `k`, then wait for
+/// the deliveries (bounded) and measure.
+async fn step(
+    run: &Arc<Run>,
+    publisher: &Publisher,
+    k: usize,
+    rate: f64,
+) -> anyhow::Result<serde_json::Value> {
+    let args = &run.args;
+    let topics = run.seqs.len();
+    let usage_before = stats::usage(&args.server_pids);
+    let self_before = stats::self_cpu();
+    let started = Instant::now();
+    let total = (rate * args.seconds as f64).round() as u64;
+    let accepted: Arc<Vec<AtomicU64>> = Arc::new((0..topics).map(|_| AtomicU64::new(0)).collect());
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(256));
+    let mut sends = tokio::task::JoinSet::new();
+    for n in 0..total {
+        let due = started + Duration::from_secs_f64(n as f64 / rate);
+        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+            tokio::time::sleep(wait).await;
+        }
+        let t = n as usize % topics;
+        let seq = run.seqs[t].fetch_add(1, Ordering::Relaxed);
+        let permit = in_flight.clone().acquire_owned().await?;
+        let publisher = publisher.clone();
+        let accepted = accepted.clone();
+        // Each publish runs on its own, so it leaves at once (a send
+        // waiting behind another would distort the latency).
+        sends.spawn(async move {
+            let body = target::payload(seq, k as u64, now_us());
+            if publisher.publish(&format!("bench.t{t}"), body).await {
+                accepted[t].fetch_add(1, Ordering::Relaxed);
+            }
+            drop(permit);
+        });
+        while sends.try_join_next().is_some() {}
+    }
+    while sends.join_next().await.is_some() {}
+    publisher.flush().await;
+    let publish_seconds = started.elapsed().as_secs_f64();
+    let published: u64 = accepted.iter().map(|a| a.load(Ordering::Relaxed)).sum();
+    let expected: u64 = accepted
+        .iter()
+        .zip(&run.subscribers)
+        .map(|(a, s)| a.load(Ordering::Relaxed) * s.load(Ordering::Relaxed))
+        .sum();
+    // Wait for the deliveries: at most 10 s more (30 s in a storm).
+    let grace = if args.mode == Mode::Storm { 30 } else { 10 };
+    let deadline = Instant::now() + Duration::from_secs(grace);
+    while run.stats.delivered(k) < expected && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let usage_after = stats::usage(&args.server_pids);
+    let delivered = run.stats.delivered(k);
+    let latency = run.stats.latency_ms(k);
+    let lost = expected.saturating_sub(delivered);
+    let p99 = latency["p99"].as_f64();
+    Ok(json!({
+        "step": k,
+        "rate": rate,
+        "publish_seconds": publish_seconds,
+        "published": published,
+        "publish_failed": total - published,
+        "expected_deliveries": expected,
+        "delivered": delivered,
+        "lost": lost,
+        "deliveries_per_second": delivered as f64 / seconds.max(1e-9),
+        "latency_ms": latency,
+        "sustained": lost == 0 && published == total && p99.is_some_and(|p| p <= args.max_p99_ms),
+        "server_cpu_seconds": usage_before.zip(usage_after).map(|(b, a): (Usage, Usage)| a.cpu_seconds - b.cpu_seconds),
+        "loadgen_cpu_seconds": stats::self_cpu() - self_before,
+    }))
+}
+
+/// Stop the gateway the subscribers are on, then time their resumption.
+async fn storm(run: Arc<Run>, pid: u32, connected: u64) -> anyhow::Result<serde_json::Value> {
+    let args = &run.args;
+    tokio::time::sleep(Duration::from_secs(args.kill_after)).await;
+    let resumed_before = run.stats.resumed.load(Ordering::Relaxed);
+    let at = Instant::now();
+    let status = tokio::process::Command::new("kill")
+        .args(["-s", &args.kill_signal, &pid.to_string()])
+        .status()
+        .await?;
+    anyhow::ensure!(
+        status.success(),
+        "kill -s {} {pid} failed",
+        args.kill_signal
+    );
+    let deadline = at + Duration::from_secs(120);
+    let mut all_resumed = None;
+    while Instant::now() < deadline {
+        if run.stats.resumed.load(Ordering::Relaxed) - resumed_before >= connected {
+            all_resumed = Some(at.elapsed().as_secs_f64());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Ok(json!({
+        "signal": args.kill_signal,
+        "seconds_until_all_resumed": all_resumed,
+        "resumed": run.stats.resumed.load(Ordering::Relaxed) - resumed_before,
+        "disconnects": run.stats.disconnects.load(Ordering::Relaxed),
+    }))
+}
+
+/// One subscriber: connect, subscribe, count what arrives. In storm mode a
+/// dropped connection resumes on the next gateway from its last cursor.
+async fn subscriber(
+    run: Arc<Run>,
+    i: usize,
+    handshakes: Arc<tokio::sync::Semaphore>,
+    ready: tokio::sync::mpsc::Sender<bool>,
+) {
+    let args = &run.args;
+    let topic_index = i % run.seqs.len();
+    let topic = format!("bench.t{topic_index}");
+    let mut seen = Seen::default();
+    let mut cursor: Option<String> = None;
+    let mut ready = Some(ready);
+    let mut attempt = 0usize;
+    loop {
+        let url_index = if args.mode == Mode::Storm {
+            attempt.min(args.urls.len() - 1)
+        } else {
+            i % args.urls.len()
+        };
+        let url = target::subscriber_url(
+            args.target,
+            &args.urls[url_index],
+            &run.token,
+            cursor.as_deref(),
+        );
+        let source = args.sources[i % args.sources.len()];
+        let opened = {
+            let _permit = handshakes.acquire().await;
+            open(&url, source, args.target, &topic).await
+        };
+        let mut ws = match opened {
+            Ok(ws) => ws,
+            Err(e) => {
+                if let Some(r) = ready.take() {
+                    eprintln!("subscriber {i}: {e:#}");
+                    let _ = r.send(false).await;
+                    return;
+                }
+                // Resuming: try again shortly (the target may be starting).
+                attempt += 1;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        match ready.take() {
+            Some(r) => {
+                run.subscribers[topic_index].fetch_add(1, Ordering::Relaxed);
+                let _ = r.send(true).await;
+            }
+            None => {
+                run.stats.resumed.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        while let Some(Ok(m)) = ws.next().await {
+            let Message::Text(t) = m else { continue };
+            if let Some(reply) = target::keepalive_reply(args.target, &t)
+                && ws.send(Message::Text(reply.into())).await.is_err()
+            {
+                break;
+            }
+            target::for_each_event(&t, |seq, step, sent| {
+                run.stats.record(i, &mut seen, seq, step, sent);
+            });
+            if args.mode == Mode::Storm
+                && let Some(c) = target::cursor_of(&t)
+            {
+                cursor = Some(c.to_owned());
+            }
+        }
+        run.stats.disconnects.fetch_add(1, Ordering::Relaxed);
+        if args.mode != Mode::Storm {
+            return;
+        }
+        attempt += 1;
+        // Clients spread their reconnects (0-500 ms), as real ones do.
+        tokio::time::sleep(Duration::from_millis((i as u64 * 7919) % 500)).await;
+    }
+}
+
+async fn open(url: &str, source: IpAddr, kind: Kind, topic: &str) -> anyhow::Result<target::Ws> {
+    let uri: tokio_tungstenite::tungstenite::http::Uri = url.parse()?;
+    let host = uri.host().context("url without host")?;
+    let port = uri.port_u16().unwrap_or(80);
+    let addr = tokio::net::lookup_host((host, port))
+        .await?
+        .find(|a| a.is_ipv4() == source.is_ipv4())
+        .context("no address for the host")?;
+    let socket = if source.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.bind((source, 0).into())?;
+    let stream = socket
+        .connect(addr)
+        .await
+        .with_context(|| format!("connect {addr}"))?;
+    stream.set_nodelay(true)?;
+    let (mut ws, _) = tokio_tungstenite::client_async_with_config(
+        url,
+        tokio_tungstenite::MaybeTlsStream::Plain(stream),
+        Some(target::ws_config()),
+    )
+    .await
+    .with_context(|| format!("websocket handshake with {url}"))?;
+    target::subscribe(kind, &mut ws, topic).await?;
+    Ok(ws)
 }

@@ -6,45 +6,18 @@
 //! delivery); subscribing takes the write lock briefly.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
+use crate::event::Event;
+use crate::mailbox::{Mailbox, Offered};
 use dashmap::DashMap;
 use switchboard_config::Pattern;
-use tokio::sync::{Notify, mpsc};
-
-use crate::event::Event;
 
 pub type ConnId = u64;
 
-/// State a connection shares with the hub.
-#[derive(Debug, Default)]
-pub struct ConnShared {
-    overflowed: AtomicBool,
-    /// Woken when the connection must stop (its queue overflowed).
-    pub kick: Notify,
-    /// Only events from this region, when set.
-    pub region: Option<Arc<str>>,
-}
-
-impl ConnShared {
-    pub fn new(region: Option<Arc<str>>) -> Self {
-        Self {
-            region,
-            ..Self::default()
-        }
-    }
-    pub fn overflowed(&self) -> bool {
-        self.overflowed.load(Ordering::Acquire)
-    }
-}
-
-/// One connection's mailbox.
-#[derive(Debug, Clone)]
-pub struct Subscriber {
-    pub tx: mpsc::Sender<Arc<Event>>,
-    pub shared: Arc<ConnShared>,
-}
+/// One connection's mailbox, as the hub holds it.
+pub type Subscriber = Arc<Mailbox>;
 
 type Subscribers = HashMap<ConnId, Subscriber>;
 
@@ -181,21 +154,14 @@ impl Hub {
 }
 
 fn offer(sub: &Subscriber, event: &Arc<Event>, out: &mut Fanout) {
-    if let Some(region) = &sub.shared.region
+    if let Some(region) = &sub.region
         && **region != *event.region
     {
         return;
     }
-    match sub.tx.try_send(event.clone()) {
-        Ok(()) => out.delivered += 1,
-        Err(mpsc::error::TrySendError::Full(_)) => {
-            if !sub.shared.overflowed.swap(true, Ordering::AcqRel) {
-                sub.shared.kick.notify_one();
-            }
-            out.overflowed += 1;
-        }
-        // The connection is closing; it unregisters itself.
-        Err(mpsc::error::TrySendError::Closed(_)) => {}
+    match sub.offer(event) {
+        Offered::Queued => out.delivered += 1,
+        Offered::Overflowed | Offered::Dropped => out.overflowed += 1,
     }
 }
 
@@ -221,15 +187,9 @@ mod tests {
         ))
     }
 
-    fn sub(cap: usize) -> (Subscriber, mpsc::Receiver<Arc<Event>>) {
-        let (tx, rx) = mpsc::channel(cap);
-        (
-            Subscriber {
-                tx,
-                shared: Arc::default(),
-            },
-            rx,
-        )
+    fn sub(cap: usize) -> (Subscriber, Subscriber) {
+        let m = Arc::new(Mailbox::new(cap, None));
+        (m.clone(), m)
     }
 
     #[test]
@@ -237,18 +197,18 @@ mod tests {
         let hub = Hub::default();
         let a: Arc<str> = "a".into();
         let b: Arc<str> = "b".into();
-        let (s1, mut r1) = sub(16);
+        let (s1, r1) = sub(16);
         for p in ["deal.stage.updated", "deal.*", "deal.stage.*", "*"] {
             hub.register(&a, 1, &Pattern::parse(p).unwrap(), s1.clone());
         }
-        let (s2, mut r2) = sub(16);
+        let (s2, r2) = sub(16);
         hub.register(&b, 2, &Pattern::parse("*").unwrap(), s2);
         let out = hub.dispatch(&event("a", "deal.stage.updated", 1));
         assert_eq!(out.delivered, 1);
-        assert_eq!(r1.try_recv().unwrap().id.seq, 1);
-        assert!(r1.try_recv().is_err());
+        assert_eq!(r1.try_take().unwrap().unwrap().id.seq, 1);
+        assert!(r1.try_take().unwrap().is_none());
         assert!(
-            r2.try_recv().is_err(),
+            r2.try_take().unwrap().is_none(),
             "tenant b must not see tenant a's event"
         );
         assert_eq!(hub.last_seq(&a), 1);
@@ -261,14 +221,14 @@ mod tests {
         let a: Arc<str> = "a".into();
         let p = Pattern::parse("x").unwrap();
         let (slow, _keep) = sub(1);
-        let (fast, mut fast_rx) = sub(8);
+        let (fast, fast_rx) = sub(8);
         hub.register(&a, 1, &p, slow.clone());
         hub.register(&a, 2, &p, fast);
         for seq in 1..=3 {
             hub.dispatch(&event("a", "x", seq));
         }
-        assert!(slow.shared.overflowed());
-        let got: Vec<u64> = std::iter::from_fn(|| fast_rx.try_recv().ok())
+        assert!(slow.overflowed());
+        let got: Vec<u64> = std::iter::from_fn(|| fast_rx.try_take().ok().flatten())
             .map(|e| e.id.seq)
             .collect();
         assert_eq!(got, vec![1, 2, 3]);

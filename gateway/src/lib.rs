@@ -6,7 +6,8 @@
 //! - [`hub`]: this process's subscriptions and the fan-out of an event.
 //! - [`bus`]: the broker boundary (storage, dedup, routing); [`bus::memory`]
 //!   is the embedded default.
-//! - [`session`]: one subscriber's subscriptions, queue and replay/live seam.
+//! - [`session`]: one subscriber's subscriptions and the replay/live seam.
+//! - [`mailbox`]: a connection's bounded outbound queue.
 //! - [`transport`]: WebSocket, SSE, long-poll and the publish API.
 //! - [`auth`]: JWT verification (HS256, RS/ES PEM, JWKS).
 //! - [`protocol`]: wire messages and close codes.
@@ -20,6 +21,7 @@ pub mod cli;
 pub mod event;
 pub mod fanout;
 pub mod hub;
+pub mod mailbox;
 pub mod metrics;
 pub mod node;
 pub mod policy;

@@ -12,11 +12,10 @@ use std::sync::Arc;
 
 use switchboard_config::Pattern;
 use switchboard_config::policy::Denied;
-use tokio::sync::mpsc;
 
 use crate::bus::{BrokerError, GapReason};
 use crate::event::{Cursor, Event};
-use crate::hub::{ConnShared, Subscriber};
+use crate::mailbox::{Mailbox, Overflowed};
 use crate::node::{Admission, Node};
 
 /// Why one requested pattern was not subscribed.
@@ -45,9 +44,7 @@ pub struct Session {
     pub node: Arc<Node>,
     pub admission: Admission,
     pub tenant: Arc<str>,
-    pub shared: Arc<ConnShared>,
-    tx: mpsc::Sender<Arc<Event>>,
-    rx: mpsc::Receiver<Arc<Event>>,
+    pub mailbox: Arc<Mailbox>,
     /// Subscribed patterns with their `since` sequence.
     subs: Vec<(Pattern, u64)>,
     /// The largest `since`: later events are always delivered live.
@@ -62,14 +59,11 @@ impl Session {
         region: Option<Arc<str>>,
         queue: usize,
     ) -> Self {
-        let (tx, rx) = mpsc::channel(queue.max(1));
         Self {
             node,
             admission,
             tenant,
-            shared: Arc::new(ConnShared::new(region)),
-            tx,
-            rx,
+            mailbox: Arc::new(Mailbox::new(queue, region)),
             subs: Vec::new(),
             max_since: 0,
         }
@@ -101,6 +95,12 @@ impl Session {
         };
         let mut ok = Vec::new();
         let mut errors = Vec::new();
+        // Exact growth: most connections hold a handful of patterns for hours.
+        self.subs.reserve_exact(
+            requested
+                .len()
+                .min((max as usize).saturating_sub(self.subs.len())),
+        );
         for raw in requested {
             let pattern = match Pattern::parse(raw) {
                 Ok(p) => p,
@@ -133,10 +133,7 @@ impl Session {
                 &self.tenant,
                 self.admission.id,
                 &pattern,
-                Subscriber {
-                    tx: self.tx.clone(),
-                    shared: self.shared.clone(),
-                },
+                self.mailbox.clone(),
             );
             self.node
                 .broker
@@ -205,24 +202,25 @@ impl Session {
                 .any(|(p, since)| event.id.seq > *since && p.matches(&event.topic))
     }
 
-    /// The next live event to deliver (cancel-safe).
-    pub async fn next_live(&mut self) -> Option<Arc<Event>> {
+    /// The next live event to deliver (cancel-safe); an error once the
+    /// connection overflowed its queue (a slow consumer, to be closed).
+    pub async fn next_live(&self) -> Result<Arc<Event>, Overflowed> {
         loop {
-            let event = self.rx.recv().await?;
+            let event = self.mailbox.take().await?;
             if self.wants_live(&event) {
-                return Some(event);
+                return Ok(event);
             }
         }
     }
 
     /// The next live event already queued, without waiting.
-    pub fn try_next_live(&mut self) -> Option<Arc<Event>> {
-        loop {
-            let event = self.rx.try_recv().ok()?;
+    pub fn try_next_live(&self) -> Result<Option<Arc<Event>>, Overflowed> {
+        while let Some(event) = self.mailbox.try_take()? {
             if self.wants_live(&event) {
-                return Some(event);
+                return Ok(Some(event));
             }
         }
+        Ok(None)
     }
 
     /// Re-check every subscription against the current policy; returns the
@@ -274,7 +272,7 @@ impl Session {
             return Ok(Replayed::default());
         };
         let subs = &self.subs;
-        let region = self.shared.region.clone();
+        let region = self.mailbox.region.clone();
         let wanted = move |e: &Event| {
             if region.as_deref().is_some_and(|r| r != &*e.region) {
                 return false;

@@ -72,7 +72,7 @@ async fn poll_inner(
     };
     let cursor_param = params.cursor.as_deref().filter(|c| !c.is_empty());
     let cursor = cursor_param.map(Cursor::parse_lenient);
-    let mut session = super::open_http_session(
+    let session = super::open_http_session(
         node,
         &principal,
         params.topics.as_deref(),
@@ -99,12 +99,14 @@ async fn poll_inner(
     }
     if events.is_empty() && !has_more {
         let wait = async {
-            if let Some(first) = session.next_live().await {
+            // A request that overflowed just answers with what it has: the
+            // client's next poll resumes from the cursor.
+            if let Ok(first) = session.next_live().await {
                 events.push(first);
                 while events.len() < MAX_EVENTS {
                     match session.try_next_live() {
-                        Some(e) => events.push(e),
-                        None => break,
+                        Ok(Some(e)) => events.push(e),
+                        _ => break,
                     }
                 }
             }

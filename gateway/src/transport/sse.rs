@@ -143,18 +143,16 @@ async fn pump(
         expires_at.saturating_sub(jsonwebtoken::get_current_timestamp()),
     ));
     tokio::pin!(expiry);
-    let shared = session.shared.clone();
     loop {
         tokio::select! {
             biased;
-            _ = shared.kick.notified() => {
-                let _ = tx.try_send(control("reconnect", json!({ "reason": "slow consumer", "cursor": session.live_cursor().to_string() })));
-                break;
-            }
             _ = tx.closed() => break,
             ev = session.next_live() => match ev {
-                Some(e) => if tx.send(event_message(&e)).await.is_err() { break },
-                None => break,
+                Ok(e) => if tx.send(event_message(&e)).await.is_err() { break },
+                Err(_overflowed) => {
+                    let _ = tx.try_send(control("reconnect", json!({ "reason": "slow consumer", "cursor": session.live_cursor().to_string() })));
+                    break;
+                }
             },
             _ = &mut expiry => {
                 let _ = tx.send(control("error", json!({ "code": "token_expired", "message": "token expired", "timestamp": now_rfc3339() }))).await;

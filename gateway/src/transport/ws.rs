@@ -1,10 +1,13 @@
 //! The WebSocket transport: upgrade, authentication, and the per-connection
 //! state machine of the native protocol.
 //!
-//! One task per connection `select!`s over: the outbound queue (events from
-//! the hub, written in batches), frames from the client, the heartbeat and
-//! idle timers, token expiry, policy changes, drain, and the hub's
-//! slow-consumer kick.
+//! One task per connection `select!`s over: the mailbox (events from the hub,
+//! written in batches; also the slow-consumer verdict), frames from the
+//! client, one timer (heartbeat, idle timeout, token expiry and drain
+//! deadline share it), policy changes and drain. Everything it waits on
+//! lives across loop turns, so a delivery costs one wake-up and one poll of
+//! each; the rarely used request handlers are boxed so they do not inflate
+//! the state every idle connection keeps (see docs/benchmarks.md).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,12 +16,12 @@ use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgr
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
-use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use switchboard_config::Pattern;
 use tokio::time::{Instant, sleep_until};
+use tokio_stream::wrappers::WatchStream;
 use tracing::Instrument;
 
 use crate::auth::Principal;
@@ -30,10 +33,13 @@ use crate::protocol::{
 };
 use crate::session::{Session, SubscribeError};
 
-/// Read and write buffers per connection. tungstenite's defaults (128 KiB
-/// read) would make an idle connection cost far more than its state.
-const READ_BUFFER: usize = 4 * 1024;
-const WRITE_BUFFER: usize = 0;
+/// Read buffer per connection. Clients send small control messages; a
+/// larger frame grows the buffer for as long as it takes to read it.
+/// tungstenite's default (128 KiB) would make an idle connection cost far
+/// more than its state.
+const READ_BUFFER: usize = 256;
+/// Frames are collected up to this size and written with one syscall.
+const WRITE_BUFFER: usize = 8 * 1024;
 /// Events written per flush.
 const WRITE_BATCH: usize = 64;
 /// Events replayed in one go for one request before `has_more` applies.
@@ -152,9 +158,12 @@ pub async fn upgrade(
                     span.record("tenant", &*principal.tenant);
                 }
                 tracing::info!("authenticated");
-                Connection::run(session, principal, cursor, socket).await;
+                // Its own task: the upgrade future (request data, the auth
+                // result) is freed now instead of living as long as the
+                // connection.
+                tokio::spawn(Connection::run(session, principal, cursor, socket).instrument(span));
             }
-            .instrument(span)
+            .instrument(span.clone())
         })
 }
 
@@ -215,7 +224,7 @@ enum Flow {
 struct Connection {
     session: Session,
     principal: Principal,
-    sink: SplitSink<WebSocket, Message>,
+    socket: WebSocket,
     /// A cursor to apply to the first subscriptions (from `?cursor=` or a
     /// `cursor.update` sent before any subscription).
     pending_cursor: Option<Cursor>,
@@ -225,6 +234,38 @@ struct Connection {
 
 fn unix_now() -> u64 {
     jsonwebtoken::get_current_timestamp()
+}
+
+/// The deadlines one connection keeps; a single timer waits for the nearest.
+struct Deadlines {
+    ping: Instant,
+    ping_interval: Duration,
+    /// Closed when the client has sent nothing (not even a pong) until then.
+    idle: Instant,
+    idle_timeout: Duration,
+    expiry: Instant,
+    drain: Option<Instant>,
+}
+
+impl Deadlines {
+    fn new(hb: &switchboard_config::gateway::HeartbeatConfig, expiry: Instant) -> Self {
+        let now = Instant::now();
+        let ping_interval = Duration::from_secs(hb.ping_interval_seconds);
+        let idle_timeout = Duration::from_secs(hb.idle_timeout_seconds);
+        Self {
+            ping: now + ping_interval,
+            ping_interval,
+            idle: now + idle_timeout,
+            idle_timeout,
+            expiry,
+            drain: None,
+        }
+    }
+
+    fn next(&self) -> Instant {
+        let soonest = self.ping.min(self.idle).min(self.expiry);
+        self.drain.map_or(soonest, |d| d.min(soonest))
+    }
 }
 
 /// When a token with this `exp` expires; capped at a year so an absurd
@@ -243,7 +284,6 @@ impl Connection {
     ) {
         let node = session.node.clone();
         let limits = node.limits(&principal.tenant).ok();
-        let (sink, mut stream) = socket.split();
         let mut conn = Connection {
             rate: RateLimit::new(limits.map_or(node.config.limits.messages_per_minute, |l| {
                 l.messages_per_minute
@@ -253,7 +293,7 @@ impl Connection {
             }) as usize,
             session,
             principal,
-            sink,
+            socket,
             pending_cursor: cursor,
         };
         node.metrics.connections_opened.inc();
@@ -261,7 +301,7 @@ impl Connection {
         let conn_id = conn.session.admission.id;
         tracing::info!(conn = conn_id, tenant = %conn.principal.tenant, "websocket connected");
 
-        let close = conn.serve(&mut stream).await;
+        let close = conn.serve().await;
         let label = close.as_ref().map_or("client", |c| c.0.label());
         if let Some((close, detail)) = close {
             tracing::Span::current().record("close_code", close.code());
@@ -274,8 +314,17 @@ impl Connection {
                 code: close.code(),
                 reason: reason.into(),
             }));
-            // The peer may be gone or not reading (slow consumer): bound the goodbye.
-            let _ = tokio::time::timeout(Duration::from_secs(1), conn.sink.send(frame)).await;
+            // The closing handshake: send ours, then read (and drop) what
+            // the client still sends until its close. Dropping the socket
+            // with unread data would reset the connection and lose our close
+            // frame (and its code) on the way. The peer may be gone or not
+            // reading (slow consumer): the goodbye is bounded.
+            let goodbye = async {
+                conn.socket.send(frame).await?;
+                while let Some(Ok(_)) = conn.socket.next().await {}
+                Ok::<_, axum::Error>(())
+            };
+            let _ = tokio::time::timeout(Duration::from_secs(1), goodbye).await;
         }
         tracing::info!(conn = conn_id, reason = label, "websocket closed");
         node.metrics.connections_active.dec();
@@ -288,24 +337,18 @@ impl Connection {
 
     /// The connection loop; returns the close to send, or None when the
     /// client left.
-    async fn serve(
-        &mut self,
-        stream: &mut SplitStream<WebSocket>,
-    ) -> Option<(Close, Option<String>)> {
+    async fn serve(&mut self) -> Option<(Close, Option<String>)> {
         let node = self.session.node.clone();
-        let shared = self.session.shared.clone();
-        let hb = &node.config.heartbeat;
-        let idle = Duration::from_secs(hb.idle_timeout_seconds);
-        let mut ping = tokio::time::interval_at(
-            Instant::now() + Duration::from_secs(hb.ping_interval_seconds),
-            Duration::from_secs(hb.ping_interval_seconds),
+        let mailbox = self.session.mailbox.clone();
+        let mut clock = Deadlines::new(
+            &node.config.heartbeat,
+            deadline_for_expiry(self.principal.expires_at),
         );
-        let mut idle_deadline = Instant::now() + idle;
-        let mut expiry = deadline_for_expiry(self.principal.expires_at);
-        let mut policy = node.policy.subscribe();
-        let mut drain = node.drain.subscribe();
-        let mut drain_at: Option<Instant> = None;
-        let far = || Instant::now() + Duration::from_secs(365 * 24 * 3600);
+        let timer = sleep_until(clock.next());
+        tokio::pin!(timer);
+        let mut policy = WatchStream::from_changes(node.policy.subscribe());
+        // Yields the current state first, so a drain already under way counts.
+        let mut drain = WatchStream::new(node.drain.subscribe());
 
         let established = server_message(
             "connection.established",
@@ -321,20 +364,16 @@ impl Connection {
         if self.send_text(established).await.is_err() {
             return None;
         }
-        if let Some(d) = *drain.borrow_and_update() {
-            drain_at = Some(d.deadline_for(self.session.admission.id));
-        }
 
         loop {
             let flow = tokio::select! {
                 biased;
-                _ = shared.kick.notified() => Flow::Close(Close::SlowConsumer, None),
                 event = self.session.next_live() => match event {
-                    Some(first) => {
+                    Ok(first) => {
                         // Write a batch; a blocked write loses to the kick.
                         let kicked = tokio::select! {
                             biased;
-                            _ = shared.kick.notified() => true,
+                            () = mailbox.kicked() => true,
                             r = self.write_batch(first) => {
                                 if r.is_err() { return None; }
                                 false
@@ -342,10 +381,11 @@ impl Connection {
                         };
                         if kicked { Flow::Close(Close::SlowConsumer, None) } else { Flow::Continue }
                     }
-                    None => return None,
+                    Err(_overflowed) => Flow::Close(Close::SlowConsumer, None),
                 },
-                frame = stream.next() => {
-                    idle_deadline = Instant::now() + idle;
+                frame = self.socket.next() => {
+                    // The timer is not moved: when it fires early it re-arms.
+                    clock.idle = Instant::now() + clock.idle_timeout;
                     match frame {
                         None => return None,
                         Some(Err(e)) => {
@@ -358,34 +398,28 @@ impl Connection {
                                 return None;
                             }
                         }
-                        Some(Ok(msg)) => self.on_frame(msg, &mut expiry).await,
+                        Some(Ok(msg)) => {
+                            let before = clock.expiry;
+                            let flow = Box::pin(self.on_frame(msg, &mut clock.expiry)).await;
+                            if clock.expiry != before {
+                                timer.as_mut().reset(clock.next());
+                            }
+                            flow
+                        }
                     }
                 }
-                _ = ping.tick() => {
-                    match self.sink.send(Message::Ping(Default::default())).await {
-                        Ok(()) => Flow::Continue,
-                        Err(_) => return None,
+                () = &mut timer => {
+                    let flow = Box::pin(self.on_timer(&mut clock)).await;
+                    timer.as_mut().reset(clock.next());
+                    flow
+                }
+                Some(_) = policy.next() => Box::pin(self.on_policy_change()).await,
+                Some(state) = drain.next() => {
+                    if let Some(d) = state {
+                        clock.drain = Some(d.deadline_for(self.session.admission.id));
+                        timer.as_mut().reset(clock.next());
                     }
-                }
-                _ = sleep_until(idle_deadline) => Flow::Close(Close::IdleTimeout, None),
-                _ = sleep_until(expiry) => {
-                    let msg = error_message(ErrorCode::TokenExpired, "token expired; reconnect with a fresh token or send auth.refresh before expiry", None);
-                    let _ = self.send_text(msg).await;
-                    Flow::Close(Close::Unauthorized, Some("token expired".into()))
-                }
-                Ok(()) = policy.changed() => self.on_policy_change().await,
-                Ok(()) = drain.changed() => {
-                    drain_at = drain.borrow_and_update().map(|d| d.deadline_for(self.session.admission.id));
                     Flow::Continue
-                }
-                _ = sleep_until(drain_at.unwrap_or_else(far)), if drain_at.is_some() => {
-                    let msg = server_message("reconnect", json!({
-                        "reason": "draining",
-                        "cursor": self.session.live_cursor().to_string(),
-                        "timestamp": now_rfc3339(),
-                    }), None);
-                    let _ = self.send_text(msg).await;
-                    Flow::Close(Close::ServiceRestart, None)
                 }
             };
             match flow {
@@ -396,19 +430,64 @@ impl Connection {
         }
     }
 
-    async fn send_text(&mut self, text: String) -> Result<(), axum::Error> {
-        self.sink.send(Message::Text(text.into())).await
-    }
-
-    async fn write_batch(&mut self, first: Arc<crate::event::Event>) -> Result<(), axum::Error> {
-        self.sink.feed(Message::Text(first.frame.clone())).await?;
-        for _ in 1..WRITE_BATCH {
-            match self.session.try_next_live() {
-                Some(ev) => self.sink.feed(Message::Text(ev.frame.clone())).await?,
-                None => break,
+    /// The connection's timer fired: whichever deadlines have passed act.
+    async fn on_timer(&mut self, clock: &mut Deadlines) -> Flow {
+        let now = Instant::now();
+        if now >= clock.expiry {
+            let msg = error_message(
+                ErrorCode::TokenExpired,
+                "token expired; reconnect with a fresh token or send auth.refresh before expiry",
+                None,
+            );
+            let _ = self.send_text(msg).await;
+            return Flow::Close(Close::Unauthorized, Some("token expired".into()));
+        }
+        if clock.drain.is_some_and(|d| now >= d) {
+            let msg = server_message(
+                "reconnect",
+                json!({
+                    "reason": "draining",
+                    "cursor": self.session.live_cursor().to_string(),
+                    "timestamp": now_rfc3339(),
+                }),
+                None,
+            );
+            let _ = self.send_text(msg).await;
+            return Flow::Close(Close::ServiceRestart, None);
+        }
+        if now >= clock.idle {
+            return Flow::Close(Close::IdleTimeout, None);
+        }
+        if now >= clock.ping {
+            clock.ping = now + clock.ping_interval;
+            if self
+                .socket
+                .send(Message::Ping(Default::default()))
+                .await
+                .is_err()
+            {
+                return Flow::Gone;
             }
         }
-        self.sink.flush().await
+        Flow::Continue
+    }
+
+    async fn send_text(&mut self, text: String) -> Result<(), axum::Error> {
+        self.socket.send(Message::Text(text.into())).await
+    }
+
+    /// Write `first` and whatever else is queued (up to a batch), then
+    /// flush: a busy connection gets many events per syscall.
+    async fn write_batch(&mut self, first: Arc<crate::event::Event>) -> Result<(), axum::Error> {
+        self.socket.feed(Message::Text(first.frame.clone())).await?;
+        for _ in 1..WRITE_BATCH {
+            match self.session.try_next_live() {
+                Ok(Some(ev)) => self.socket.feed(Message::Text(ev.frame.clone())).await?,
+                // An overflow is seen by the next turn of the loop.
+                _ => break,
+            }
+        }
+        self.socket.flush().await
     }
 
     async fn on_frame(&mut self, msg: Message, expiry: &mut Instant) -> Flow {
@@ -681,7 +760,7 @@ impl Connection {
         }
         node.metrics.events_delivered.inc_by(frames.len() as u64);
         for f in frames {
-            if self.sink.feed(Message::Text(f)).await.is_err() {
+            if self.socket.feed(Message::Text(f)).await.is_err() {
                 return Flow::Gone;
             }
         }

@@ -1,0 +1,176 @@
+//! What the subscribers saw, per publishing step, and what the processes
+//! under test used (from /proc).
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use hdrhistogram::Histogram;
+
+/// Latency histograms are sharded so subscribers on different threads do
+/// not queue on one lock.
+const SHARDS: usize = 8;
+pub const MAX_STEPS: usize = 40;
+
+pub fn now_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+fn histogram() -> Histogram<u64> {
+    // 1 µs .. 10 min, 3 significant figures (constant, valid bounds).
+    Histogram::new_with_bounds(1, 600_000_000, 3).expect("valid histogram bounds")
+}
+
+pub struct Step {
+    pub delivered: AtomicU64,
+    latency: [Mutex<Histogram<u64>>; SHARDS],
+}
+
+pub struct Stats {
+    pub steps: Vec<Step>,
+    pub duplicates: AtomicU64,
+    /// Subscriptions (re-)established after a disconnect.
+    pub resumed: AtomicU64,
+    pub disconnects: AtomicU64,
+}
+
+impl Stats {
+    pub fn new() -> Self {
+        Self {
+            steps: (0..MAX_STEPS)
+                .map(|_| Step {
+                    delivered: AtomicU64::new(0),
+                    latency: std::array::from_fn(|_| Mutex::new(histogram())),
+                })
+                .collect(),
+            duplicates: AtomicU64::new(0),
+            resumed: AtomicU64::new(0),
+            disconnects: AtomicU64::new(0),
+        }
+    }
+
+    /// One delivery seen by subscriber `conn`; `seen` is its record of
+    /// sequence numbers (for duplicates).
+    pub fn record(&self, conn: usize, seen: &mut Seen, seq: u64, step: u64, sent_us: u64) {
+        if !seen.insert(seq) {
+            self.duplicates.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let Some(s) = self.steps.get(step as usize) else {
+            return;
+        };
+        s.delivered.fetch_add(1, Ordering::Relaxed);
+        let latency = now_us().saturating_sub(sent_us).max(1);
+        let mut h = s.latency[conn % SHARDS]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        h.saturating_record(latency);
+    }
+
+    pub fn delivered(&self, step: usize) -> u64 {
+        self.steps[step].delivered.load(Ordering::Relaxed)
+    }
+
+    /// Latency percentiles of a step, in milliseconds.
+    pub fn latency_ms(&self, step: usize) -> serde_json::Value {
+        let mut all = histogram();
+        for shard in &self.steps[step].latency {
+            let h = shard.lock().unwrap_or_else(|e| e.into_inner());
+            let _ = all.add(&*h);
+        }
+        if all.is_empty() {
+            return serde_json::Value::Null;
+        }
+        let ms = |v: u64| v as f64 / 1000.0;
+        serde_json::json!({
+            "p50": ms(all.value_at_quantile(0.5)),
+            "p99": ms(all.value_at_quantile(0.99)),
+            "p999": ms(all.value_at_quantile(0.999)),
+            "max": ms(all.max()),
+        })
+    }
+}
+
+/// A growable bitset of sequence numbers.
+#[derive(Default)]
+pub struct Seen(Vec<u64>);
+
+impl Seen {
+    /// False when `seq` was already there.
+    pub fn insert(&mut self, seq: u64) -> bool {
+        let (word, bit) = ((seq / 64) as usize, seq % 64);
+        if word >= self.0.len() {
+            self.0.resize(word + 1, 0);
+        }
+        let fresh = self.0[word] & (1 << bit) == 0;
+        self.0[word] |= 1 << bit;
+        fresh
+    }
+}
+
+/// Resident memory (KiB) and CPU seconds (user + system) of processes.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Usage {
+    pub rss_kib: u64,
+    pub cpu_seconds: f64,
+}
+
+pub fn usage(pids: &[u32]) -> Option<Usage> {
+    let mut total = Usage::default();
+    for pid in pids {
+        let u = one(*pid)?;
+        total.rss_kib += u.rss_kib;
+        total.cpu_seconds += u.cpu_seconds;
+    }
+    Some(total)
+}
+
+fn one(pid: u32) -> Option<Usage> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let rss_kib = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    Some(Usage {
+        rss_kib,
+        cpu_seconds: ticks / 100.0,
+    })
+}
+
+pub fn self_cpu() -> f64 {
+    one(std::process::id()).map_or(0.0, |u| u.cpu_seconds)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seen_reports_repeats() {
+        let mut s = Seen::default();
+        assert!(s.insert(0));
+        assert!(s.insert(1000));
+        assert!(!s.insert(1000));
+        assert!(!s.insert(0));
+    }
+
+    #[test]
+    fn duplicates_are_not_counted_as_deliveries() {
+        let stats = Stats::new();
+        let mut seen = Seen::default();
+        stats.record(0, &mut seen, 5, 1, now_us());
+        stats.record(0, &mut seen, 5, 1, now_us());
+        assert_eq!(stats.delivered(1), 1);
+        assert_eq!(stats.duplicates.load(Ordering::Relaxed), 1);
+        assert!(stats.latency_ms(1)["p99"].as_f64().is_some());
+    }
+}

@@ -1,0 +1,165 @@
+//! The protocol adapters: how a subscriber of each system under test
+//! subscribes, which frames carry events, and how the publisher publishes.
+//! Every target delivers the same payload, `{"seq":N,"step":K,"sent":T}`.
+
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::ValueEnum;
+use futures_util::{SinkExt, StreamExt};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Kind {
+    /// Switchboard: `/ws` + `subscribe`; publishes over the HTTP API.
+    Switchboard,
+    /// nats-server's WebSocket listener (core NATS protocol in text frames);
+    /// publishes over NATS TCP.
+    Nats,
+    /// A Socket.IO v4 server (bench/peers/socketio), spoken as Engine.IO v4
+    /// over a WebSocket; publishes with an emit the server relays to a room.
+    Socketio,
+}
+
+pub fn ws_config() -> WebSocketConfig {
+    WebSocketConfig::default()
+        .read_buffer_size(16 * 1024)
+        .write_buffer_size(0)
+}
+
+/// The WebSocket URL one subscriber connects to.
+pub fn subscriber_url(kind: Kind, base: &str, token: &str, cursor: Option<&str>) -> String {
+    let ws = base.replacen("http", "ws", 1);
+    match kind {
+        Kind::Switchboard => match cursor {
+            Some(c) => format!("{ws}/ws?token={token}&cursor={c}"),
+            None => format!("{ws}/ws?token={token}"),
+        },
+        Kind::Nats => ws,
+        Kind::Socketio => format!("{ws}/socket.io/?EIO=4&transport=websocket"),
+    }
+}
+
+/// After the WebSocket handshake: subscribe to `topic` and return once the
+/// server confirmed it (so a later publish is certain to reach us).
+pub async fn subscribe(kind: Kind, ws: &mut Ws, topic: &str) -> anyhow::Result<()> {
+    let confirmed = |t: &str| match kind {
+        Kind::Switchboard => t.contains("subscription.confirmed"),
+        Kind::Nats => t.contains("PONG"),
+        Kind::Socketio => t.starts_with("431"),
+    };
+    match kind {
+        Kind::Switchboard => {
+            let m = format!(r#"{{"type":"subscribe","topics":["{topic}"]}}"#);
+            ws.send(Message::Text(m.into())).await?;
+        }
+        Kind::Nats => {
+            // PING after SUB: its PONG proves the SUB was processed.
+            let m = format!(
+                "CONNECT {{\"verbose\":false,\"pedantic\":false,\"protocol\":1}}\r\nSUB {topic} 1\r\nPING\r\n"
+            );
+            ws.send(Message::Text(m.into())).await?;
+        }
+        Kind::Socketio => {
+            // Engine.IO open packet first, then connect the default namespace.
+            expect(ws, |t| t.starts_with('0')).await?;
+            ws.send(Message::Text("40".into())).await?;
+            expect(ws, |t| t.starts_with("40")).await?;
+            let m = format!(r#"421["subscribe","{topic}"]"#);
+            ws.send(Message::Text(m.into())).await?;
+        }
+    }
+    expect(ws, confirmed).await
+}
+
+async fn expect(ws: &mut Ws, done: impl Fn(&str) -> bool) -> anyhow::Result<()> {
+    let wait = async {
+        while let Some(m) = ws.next().await {
+            if let Message::Text(t) = m? {
+                if done(&t) {
+                    return Ok(());
+                }
+                if t.contains("\"type\":\"error\"") || t.starts_with("-ERR") || t.starts_with("44")
+                {
+                    bail!("refused: {t}");
+                }
+            }
+        }
+        bail!("closed before confirming")
+    };
+    tokio::time::timeout(Duration::from_secs(30), wait)
+        .await
+        .context("no confirmation within 30 s")?
+}
+
+/// The answer a frame needs besides its events (keepalives), if any.
+pub fn keepalive_reply(kind: Kind, frame: &str) -> Option<&'static str> {
+    match kind {
+        Kind::Switchboard => None,
+        Kind::Nats => frame.contains("PING\r\n").then_some("PONG\r\n"),
+        Kind::Socketio => (frame == "2").then_some("3"),
+    }
+}
+
+/// Every event payload in a frame: (seq, step, sent µs). A NATS frame may
+/// carry several messages; the others carry one. Keys may come in any order
+/// (Switchboard re-serializes `data` with sorted keys).
+pub fn for_each_event(frame: &str, mut f: impl FnMut(u64, u64, u64)) {
+    let mut from = 0;
+    while let Some(at) = frame[from..].find("\"seq\":") {
+        let at = from + at;
+        let start = frame[..at].rfind('{').unwrap_or(at);
+        let end = frame[at..].find('}').map_or(frame.len(), |e| at + e);
+        let object = &frame[start..end];
+        if let (Some(seq), Some(step), Some(sent)) = (
+            number_after(object, "\"seq\":"),
+            number_after(object, "\"step\":"),
+            number_after(object, "\"sent\":"),
+        ) {
+            f(seq, step, sent);
+        }
+        from = end.max(at + 1);
+    }
+}
+
+/// The Switchboard cursor of the last event in a frame, to resume from.
+pub fn cursor_of(frame: &str) -> Option<&str> {
+    let key = "\"cursor\":\"";
+    let at = frame.rfind(key)? + key.len();
+    let end = frame[at..].find('"')?;
+    Some(&frame[at..at + end])
+}
+
+/// The number after `key` in one payload object.
+fn number_after(text: &str, key: &str) -> Option<u64> {
+    let at = text.find(key)? + key.len();
+    let digits = text[at..].bytes().take_while(u8::is_ascii_digit).count();
+    text[at..at + digits].parse().ok()
+}
+
+pub fn payload(seq: u64, step: u64, sent_us: u64) -> String {
+    format!(r#"{{"seq":{seq},"step":{step},"sent":{sent_us}}}"#)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_every_event_in_a_frame() {
+        let nats = "MSG bench.t0 1 34\r\n{\"seq\":1,\"step\":0,\"sent\":99}\r\nMSG bench.t0 1 34\r\n{\"seq\":2,\"step\":0,\"sent\":100}\r\n";
+        let mut got = Vec::new();
+        for_each_event(nats, |s, k, t| got.push((s, k, t)));
+        assert_eq!(got, vec![(1, 0, 99), (2, 0, 100)]);
+        let sb = r#"{"type":"event","data":{"event_id":"1-5","data":{"sent":5,"seq":7,"step":2},"metadata":{"cursor":"1-5"}}}"#;
+        got.clear();
+        for_each_event(sb, |s, k, t| got.push((s, k, t)));
+        assert_eq!(got, vec![(7, 2, 5)]);
+        assert_eq!(cursor_of(sb), Some("1-5"));
+    }
+}

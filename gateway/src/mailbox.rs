@@ -1,0 +1,202 @@
+//! One connection's outbound mailbox: the bounded queue the hub fills and
+//! the connection drains.
+//!
+//! It is a short critical section around a `VecDeque` plus one waker, not a
+//! channel: an idle connection's mailbox allocates nothing, a delivery is a
+//! push under an uncontended lock (the waker is only touched when the queue
+//! was empty), and the slow-consumer verdict travels on the same wake-up.
+
+use std::collections::VecDeque;
+use std::future::poll_fn;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::Poll;
+
+use futures_util::task::AtomicWaker;
+
+use crate::event::Event;
+
+/// Queue capacity kept after the connection drained a burst; larger
+/// buffers are given back so a once-busy idle connection stays small.
+const KEEP_CAPACITY: usize = 64;
+
+/// What became of one offered event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Offered {
+    Queued,
+    /// The queue was full: the connection is now a slow consumer and will
+    /// be closed (this is the first event it lost).
+    Overflowed,
+    /// The connection had already overflowed; the event is not queued.
+    Dropped,
+}
+
+/// The connection overflowed its queue and must be closed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("outbound queue overflowed")]
+pub struct Overflowed;
+
+#[derive(Debug, Default)]
+struct Queue {
+    events: VecDeque<Arc<Event>>,
+    overflowed: bool,
+}
+
+#[derive(Debug)]
+pub struct Mailbox {
+    queue: Mutex<Queue>,
+    waker: AtomicWaker,
+    capacity: usize,
+    /// Only events from this region, when set.
+    pub region: Option<Arc<str>>,
+}
+
+impl Mailbox {
+    pub fn new(capacity: usize, region: Option<Arc<str>>) -> Self {
+        Self {
+            queue: Mutex::default(),
+            waker: AtomicWaker::new(),
+            capacity: capacity.max(1),
+            region,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queue an event without ever waiting (called by the hub's fan-out).
+    pub fn offer(&self, event: &Arc<Event>) -> Offered {
+        let mut q = self.lock();
+        if q.overflowed {
+            return Offered::Dropped;
+        }
+        if q.events.len() >= self.capacity {
+            q.overflowed = true;
+            q.events = VecDeque::new();
+            drop(q);
+            self.waker.wake();
+            return Offered::Overflowed;
+        }
+        let was_empty = q.events.is_empty();
+        q.events.push_back(event.clone());
+        drop(q);
+        if was_empty {
+            self.waker.wake();
+        }
+        Offered::Queued
+    }
+
+    pub fn overflowed(&self) -> bool {
+        self.lock().overflowed
+    }
+
+    /// Take the next queued event, if any.
+    pub fn try_take(&self) -> Result<Option<Arc<Event>>, Overflowed> {
+        let mut q = self.lock();
+        if q.overflowed {
+            return Err(Overflowed);
+        }
+        let event = q.events.pop_front();
+        if q.events.is_empty() && q.events.capacity() > KEEP_CAPACITY {
+            q.events.shrink_to(KEEP_CAPACITY);
+        }
+        Ok(event)
+    }
+
+    /// Wait for the next event (cancel-safe: nothing is taken unless it is
+    /// returned).
+    pub async fn take(&self) -> Result<Arc<Event>, Overflowed> {
+        poll_fn(|cx| {
+            // Register before looking, so an event queued in between wakes us.
+            self.waker.register(cx.waker());
+            match self.try_take() {
+                Ok(Some(event)) => Poll::Ready(Ok(event)),
+                Ok(None) => Poll::Pending,
+                Err(e) => Poll::Ready(Err(e)),
+            }
+        })
+        .await
+    }
+
+    /// Resolves once the connection has overflowed.
+    pub async fn kicked(&self) {
+        poll_fn(|cx| {
+            self.waker.register(cx.waker());
+            if self.overflowed() {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{Cursor, NewEvent};
+    use switchboard_config::Topic;
+
+    fn event(seq: u64) -> Arc<Event> {
+        Arc::new(Event::seal(
+            NewEvent {
+                tenant: "t".into(),
+                topic: Topic::parse("x").unwrap(),
+                data: serde_json::Value::Null,
+                region: "r".into(),
+                idempotency_key: None,
+                gdpr_context: None,
+                traceparent: None,
+            },
+            Cursor { epoch: 1, seq },
+            time::OffsetDateTime::now_utc(),
+        ))
+    }
+
+    #[test]
+    fn keeps_order_and_reports_overflow_once() {
+        let m = Mailbox::new(2, None);
+        assert_eq!(m.offer(&event(1)), Offered::Queued);
+        assert_eq!(m.offer(&event(2)), Offered::Queued);
+        assert_eq!(m.try_take().unwrap().unwrap().id.seq, 1);
+        assert_eq!(m.offer(&event(3)), Offered::Queued);
+        assert_eq!(m.offer(&event(4)), Offered::Overflowed);
+        assert_eq!(m.offer(&event(5)), Offered::Dropped);
+        assert!(m.overflowed());
+        assert!(matches!(m.try_take(), Err(Overflowed)));
+    }
+
+    #[tokio::test]
+    async fn take_wakes_on_offer_and_on_overflow() {
+        let m = Arc::new(Mailbox::new(1, None));
+        let waiter = tokio::spawn({
+            let m = m.clone();
+            async move { m.take().await.map(|e| e.id.seq) }
+        });
+        tokio::task::yield_now().await;
+        m.offer(&event(7));
+        assert_eq!(waiter.await.unwrap(), Ok(7));
+
+        let kicked = tokio::spawn({
+            let m = m.clone();
+            async move { m.kicked().await }
+        });
+        m.offer(&event(8));
+        m.offer(&event(9));
+        tokio::time::timeout(std::time::Duration::from_secs(5), kicked)
+            .await
+            .expect("kick must wake the connection")
+            .unwrap();
+    }
+
+    #[test]
+    fn a_drained_burst_gives_its_memory_back() {
+        let m = Mailbox::new(10_000, None);
+        for seq in 0..5_000 {
+            m.offer(&event(seq));
+        }
+        while m.try_take().unwrap().is_some() {}
+        assert!(m.lock().events.capacity() <= KEEP_CAPACITY);
+    }
+}
