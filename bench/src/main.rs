@@ -382,7 +382,10 @@ async fn subscriber(
             Ok(ws) => ws,
             Err(e) => {
                 if let Some(r) = ready.take() {
-                    eprintln!("subscriber {i}: {e:#}");
+                    static REPORTED: AtomicU64 = AtomicU64::new(0);
+                    if REPORTED.fetch_add(1, Ordering::Relaxed) < 5 {
+                        eprintln!("subscriber {i}: {e:#}");
+                    }
                     let _ = r.send(false).await;
                     return;
                 }
@@ -402,17 +405,17 @@ async fn subscriber(
             }
         }
         while let Some(Ok(m)) = ws.next().await {
-            let Message::Text(t) = m else { continue };
-            if let Some(reply) = target::keepalive_reply(args.target, &t)
+            let Some(t) = target::text(&m) else { continue };
+            if let Some(reply) = target::keepalive_reply(args.target, t)
                 && ws.send(Message::Text(reply.into())).await.is_err()
             {
                 break;
             }
-            target::for_each_event(&t, |seq, step, sent| {
+            target::for_each_event(t, |seq, step, sent| {
                 run.stats.record(i, &mut seen, seq, step, sent);
             });
             if args.mode == Mode::Storm
-                && let Some(c) = target::cursor_of(&t)
+                && let Some(c) = target::cursor_of(t)
             {
                 cursor = Some(c.to_owned());
             }
@@ -440,6 +443,8 @@ async fn open(url: &str, source: IpAddr, kind: Kind, topic: &str) -> anyhow::Res
     } else {
         TcpSocket::new_v6()?
     };
+    // Ports in TIME_WAIT from earlier runs may be bound again.
+    socket.set_reuseaddr(true)?;
     socket.bind((source, 0).into())?;
     let stream = socket
         .connect(addr)

@@ -2,11 +2,13 @@
 //! subscribes, which frames carry events, and how the publisher publishes.
 //! Every target delivers the same payload, `{"seq":N,"step":K,"sent":T}`.
 
+use std::sync::LazyLock;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::ValueEnum;
 use futures_util::{SinkExt, StreamExt};
+use memchr::memmem::Finder;
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
@@ -28,7 +30,7 @@ pub enum Kind {
 
 pub fn ws_config() -> WebSocketConfig {
     WebSocketConfig::default()
-        .read_buffer_size(16 * 1024)
+        .read_buffer_size(8 * 1024)
         .write_buffer_size(0)
 }
 
@@ -80,8 +82,8 @@ pub async fn subscribe(kind: Kind, ws: &mut Ws, topic: &str) -> anyhow::Result<(
 async fn expect(ws: &mut Ws, done: impl Fn(&str) -> bool) -> anyhow::Result<()> {
     let wait = async {
         while let Some(m) = ws.next().await {
-            if let Message::Text(t) = m? {
-                if done(&t) {
+            if let Some(t) = text(&m?) {
+                if done(t) {
                     return Ok(());
                 }
                 if t.contains("\"type\":\"error\"") || t.starts_with("-ERR") || t.starts_with("44")
@@ -97,6 +99,15 @@ async fn expect(ws: &mut Ws, done: impl Fn(&str) -> bool) -> anyhow::Result<()> 
         .context("no confirmation within 30 s")?
 }
 
+/// A frame's text: nats-server sends its protocol in binary frames.
+pub fn text(m: &Message) -> Option<&str> {
+    match m {
+        Message::Text(t) => Some(t.as_str()),
+        Message::Binary(b) => std::str::from_utf8(b).ok(),
+        _ => None,
+    }
+}
+
 /// The answer a frame needs besides its events (keepalives), if any.
 pub fn keepalive_reply(kind: Kind, frame: &str) -> Option<&'static str> {
     match kind {
@@ -110,16 +121,18 @@ pub fn keepalive_reply(kind: Kind, frame: &str) -> Option<&'static str> {
 /// carry several messages; the others carry one. Keys may come in any order
 /// (Switchboard re-serializes `data` with sorted keys).
 pub fn for_each_event(frame: &str, mut f: impl FnMut(u64, u64, u64)) {
+    static SEQ: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"seq\":"));
+    let bytes = frame.as_bytes();
     let mut from = 0;
-    while let Some(at) = frame[from..].find("\"seq\":") {
+    while let Some(at) = SEQ.find(&bytes[from..]) {
         let at = from + at;
-        let start = frame[..at].rfind('{').unwrap_or(at);
-        let end = frame[at..].find('}').map_or(frame.len(), |e| at + e);
-        let object = &frame[start..end];
+        let start = memchr::memrchr(b'{', &bytes[..at]).unwrap_or(at);
+        let end = memchr::memchr(b'}', &bytes[at..]).map_or(bytes.len(), |e| at + e);
+        let object = &bytes[start..end];
         if let (Some(seq), Some(step), Some(sent)) = (
-            number_after(object, "\"seq\":"),
-            number_after(object, "\"step\":"),
-            number_after(object, "\"sent\":"),
+            number_after(object, b"\"seq\":"),
+            number_after(object, b"\"step\":"),
+            number_after(object, b"\"sent\":"),
         ) {
             f(seq, step, sent);
         }
@@ -135,11 +148,19 @@ pub fn cursor_of(frame: &str) -> Option<&str> {
     Some(&frame[at..at + end])
 }
 
-/// The number after `key` in one payload object.
-fn number_after(text: &str, key: &str) -> Option<u64> {
-    let at = text.find(key)? + key.len();
-    let digits = text[at..].bytes().take_while(u8::is_ascii_digit).count();
-    text[at..at + digits].parse().ok()
+/// The number after `key` in one payload object (a few dozen bytes).
+fn number_after(object: &[u8], key: &[u8]) -> Option<u64> {
+    let at = object.windows(key.len()).position(|w| w == key)? + key.len();
+    let mut n: u64 = 0;
+    let mut digits = 0;
+    for b in &object[at..] {
+        if !b.is_ascii_digit() {
+            break;
+        }
+        n = n.checked_mul(10)?.checked_add(u64::from(b - b'0'))?;
+        digits += 1;
+    }
+    (digits > 0).then_some(n)
 }
 
 pub fn payload(seq: u64, step: u64, sent_us: u64) -> String {

@@ -48,8 +48,13 @@ pub struct Node {
     pub broker: Arc<dyn Broker>,
     pub hub: Arc<Hub>,
     pub metrics: Arc<Metrics>,
+    /// The tenant policy in force. Change it with [`Node::set_policy`].
     pub policy: watch::Sender<Arc<PolicyBundle>>,
+    /// Set once a drain starts. Start it with [`Node::start_drain`].
     pub drain: watch::Sender<Option<Drain>>,
+    /// Ticks whenever the policy or the drain state changed: one watch a
+    /// WebSocket connection keeps instead of two.
+    pub control: watch::Sender<()>,
     next_conn: AtomicU64,
     connections: AtomicU64,
     tenant_connections: DashMap<Arc<str>, u64>,
@@ -128,10 +133,24 @@ impl Node {
             metrics,
             policy: watch::channel(Arc::new(policy)).0,
             drain: watch::channel(None).0,
+            control: watch::channel(()).0,
             next_conn: AtomicU64::new(1),
             connections: AtomicU64::new(0),
             tenant_connections: DashMap::new(),
         })
+    }
+
+    /// Put a new policy in force; every connection re-checks its
+    /// subscriptions.
+    pub fn set_policy(&self, policy: PolicyBundle) {
+        self.policy.send_replace(Arc::new(policy));
+        self.control.send_replace(());
+    }
+
+    /// Start draining: connections leave at spread-out times within it.
+    pub fn start_drain(&self, drain: Drain) {
+        self.drain.send_replace(Some(drain));
+        self.control.send_replace(());
     }
 
     pub fn next_id(&self) -> ConnId {

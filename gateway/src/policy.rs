@@ -6,9 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use switchboard_config::PolicyBundle;
-use tokio::sync::watch;
 
-use crate::metrics::Metrics;
+use crate::node::Node;
 
 /// Read and validate a policy file.
 pub fn load(path: &std::path::Path) -> anyhow::Result<PolicyBundle> {
@@ -21,12 +20,8 @@ pub fn load(path: &std::path::Path) -> anyhow::Result<PolicyBundle> {
 /// Poll the policy file and publish each valid new version. A file that
 /// fails to parse is reported and the previous policy stays in force:
 /// a bad edit never opens or closes the gate by accident.
-pub async fn watch_file(
-    path: PathBuf,
-    every: Duration,
-    tx: watch::Sender<Arc<PolicyBundle>>,
-    metrics: Arc<Metrics>,
-) {
+pub async fn watch_file(path: PathBuf, every: Duration, node: Arc<Node>) {
+    let metrics = &node.metrics;
     let mut last_text = std::fs::read_to_string(&path).ok();
     let mut tick = tokio::time::interval(every.max(Duration::from_millis(100)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -60,7 +55,7 @@ pub async fn watch_file(
                     .get_or_create(&vec![("result", "ok")])
                     .inc();
                 span.record("result", "ok");
-                tx.send_replace(Arc::new(bundle));
+                node.set_policy(bundle);
             }
             Err(e) => {
                 span.record("result", "error");

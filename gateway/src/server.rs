@@ -131,10 +131,10 @@ pub async fn run(
                 drain_seconds = period.as_secs(),
                 "draining"
             );
-            node.drain.send_replace(Some(Drain {
+            node.start_drain(Drain {
                 started: tokio::time::Instant::now(),
                 period,
-            }));
+            });
             let deadline = tokio::time::Instant::now() + period + Duration::from_secs(5);
             while node.connection_count() > 0 && tokio::time::Instant::now() < deadline {
                 tokio::time::sleep(Duration::from_millis(50)).await;

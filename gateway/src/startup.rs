@@ -50,12 +50,7 @@ pub async fn build(config: GatewayConfig) -> anyhow::Result<Arc<Node>> {
     let reload = Duration::from_secs(config.policy_reload_seconds.max(1));
     let node = Node::new(config, verifier, broker, hub, metrics, policy);
     if let Some(path) = policy_file {
-        tokio::spawn(crate::policy::watch_file(
-            path,
-            reload,
-            node.policy.clone(),
-            node.metrics.clone(),
-        ));
+        tokio::spawn(crate::policy::watch_file(path, reload, node.clone()));
     }
     Ok(node)
 }

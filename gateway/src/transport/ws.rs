@@ -37,7 +37,7 @@ use crate::session::{Session, SubscribeError};
 /// larger frame grows the buffer for as long as it takes to read it.
 /// tungstenite's default (128 KiB) would make an idle connection cost far
 /// more than its state.
-const READ_BUFFER: usize = 256;
+const READ_BUFFER: usize = 128;
 /// Frames are collected up to this size and written with one syscall.
 const WRITE_BUFFER: usize = 8 * 1024;
 /// Events written per flush.
@@ -302,6 +302,15 @@ impl Connection {
         tracing::info!(conn = conn_id, tenant = %conn.principal.tenant, "websocket connected");
 
         let close = conn.serve().await;
+        // Boxed: the goodbye's state would otherwise be reserved in every
+        // connection's task for its whole life.
+        Box::pin(conn.finish(close)).await;
+    }
+
+    /// Say goodbye (close frame and closing handshake) and leave the hub.
+    async fn finish(mut self, close: Option<(Close, Option<String>)>) {
+        let node = self.session.node.clone();
+        let conn_id = self.session.admission.id;
         let label = close.as_ref().map_or("client", |c| c.0.label());
         if let Some((close, detail)) = close {
             tracing::Span::current().record("close_code", close.code());
@@ -320,8 +329,8 @@ impl Connection {
             // frame (and its code) on the way. The peer may be gone or not
             // reading (slow consumer): the goodbye is bounded.
             let goodbye = async {
-                conn.socket.send(frame).await?;
-                while let Some(Ok(_)) = conn.socket.next().await {}
+                self.socket.send(frame).await?;
+                while let Some(Ok(_)) = self.socket.next().await {}
                 Ok::<_, axum::Error>(())
             };
             let _ = tokio::time::timeout(Duration::from_secs(1), goodbye).await;
@@ -332,7 +341,7 @@ impl Connection {
             .connections_closed
             .get_or_create(&vec![("reason", label)])
             .inc();
-        conn.session.close().await;
+        self.session.close().await;
     }
 
     /// The connection loop; returns the close to send, or None when the
@@ -346,9 +355,14 @@ impl Connection {
         );
         let timer = sleep_until(clock.next());
         tokio::pin!(timer);
-        let mut policy = WatchStream::from_changes(node.policy.subscribe());
-        // Yields the current state first, so a drain already under way counts.
-        let mut drain = WatchStream::new(node.drain.subscribe());
+        // Policy changes and the drain arrive as ticks of one watch.
+        let mut control = WatchStream::from_changes(node.control.subscribe());
+        let mut policy_seen = node.policy.borrow().clone();
+        // A drain already under way counts.
+        if let Some(d) = *node.drain.borrow() {
+            clock.drain = Some(d.deadline_for(self.session.admission.id));
+            timer.as_mut().reset(clock.next());
+        }
 
         let established = server_message(
             "connection.established",
@@ -413,13 +427,18 @@ impl Connection {
                     timer.as_mut().reset(clock.next());
                     flow
                 }
-                Some(_) = policy.next() => Box::pin(self.on_policy_change()).await,
-                Some(state) = drain.next() => {
-                    if let Some(d) = state {
+                Some(()) = control.next() => {
+                    if clock.drain.is_none() && let Some(d) = *node.drain.borrow() {
                         clock.drain = Some(d.deadline_for(self.session.admission.id));
                         timer.as_mut().reset(clock.next());
                     }
-                    Flow::Continue
+                    let policy = node.policy.borrow().clone();
+                    if Arc::ptr_eq(&policy, &policy_seen) {
+                        Flow::Continue
+                    } else {
+                        policy_seen = policy;
+                        Box::pin(self.on_policy_change()).await
+                    }
                 }
             };
             match flow {

@@ -16,12 +16,19 @@ use tokio::net::{TcpListener, TcpStream};
 
 use super::DEADLINE;
 
+/// A port for a nats-server to listen on. Chosen below the kernel's
+/// ephemeral range (32768+ on Linux), so the outgoing connections of tests
+/// running in parallel cannot take it between this check and the server's
+/// bind; random, so parallel test processes rarely pick the same one.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use rand::Rng;
+    let mut rng = rand::rng();
+    loop {
+        let port = rng.random_range(20_000..32_000);
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 pub fn nats_server_bin() -> PathBuf {
