@@ -291,6 +291,10 @@ impl Session {
             }
             matched
         };
+        let scope: Vec<Pattern> = match only {
+            Some(only) => only.to_vec(),
+            None => subs.iter().map(|(p, _)| p.clone()).collect(),
+        };
         let mut out = Replayed::default();
         let mut after = cursor;
         let mut first = true;
@@ -298,7 +302,7 @@ impl Session {
             let batch = self
                 .node
                 .broker
-                .read(&self.tenant, Some(after), &wanted, 256)
+                .read(&self.tenant, Some(after), &scope, &wanted, 256)
                 .await?;
             if first {
                 out.gap = batch.gap;

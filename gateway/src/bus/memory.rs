@@ -133,6 +133,7 @@ impl Broker for MemoryBroker {
         &self,
         tenant: &Arc<str>,
         after: Option<Cursor>,
+        _scope: &[Pattern],
         filter: Filter<'_>,
         limit: usize,
     ) -> Result<ReadBatch, BrokerError> {
@@ -253,7 +254,10 @@ mod tests {
         for _ in 0..2 {
             b.publish(new("t", "a.c", None), DAY).await.unwrap();
         }
-        let r = b.read(&t, Some(first.event.id), all, 10).await.unwrap();
+        let r = b
+            .read(&t, Some(first.event.id), &[], all, 10)
+            .await
+            .unwrap();
         assert_eq!(r.gap, None);
         assert_eq!(
             r.events.iter().map(|e| e.id.seq).collect::<Vec<_>>(),
@@ -263,7 +267,10 @@ mod tests {
         for _ in 0..2 {
             b.publish(new("t", "a.c", None), DAY).await.unwrap();
         }
-        let r = b.read(&t, Some(first.event.id), all, 10).await.unwrap();
+        let r = b
+            .read(&t, Some(first.event.id), &[], all, 10)
+            .await
+            .unwrap();
         assert_eq!(r.gap, Some(GapReason::Expired));
         assert_eq!(
             r.events.iter().map(|e| e.id.seq).collect::<Vec<_>>(),
@@ -273,17 +280,17 @@ mod tests {
             epoch: b.epoch + 2,
             seq: 1,
         };
-        let r = b.read(&t, Some(foreign), all, 10).await.unwrap();
+        let r = b.read(&t, Some(foreign), &[], all, 10).await.unwrap();
         assert_eq!(r.gap, Some(GapReason::Unknown));
         let future = Cursor {
             epoch: b.epoch,
             seq: 99,
         };
         assert_eq!(
-            b.read(&t, Some(future), all, 10).await.unwrap().gap,
+            b.read(&t, Some(future), &[], all, 10).await.unwrap().gap,
             Some(GapReason::Unknown)
         );
-        let r = b.read(&t, None, all, 2).await.unwrap();
+        let r = b.read(&t, None, &[], all, 2).await.unwrap();
         assert!(r.more);
         assert_eq!(r.next.seq, 4);
     }

@@ -73,11 +73,14 @@ pub trait Broker: Send + Sync + 'static {
     -> Result<Published, BrokerError>;
 
     /// History of one tenant after `after` (from the oldest retained event
-    /// when `None`), keeping events for which `filter` is true.
+    /// when `None`), keeping events for which `filter` is true. `scope`
+    /// names the patterns the filter keeps (empty: unknown), so a broker
+    /// can read just those topics; `filter` still decides.
     async fn read(
         &self,
         tenant: &Arc<str>,
         after: Option<Cursor>,
+        scope: &[Pattern],
         filter: Filter<'_>,
         limit: usize,
     ) -> Result<ReadBatch, BrokerError>;

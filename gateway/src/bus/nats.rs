@@ -79,7 +79,17 @@ pub struct NatsBroker {
     state: Arc<State>,
     interests: Mutex<HashMap<(Arc<str>, Pattern), Interest>>,
     live_tx: mpsc::UnboundedSender<Live>,
+    /// The last stream info and when its request was sent: concurrent
+    /// callers share one request (a reconnect storm would otherwise send one
+    /// per client).
+    info: Mutex<Option<(tokio::time::Instant, stream::State)>>,
+    /// History reads in flight at once: a reconnect storm queues here
+    /// instead of timing out together against JetStream.
+    reads: tokio::sync::Semaphore,
 }
+
+/// History reads one gateway runs against JetStream at a time.
+const CONCURRENT_READS: usize = 32;
 
 fn unavailable(e: impl std::fmt::Display) -> BrokerError {
     BrokerError::Unavailable(e.to_string())
@@ -212,6 +222,8 @@ impl NatsBroker {
             state,
             interests: Mutex::new(HashMap::new()),
             live_tx,
+            info: Mutex::new(None),
+            reads: tokio::sync::Semaphore::new(CONCURRENT_READS),
         });
         tokio::spawn(ensure_stream(
             broker.clone(),
@@ -240,12 +252,24 @@ impl NatsBroker {
             .map_err(unavailable)
     }
 
+    /// The stream's state as of a request sent after this call began (so
+    /// it covers everything the caller did before, e.g. a subscription it
+    /// flushed). Callers arriving together share one request.
     async fn stream_state(&self) -> Result<stream::State, BrokerError> {
+        let asked = tokio::time::Instant::now();
+        let mut cached = self.info.lock().await;
+        if let Some((sent, state)) = &*cached
+            && *sent >= asked
+        {
+            return Ok(state.clone());
+        }
+        let sent = tokio::time::Instant::now();
         let info = tokio::time::timeout(REQUEST_TIMEOUT, self.stream().await?.get_info())
             .await
             .map_err(unavailable)?
             .map_err(unavailable)?;
         self.note_head(info.state.last_sequence);
+        *cached = Some((sent, info.state.clone()));
         Ok(info.state)
     }
 
@@ -528,7 +552,7 @@ async fn catch_up(
         seq: from,
     };
     loop {
-        let batch = read_range(broker, None, after, all, 1000, state.last_sequence).await?;
+        let batch = read_range(broker, None, &[], after, all, 1000, state.last_sequence).await?;
         for event in batch.events {
             if order.admit(&event) {
                 crate::fanout::route(hub, metrics, &event);
@@ -553,6 +577,7 @@ async fn catch_up(
 async fn read_range(
     broker: &NatsBroker,
     tenant: Option<&str>,
+    scope: &[Pattern],
     after: Cursor,
     filter: Filter<'_>,
     limit: usize,
@@ -572,18 +597,41 @@ async fn read_range(
         Some(t) => broker.subjects.tenant_history(t),
         None => broker.subjects.all_events(),
     };
+    // Read only the subjects of the patterns asked for, when NATS can take
+    // them as consumer filters (no two may overlap): a resuming client then
+    // reads its own topics, not its whole tenant's history.
+    let scoped = match tenant {
+        Some(t) if disjoint(scope) => scope
+            .iter()
+            .map(|p| broker.subjects.pattern_history(t, p))
+            .collect(),
+        _ => Vec::new(),
+    };
+    let (single, several) = match scoped.len() {
+        0 => (filter_subject.clone(), Vec::new()),
+        1 => (scoped[0].clone(), Vec::new()),
+        _ => (String::new(), scoped),
+    };
+    // An ephemeral pull consumer in memory, without acks, deleted after
+    // this read: three requests (create, fetch, delete) however long the
+    // range, and nothing left behind when a reconnect storm runs thousands.
     let created = tokio::time::timeout(
         REQUEST_TIMEOUT,
-        stream.create_consumer(consumer::pull::OrderedConfig {
-            filter_subject: filter_subject.clone(),
+        stream.create_consumer(consumer::pull::Config {
+            filter_subject: single,
+            filter_subjects: several,
             deliver_policy: consumer::DeliverPolicy::ByStartSequence {
                 start_sequence: after.seq + 1,
             },
+            ack_policy: consumer::AckPolicy::None,
+            memory_storage: true,
+            num_replicas: 1,
+            inactive_threshold: Duration::from_secs(30),
             ..Default::default()
         }),
     )
     .await;
-    let consumer = match created {
+    let mut consumer = match created {
         Ok(Ok(c)) => c,
         // Creating a consumer needs the JetStream meta leader, which may be
         // on the far side of a partition; the stream's own replicas still
@@ -597,48 +645,105 @@ async fn read_range(
             return read_direct(broker, &stream, &filter_subject, out, filter, limit, until).await;
         }
     };
-    if consumer.cached_info().num_pending == 0 {
-        return Ok(out);
-    }
-    let mut messages = consumer.messages().await.map_err(unavailable)?;
+    let pending = consumer.cached_info().num_pending;
+    let result = if pending == 0 {
+        Ok(())
+    } else {
+        fetch_range(broker, &mut consumer, after, &mut out, filter, limit, until).await
+    };
+    let name = consumer.cached_info().name.clone();
+    tokio::spawn(async move {
+        let _ = tokio::time::timeout(REQUEST_TIMEOUT, stream.delete_consumer(&name)).await;
+    });
+    result.map(|()| out)
+}
+
+/// Pull the consumer's messages (in no-wait batches) into `out` until the
+/// range, the limit or the pending messages end.
+async fn fetch_range(
+    broker: &NatsBroker,
+    consumer: &mut consumer::Consumer<consumer::pull::Config>,
+    after: Cursor,
+    out: &mut ReadBatch,
+    filter: Filter<'_>,
+    limit: usize,
+    until: u64,
+) -> Result<(), BrokerError> {
+    const BATCH: usize = 256;
     let deadline = tokio::time::Instant::now() + REQUEST_TIMEOUT;
     loop {
-        let next = tokio::time::timeout_at(deadline, messages.next()).await;
-        let msg = match next {
-            Ok(Some(Ok(m))) => m,
-            Ok(Some(Err(e))) => return Err(unavailable(e)),
-            Ok(None) => break,
-            // Nothing more arrived: the filtered range is exhausted.
-            Err(_) => break,
-        };
-        let Ok(info) = msg.info() else { continue };
-        let (seq, pending, published) = (info.stream_sequence, info.pending, info.published);
-        if seq > until {
-            break;
+        let mut messages =
+            tokio::time::timeout_at(deadline, consumer.fetch().max_messages(BATCH).messages())
+                .await
+                .map_err(unavailable)?
+                .map_err(unavailable)?;
+        let mut got = 0;
+        loop {
+            let next = tokio::time::timeout_at(deadline, messages.next()).await;
+            let msg = match next {
+                Ok(Some(Ok(m))) => m,
+                Ok(Some(Err(e))) => return Err(unavailable(e)),
+                Ok(None) => break,
+                // Slow (an overloaded server): hand over what arrived and
+                // let the caller continue from there; nothing at all is an
+                // error, never a silently short history.
+                Err(_) if out.next.seq > after.seq => {
+                    out.more = true;
+                    return Ok(());
+                }
+                Err(_) => return Err(unavailable("history read timed out")),
+            };
+            got += 1;
+            let Ok(info) = msg.info() else { continue };
+            let (seq, pending, published) = (info.stream_sequence, info.pending, info.published);
+            if seq > until {
+                return Ok(());
+            }
+            out.next.seq = seq;
+            if let Some(event) = broker.seal(
+                &msg.subject,
+                seq,
+                published,
+                &msg.payload,
+                msg.headers
+                    .as_ref()
+                    .and_then(|h| h.get("traceparent"))
+                    .map(|v| v.as_str().to_owned()),
+            ) && filter(&event)
+            {
+                out.events.push(Arc::new(event));
+            }
+            if pending == 0 || seq >= until {
+                return Ok(());
+            }
+            if out.events.len() >= limit {
+                out.more = true;
+                return Ok(());
+            }
         }
-        out.next.seq = seq;
-        if let Some(event) = broker.seal(
-            &msg.subject,
-            seq,
-            published,
-            &msg.payload,
-            msg.headers
-                .as_ref()
-                .and_then(|h| h.get("traceparent"))
-                .map(|v| v.as_str().to_owned()),
-        ) && filter(&event)
-        {
-            out.events.push(Arc::new(event));
-        }
-        if pending == 0 || seq >= until {
-            break;
-        }
-        if out.events.len() >= limit {
-            out.more = true;
-            break;
+        if got == 0 {
+            // Nothing more to fetch: the filtered range is exhausted.
+            return Ok(());
         }
     }
-    Ok(out)
+}
+
+/// Patterns NATS accepts together as consumer filters: one pattern, or a
+/// few distinct exact topics (which cannot overlap).
+fn disjoint(scope: &[Pattern]) -> bool {
+    const MAX_FILTERS: usize = 16;
+    match scope {
+        [] => false,
+        [_] => true,
+        _ => {
+            scope.len() <= MAX_FILTERS
+                && scope.iter().all(Pattern::is_exact)
+                && scope
+                    .iter()
+                    .enumerate()
+                    .all(|(i, p)| scope[..i].iter().all(|q| q != p))
+        }
+    }
 }
 
 /// History read one message at a time with direct gets (no consumer).
@@ -743,10 +848,12 @@ impl Broker for NatsBroker {
         &self,
         tenant: &Arc<str>,
         after: Option<Cursor>,
+        scope: &[Pattern],
         filter: Filter<'_>,
         limit: usize,
     ) -> Result<ReadBatch, BrokerError> {
         let epoch = self.epoch()?;
+        let _permit = self.reads.acquire().await.map_err(unavailable)?;
         let state = self.stream_state().await?;
         let oldest = state.first_sequence.saturating_sub(1);
         let (start, gap) = match after {
@@ -760,6 +867,7 @@ impl Broker for NatsBroker {
         let mut batch = read_range(
             self,
             Some(tenant),
+            scope,
             Cursor { epoch, seq: start },
             filter,
             limit,

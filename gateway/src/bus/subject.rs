@@ -117,6 +117,16 @@ impl Subjects {
         format!("{}.ev.*.{}.>", self.prefix, escape_tenant(tenant))
     }
 
+    /// One tenant's events matching a pattern, in a region's stream.
+    pub fn pattern_history(&self, tenant: &str, pattern: &Pattern) -> String {
+        format!(
+            "{}.ev.*.{}.{}",
+            self.prefix,
+            escape_tenant(tenant),
+            pattern.to_nats()
+        )
+    }
+
     /// Split a stored event's subject into (origin region, tenant, topic).
     pub fn parse_event(&self, subject: &str) -> Option<(String, String, Topic)> {
         let rest = subject.strip_prefix(&self.prefix)?.strip_prefix(".ev.")?;

@@ -228,6 +228,9 @@ struct Connection {
     /// A cursor to apply to the first subscriptions (from `?cursor=` or a
     /// `cursor.update` sent before any subscription).
     pending_cursor: Option<Cursor>,
+    /// Every event of the subscriptions up to this one was sent: where a
+    /// client told to reconnect resumes (None: nothing sent yet).
+    sent_up_to: Option<Cursor>,
     rate: RateLimit,
     max_bytes: usize,
 }
@@ -295,6 +298,7 @@ impl Connection {
             principal,
             socket,
             pending_cursor: cursor,
+            sent_up_to: None,
         };
         node.metrics.connections_opened.inc();
         node.metrics.connections_active.inc();
@@ -466,7 +470,7 @@ impl Connection {
                 "reconnect",
                 json!({
                     "reason": "draining",
-                    "cursor": self.session.live_cursor().to_string(),
+                    "cursor": self.resume_cursor().to_string(),
                     "timestamp": now_rfc3339(),
                 }),
                 None,
@@ -495,13 +499,29 @@ impl Connection {
         self.socket.send(Message::Text(text.into())).await
     }
 
+    fn note_sent(&mut self, id: Cursor) {
+        if self.sent_up_to.is_none_or(|s| s.seq < id.seq) {
+            self.sent_up_to = Some(id);
+        }
+    }
+
+    /// Where this client resumes without missing or repeating anything.
+    fn resume_cursor(&self) -> Cursor {
+        self.sent_up_to
+            .unwrap_or_else(|| self.session.live_cursor())
+    }
+
     /// Write `first` and whatever else is queued (up to a batch), then
     /// flush: a busy connection gets many events per syscall.
     async fn write_batch(&mut self, first: Arc<crate::event::Event>) -> Result<(), axum::Error> {
         self.socket.feed(Message::Text(first.frame.clone())).await?;
+        self.note_sent(first.id);
         for _ in 1..WRITE_BATCH {
             match self.session.try_next_live() {
-                Ok(Some(ev)) => self.socket.feed(Message::Text(ev.frame.clone())).await?,
+                Ok(Some(ev)) => {
+                    self.socket.feed(Message::Text(ev.frame.clone())).await?;
+                    self.note_sent(ev.id);
+                }
                 // An overflow is seen by the next turn of the loop.
                 _ => break,
             }
@@ -782,6 +802,13 @@ impl Connection {
             if self.socket.feed(Message::Text(f)).await.is_err() {
                 return Flow::Gone;
             }
+        }
+        // A complete replay covers its subscriptions up to where live
+        // delivery took over.
+        if !replayed.truncated
+            && let Some(id) = last
+        {
+            self.note_sent(id);
         }
         let done = server_message(
             "replay.complete",
