@@ -177,7 +177,7 @@ fanout_table("fanout-10k-1000topics", "1,000 topics, 10,000 clients, 2,000 publi
              "Ten subscribers per topic; the publish path and routing dominate.")
 
 p("## Maximum sustained fan-out (ramp)\n")
-p("2,000 clients on one topic; the publish rate rises by 25% per step until a step's p99 passes 200 ms or "
+p("2,000 clients on one topic; the publish rate rises by 15% per step until a step's p99 passes 200 ms or "
   "anything is lost (a slow consumer cut off counts as loss). Highest sustained step:\n")
 p("| target | max sustained deliveries/s | server CPU s in that step | steps run | first failing step |")
 p("| --- | ---: | ---: | ---: | --- |")
