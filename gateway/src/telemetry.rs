@@ -116,6 +116,9 @@ pub fn init(config: &GatewayConfig) -> anyhow::Result<Telemetry> {
     let otel = provider.as_ref().map(|p| {
         tracing_opentelemetry::layer()
             .with_tracer(p.tracer("switchboard-gateway"))
+            // No busy/idle time per span: it reads the clock and updates the
+            // span on every poll of every connection task.
+            .with_tracked_inactivity(false)
             .with_filter(
                 tracing_subscriber::filter::Targets::new()
                     .with_target("switchboard_gateway", tracing::Level::INFO),

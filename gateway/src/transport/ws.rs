@@ -161,7 +161,9 @@ pub async fn upgrade(
                 // Its own task: the upgrade future (request data, the auth
                 // result) is freed now instead of living as long as the
                 // connection.
-                tokio::spawn(Connection::run(session, principal, cursor, socket).instrument(span));
+                // Not instrumented as a whole: the span is entered around the
+                // handlers, not on every poll of the delivery path.
+                tokio::spawn(Connection::open(session, principal, cursor, socket, span).run());
             }
             .instrument(span.clone())
         })
@@ -231,6 +233,8 @@ struct Connection {
     /// Every event of the subscriptions up to this one was sent: where a
     /// client told to reconnect resumes (None: nothing sent yet).
     sent_up_to: Option<Cursor>,
+    /// `ws.connection`, entered while a handler runs.
+    span: tracing::Span,
     rate: RateLimit,
     max_bytes: usize,
 }
@@ -279,15 +283,17 @@ fn deadline_for_expiry(exp: u64) -> Instant {
 }
 
 impl Connection {
-    async fn run(
+    /// Set the connection up; `run` then serves it.
+    fn open(
         session: Session,
         principal: Principal,
         cursor: Option<Cursor>,
         socket: WebSocket,
-    ) {
+        span: tracing::Span,
+    ) -> Self {
         let node = session.node.clone();
         let limits = node.limits(&principal.tenant).ok();
-        let mut conn = Connection {
+        let conn = Connection {
             rate: RateLimit::new(limits.map_or(node.config.limits.messages_per_minute, |l| {
                 l.messages_per_minute
             })),
@@ -299,16 +305,29 @@ impl Connection {
             socket,
             pending_cursor: cursor,
             sent_up_to: None,
+            span,
         };
         node.metrics.connections_opened.inc();
         node.metrics.connections_active.inc();
         let conn_id = conn.session.admission.id;
-        tracing::info!(conn = conn_id, tenant = %conn.principal.tenant, "websocket connected");
+        conn.span.in_scope(|| {
+            tracing::info!(conn = conn_id, tenant = %conn.principal.tenant, "websocket connected");
+        });
+        conn
+    }
 
-        let close = conn.serve().await;
-        // Boxed: the goodbye's state would otherwise be reserved in every
-        // connection's task for its whole life.
-        Box::pin(conn.finish(close)).await;
+    /// The connection's task. Not an `async fn`: its argument would be kept
+    /// twice in the task's state (once as the argument, once as the local it
+    /// is moved to); captured by the block, it is kept once.
+    #[allow(clippy::manual_async_fn)]
+    fn run(mut self) -> impl std::future::Future<Output = ()> + Send {
+        async move {
+            let close = self.serve().await;
+            // Boxed: the goodbye's state would otherwise be reserved in
+            // every connection's task for its whole life.
+            let span = self.span.clone();
+            Box::pin(self.finish(close).instrument(span)).await;
+        }
     }
 
     /// Say goodbye (close frame and closing handshake) and leave the hub.
@@ -411,14 +430,15 @@ impl Connection {
                                 node.metrics.error("message_too_big");
                                 Flow::Close(Close::MessageTooBig, None)
                             } else {
-                                tracing::debug!(error = %e, "websocket read error");
+                                self.span.in_scope(|| tracing::debug!(error = %e, "websocket read error"));
                                 node.metrics.error("websocket");
                                 return None;
                             }
                         }
                         Some(Ok(msg)) => {
                             let before = clock.expiry;
-                            let flow = Box::pin(self.on_frame(msg, &mut clock.expiry)).await;
+                            let span = self.span.clone();
+                            let flow = Box::pin(self.on_frame(msg, &mut clock.expiry).instrument(span)).await;
                             if clock.expiry != before {
                                 timer.as_mut().reset(clock.next());
                             }
@@ -427,7 +447,8 @@ impl Connection {
                     }
                 }
                 () = &mut timer => {
-                    let flow = Box::pin(self.on_timer(&mut clock)).await;
+                    let span = self.span.clone();
+                    let flow = Box::pin(self.on_timer(&mut clock).instrument(span)).await;
                     timer.as_mut().reset(clock.next());
                     flow
                 }
@@ -441,7 +462,8 @@ impl Connection {
                         Flow::Continue
                     } else {
                         policy_seen = policy;
-                        Box::pin(self.on_policy_change()).await
+                        let span = self.span.clone();
+                        Box::pin(self.on_policy_change().instrument(span)).await
                     }
                 }
             };
