@@ -9,6 +9,7 @@ use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::serve::ListenerExt;
 use axum::{Json, Router};
 use serde_json::json;
 use tower_http::cors::{AllowOrigin, CorsLayer};
@@ -142,6 +143,13 @@ pub async fn run(
             tracing::info!(left = node.connection_count(), "drain complete");
         }
     };
+    // No Nagle: the gateway batches its own writes, and a frame held back
+    // waiting for an ACK (delayed up to 40 ms) is latency for nothing.
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+        }
+    });
     axum::serve(listener, app(node))
         .with_graceful_shutdown(drained)
         .await
