@@ -241,7 +241,8 @@ p("- Per connection: a mailbox (a lock-protected `VecDeque`, allocating nothing 
   "back after a burst) instead of a channel; one task whose state stays small (request handlers and the "
   "goodbye path are boxed, so idle connections do not carry them); one timer for heartbeat, idle, token "
   "expiry and drain; one watch for policy and drain; a 128-byte read buffer; writes batched up to 8 KiB "
-  "per syscall; jemalloc.")
+  "per syscall, sent at once (TCP_NODELAY: Nagle's algorithm would hold small frames back "
+  "waiting for ACKs); jemalloc.")
 p("- Fan-out reads the tenant's subscription index under a read lock once per event, then pushes to each "
   "mailbox; a full mailbox cuts that one slow consumer off (close 4008) and never blocks the others.")
 p("- Cluster resume: history reads use an ephemeral in-memory JetStream consumer filtered to the resuming "
