@@ -145,6 +145,25 @@ impl Event {
     }
 }
 
+/// A sealed event with no payload, for unit tests of the modules that
+/// route and queue events.
+#[cfg(test)]
+pub(crate) fn test_event(tenant: &str, topic: &str, seq: u64) -> Arc<Event> {
+    Arc::new(Event::seal(
+        NewEvent {
+            tenant: tenant.into(),
+            topic: Topic::parse(topic).expect("valid test topic"),
+            data: Value::Null,
+            region: "r".into(),
+            idempotency_key: None,
+            gdpr_context: None,
+            traceparent: None,
+        },
+        Cursor { epoch: 1, seq },
+        time::OffsetDateTime::now_utc(),
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

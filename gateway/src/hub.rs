@@ -9,10 +9,11 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
-use crate::event::Event;
-use crate::mailbox::{Mailbox, Offered};
 use dashmap::DashMap;
 use switchboard_config::Pattern;
+
+use crate::event::Event;
+use crate::mailbox::{Mailbox, Offered};
 
 pub type ConnId = u64;
 
@@ -168,23 +169,9 @@ fn offer(sub: &Subscriber, event: &Arc<Event>, out: &mut Fanout) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::{Cursor, NewEvent};
-    use switchboard_config::Topic;
 
     fn event(tenant: &str, topic: &str, seq: u64) -> Arc<Event> {
-        Arc::new(Event::seal(
-            NewEvent {
-                tenant: tenant.into(),
-                topic: Topic::parse(topic).unwrap(),
-                data: serde_json::Value::Null,
-                region: "r".into(),
-                idempotency_key: None,
-                gdpr_context: None,
-                traceparent: None,
-            },
-            Cursor { epoch: 1, seq },
-            time::OffsetDateTime::now_utc(),
-        ))
+        crate::event::test_event(tenant, topic, seq)
     }
 
     fn sub(cap: usize) -> (Subscriber, Subscriber) {

@@ -135,23 +135,9 @@ impl Mailbox {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::{Cursor, NewEvent};
-    use switchboard_config::Topic;
 
     fn event(seq: u64) -> Arc<Event> {
-        Arc::new(Event::seal(
-            NewEvent {
-                tenant: "t".into(),
-                topic: Topic::parse("x").unwrap(),
-                data: serde_json::Value::Null,
-                region: "r".into(),
-                idempotency_key: None,
-                gdpr_context: None,
-                traceparent: None,
-            },
-            Cursor { epoch: 1, seq },
-            time::OffsetDateTime::now_utc(),
-        ))
+        crate::event::test_event("t", "x", seq)
     }
 
     #[test]

@@ -48,13 +48,14 @@ pub struct Node {
     pub broker: Arc<dyn Broker>,
     pub hub: Arc<Hub>,
     pub metrics: Arc<Metrics>,
-    /// The tenant policy in force. Change it with [`Node::set_policy`].
-    pub policy: watch::Sender<Arc<PolicyBundle>>,
-    /// Set once a drain starts. Start it with [`Node::start_drain`].
-    pub drain: watch::Sender<Option<Drain>>,
+    /// The tenant policy in force; changed only through `set_policy`.
+    policy: watch::Sender<Arc<PolicyBundle>>,
+    /// Set once a drain starts; only through `start_drain`.
+    drain: watch::Sender<Option<Drain>>,
     /// Ticks whenever the policy or the drain state changed: one watch a
-    /// WebSocket connection keeps instead of two.
-    pub control: watch::Sender<()>,
+    /// WebSocket connection keeps instead of two. Private with the two
+    /// above, so no change can skip the tick.
+    control: watch::Sender<()>,
     next_conn: AtomicU64,
     connections: AtomicU64,
     tenant_connections: DashMap<Arc<str>, u64>,
@@ -138,6 +139,26 @@ impl Node {
             connections: AtomicU64::new(0),
             tenant_connections: DashMap::new(),
         })
+    }
+
+    /// The policy in force.
+    pub fn policy(&self) -> Arc<PolicyBundle> {
+        self.policy.borrow().clone()
+    }
+
+    /// Follows policy changes.
+    pub fn policy_changes(&self) -> watch::Receiver<Arc<PolicyBundle>> {
+        self.policy.subscribe()
+    }
+
+    /// The drain under way, if any.
+    pub fn drain_state(&self) -> Option<Drain> {
+        *self.drain.borrow()
+    }
+
+    /// Ticks on every policy change and when a drain starts.
+    pub fn control(&self) -> watch::Receiver<()> {
+        self.control.subscribe()
     }
 
     /// Put a new policy in force; every connection re-checks its

@@ -116,12 +116,7 @@ impl Session {
                 ok.push(pattern);
                 continue;
             }
-            if let Err(d) = self
-                .node
-                .policy
-                .borrow()
-                .check_subscribe(&self.tenant, &pattern)
-            {
+            if let Err(d) = self.node.policy().check_subscribe(&self.tenant, &pattern) {
                 errors.push(SubscribeError::Denied(d));
                 continue;
             }
@@ -227,7 +222,7 @@ impl Session {
     /// ones the policy no longer allows, already unsubscribed.
     pub async fn enforce_policy(&mut self) -> Vec<(Pattern, Denied)> {
         let revoked: Vec<(Pattern, Denied)> = {
-            let policy = self.node.policy.borrow();
+            let policy = self.node.policy();
             self.subs
                 .iter()
                 .filter_map(|(p, _)| {

@@ -110,6 +110,38 @@ async fn resume_gets_exactly_the_missed_events(e: Env) {
     assert_eq!(ids(&c.events(1).await), [live]);
 }
 
+/// Resuming several exact topics (cluster: read with one filter per topic)
+/// and overlapping patterns (read per tenant, filtered here) both give
+/// exactly the missed events of those topics, in order.
+async fn resume_over_several_topics(e: Env) {
+    let gw = &e.gw;
+    let first = publish_ok(gw, "acme", "m.a", json!({})).await;
+    let (mut exact, mut wide) = (Vec::new(), Vec::new());
+    for n in 0..3 {
+        for topic in ["m.a", "m.b", "m.c", "m.x.y"] {
+            let id = publish_ok(gw, "acme", topic, json!({ "n": n })).await;
+            if topic == "m.a" || topic == "m.b" {
+                exact.push(id.clone());
+            }
+            // A trailing `*` matches the rest of the topic, m.x.y included.
+            wide.push(id);
+        }
+    }
+    let mut c = Client::open(gw, "acme").await;
+    c.subscribe(&["m.a", "m.b"]).await;
+    c.send(json!({"type": "cursor.update", "cursor": first.clone()}))
+        .await;
+    assert_eq!(ids(&c.events(exact.len()).await), exact);
+    assert_eq!(c.recv_type("replay.complete").await["data"]["replayed"], 6);
+
+    let mut d = Client::open(gw, "acme").await;
+    d.subscribe(&["m.a", "m.*"]).await;
+    d.send(json!({"type": "cursor.update", "cursor": first}))
+        .await;
+    assert_eq!(ids(&d.events(wide.len()).await), wide);
+    assert_eq!(d.recv_type("replay.complete").await["data"]["replayed"], 12);
+}
+
 async fn seam_has_no_gap_or_duplicate_under_load(e: Env) {
     let gw = &e.gw;
     let first = publish_ok(gw, "acme", "seam.x", json!({"i": 0})).await;
@@ -283,6 +315,7 @@ contract! {
     overlapping(defaults, overlapping_patterns_deliver_once_in_order);
     tenants(defaults, tenants_are_walls);
     resume(defaults, resume_gets_exactly_the_missed_events);
+    resume_topics(defaults, resume_over_several_topics);
     seam(defaults, seam_has_no_gap_or_duplicate_under_load);
     idempotency(defaults, idempotency_is_per_tenant);
     unknown_cursor(defaults, unknown_cursors_are_a_gap);

@@ -138,7 +138,7 @@ async fn pump(
             }
         }
     }
-    let mut policy = node.policy.subscribe();
+    let mut policy = node.policy_changes();
     let expiry = tokio::time::sleep(Duration::from_secs(
         expires_at.saturating_sub(jsonwebtoken::get_current_timestamp()),
     ));

@@ -269,6 +269,18 @@ impl Deadlines {
         }
     }
 
+    /// Take the drain's deadline for this connection, once; true when it
+    /// was just set.
+    fn arm_drain(&mut self, drain: Option<crate::node::Drain>, conn: crate::hub::ConnId) -> bool {
+        match (self.drain, drain) {
+            (None, Some(d)) => {
+                self.drain = Some(d.deadline_for(conn));
+                true
+            }
+            _ => false,
+        }
+    }
+
     fn next(&self) -> Instant {
         let soonest = self.ping.min(self.idle).min(self.expiry);
         self.drain.map_or(soonest, |d| d.min(soonest))
@@ -379,11 +391,10 @@ impl Connection {
         let timer = sleep_until(clock.next());
         tokio::pin!(timer);
         // Policy changes and the drain arrive as ticks of one watch.
-        let mut control = WatchStream::from_changes(node.control.subscribe());
-        let mut policy_seen = node.policy.borrow().clone();
+        let mut control = WatchStream::from_changes(node.control());
+        let mut policy_seen = node.policy();
         // A drain already under way counts.
-        if let Some(d) = *node.drain.borrow() {
-            clock.drain = Some(d.deadline_for(self.session.admission.id));
+        if clock.arm_drain(node.drain_state(), self.session.admission.id) {
             timer.as_mut().reset(clock.next());
         }
 
@@ -453,11 +464,10 @@ impl Connection {
                     flow
                 }
                 Some(()) = control.next() => {
-                    if clock.drain.is_none() && let Some(d) = *node.drain.borrow() {
-                        clock.drain = Some(d.deadline_for(self.session.admission.id));
+                    if clock.arm_drain(node.drain_state(), self.session.admission.id) {
                         timer.as_mut().reset(clock.next());
                     }
-                    let policy = node.policy.borrow().clone();
+                    let policy = node.policy();
                     if Arc::ptr_eq(&policy, &policy_seen) {
                         Flow::Continue
                     } else {
