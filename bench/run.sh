@@ -53,10 +53,11 @@ wait_port() { # port
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
 start_gateway() { # port log [env...]
-  local port=$1 log=$2; shift 2
-  env SWITCHBOARD_HS256_SECRET=$secret RUST_LOG=warn "$@" "$gw" --listen 127.0.0.1:"$port" >"$log" 2>&1 &
+  local port=$1 log=$2 admin; shift 2
+  admin=$(free_port)
+  env SWITCHBOARD_HS256_SECRET=$secret RUST_LOG=warn "$@" "$gw" --listen 127.0.0.1:"$port" --admin-listen 127.0.0.1:"$admin" >"$log" 2>&1 &
   pids+=($!)
-  wait_http "http://127.0.0.1:$port/readyz"
+  wait_http "http://127.0.0.1:$admin/readyz"
 }
 
 start() { # target [gateway env...]

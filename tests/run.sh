@@ -74,9 +74,9 @@ smoke_check() { python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); ass
 lg="$root/target/debug/loadgen"
 
 port=$(free_port)
-SWITCHBOARD_HS256_SECRET=bench-secret RUST_LOG=warn "$root/target/debug/switchboard" --listen 127.0.0.1:$port &
+SWITCHBOARD_HS256_SECRET=bench-secret RUST_LOG=warn "$root/target/debug/switchboard" --listen 127.0.0.1:$port --admin-listen off &
 gw_pid=$!
-for _ in $(seq 100); do curl -sf "http://127.0.0.1:$port/readyz" >/dev/null && break; sleep 0.1; done
+for _ in $(seq 100); do curl -sf "http://127.0.0.1:$port/api/realtime/health/" >/dev/null && break; sleep 0.1; done
 "$lg" --url "http://127.0.0.1:$port" --server-pid $gw_pid --connections 200 --topics 4 --sources 127.0.0.1,127.0.0.2 \
   --rate 20 --seconds 2 --settle 0 --scenario smoke | tee "$work/smoke.json"
 kill $gw_pid

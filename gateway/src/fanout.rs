@@ -29,7 +29,11 @@ pub fn route(hub: &Hub, metrics: &Metrics, event: &Arc<Event>) {
     }
     let started = Instant::now();
     let out = hub.dispatch(event);
-    span.record("connections", out.delivered);
+    // i64, not u64: tracing-opentelemetry exports u64 fields as strings.
+    span.record(
+        "connections",
+        i64::try_from(out.delivered).unwrap_or(i64::MAX),
+    );
     metrics.events_delivered.inc_by(out.delivered);
     metrics.tenant_delivered(&event.tenant, out.delivered);
     if out.overflowed > 0 {
@@ -42,7 +46,8 @@ pub fn route(hub: &Hub, metrics: &Metrics, event: &Arc<Event>) {
         .fanout_seconds
         .observe(started.elapsed().as_secs_f64());
     let now_ms = (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64;
-    metrics
-        .delivery_latency
-        .observe((now_ms - event.stored_at_ms).max(0) as f64 / 1000.0);
+    metrics.delivery_latency(
+        (now_ms - event.stored_at_ms).max(0) as f64 / 1000.0,
+        crate::telemetry::sampled_trace_id(&span),
+    );
 }

@@ -32,6 +32,10 @@ struct ServeArgs {
     /// Listen address, overriding the config file (default 0.0.0.0:8000).
     #[arg(long, env = "SWITCHBOARD_LISTEN")]
     listen: Option<String>,
+    /// Admin listen address (`/metrics`, `/healthz`, `/readyz`), overriding
+    /// the config file (default 0.0.0.0:9090); `off` turns it off.
+    #[arg(long, env = "SWITCHBOARD_ADMIN_LISTEN")]
+    admin_listen: Option<String>,
     /// Region name, overriding the config file.
     #[arg(long, env = "SWITCHBOARD_REGION")]
     region: Option<String>,
@@ -119,6 +123,11 @@ fn load_config(args: &ServeArgs) -> anyhow::Result<GatewayConfig> {
     if let Some(v) = &args.listen {
         config.listen = v.clone();
     }
+    match args.admin_listen.as_deref() {
+        Some("off") => config.admin_listen = None,
+        Some(v) => config.admin_listen = Some(v.to_owned()),
+        None => {}
+    }
     if let Some(v) = &args.region {
         config.region = v.clone();
     }
@@ -151,12 +160,20 @@ fn load_config(args: &ServeArgs) -> anyhow::Result<GatewayConfig> {
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let config = load_config(&args)?;
-    // Flushes traces when `serve` returns.
-    let _telemetry = switchboard_gateway::telemetry::init(&config)?;
+    let telemetry = switchboard_gateway::telemetry::init(&config)?;
     let listener = tokio::net::TcpListener::bind(&config.listen)
         .await
         .with_context(|| format!("binding {}", config.listen))?;
     let addr = listener.local_addr()?;
+    let admin = match &config.admin_listen {
+        Some(a) => Some(
+            tokio::net::TcpListener::bind(a)
+                .await
+                .with_context(|| format!("binding the admin listener {a}"))?,
+        ),
+        None => None,
+    };
+    let admin_addr = admin.as_ref().map(|l| l.local_addr()).transpose()?;
     let bus = match &config.nats {
         Some(n) => format!("NATS {}", n.urls.join(",")),
         None => "embedded (in-memory)".to_owned(),
@@ -166,6 +183,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         address = %addr,
         region = %node.region,
         bus = %bus,
+        admin = %admin_addr.map_or_else(|| "off".to_owned(), |a| a.to_string()),
         "switchboard listening on http://{addr} (WebSocket ws://{addr}/ws)"
     );
     if node.verifier.dev_secret {
@@ -174,7 +192,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
              get one with `switchboard token --tenant demo` (never use this in production)"
         );
     }
-    server::run(node, listener, server::shutdown_signal()).await?;
+    let served = server::run(node, listener, admin, server::shutdown_signal()).await;
+    // Spans still queued leave before the process does.
+    telemetry.shutdown().await;
+    served?;
     Ok(())
 }
 

@@ -1,5 +1,7 @@
-//! The HTTP surface: `app(node)` builds the router; `run` serves it until a
-//! drain completes.
+//! The HTTP surface: `app(node)` is what clients reach (WebSocket, SSE,
+//! long-poll, publish, the seed health answer); `admin_app(node)` is the
+//! admin listener (`/metrics`, `/healthz`, `/readyz`), kept off the client
+//! port. `run` serves both until a drain completes.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -14,6 +16,7 @@ use axum::{Json, Router};
 use serde_json::json;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
+use crate::metrics::ExpositionFormat;
 use crate::node::{Drain, Node};
 use crate::protocol::now_rfc3339;
 use crate::transport::{longpoll, publish, sse, ws};
@@ -31,11 +34,17 @@ pub fn app(node: Arc<Node>) -> Router {
         .route("/api/realtime/publish", post(publish::publish))
         .route("/api/realtime/health/", get(health))
         .route("/api/realtime/health", get(health))
+        .layer(DefaultBodyLimit::max(body_limit))
+        .layer(cors(&node.config.allowed_origins))
+        .with_state(node)
+}
+
+/// The admin listener's routes: metrics and probes, never exposed to clients.
+pub fn admin_app(node: Arc<Node>) -> Router {
+    Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .layer(DefaultBodyLimit::max(body_limit))
-        .layer(cors(&node.config.allowed_origins))
         .with_state(node)
 }
 
@@ -102,13 +111,17 @@ async fn readyz(State(node): State<Arc<Node>>) -> Response {
     }
 }
 
-async fn metrics(State(node): State<Arc<Node>>) -> Response {
+/// Prometheus text 0.0.4 unless the scraper asks for OpenMetrics (as
+/// Prometheus does by default), which also carries exemplars.
+async fn metrics(State(node): State<Arc<Node>>, headers: header::HeaderMap) -> Response {
+    let accept = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let format = ExpositionFormat::negotiate(accept);
     (
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
-        node.metrics.render(),
+        [(header::CONTENT_TYPE, format.content_type())],
+        node.metrics.render(format),
     )
         .into_response()
 }
@@ -116,8 +129,30 @@ async fn metrics(State(node): State<Arc<Node>>) -> Response {
 /// Serve until `stop` resolves, then drain: readiness turns false, new
 /// connections are refused, open ones are told to reconnect spread over the
 /// drain period, and the server returns once they are gone (or a grace
-/// period after the drain period).
+/// period after the drain period). The admin listener, when given, answers
+/// until then (readiness is 503 during the drain).
 pub async fn run(
+    node: Arc<Node>,
+    listener: tokio::net::TcpListener,
+    admin: Option<tokio::net::TcpListener>,
+    stop: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let admin = admin.map(|l| {
+        let app = admin_app(node.clone());
+        tokio::spawn(async move {
+            if let Err(e) = axum::serve(l, app).await {
+                tracing::error!(error = %e, "admin listener failed");
+            }
+        })
+    });
+    let served = serve_clients(node, listener, stop).await;
+    if let Some(task) = admin {
+        task.abort();
+    }
+    served
+}
+
+async fn serve_clients(
     node: Arc<Node>,
     listener: tokio::net::TcpListener,
     stop: impl Future<Output = ()> + Send + 'static,

@@ -150,10 +150,13 @@ fn free_port() -> u16 {
 #[tokio::test]
 async fn sigterm_drains_the_real_binary_spreading_reconnects() {
     let port = free_port();
+    let admin_port = free_port();
     let mut child = Command::new(env!("CARGO_BIN_EXE_switchboard"))
         .args([
             "--listen",
             &format!("127.0.0.1:{port}"),
+            "--admin-listen",
+            &format!("127.0.0.1:{admin_port}"),
             "--drain-seconds",
             "2",
         ])
@@ -164,9 +167,10 @@ async fn sigterm_drains_the_real_binary_spreading_reconnects() {
         .spawn()
         .unwrap();
     let base = format!("http://127.0.0.1:{port}");
+    let admin = format!("http://127.0.0.1:{admin_port}");
     let deadline = tokio::time::Instant::now() + DEADLINE;
     loop {
-        if let Ok(r) = reqwest::get(format!("{base}/readyz")).await
+        if let Ok(r) = reqwest::get(format!("{admin}/readyz")).await
             && r.status() == 200
         {
             break;
@@ -218,7 +222,7 @@ async fn sigterm_drains_the_real_binary_spreading_reconnects() {
 
     // Readiness turns false and new connections are refused while draining.
     loop {
-        let r = reqwest::get(format!("{base}/readyz")).await.unwrap();
+        let r = reqwest::get(format!("{admin}/readyz")).await.unwrap();
         if r.status() == 503 {
             break;
         }
@@ -305,4 +309,53 @@ async fn tenant_labels_are_opt_in_and_capped() {
         ),
         1.0
     );
+}
+
+#[tokio::test]
+async fn metrics_and_probes_are_on_the_admin_port_only_and_negotiate_their_format() {
+    let gw = Gateway::default().await;
+    for path in ["/metrics", "/healthz", "/readyz"] {
+        let public = reqwest::get(format!("{}{path}", gw.http())).await.unwrap();
+        assert_eq!(
+            public.status(),
+            404,
+            "{path} must not be on the client port"
+        );
+        let admin = reqwest::get(format!("{}{path}", gw.admin())).await.unwrap();
+        assert_eq!(admin.status(), 200, "{path} on the admin port");
+    }
+    // The seed clients' health answer stays where they look for it.
+    let (s, _) = get_json(&format!("{}/api/realtime/health/", gw.http()), None).await;
+    assert_eq!(s, 200);
+
+    let http = reqwest::Client::new();
+    let plain = http
+        .get(format!("{}/metrics", gw.admin()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        plain.headers()["content-type"],
+        "text/plain; version=0.0.4; charset=utf-8"
+    );
+    let text = plain.text().await.unwrap();
+    assert!(text.contains("# TYPE switchboard_websocket_connected_total counter\n"));
+    assert!(!text.contains("# EOF"));
+
+    let om = http
+        .get(format!("{}/metrics", gw.admin()))
+        .header(
+            "accept",
+            "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5",
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        om.headers()["content-type"],
+        "application/openmetrics-text; version=1.0.0; charset=utf-8"
+    );
+    let text = om.text().await.unwrap();
+    assert!(text.contains("# TYPE switchboard_websocket_connected counter\n"));
+    assert!(text.trim_end().ends_with("# EOF"));
 }

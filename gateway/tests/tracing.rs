@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use common::nats::*;
-use common::otlp::{Receiver, Span};
+use common::otlp::{Attr, Receiver, Span};
 use common::*;
 use serde_json::json;
 
@@ -96,7 +96,9 @@ async fn a_publish_in_one_region_and_its_delivery_in_another_are_one_trace() {
     // Attributes: region, event type, connections reached; tenant only where enabled.
     assert_eq!(fanout.attributes["event_type"], "x.traced");
     assert_eq!(fanout.attributes["region"], "eu");
-    assert_eq!(fanout.attributes["connections"], "1");
+    // Typed: a backend can query `connections > 1000` (a u64 field would
+    // arrive as the string "1").
+    assert_eq!(fanout.typed["connections"], Attr::Int(1));
     assert_eq!(
         fanout.attributes.get("tenant").map(String::as_str),
         Some("acme")

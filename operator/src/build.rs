@@ -35,6 +35,9 @@ const NATS_CREDS_PATH: &str = "/var/run/switchboard/nats/nats.creds";
 /// gateway config (not of the policy bundle, which the gateway hot-reloads).
 pub const CONFIG_HASH: &str = "switchboard.dev/config-hash";
 const PORT: i32 = 8000;
+/// The gateway's admin listener (`/metrics`, `/healthz`, `/readyz`): a
+/// container port named `admin`, never in the Service.
+pub const ADMIN_PORT: i32 = 9090;
 const DEFAULT_REPLICAS: i32 = 2;
 
 /// Why a gateway cannot be built.
@@ -106,6 +109,7 @@ pub fn gateway_config(gw: &RealtimeGateway) -> GatewayConfig {
     let spec = &gw.spec;
     let mut c = GatewayConfig {
         listen: format!("0.0.0.0:{PORT}"),
+        admin_listen: Some(format!("0.0.0.0:{ADMIN_PORT}")),
         region: spec.region.clone(),
         policy_file: Some(format!("{CONFIG_DIR}/{POLICY_KEY}").into()),
         log_format: LogFormat::Json,
@@ -281,7 +285,7 @@ pub fn build(
     let probe = |path: &str, period: i32| Probe {
         http_get: Some(HTTPGetAction {
             path: Some(path.into()),
-            port: IntOrString::String("http".into()),
+            port: IntOrString::String("admin".into()),
             ..Default::default()
         }),
         period_seconds: Some(period),
@@ -306,11 +310,18 @@ pub fn build(
             "--config".into(),
             format!("{CONFIG_DIR}/{CONFIG_KEY}"),
         ]),
-        ports: Some(vec![ContainerPort {
-            name: Some("http".into()),
-            container_port: PORT,
-            ..Default::default()
-        }]),
+        ports: Some(vec![
+            ContainerPort {
+                name: Some("http".into()),
+                container_port: PORT,
+                ..Default::default()
+            },
+            ContainerPort {
+                name: Some("admin".into()),
+                container_port: ADMIN_PORT,
+                ..Default::default()
+            },
+        ]),
         env: Some(env),
         readiness_probe: Some(probe("/readyz", 5)),
         liveness_probe: Some(probe("/healthz", 10)),

@@ -1,6 +1,7 @@
 //! The pure parts: generated CRDs match `crds/`, and what the operator builds
 //! for the examples in `deploy/examples/` is what the gateway reads.
 
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use std::path::Path;
 
 use k8s_openapi::api::apps::v1::Deployment;
@@ -69,6 +70,28 @@ fn the_config_map_holds_exactly_what_the_gateway_reads() {
         config.policy_file.unwrap().to_str(),
         Some("/etc/switchboard/policy.yaml")
     );
+    assert_eq!(
+        config.admin_listen.as_deref(),
+        Some(format!("0.0.0.0:{}", build::ADMIN_PORT).as_str()),
+        "metrics and probes on the admin listener"
+    );
+    // The admin port is a container port the probes use, and not in the Service.
+    let pod = objects.deployment.spec.template.spec.clone().unwrap();
+    let c = &pod.containers[0];
+    let ports = c.ports.clone().unwrap();
+    assert!(
+        ports
+            .iter()
+            .any(|p| p.name.as_deref() == Some("admin") && p.container_port == build::ADMIN_PORT)
+    );
+    for probe in [&c.readiness_probe, &c.liveness_probe] {
+        let port = &probe.as_ref().unwrap().http_get.as_ref().unwrap().port;
+        assert_eq!(*port, IntOrString::String("admin".into()));
+    }
+    let service_ports = objects.service.spec.clone().unwrap().ports.unwrap();
+    assert!(service_ports.iter().all(|p| p.port != build::ADMIN_PORT
+        && p.target_port != Some(IntOrString::String("admin".into()))
+        && p.target_port != Some(IntOrString::Int(build::ADMIN_PORT))));
     let parsed = PolicyBundle::from_yaml(&data[POLICY_KEY]).unwrap();
     assert_eq!(parsed, bundle);
     assert_eq!(parsed.tenants.keys().collect::<Vec<_>>(), ["1042", "acme"]);

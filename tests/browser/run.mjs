@@ -41,10 +41,12 @@ function serve(port) {
 const gwPort = await freePort();
 const pagePort = await freePort();
 const otherPort = await freePort();
+const adminPort = await freePort();
 const gateway = `http://127.0.0.1:${gwPort}`;
+const admin = `http://127.0.0.1:${adminPort}`;
 const pageOrigin = `http://127.0.0.1:${pagePort}`;
 
-const gw = spawn(bin, ['--listen', `127.0.0.1:${gwPort}`, '--allowed-origins', pageOrigin], {
+const gw = spawn(bin, ['--listen', `127.0.0.1:${gwPort}`, '--admin-listen', `127.0.0.1:${adminPort}`, '--allowed-origins', pageOrigin], {
   env: { ...process.env, SWITCHBOARD_HS256_SECRET: SECRET, RUST_LOG: 'warn' },
   stdio: ['ignore', 'inherit', 'inherit'],
 });
@@ -67,7 +69,7 @@ async function publish(eventType, data) {
 let browser;
 const servers = [];
 try {
-  await until('gateway ready', async () => (await fetch(`${gateway}/readyz`).catch(() => null))?.ok);
+  await until('gateway ready', async () => (await fetch(`${admin}/readyz`).catch(() => null))?.ok);
   servers.push(await serve(pagePort), await serve(otherPort));
   browser = await chromium.launch({
     executablePath: chromiumPath,

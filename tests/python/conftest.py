@@ -56,12 +56,14 @@ class Gateway:
 def gateway():
     port = free_port()
     env = dict(os.environ, SWITCHBOARD_HS256_SECRET=SECRET, RUST_LOG="warn")
-    proc = subprocess.Popen([BIN, "--listen", f"127.0.0.1:{port}"], env=env)
+    admin_port = free_port()
+    proc = subprocess.Popen([BIN, "--listen", f"127.0.0.1:{port}",
+                             "--admin-listen", f"127.0.0.1:{admin_port}"], env=env)
     gw = Gateway(port)
     deadline = time.monotonic() + 15
     while True:
         try:
-            with urllib.request.urlopen(f"{gw.http}/readyz", timeout=1) as r:
+            with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/readyz", timeout=1) as r:
                 if r.status == 200:
                     break
         except OSError:

@@ -11,8 +11,13 @@ use crate::FormatError;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(default, deny_unknown_fields, rename_all = "snake_case")]
 pub struct GatewayConfig {
-    /// Address to listen on, `host:port`.
+    /// Address clients connect to, `host:port`: WebSocket, SSE, long-poll,
+    /// publish and the seed health answer (`/api/realtime/health/`).
     pub listen: String,
+    /// Address of the admin listener, `host:port`: `/metrics`, `/healthz`,
+    /// `/readyz`. Kept off the client port so that whoever reaches the load
+    /// balancer cannot read metrics. `null` turns it off.
+    pub admin_listen: Option<String>,
     /// Region this gateway runs in; stamped on events published through it.
     pub region: String,
     /// Origins allowed for browsers (CORS and the WebSocket `Origin` check).
@@ -142,10 +147,14 @@ pub struct NatsTls {
     pub required: bool,
 }
 
+/// Where the admin listener binds unless configured otherwise.
+pub const DEFAULT_ADMIN_LISTEN: &str = "0.0.0.0:9090";
+
 impl Default for GatewayConfig {
     fn default() -> Self {
         Self {
             listen: "0.0.0.0:8000".into(),
+            admin_listen: Some(DEFAULT_ADMIN_LISTEN.into()),
             region: "local".into(),
             allowed_origins: vec!["*".into()],
             auth: AuthConfig::default(),
@@ -321,6 +330,12 @@ impl GatewayConfig {
             problems.push(format!(
                 "region {:?} must be non-empty and use only [A-Za-z0-9_-]",
                 self.region
+            ));
+        }
+        if self.admin_listen.as_deref() == Some(self.listen.as_str()) {
+            problems.push(format!(
+                "admin_listen must differ from listen ({}): metrics stay off the client port",
+                self.listen
             ));
         }
         if self.limits.max_subscriptions_per_connection == 0 {

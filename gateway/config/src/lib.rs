@@ -12,8 +12,8 @@ pub mod policy;
 pub mod topic;
 
 pub use gateway::{
-    AuthConfig, GatewayConfig, HeartbeatConfig, HistoryConfig, Limits, LogFormat, NatsConfig,
-    NatsTls, OtlpProtocol, TelemetryConfig,
+    AuthConfig, DEFAULT_ADMIN_LISTEN, GatewayConfig, HeartbeatConfig, HistoryConfig, Limits,
+    LogFormat, NatsConfig, NatsTls, OtlpProtocol, TelemetryConfig,
 };
 pub use policy::{InteractionClass, PatternRule, PolicyBundle, TenantLimits, TenantPolicy};
 pub use topic::{Pattern, Topic, TopicError};

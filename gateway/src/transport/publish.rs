@@ -61,7 +61,10 @@ pub async fn publish(State(node): State<Arc<Node>>, headers: HeaderMap, body: By
     let response = publish_inner(node, headers, body)
         .instrument(span.clone())
         .await;
-    span.record("http.response.status_code", response.status().as_u16());
+    span.record(
+        "http.response.status_code",
+        i64::from(response.status().as_u16()),
+    );
     response
 }
 

@@ -153,7 +153,10 @@ pub async fn upgrade(
                 );
                 let cursor = params.cursor.as_deref().map(Cursor::parse_lenient);
                 let span = tracing::Span::current();
-                span.record("conn", session.admission.id);
+                span.record(
+                    "conn",
+                    i64::try_from(session.admission.id).unwrap_or(i64::MAX),
+                );
                 if node.metrics.tenant_labels() {
                     span.record("tenant", &*principal.tenant);
                 }
@@ -170,7 +173,7 @@ pub async fn upgrade(
 }
 
 async fn reject(mut socket: WebSocket, close: Close, detail: &str) {
-    tracing::Span::current().record("close_code", close.code());
+    tracing::Span::current().record("close_code", i64::from(close.code()));
     let reason: String = format!("{}: {detail}", close.reason())
         .chars()
         .take(120)
@@ -348,7 +351,7 @@ impl Connection {
         let conn_id = self.session.admission.id;
         let label = close.as_ref().map_or("client", |c| c.0.label());
         if let Some((close, detail)) = close {
-            tracing::Span::current().record("close_code", close.code());
+            tracing::Span::current().record("close_code", i64::from(close.code()));
             let reason: String = detail
                 .unwrap_or_else(|| close.reason().to_owned())
                 .chars()
@@ -663,7 +666,7 @@ impl Connection {
     }
 
     async fn on_subscribe(&mut self, req: SubscriptionRequest) -> Flow {
-        let span = tracing::info_span!("subscribe", patterns = req.patterns().len());
+        let span = tracing::info_span!("subscribe", patterns = req.patterns().len() as i64);
         self.subscribe(req).instrument(span).await
     }
 

@@ -36,6 +36,8 @@ pub fn config() -> GatewayConfig {
 pub struct Gateway {
     pub node: Arc<Node>,
     pub addr: SocketAddr,
+    /// The admin listener (`/metrics`, `/healthz`, `/readyz`).
+    pub admin_addr: SocketAddr,
     stop: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<std::io::Result<()>>,
 }
@@ -44,11 +46,14 @@ impl Gateway {
     pub async fn start(config: GatewayConfig) -> Self {
         let listener = tokio::net::TcpListener::bind(&config.listen).await.unwrap();
         let addr = listener.local_addr().unwrap();
+        let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let admin_addr = admin.local_addr().unwrap();
         let node = switchboard_gateway::startup::build(config).await.unwrap();
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(switchboard_gateway::server::run(
             node.clone(),
             listener,
+            Some(admin),
             async {
                 let _ = rx.await;
             },
@@ -56,6 +61,7 @@ impl Gateway {
         Self {
             node,
             addr,
+            admin_addr,
             stop: Some(tx),
             task,
         }
@@ -69,7 +75,7 @@ impl Gateway {
     pub async fn wait_ready(&self) {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         loop {
-            if let Ok(r) = reqwest::get(format!("{}/readyz", self.http())).await
+            if let Ok(r) = reqwest::get(format!("{}/readyz", self.admin())).await
                 && r.status() == 200
             {
                 return;
@@ -81,6 +87,10 @@ impl Gateway {
 
     pub fn http(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    pub fn admin(&self) -> String {
+        format!("http://{}", self.admin_addr)
     }
 
     pub fn ws(&self, query: &str) -> String {
@@ -106,11 +116,11 @@ impl Gateway {
     }
 
     pub async fn metrics(&self) -> String {
-        scrape(&self.http()).await
+        scrape(&self.admin()).await
     }
 }
 
-/// The Prometheus text of a gateway at `base`.
+/// The Prometheus text of a gateway whose admin listener is at `base`.
 pub async fn scrape(base: &str) -> String {
     reqwest::get(format!("{base}/metrics"))
         .await

@@ -414,6 +414,7 @@ async fn spawn_clusters(dir: &TempDir, names: &[&str], linked: bool) -> Vec<Clus
 /// A real `switchboard` process.
 pub struct GatewayProc {
     pub port: u16,
+    pub admin_port: u16,
     child: Option<Child>,
     conf: PathBuf,
 }
@@ -426,17 +427,19 @@ impl GatewayProc {
 
     pub fn start_with_env(dir: &TempDir, name: &str, yaml: &str, env: &[(&str, &str)]) -> Self {
         let port = free_port();
+        let admin_port = free_port();
         let conf = dir.0.join(format!("{name}.yaml"));
         std::fs::write(
             &conf,
             format!(
-                "listen: 127.0.0.1:{port}\ndrain_seconds: 1\nauth:\n  hs256_secret: {}\n{yaml}",
+                "listen: 127.0.0.1:{port}\nadmin_listen: 127.0.0.1:{admin_port}\ndrain_seconds: 1\nauth:\n  hs256_secret: {}\n{yaml}",
                 super::SECRET
             ),
         )
         .unwrap();
         let mut g = Self {
             port,
+            admin_port,
             child: None,
             conf,
         };
@@ -467,8 +470,12 @@ impl GatewayProc {
         format!("ws://127.0.0.1:{}/ws?{query}", self.port)
     }
 
+    pub fn admin(&self) -> String {
+        format!("http://127.0.0.1:{}", self.admin_port)
+    }
+
     pub async fn ready_status(&self) -> Option<u16> {
-        reqwest::get(format!("{}/readyz", self.http()))
+        reqwest::get(format!("{}/readyz", self.admin()))
             .await
             .ok()
             .map(|r| r.status().as_u16())
@@ -491,6 +498,29 @@ impl GatewayProc {
         std::fs::read_to_string(self.conf.with_extension("log")).unwrap_or_default()
     }
 
+    /// SIGTERM (as Kubernetes stops a pod) and wait for the process to
+    /// exit; its exit status.
+    pub async fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        let sent = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success());
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "gateway did not exit after SIGTERM: {}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
@@ -499,7 +529,7 @@ impl GatewayProc {
     }
 
     pub async fn metrics(&self) -> String {
-        super::scrape(&self.http()).await
+        super::scrape(&self.admin()).await
     }
 }
 
