@@ -7,6 +7,8 @@
 #                            cluster tests on real nats-server topologies
 #   Python client tests   -> `websockets`/urllib against the real binary
 #   manifests             -> operator output and CRDs checked with kubernetes-validate
+#   Prometheus            -> a real Prometheus scrapes the gateway; promtool
+#                            checks the exposition and unit-tests every alert
 #   charts                -> helm lint/render for every values file, schema errors, RBAC
 #   load generator        -> a short smoke run (no loss, no duplicates)
 #   browser test          -> headless Chromium, page on another origin
@@ -19,15 +21,21 @@ step() { printf '\n==> %s\n' "$*"; }
 
 step "tools"
 chromium_bin=${CHROMIUM:-/usr/bin/chromium}
-if [ ! -x "$chromium_bin" ]; then
+# Chromium (browser test) and a real Prometheus with promtool (metrics,
+# alert rules, dashboard queries), from Debian.
+apt_needed=()
+[ -x "$chromium_bin" ] || apt_needed+=(chromium)
+command -v prometheus >/dev/null && command -v promtool >/dev/null || apt_needed+=(prometheus)
+if [ ${#apt_needed[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${apt_needed[@]}" >/dev/null
   else
-    echo "Chromium is needed for the browser test: apt-get install chromium (or set CHROMIUM)" >&2
+    echo "Needed from apt: ${apt_needed[*]} (or set CHROMIUM)" >&2
     exit 1
   fi
 fi
+prometheus --version 2>&1 | head -1
 if [ ! -x "$work/venv/bin/pytest" ]; then
   python3 -m venv "$work/venv"
 fi
@@ -60,6 +68,9 @@ step "Python client tests"
 step "manifest validation (kubernetes-validate, CRD schemas)"
 export SWITCHBOARD_OPERATOR_BIN="$root/target/debug/switchboard-operator"
 (cd tests/manifests && "$work/venv/bin/pytest" -q)
+
+step "Prometheus: real server scraping the gateway, metadata, exemplars, dashboard queries, promtool"
+(cd tests/observability && "$work/venv/bin/pytest" -q)
 
 step "Helm charts (real Helm engine via helm-python-sdk)"
 (cd tests/chart && "$work/venv/bin/pytest" -q)

@@ -308,6 +308,12 @@ impl Node {
             .await?;
         span.record("event_id", tracing::field::display(&published.event.id));
         span.record("duplicate", published.duplicate);
+        // Counted here, once for every broker (cluster mode counted none).
+        if published.duplicate {
+            self.metrics.events_deduplicated.inc();
+        } else {
+            self.metrics.events_published.inc();
+        }
         tracing::debug!(
             event_id = %published.event.id,
             event_type = %published.event.topic,

@@ -14,7 +14,7 @@ use kube::{Api, Client};
 use switchboard_operator::controller::{self, Context};
 use switchboard_operator::crd::{RealtimeGateway, TopicPolicy};
 use switchboard_operator::lease::LeaseLock;
-use switchboard_operator::metrics::Metrics;
+use switchboard_operator::metrics::{ExpositionFormat, Metrics};
 use switchboard_operator::{build, crd, validate};
 
 #[derive(Parser)]
@@ -84,26 +84,43 @@ fn init_logs() {
         .init();
 }
 
-async fn serve_http(addr: SocketAddr, metrics: Arc<Metrics>) -> anyhow::Result<()> {
+async fn serve_http(
+    listener: tokio::net::TcpListener,
+    metrics: Arc<Metrics>,
+) -> anyhow::Result<()> {
     use axum::routing::get;
     let app = axum::Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route(
             "/metrics",
-            get(move || {
+            get(move |headers: axum::http::HeaderMap| {
                 let m = metrics.clone();
-                async move { m.render() }
+                async move {
+                    let accept = headers
+                        .get(axum::http::header::ACCEPT)
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("");
+                    let format = ExpositionFormat::negotiate(accept);
+                    (
+                        [(axum::http::header::CONTENT_TYPE, format.content_type())],
+                        m.render(format),
+                    )
+                }
             }),
         );
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("binding {addr}"))?;
     axum::serve(listener, app).await?;
     Ok(())
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
     init_logs();
+    // Health and metrics answer from the start, also while the API server
+    // or the lease is awaited.
+    let metrics = Arc::new(Metrics::default());
+    let listener = tokio::net::TcpListener::bind(args.metrics_addr)
+        .await
+        .with_context(|| format!("binding {}", args.metrics_addr))?;
+    tokio::spawn(serve_http(listener, metrics.clone()));
     let client = Client::try_default()
         .await
         .context("connecting to the Kubernetes API")?;
@@ -123,8 +140,6 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             );
         }
     }
-    let metrics = Arc::new(Metrics::default());
-    tokio::spawn(serve_http(args.metrics_addr, metrics.clone()));
     let lease = (!args.no_leader_election).then(|| {
         LeaseLock::new(
             client.clone(),
@@ -158,13 +173,28 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             None => std::future::pending().await,
         }
     };
-    let stop = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
+    let stop = shutdown_signal();
     tokio::select! {
         _ = controller::run(ctx, stop) => Ok(()),
         _ = lost => bail!("lost the leader lease; exiting so another replica leads"),
     }
+}
+
+/// Resolves on SIGTERM (how Kubernetes stops a pod) or Ctrl-C.
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        _ = term => {},
+    }
+    tracing::info!("stopping");
 }
 
 fn render(files: &[PathBuf], image: &str) -> anyhow::Result<()> {

@@ -1,13 +1,17 @@
 //! The operator's Prometheus metrics.
 
-use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+pub use switchboard_exposition::ExpositionFormat;
+
 type Labels = Vec<(&'static str, &'static str)>;
+
+/// The kinds the operator reconciles (the `kind` label's values).
+pub const KINDS: [&str; 2] = ["RealtimeGateway", "TopicPolicy"];
 
 pub struct Metrics {
     registry: Registry,
@@ -42,6 +46,12 @@ impl Default for Metrics {
             "1 while this replica holds the leader lease",
             leader.clone(),
         );
+        // Every kind's series exists from the start (at 0), so rates and
+        // alerts see "no failures" rather than "no data".
+        for kind in KINDS {
+            let _ = reconciles.get_or_create(&vec![("kind", kind)]);
+            let _ = failures.get_or_create(&vec![("kind", kind)]);
+        }
         Self {
             registry,
             reconciles,
@@ -53,9 +63,7 @@ impl Default for Metrics {
 }
 
 impl Metrics {
-    pub fn render(&self) -> String {
-        let mut out = String::new();
-        let _ = encode(&mut out, &self.registry);
-        out
+    pub fn render(&self, format: ExpositionFormat) -> String {
+        switchboard_exposition::encode(&self.registry, format)
     }
 }

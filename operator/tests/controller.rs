@@ -322,7 +322,7 @@ async fn reconciles_gateways_and_policies_end_to_end() {
     })
     .await;
 
-    let m = metrics.render();
+    let m = metrics.render(switchboard_operator::metrics::ExpositionFormat::PrometheusText);
     assert!(
         m.contains("switchboard_operator_reconciles_total{kind=\"RealtimeGateway\"}"),
         "{m}"

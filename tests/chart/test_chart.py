@@ -141,3 +141,58 @@ def test_default_images_match_the_dockerfiles():
     assert "ghcr.io/switchboard-dev/gateway:0.1.0" in (ROOT / "gateway" / "Dockerfile").read_text()
     assert "ghcr.io/switchboard-dev/operator:0.1.0" in (ROOT / "operator" / "Dockerfile").read_text()
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
+
+
+MONITORING_KINDS = {"PodMonitor", "PrometheusRule"}
+
+
+@pytest.mark.parametrize("enabled", ["auto", False])
+def test_prometheus_operator_objects_are_off_without_its_api(enabled):
+    # helm-python-sdk renders without cluster capabilities: "auto" sees no
+    # monitoring.coreos.com/v1 and renders nothing, as on a cluster without it.
+    docs = render(CHART, {"monitoring": {"enabled": enabled}})
+    assert not MONITORING_KINDS & {d["kind"] for d in docs}
+
+
+def test_prometheus_operator_objects_scrape_the_admin_port_and_carry_the_alerts():
+    docs = render(CHART, {"monitoring": {"enabled": True, "labels": {"release": "kube-prometheus-stack"}}})
+    monitors = [d for d in docs if d["kind"] == "PodMonitor"]
+    rules = [d for d in docs if d["kind"] == "PrometheusRule"]
+    assert len(monitors) == 2 and len(rules) == 1
+    for d in monitors + rules:
+        assert d["apiVersion"] == "monitoring.coreos.com/v1"
+        assert d["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    # The gateway PodMonitor selects the pods the operator creates, on the
+    # container port the operator names `admin` (never in the Service).
+    gw_monitor = next(m for m in monitors if m["metadata"]["name"].endswith("-gateways"))
+    objects = subprocess.run([OPERATOR, "render", str(ROOT / "deploy" / "examples" / "gateway.yaml")],
+                             check=True, capture_output=True, text=True).stdout.splitlines()
+    objects = [json.loads(o) for o in objects if o.strip()]
+    deployment = next(o for o in objects if o["kind"] == "Deployment")
+    pod = deployment["spec"]["template"]
+    assert gw_monitor["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    endpoint = gw_monitor["spec"]["podMetricsEndpoints"][0]
+    ports = {p["name"] for p in pod["spec"]["containers"][0]["ports"]}
+    assert endpoint["port"] == "admin" and "admin" in ports and endpoint["path"] == "/metrics"
+    service = next(o for o in objects if o["kind"] == "Service")
+    assert all(p.get("targetPort") != "admin" and p["port"] != 9090 for p in service["spec"]["ports"])
+    # The operator PodMonitor selects the operator pods on their metrics port.
+    op_monitor = next(m for m in monitors if m is not gw_monitor)
+    op_deploy = next(d for d in docs if d["kind"] == "Deployment")
+    assert op_monitor["spec"]["selector"]["matchLabels"].items() <= op_deploy["spec"]["template"]["metadata"]["labels"].items()
+    assert op_monitor["spec"]["podMetricsEndpoints"][0]["port"] in {
+        p["name"] for p in op_deploy["spec"]["template"]["spec"]["containers"][0]["ports"]}
+    # The rule groups are deploy/observability/alerts.yaml, templates intact.
+    alerts = yaml.safe_load((ROOT / "deploy" / "observability" / "alerts.yaml").read_text())
+    assert rules[0]["spec"] == alerts
+    assert "{{ $labels.pod }}" in json.dumps(rules[0]["spec"])
+
+
+@pytest.mark.parametrize("values,message", [
+    ({"monitoring": {"enabled": "yes"}}, "monitoring"),
+    ({"monitoring": {"interval": "often"}}, "interval"),
+])
+def test_bad_monitoring_values_fail_with_the_schema_message(values, message):
+    with pytest.raises(helm.HelmError) as err:
+        helm.Chart.load(str(CHART)).render(values, name="sb", namespace="switchboard")
+    assert message in str(err.value)

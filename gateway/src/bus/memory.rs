@@ -98,7 +98,6 @@ impl Broker for MemoryBroker {
         if let Some(key) = &new.idempotency_key
             && let Some(original) = log.dedup.get(key)
         {
-            self.metrics.events_deduplicated.inc();
             return Ok(Published {
                 event: original.clone(),
                 duplicate: true,
@@ -121,7 +120,6 @@ impl Broker for MemoryBroker {
         {
             log.purged = old.id.seq;
         }
-        self.metrics.events_published.inc();
         crate::fanout::route(&self.hub, &self.metrics, &event);
         Ok(Published {
             event,

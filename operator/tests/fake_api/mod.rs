@@ -153,6 +153,28 @@ impl FakeApi {
         let _ = self.tx.send(ev);
     }
 
+    /// Serve this fake over HTTP on a loopback port, for a real process (the
+    /// operator binary, with a kubeconfig naming this address).
+    pub async fn serve(&self) -> std::net::SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let api = self.clone();
+        let app = axum::Router::new().fallback(move |req: axum::extract::Request| {
+            let api = api.clone();
+            async move {
+                let (parts, body) = req.into_parts();
+                let bytes = axum::body::to_bytes(body, 16 << 20)
+                    .await
+                    .unwrap_or_default();
+                let req = Request::from_parts(parts, kube::client::Body::from(bytes.to_vec()));
+                let (parts, body) = api.handle(req).await.into_parts();
+                axum::response::Response::from_parts(parts, axum::body::Body::new(body))
+            }
+        });
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        addr
+    }
+
     /// Read an object directly (test assertions).
     pub fn get(&self, api: &str, plural: &str, ns: &str, name: &str) -> Option<Value> {
         let st = self.state.lock().unwrap();
