@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests" / "manifests"))
 from conftest import K8S_VERSIONS, OPERATOR  # noqa: E402
 from test_manifests import schema_of  # noqa: E402
+from admission import admit  # noqa: E402
 
 import helm_python as helm  # noqa: E402
 
@@ -71,6 +72,10 @@ def test_rendered_objects_are_valid(values_file, version, crds):
     for d in docs:
         if d["kind"] in crds:
             jsonschema.validate(d, schema_of(crds[d["kind"]]))
+            # CEL rules too, with a real CEL engine: Helm merges values
+            # files over the chart's defaults, and the API server judges
+            # the merged object.
+            assert admit(d, crds) == [], (d["kind"], d["metadata"]["name"], admit(d, crds))
         else:
             kubernetes_validate.validate(d, version, strict=True)
     if values_file:

@@ -51,14 +51,15 @@ use super::SecretKeyRef;
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("!(has(self.replicas) && has(self.autoscaling))").message("set replicas or autoscaling, not both"))]
 pub struct RealtimeGatewaySpec {
-    /// Region name, stamped on events published here; `[A-Za-z0-9_-]`.
-    #[x_kube(validation = Rule::new("self.matches('^[A-Za-z0-9_-]{1,64}$')").message("region must be 1-64 characters of [A-Za-z0-9_-]"))]
+    /// Region name, stamped on events published here: 1-64 characters of `[A-Za-z0-9_-]`.
+    #[schemars(length(min = 1, max = 64), regex(pattern = r"^[A-Za-z0-9_-]+$"))]
     pub region: String,
     /// Gateway image; defaults to the operator's `--gateway-image`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
     /// Fixed replica count (default 2). Mutually exclusive with `autoscaling`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
     pub replicas: Option<i32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub autoscaling: Option<Autoscaling>,
@@ -74,6 +75,7 @@ pub struct RealtimeGatewaySpec {
     pub service: ServiceSpec,
     /// Browser origins allowed (CORS and the WebSocket Origin check); empty means any.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
     pub allowed_origins: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub telemetry: Option<TelemetrySpec>,
@@ -92,7 +94,7 @@ pub struct RealtimeGatewaySpec {
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("self.minReplicas <= self.maxReplicas").message("minReplicas must not exceed maxReplicas"))]
 pub struct Autoscaling {
-    #[x_kube(validation = Rule::new("self >= 1").message("minReplicas must be at least 1"))]
+    #[schemars(range(min = 1))]
     pub min_replicas: i32,
     pub max_replicas: i32,
     /// Target average CPU utilization in percent (default 70).
@@ -140,17 +142,17 @@ pub struct AuthSpec {
 #[serde(rename_all = "camelCase")]
 pub struct LimitsSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[x_kube(validation = Rule::new("self >= 1"))]
+    #[schemars(range(min = 1))]
     pub connections_per_pod: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[x_kube(validation = Rule::new("self >= 1 && self <= 10000"))]
+    #[schemars(range(min = 1, max = 10000))]
     pub subscriptions_per_connection: Option<i32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[x_kube(validation = Rule::new("self >= 1024"))]
+    #[schemars(range(min = 1024))]
     pub message_bytes: Option<i64>,
     /// Messages a connection may send per minute.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[x_kube(validation = Rule::new("self >= 1"))]
+    #[schemars(range(min = 1))]
     pub publish_rate_per_minute: Option<i32>,
 }
 
@@ -159,7 +161,7 @@ pub struct LimitsSpec {
 pub struct ServiceSpec {
     /// `ClusterIP` (default), `NodePort` or `LoadBalancer`.
     #[serde(default = "default_service_type", rename = "type")]
-    #[x_kube(validation = Rule::new("self in ['ClusterIP', 'NodePort', 'LoadBalancer']"))]
+    #[schemars(extend("enum" = ["ClusterIP", "NodePort", "LoadBalancer"]))]
     pub type_: String,
     #[serde(default = "default_port")]
     pub port: i32,
@@ -192,7 +194,7 @@ pub struct TelemetrySpec {
     pub otlp_endpoint: Option<String>,
     /// Fraction of traces sampled, 0-1.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[x_kube(validation = Rule::new("self >= 0.0 && self <= 1.0"))]
+    #[schemars(range(min = 0.0, max = 1.0))]
     pub sampling_ratio: Option<f64>,
 }
 

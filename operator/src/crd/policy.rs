@@ -40,29 +40,36 @@ use switchboard_config::InteractionClass;
 #[serde(rename_all = "camelCase")]
 pub struct TopicPolicySpec {
     /// Name of the RealtimeGateway (same namespace) this policy applies to.
+    #[schemars(length(min = 1, max = 253))]
     pub gateway: String,
-    /// The tenant (the token's tenant claim).
-    #[x_kube(validation = Rule::new("self.matches('^[A-Za-z0-9_.:-]{1,128}$')").message("tenant must be 1-128 characters of [A-Za-z0-9_.:-]"))]
+    /// The tenant (the token's tenant claim): 1-128 characters of `[A-Za-z0-9_.:-]`.
+    #[schemars(length(min = 1, max = 128), regex(pattern = r"^[A-Za-z0-9_.:-]+$"))]
     pub tenant: String,
-    /// Patterns this tenant's connections may subscribe to.
+    /// Patterns this tenant's connections may subscribe to (at most 256).
     #[serde(default)]
+    #[schemars(length(max = 256))]
     pub subscribe: Vec<PatternRule>,
-    /// Topics this tenant's publishers may publish to.
+    /// Topics this tenant's publishers may publish to (at most 256).
     #[serde(default)]
+    #[schemars(length(max = 256))]
     pub publish: Vec<PatternRule>,
     #[serde(default)]
     pub limits: PolicyLimits,
     /// How long this tenant's events stay replayable, in seconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[x_kube(validation = Rule::new("self >= 1"))]
+    #[schemars(range(min = 1))]
     pub history_retention_seconds: Option<i64>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct PatternRule {
+    /// Dot-separated tokens of `[A-Za-z0-9_:-]` (at most 256 characters);
     /// `*` matches one token; a trailing `*` or `>` matches the rest.
-    #[x_kube(validation = Rule::new("self.matches('^(([A-Za-z0-9_:-]+|[*])([.]([A-Za-z0-9_:-]+|[*]))*([.]>)?|>)$')").message("a pattern is dot-separated tokens of [A-Za-z0-9_:-], '*' for one token, and a trailing '*' or '>'"))]
+    #[schemars(
+        length(min = 1, max = 256),
+        regex(pattern = r"^(([A-Za-z0-9_:-]+|[*])([.]([A-Za-z0-9_:-]+|[*]))*([.]>)?|>)$")
+    )]
     pub pattern: String,
     /// Interaction class (seed 002): presence (A), stream (B), interactive (C), critical (D: no realtime).
     #[serde(default)]
@@ -73,13 +80,13 @@ pub struct PatternRule {
 #[serde(rename_all = "camelCase")]
 pub struct PolicyLimits {
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[x_kube(validation = Rule::new("self >= 1"))]
+    #[schemars(range(min = 1))]
     pub connections: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[x_kube(validation = Rule::new("self >= 1"))]
+    #[schemars(range(min = 1))]
     pub subscriptions_per_connection: Option<i32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[x_kube(validation = Rule::new("self >= 1"))]
+    #[schemars(range(min = 1))]
     pub messages_per_minute: Option<i32>,
 }
 
