@@ -36,8 +36,6 @@ enum Command {
     Run(RunArgs),
     /// Print the CustomResourceDefinitions as YAML.
     Crdgen,
-    /// Print the RBAC permissions the operator needs, as JSON.
-    Rbac,
     /// Print the objects the operator would apply for the RealtimeGateway
     /// (and TopicPolicies) in the given YAML files, as JSON lines.
     Render {
@@ -249,20 +247,6 @@ async fn main() -> anyhow::Result<()> {
         Some(Command::Run(a)) => run(a).await,
         Some(Command::Crdgen) => {
             print!("{}", crd::crds_yaml());
-            Ok(())
-        }
-        Some(Command::Rbac) => {
-            let rules = |perms: &[(&str, &str, &[&str])]| -> Vec<serde_json::Value> {
-                perms
-                    .iter()
-                    .map(|(g, r, v)| serde_json::json!({"apiGroup": g, "resource": r, "verbs": v}))
-                    .collect()
-            };
-            let out = serde_json::json!({
-                "cluster": rules(controller::CLUSTER_PERMISSIONS),
-                "namespace": rules(controller::NAMESPACE_PERMISSIONS),
-            });
-            println!("{out}");
             Ok(())
         }
         Some(Command::Render {

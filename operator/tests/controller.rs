@@ -9,7 +9,7 @@ mod fake_api;
 use std::sync::Arc;
 use std::time::Duration;
 
-use fake_api::FakeApi;
+use fake_api::{FakeApi, RenderedChart, User};
 use kube::runtime::events::{Recorder, Reporter};
 use serde_json::{Value, json};
 use switchboard_operator::controller::{self, Context};
@@ -83,6 +83,22 @@ fn policy(name: &str, tenant: &str, gateway: &str, patterns: &[&str]) -> Value {
     })
 }
 
+/// A fake API server that authorizes with the RBAC the chart renders, and
+/// the operator's ServiceAccount from the same render.
+fn fake_with_chart_rbac() -> (FakeApi, User) {
+    let chart = RenderedChart::render(NS, &json!({}));
+    (FakeApi::with_rbac(chart.rbac()), chart.operator_account())
+}
+
+/// Fails with every request the chart's RBAC denied the operator.
+fn assert_nothing_denied(fake: &FakeApi) {
+    let denied = fake.denied();
+    assert!(
+        denied.is_empty(),
+        "the chart's RBAC denied the operator: {denied:#?}"
+    );
+}
+
 fn config_hash(deploy: &Value) -> String {
     deploy["spec"]["template"]["metadata"]["annotations"]["switchboard.dev/config-hash"]
         .as_str()
@@ -92,13 +108,16 @@ fn config_hash(deploy: &Value) -> String {
 
 #[tokio::test]
 async fn reconciles_gateways_and_policies_end_to_end() {
-    let fake = FakeApi::new();
+    let (fake, operator) = fake_with_chart_rbac();
+    // The test sets objects up as the cluster admin; the operator runs as
+    // the chart's ServiceAccount.
     let client = fake.client();
+    let operator_client = fake.client_as(operator);
     let metrics = Arc::new(Metrics::default());
     let ctx = Arc::new(Context {
-        client: client.clone(),
+        client: operator_client.clone(),
         recorder: Recorder::new(
-            client.clone(),
+            operator_client.clone(),
             Reporter {
                 controller: "switchboard-operator".into(),
                 instance: None,
@@ -333,15 +352,17 @@ async fn reconciles_gateways_and_policies_end_to_end() {
     );
     let _ = stop_tx.send(());
     let _ = tokio::time::timeout(Duration::from_secs(10), running).await;
+    assert_nothing_denied(&fake);
 }
 
 #[tokio::test]
 async fn only_one_replica_leads_and_a_dead_leader_is_replaced() {
     use switchboard_operator::lease::LeaseLock;
-    let fake = FakeApi::new();
+    let (fake, operator) = fake_with_chart_rbac();
     let ttl = Duration::from_secs(2);
-    let a = LeaseLock::new(fake.client(), NS, "switchboard-operator", "replica-a", ttl);
-    let b = LeaseLock::new(fake.client(), NS, "switchboard-operator", "replica-b", ttl);
+    let client = fake.client_as(operator);
+    let a = LeaseLock::new(client.clone(), NS, "switchboard-operator", "replica-a", ttl);
+    let b = LeaseLock::new(client, NS, "switchboard-operator", "replica-b", ttl);
     tokio::time::timeout(Duration::from_secs(5), a.acquire())
         .await
         .expect("a leads");
@@ -368,4 +389,5 @@ async fn only_one_replica_leads_and_a_dead_leader_is_replaced() {
         .unwrap();
     assert_eq!(lease["spec"]["holderIdentity"], "replica-b");
     assert_eq!(lease["spec"]["leaseTransitions"], 1);
+    assert_nothing_denied(&fake);
 }

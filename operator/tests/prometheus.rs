@@ -85,7 +85,11 @@ async fn query(prom: &str, promql: &str) -> Vec<Value> {
 
 #[tokio::test]
 async fn prometheus_scrapes_the_operator_and_its_dashboard_panels_have_data() {
-    let fake = FakeApi::new();
+    // The operator binary authenticates as the chart's ServiceAccount and
+    // is authorized with the chart's RBAC.
+    let chart = fake_api::RenderedChart::render("switchboard", &serde_json::json!({}));
+    let fake = FakeApi::with_rbac(chart.rbac());
+    let token = FakeApi::token(&chart.operator_account());
     let addr = fake.serve().await;
     let client = fake.client();
     // The CRDs, as the chart installs them.
@@ -106,7 +110,7 @@ async fn prometheus_scrapes_the_operator_and_its_dashboard_panels_have_data() {
     std::fs::write(
         &kubeconfig,
         format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: http://{addr}\ncontexts:\n- name: fake\n  context:\n    cluster: fake\n    user: fake\n    namespace: switchboard\ncurrent-context: fake\nusers:\n- name: fake\n  user: {{}}\n"
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: http://{addr}\ncontexts:\n- name: fake\n  context:\n    cluster: fake\n    user: fake\n    namespace: switchboard\ncurrent-context: fake\nusers:\n- name: fake\n  user:\n    token: {token}\n"
         ),
     )
     .unwrap();
@@ -148,6 +152,11 @@ async fn prometheus_scrapes_the_operator_and_its_dashboard_panels_have_data() {
         fake.get("apps/v1", "deployments", "switchboard", "rt")
     })
     .await;
+    assert_eq!(
+        fake.denied(),
+        vec![],
+        "the chart's RBAC denied the operator"
+    );
 
     // Prometheus text for plain scrapers, OpenMetrics for Prometheus.
     let text = reqwest_get(&metrics_url).await.unwrap();

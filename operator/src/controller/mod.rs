@@ -24,54 +24,6 @@ use crate::metrics::Metrics;
 
 /// The field manager of every server-side apply.
 pub const MANAGER: &str = "switchboard-operator";
-/// The permissions the operator uses: (API group, resource, verbs). The Helm
-/// chart's RBAC is checked against this list (tests/chart).
-pub const CLUSTER_PERMISSIONS: &[(&str, &str, &[&str])] = &[
-    (
-        "switchboard.dev",
-        "realtimegateways",
-        &["get", "list", "watch"],
-    ),
-    (
-        "switchboard.dev",
-        "realtimegateways/status",
-        &["get", "patch"],
-    ),
-    (
-        "switchboard.dev",
-        "topicpolicies",
-        &["get", "list", "watch"],
-    ),
-    ("switchboard.dev", "topicpolicies/status", &["get", "patch"]),
-    ("apps", "deployments", &["get", "list", "watch", "patch"]),
-    ("", "configmaps", &["get", "list", "watch", "patch"]),
-    ("", "services", &["get", "list", "watch", "patch"]),
-    ("", "serviceaccounts", &["get", "list", "watch", "patch"]),
-    (
-        "policy",
-        "poddisruptionbudgets",
-        &["get", "list", "watch", "patch"],
-    ),
-    (
-        "autoscaling",
-        "horizontalpodautoscalers",
-        &["get", "list", "watch", "patch", "delete"],
-    ),
-    ("events.k8s.io", "events", &["create", "patch"]),
-    (
-        "apiextensions.k8s.io",
-        "customresourcedefinitions",
-        &["get"],
-    ),
-];
-
-/// Permissions in the operator's own namespace (leader election).
-pub const NAMESPACE_PERMISSIONS: &[(&str, &str, &[&str])] = &[(
-    "coordination.k8s.io",
-    "leases",
-    &["get", "create", "update"],
-)];
-
 /// Every object is looked at again this often, even without changes.
 pub const RESYNC: Duration = Duration::from_secs(300);
 

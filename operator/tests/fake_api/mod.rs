@@ -7,12 +7,18 @@
 //! labels, annotations and owner references merge; spec and data are
 //! replaced; status only through the `/status` subresource), bumps
 //! `resourceVersion` and `generation` like the real one, and emulates the
-//! garbage collector (deleting an owner deletes what it owns). Nothing else
-//! (no admission, no CRD schema validation, no controllers): tests play the
-//! Deployment controller themselves where they need pod readiness.
+//! garbage collector (deleting an owner deletes what it owns).
+//!
+//! With [`FakeApi::with_rbac`] every request is authorized as the real API
+//! server's RBAC authorizer would (see `rbac`), against the RBAC objects the
+//! Helm chart renders; a denied request gets the API server's 403.
+//! No controllers run: tests play the Deployment controller themselves where
+//! they need pod readiness.
 #![allow(dead_code)]
 
-use std::collections::BTreeMap;
+pub mod rbac;
+
+use std::collections::{BTreeMap, BTreeSet};
 use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
 
@@ -21,6 +27,9 @@ use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
 use serde_json::{Value, json};
 use tokio::sync::broadcast;
+
+#[allow(unused_imports)] // each test binary uses some of them
+pub use rbac::{Attributes, Rbac, RenderedChart, User};
 
 type Body = BoxBody<Bytes, Infallible>;
 
@@ -45,6 +54,9 @@ struct State {
 pub struct FakeApi {
     state: Arc<Mutex<State>>,
     tx: broadcast::Sender<Ev>,
+    rbac: Option<Arc<Rbac>>,
+    /// Every request a non-admin user made: (user, attributes, allowed).
+    audit: Arc<Mutex<Vec<(String, Attributes, bool)>>>,
 }
 
 #[derive(Clone)]
@@ -123,17 +135,116 @@ impl FakeApi {
         Self {
             state: Arc::default(),
             tx: broadcast::channel(4096).0,
+            rbac: None,
+            audit: Arc::default(),
         }
     }
 
-    /// A kube `Client` talking to this fake.
+    /// A fake that authorizes every request with `rbac`.
+    pub fn with_rbac(rbac: Rbac) -> Self {
+        Self {
+            rbac: Some(Arc::new(rbac)),
+            ..Self::new()
+        }
+    }
+
+    /// A kube `Client` of the cluster admin (test setup).
     pub fn client(&self) -> kube::Client {
+        self.client_as(User::Admin)
+    }
+
+    /// A kube `Client` that sends its requests as `user`.
+    pub fn client_as(&self, user: User) -> kube::Client {
         let api = self.clone();
         let svc = tower::service_fn(move |req: Request<kube::client::Body>| {
-            let api = api.clone();
-            async move { Ok::<_, Infallible>(api.handle(req).await) }
+            let (api, user) = (api.clone(), user.clone());
+            async move { Ok::<_, Infallible>(api.handle(req, &user).await) }
         });
         kube::Client::new(svc, "default")
+    }
+
+    /// The bearer token that identifies `user` to [`FakeApi::serve`].
+    pub fn token(user: &User) -> String {
+        match user {
+            User::Admin => "admin".into(),
+            User::ServiceAccount { namespace, name } => format!("sa.{namespace}.{name}"),
+        }
+    }
+
+    fn user_of_token(token: &str) -> Option<User> {
+        if token == "admin" {
+            return Some(User::Admin);
+        }
+        let rest = token.strip_prefix("sa.")?;
+        let (namespace, name) = rest.split_once('.')?;
+        Some(User::ServiceAccount {
+            namespace: namespace.into(),
+            name: name.into(),
+        })
+    }
+
+    /// Requests denied so far: (user, attributes).
+    pub fn denied(&self) -> Vec<(String, Attributes)> {
+        let audit = self.audit.lock().unwrap();
+        audit
+            .iter()
+            .filter(|(_, _, ok)| !ok)
+            .map(|(u, a, _)| (u.clone(), a.clone()))
+            .collect()
+    }
+
+    /// (verb, group, resource) of every authorized request a non-admin made.
+    pub fn used(&self) -> BTreeSet<(String, String, String)> {
+        let audit = self.audit.lock().unwrap();
+        audit
+            .iter()
+            .filter(|(_, _, ok)| *ok)
+            .map(|(_, a, _)| (a.verb.clone(), a.group.clone(), a.resource.clone()))
+            .collect()
+    }
+
+    /// Authorize one request: `Some` is the API server's 403 answer.
+    fn forbidden(&self, user: &User, a: Attributes) -> Option<Response<Body>> {
+        let Some(rbac) = &self.rbac else {
+            return None;
+        };
+        if *user == User::Admin {
+            return None;
+        }
+        let ok = rbac.allows(user, &a);
+        self.audit
+            .lock()
+            .unwrap()
+            .push((user.username(), a.clone(), ok));
+        if ok {
+            return None;
+        }
+        let qualified = if a.group.is_empty() {
+            a.resource.clone()
+        } else {
+            format!("{}.{}", a.resource, a.group)
+        };
+        let object = a
+            .name
+            .as_ref()
+            .map(|n| format!("{qualified} \"{n}\""))
+            .unwrap_or(qualified);
+        let scope = if a.namespace.is_empty() {
+            "at the cluster scope".to_owned()
+        } else {
+            format!("in the namespace \"{}\"", a.namespace)
+        };
+        Some(status(
+            403,
+            "Forbidden",
+            format!(
+                "{object} is forbidden: User \"{}\" cannot {} resource \"{}\" in API group \"{}\" {scope}",
+                user.username(),
+                a.verb,
+                a.resource,
+                a.group
+            ),
+        ))
     }
 
     fn emit(
@@ -163,11 +274,25 @@ impl FakeApi {
             let api = api.clone();
             async move {
                 let (parts, body) = req.into_parts();
+                let user = parts
+                    .headers
+                    .get(http::header::AUTHORIZATION)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.strip_prefix("Bearer "))
+                    .and_then(FakeApi::user_of_token);
+                let Some(user) = user else {
+                    let (parts, body) =
+                        status(401, "Unauthorized", "Unauthorized".into()).into_parts();
+                    return axum::response::Response::from_parts(
+                        parts,
+                        axum::body::Body::new(body),
+                    );
+                };
                 let bytes = axum::body::to_bytes(body, 16 << 20)
                     .await
                     .unwrap_or_default();
                 let req = Request::from_parts(parts, kube::client::Body::from(bytes.to_vec()));
-                let (parts, body) = api.handle(req).await.into_parts();
+                let (parts, body) = api.handle(req, &user).await.into_parts();
                 axum::response::Response::from_parts(parts, axum::body::Body::new(body))
             }
         });
@@ -279,7 +404,7 @@ impl FakeApi {
         Some(obj)
     }
 
-    async fn handle(&self, req: Request<kube::client::Body>) -> Response<Body> {
+    async fn handle(&self, req: Request<kube::client::Body>, user: &User) -> Response<Body> {
         let (parts, body) = req.into_parts();
         let bytes = body
             .collect()
@@ -305,11 +430,40 @@ impl FakeApi {
             .and_then(|v| v.to_str().ok())
             .unwrap_or_default()
             .to_owned();
+        let watching = matches!(query.get("watch").map(String::as_str), Some("true" | "1"));
+        let verb = match (&parts.method, p.name.is_some()) {
+            (&Method::GET, _) if watching => "watch",
+            (&Method::GET, true) => "get",
+            (&Method::GET, false) => "list",
+            (&Method::POST, _) => "create",
+            (&Method::PUT, _) => "update",
+            (&Method::PATCH, _) => "patch",
+            (&Method::DELETE, true) => "delete",
+            (&Method::DELETE, false) => "deletecollection",
+            _ => "unknown",
+        };
+        // A list or watch of one object (fieldSelector=metadata.name=...)
+        // names it, as the API server's request info does.
+        let selected = query
+            .get("fieldSelector")
+            .map(|f| f.replace("%3D", "=").replace("%3d", "="))
+            .and_then(|f| f.strip_prefix("metadata.name=").map(str::to_owned));
+        let attributes = Attributes {
+            verb: verb.into(),
+            group: p.api.split_once('/').map_or("", |(g, _)| g).to_owned(),
+            resource: match &p.sub {
+                Some(sub) => format!("{}/{sub}", p.plural),
+                None => p.plural.clone(),
+            },
+            namespace: ns.clone(),
+            name: p.name.clone().or(selected),
+        };
+        if let Some(denied) = self.forbidden(user, attributes.clone()) {
+            return denied;
+        }
 
         if parts.method == Method::GET && p.name.is_none() {
-            if query.get("watch").map(String::as_str) == Some("true")
-                || query.get("watch").map(String::as_str) == Some("1")
-            {
+            if watching {
                 let from: u64 = query
                     .get("resourceVersion")
                     .and_then(|v| v.parse().ok())
@@ -386,6 +540,14 @@ impl FakeApi {
                 match (content_type.contains("apply-patch"), existing) {
                     (_, None) if is_status => status(404, "NotFound", format!("{name} not found")),
                     (true, None) => {
+                        // An apply that creates is authorized as create too.
+                        let create = Attributes {
+                            verb: "create".into(),
+                            ..attributes
+                        };
+                        if let Some(denied) = self.forbidden(user, create) {
+                            return denied;
+                        }
                         let mut obj = body;
                         if let Some(m) = obj.as_object_mut() {
                             m.remove("status");
