@@ -355,6 +355,137 @@ async fn reconciles_gateways_and_policies_end_to_end() {
     assert_nothing_denied(&fake);
 }
 
+/// Run the controllers as `operator` until the returned sender fires.
+fn start_operator(
+    fake: &FakeApi,
+    operator: User,
+) -> (
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<()>,
+) {
+    let client = fake.client_as(operator);
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        recorder: Recorder::new(
+            client,
+            Reporter {
+                controller: "switchboard-operator".into(),
+                instance: None,
+            },
+        ),
+        metrics: Arc::new(Metrics::default()),
+        default_image: "gateway:test".into(),
+    });
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(controller::run(ctx, async move {
+        let _ = stop_rx.await;
+    }));
+    (stop_tx, running)
+}
+
+fn owns_replicas(deploy: &Value, manager: &str) -> bool {
+    fake_api::fields::owned_by(deploy, manager).contains(&vec!["spec".into(), "replicas".into()])
+}
+
+#[tokio::test]
+async fn switching_a_gateway_to_autoscaling_keeps_its_pods() {
+    let (fake, operator) = fake_with_chart_rbac();
+    let client = fake.client();
+    let (stop, running) = start_operator(&fake, operator);
+    create(&client, CRD_API, "realtimegateways", gateway(4, &[])).await;
+    let deploy = eventually("a Deployment with 4 replicas", || {
+        fake.get("apps/v1", "deployments", NS, "rt")
+            .filter(|d| d["spec"]["replicas"] == 4)
+    })
+    .await;
+    assert!(owns_replicas(&deploy, controller::MANAGER));
+
+    // The platform team hands the replica count to an HPA.
+    let path = format!("/apis/{CRD_API}/namespaces/{NS}/realtimegateways/rt");
+    merge_patch(
+        &client,
+        &path,
+        json!({"spec": {"replicas": null, "autoscaling": {"minReplicas": 2, "maxReplicas": 10}}}),
+    )
+    .await;
+    let released = eventually("the operator stops owning spec.replicas", || {
+        fake.get("apps/v1", "deployments", NS, "rt")
+            .filter(|d| !owns_replicas(d, controller::MANAGER))
+    })
+    .await;
+    assert_eq!(
+        released["spec"]["replicas"], 4,
+        "the live replica count is carried across"
+    );
+    let hpa = eventually("the HPA", || {
+        fake.history("autoscaling/v2", "horizontalpodautoscalers", NS, "rt")
+            .first()
+            .cloned()
+    })
+    .await;
+    // Never a moment with fewer pods, and the HPA existed before the
+    // operator let go of the count.
+    let versions = fake.history("apps/v1", "deployments", NS, "rt");
+    for (rv, _, d) in &versions {
+        assert_eq!(
+            d["spec"]["replicas"], 4,
+            "Deployment version {rv} dropped the replica count"
+        );
+    }
+    let let_go = versions
+        .iter()
+        .find(|(_, _, d)| !owns_replicas(d, controller::MANAGER))
+        .map(|(rv, _, _)| *rv)
+        .unwrap();
+    assert!(
+        hpa.0 < let_go,
+        "HPA (rv {}) applied before the Deployment lost its replicas (rv {let_go})",
+        hpa.0
+    );
+
+    // The HPA scales (through the scale subresource: an update by the
+    // controller manager); the operator's next reconcile leaves it alone.
+    let deploy_path = format!(
+        "/apis/apps/v1/namespaces/{NS}/deployments/rt?fieldManager=kube-controller-manager"
+    );
+    merge_patch(&client, &deploy_path, json!({"spec": {"replicas": 7}})).await;
+    merge_patch(
+        &client,
+        &path,
+        json!({"spec": {"allowedOrigins": ["https://b.example"]}}),
+    )
+    .await;
+    eventually("a reconcile of the new origins", || {
+        fake.get("v1", "configmaps", NS, "rt-config")
+            .filter(|c| c.to_string().contains("https://b.example"))
+    })
+    .await;
+    let deploy = fake.get("apps/v1", "deployments", NS, "rt").unwrap();
+    assert_eq!(
+        deploy["spec"]["replicas"], 7,
+        "the operator does not fight the HPA"
+    );
+
+    // And back to a fixed count: the operator takes the field again.
+    merge_patch(
+        &client,
+        &path,
+        json!({"spec": {"autoscaling": null, "replicas": 3}}),
+    )
+    .await;
+    eventually("a fixed count of 3 and no HPA", || {
+        fake.get("apps/v1", "deployments", NS, "rt").filter(|d| {
+            d["spec"]["replicas"] == 3
+                && owns_replicas(d, controller::MANAGER)
+                && fake.count("autoscaling/v2", "horizontalpodautoscalers") == 0
+        })
+    })
+    .await;
+    let _ = stop.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(10), running).await;
+    assert_nothing_denied(&fake);
+}
+
 #[tokio::test]
 async fn only_one_replica_leads_and_a_dead_leader_is_replaced() {
     use switchboard_operator::lease::LeaseLock;

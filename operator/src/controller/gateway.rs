@@ -14,7 +14,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::json;
 
-use super::{Context, Error, MANAGER, RESYNC, condition};
+use super::{Context, Error, HANDOVER_MANAGER, MANAGER, RESYNC, condition};
 use crate::build;
 use crate::crd::{RealtimeGateway, RealtimeGatewayStatus, TopicPolicy};
 use crate::validate::{self, Verdict};
@@ -41,6 +41,57 @@ where
             &Patch::Apply(&body),
         )
         .await?)
+}
+
+/// Whether `manager` applied `spec.replicas` of this Deployment.
+fn applies_replicas(deployment: &Deployment, manager: &str) -> bool {
+    deployment
+        .metadata
+        .managed_fields
+        .iter()
+        .flatten()
+        .filter(|e| {
+            e.manager.as_deref() == Some(manager) && e.operation.as_deref() == Some("Apply")
+        })
+        .filter_map(|e| e.fields_v1.as_ref())
+        .any(|f| f.0.pointer("/f:spec/f:replicas").is_some())
+}
+
+/// Before the operator stops applying `spec.replicas` (autoscaling was
+/// switched on), a second field manager applies the live count, clamped to
+/// the HPA's bounds. Server-side apply removes a field its only manager
+/// stops applying, and a Deployment without `replicas` is defaulted to 1:
+/// without the handover, switching to autoscaling would scale the gateway
+/// down to one pod until the HPA reacts. The HPA's later updates take the
+/// field from the handover manager.
+async fn hand_over_replicas(
+    client: &kube::Client,
+    ns: &str,
+    name: &str,
+    hpa: &HorizontalPodAutoscaler,
+) -> Result<(), Error> {
+    let api: Api<Deployment> = Api::namespaced(client.clone(), ns);
+    let Some(live) = api.get_opt(name).await? else {
+        return Ok(());
+    };
+    if !applies_replicas(&live, MANAGER) {
+        return Ok(());
+    }
+    let current = live.spec.replicas.unwrap_or(1);
+    let min = hpa.spec.min_replicas.unwrap_or(1);
+    let replicas = current.clamp(min, hpa.spec.max_replicas.max(min));
+    let body = json!({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": name},
+        "spec": {"replicas": replicas},
+    });
+    api.patch(
+        name,
+        &PatchParams::apply(HANDOVER_MANAGER).force(),
+        &Patch::Apply(&body),
+    )
+    .await?;
+    Ok(())
 }
 
 pub async fn reconcile(gw: Arc<RealtimeGateway>, ctx: Arc<Context>) -> Result<Action, Error> {
@@ -116,20 +167,23 @@ async fn reconcile_inner(gw: &RealtimeGateway, ctx: &Context) -> Result<Action, 
     // apply
     apply(client, &ns, &objects.service_account).await?;
     apply(client, &ns, &objects.config_map).await?;
+    // With autoscaling, the HPA exists before the Deployment stops carrying
+    // a replica count, and the live count is handed over first (see
+    // `hand_over_replicas`); without, the count is the operator's again
+    // before the HPA goes.
+    if let Some(hpa) = &objects.hpa {
+        apply(client, &ns, hpa).await?;
+        hand_over_replicas(client, &ns, &name, hpa).await?;
+    }
     let deployment = apply(client, &ns, &objects.deployment).await?;
     apply(client, &ns, &objects.service).await?;
     apply(client, &ns, &objects.pdb).await?;
-    match &objects.hpa {
-        Some(hpa) => {
-            apply(client, &ns, hpa).await?;
-        }
-        None => {
-            let api: Api<HorizontalPodAutoscaler> = Api::namespaced(client.clone(), &ns);
-            match api.delete(&name, &DeleteParams::default()).await {
-                Ok(_) => {}
-                Err(kube::Error::Api(s)) if s.code == 404 => {}
-                Err(e) => return Err(e.into()),
-            }
+    if objects.hpa.is_none() {
+        let api: Api<HorizontalPodAutoscaler> = Api::namespaced(client.clone(), &ns);
+        match api.delete(&name, &DeleteParams::default()).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            Err(e) => return Err(e.into()),
         }
     }
 

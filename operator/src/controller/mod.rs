@@ -24,6 +24,9 @@ use crate::metrics::Metrics;
 
 /// The field manager of every server-side apply.
 pub const MANAGER: &str = "switchboard-operator";
+/// The field manager that holds a Deployment's `spec.replicas` while the
+/// operator hands the count over to a HorizontalPodAutoscaler.
+pub const HANDOVER_MANAGER: &str = "switchboard-operator-handover";
 /// Every object is looked at again this often, even without changes.
 pub const RESYNC: Duration = Duration::from_secs(300);
 

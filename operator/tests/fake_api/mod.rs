@@ -7,7 +7,11 @@
 //! labels, annotations and owner references merge; spec and data are
 //! replaced; status only through the `/status` subresource), bumps
 //! `resourceVersion` and `generation` like the real one, and emulates the
-//! garbage collector (deleting an owner deletes what it owns).
+//! garbage collector (deleting an owner deletes what it owns). Server-side
+//! apply tracks field ownership in `managedFields` (see `fields`): a field
+//! the manager stops applying is removed, conflicts are 409 unless forced,
+//! and a Deployment without `spec.replicas` is defaulted to 1 as the real
+//! API server defaults it.
 //!
 //! With [`FakeApi::with_rbac`] every request is authorized as the real API
 //! server's RBAC authorizer would (see `rbac`), against the RBAC objects the
@@ -16,6 +20,7 @@
 //! they need pod readiness.
 #![allow(dead_code)]
 
+pub mod fields;
 pub mod rbac;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -128,6 +133,29 @@ fn now() -> String {
         .unwrap()
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap()
+}
+
+/// The API server's defaulting, where a test depends on it.
+fn set_defaults(api: &str, plural: &str, obj: &mut Value) {
+    if api == "apps/v1" && plural == "deployments" && obj["spec"].get("replicas").is_none() {
+        obj["spec"]["replicas"] = json!(1);
+    }
+}
+
+/// Keep `new`'s managedFields in step with `owners`, leaving them (and
+/// their timestamps) untouched when ownership did not change, as the API
+/// server does for a no-op write.
+fn store_owners(old: Option<&Value>, new: &mut Value, owners: &fields::Owners) {
+    let unchanged = old.is_some_and(|o| fields::Owners::of(o) == *owners);
+    match old {
+        Some(o) if unchanged => {
+            new["metadata"]["managedFields"] = o["metadata"]["managedFields"].clone();
+        }
+        _ => {
+            let api_version = new["apiVersion"].clone();
+            owners.store(new, &api_version, &now());
+        }
+    }
 }
 
 impl FakeApi {
@@ -308,6 +336,28 @@ impl FakeApi {
             .cloned()
     }
 
+    /// Every version an object went through: (resourceVersion, event type,
+    /// object), oldest first.
+    pub fn history(
+        &self,
+        api: &str,
+        plural: &str,
+        ns: &str,
+        name: &str,
+    ) -> Vec<(u64, &'static str, Value)> {
+        let st = self.state.lock().unwrap();
+        st.events
+            .iter()
+            .filter(|e| {
+                e.key.0 == api
+                    && e.key.1 == plural
+                    && e.key.2 == ns
+                    && e.object["metadata"]["name"] == name
+            })
+            .map(|e| (e.rv, e.kind, e.object.clone()))
+            .collect()
+    }
+
     pub fn count(&self, api: &str, plural: &str) -> usize {
         let st = self.state.lock().unwrap();
         st.objects
@@ -461,6 +511,16 @@ impl FakeApi {
         if let Some(denied) = self.forbidden(user, attributes.clone()) {
             return denied;
         }
+        let manager = query.get("fieldManager").cloned().unwrap_or_else(|| {
+            parts
+                .headers
+                .get(http::header::USER_AGENT)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.split('/').next())
+                .unwrap_or("unknown")
+                .to_owned()
+        });
+        let force = query.get("force").map(String::as_str) == Some("true");
 
         if parts.method == Method::GET && p.name.is_none() {
             if watching {
@@ -499,6 +559,11 @@ impl FakeApi {
                 } else {
                     name
                 };
+                let mut body = body;
+                set_defaults(&p.api, &p.plural, &mut body);
+                let mut owners = fields::Owners::default();
+                owners.record_update(&manager, &json!({}), &body);
+                store_owners(None, &mut body, &owners);
                 let key = (p.api, p.plural, ns, name.clone());
                 let mut st = self.state.lock().unwrap();
                 if st.objects.contains_key(&key) {
@@ -532,6 +597,10 @@ impl FakeApi {
                 for f in ["uid", "creationTimestamp"] {
                     new["metadata"][f] = old["metadata"][f].clone();
                 }
+                set_defaults(&p.api, &p.plural, &mut new);
+                let mut owners = fields::Owners::of(&old);
+                owners.record_update(&manager, &old, &new);
+                store_owners(Some(&old), &mut new, &owners);
                 json_response(StatusCode::OK, self.update(&mut st, key, &old, new))
             }
             (Method::PUT, None) => status(404, "NotFound", format!("{name} not found")),
@@ -548,10 +617,15 @@ impl FakeApi {
                         if let Some(denied) = self.forbidden(user, create) {
                             return denied;
                         }
-                        let mut obj = body;
-                        if let Some(m) = obj.as_object_mut() {
-                            m.remove("status");
+                        let mut owners = fields::Owners::default();
+                        let Ok(mut obj) = owners.apply(&manager, &json!({}), &body, force) else {
+                            return status(409, "Conflict", "apply conflict".into());
+                        };
+                        for f in ["apiVersion", "kind"] {
+                            obj[f] = body[f].clone();
                         }
+                        set_defaults(&p.api, &p.plural, &mut obj);
+                        store_owners(None, &mut obj, &owners);
                         json_response(StatusCode::CREATED, self.create(&mut st, key, obj))
                     }
                     (false, None) => status(404, "NotFound", format!("{name} not found")),
@@ -563,28 +637,35 @@ impl FakeApi {
                                 new["status"] = body["status"].clone();
                             }
                         } else if apply {
-                            let mut intent = body.clone();
-                            let meta = intent
-                                .as_object_mut()
-                                .and_then(|m| m.remove("metadata"))
-                                .unwrap_or(Value::Null);
-                            if let Some(m) = intent.as_object_mut() {
-                                m.remove("status");
-                            }
-                            let keep_meta = new["metadata"].clone();
-                            let keep_status = new["status"].clone();
-                            new = intent;
-                            new["metadata"] = keep_meta;
-                            for f in ["labels", "annotations", "ownerReferences"] {
-                                if !meta[f].is_null() {
-                                    new["metadata"][f] = meta[f].clone();
+                            let mut owners = fields::Owners::of(&old);
+                            match owners.apply(&manager, &old, &body, force) {
+                                Ok(applied) => new = applied,
+                                Err(conflicts) => {
+                                    let list: Vec<String> = conflicts
+                                        .iter()
+                                        .map(|(m, p)| {
+                                            format!("conflict with \"{m}\": .{}", p.join("."))
+                                        })
+                                        .collect();
+                                    return status(
+                                        409,
+                                        "Conflict",
+                                        format!(
+                                            "Apply failed with {} conflict(s): {}",
+                                            list.len(),
+                                            list.join(", ")
+                                        ),
+                                    );
                                 }
                             }
-                            if !keep_status.is_null() {
-                                new["status"] = keep_status;
-                            }
+                            set_defaults(&p.api, &p.plural, &mut new);
+                            store_owners(Some(&old), &mut new, &owners);
                         } else {
                             merge(&mut new, &body);
+                            set_defaults(&p.api, &p.plural, &mut new);
+                            let mut owners = fields::Owners::of(&old);
+                            owners.record_update(&manager, &old, &new);
+                            store_owners(Some(&old), &mut new, &owners);
                         }
                         json_response(StatusCode::OK, self.update(&mut st, key, &old, new))
                     }
