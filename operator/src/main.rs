@@ -138,6 +138,18 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             );
         }
     }
+    // SIGTERM (how Kubernetes stops a pod) or Ctrl-C, at any point from here.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = stop_tx.send(true);
+    });
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        }
+    };
     let lease = (!args.no_leader_election).then(|| {
         LeaseLock::new(
             client.clone(),
@@ -149,8 +161,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     });
     if let Some(lease) = &lease {
         tracing::info!(identity = %args.identity, "waiting for the leader lease");
-        lease.acquire().await;
-        tracing::info!("leading");
+        tokio::select! {
+            _ = lease.acquire() => tracing::info!("leading"),
+            _ = stopped() => return Ok(()),
+        }
     }
     metrics.leader.set(1);
     let ctx = Arc::new(Context {
@@ -162,20 +176,33 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             },
         ),
         client,
-        metrics,
+        metrics: metrics.clone(),
         default_image: args.gateway_image,
     });
-    let lost = async move {
+    let lost = async {
         match &lease {
             Some(l) => l.hold().await,
             None => std::future::pending().await,
         }
     };
-    let stop = shutdown_signal();
-    tokio::select! {
-        _ = controller::run(ctx, stop) => Ok(()),
-        _ = lost => bail!("lost the leader lease; exiting so another replica leads"),
+    let lost = tokio::select! {
+        _ = controller::run(ctx, stopped()) => false,
+        _ = lost => true,
+    };
+    if lost {
+        bail!("lost the leader lease; exiting so another replica leads");
     }
+    // Stopped: the controllers have finished; hand the lease on at once.
+    metrics.leader.set(0);
+    if let Some(lease) = &lease {
+        match lease.release().await {
+            Ok(()) => tracing::info!("released the leader lease"),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not release the leader lease; it expires on its own")
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Resolves on SIGTERM (how Kubernetes stops a pod) or Ctrl-C.

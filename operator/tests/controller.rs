@@ -522,3 +522,89 @@ async fn only_one_replica_leads_and_a_dead_leader_is_replaced() {
     assert_eq!(lease["spec"]["leaseTransitions"], 1);
     assert_nothing_denied(&fake);
 }
+
+#[tokio::test]
+async fn a_stopping_leader_releases_the_lease_and_the_next_leads_at_once() {
+    use switchboard_operator::lease::LeaseLock;
+    let (fake, operator) = fake_with_chart_rbac();
+    let client = fake.client_as(operator);
+    let ttl = Duration::from_secs(30);
+    let a = LeaseLock::new(client.clone(), NS, "switchboard-operator", "replica-a", ttl);
+    let b = LeaseLock::new(client, NS, "switchboard-operator", "replica-b", ttl);
+    a.acquire().await;
+    a.release().await.unwrap();
+    // Well inside the 30 s the lease would otherwise take to expire.
+    tokio::time::timeout(Duration::from_secs(5), b.acquire())
+        .await
+        .expect("b leads once a released the lease");
+    // A replica that no longer holds the lease leaves it alone.
+    a.release().await.unwrap();
+    let lease = fake
+        .get(
+            "coordination.k8s.io/v1",
+            "leases",
+            NS,
+            "switchboard-operator",
+        )
+        .unwrap();
+    assert_eq!(lease["spec"]["holderIdentity"], "replica-b");
+    assert_nothing_denied(&fake);
+}
+
+#[tokio::test]
+async fn a_leader_whose_clock_is_behind_keeps_the_lease_while_it_renews() {
+    // The leader's node clock runs an hour behind: its renewTime values are
+    // an hour old by our clock, yet it renews. Expiry must be judged by
+    // whether the record changes, not by comparing clocks.
+    use switchboard_operator::lease::LeaseLock;
+    let (fake, operator) = fake_with_chart_rbac();
+    let admin = fake.client();
+    let leases: kube::Api<k8s_openapi::api::coordination::v1::Lease> =
+        kube::Api::namespaced(admin, NS);
+    let renew = |n: i64| {
+        let t = time::OffsetDateTime::now_utc() - time::Duration::hours(1);
+        json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+               "metadata": {"name": "switchboard-operator"},
+               "spec": {"holderIdentity": "skewed", "leaseDurationSeconds": 2, "leaseTransitions": 0,
+                        "renewTime": (t + time::Duration::milliseconds(n))
+                            .format(&time::format_description::well_known::Rfc3339).unwrap()}})
+    };
+    leases
+        .create(
+            &Default::default(),
+            &serde_json::from_value(renew(0)).unwrap(),
+        )
+        .await
+        .unwrap();
+    let renewing = tokio::spawn(async move {
+        for n in 1.. {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let mut lease = leases.get("switchboard-operator").await.unwrap();
+            lease.spec = serde_json::from_value(renew(n * 500)["spec"].clone()).unwrap();
+            leases
+                .replace("switchboard-operator", &Default::default(), &lease)
+                .await
+                .unwrap();
+        }
+    });
+    let b = LeaseLock::new(
+        fake.client_as(operator),
+        NS,
+        "switchboard-operator",
+        "replica-b",
+        Duration::from_secs(2),
+    );
+    assert!(
+        tokio::time::timeout(Duration::from_secs(5), b.acquire())
+            .await
+            .is_err(),
+        "b must not take a lease that is being renewed"
+    );
+    // The skewed leader dies: its record stops changing, and after the
+    // lease duration (by b's clock) b takes over.
+    renewing.abort();
+    tokio::time::timeout(Duration::from_secs(10), b.acquire())
+        .await
+        .expect("b leads after the skewed leader stopped renewing");
+    assert_nothing_denied(&fake);
+}

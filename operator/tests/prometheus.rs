@@ -256,7 +256,18 @@ async fn prometheus_scrapes_the_operator_and_its_dashboard_panels_have_data() {
         assert_eq!(meta["data"][name][0]["type"], kind, "{name}");
     }
 
-    // SIGTERM: the controllers stop and the process exits 0.
+    // SIGTERM: the controllers stop, the lease is released (another replica
+    // leads at once) and the process exits 0.
+    let holder = |fake: &FakeApi| {
+        fake.get(
+            "coordination.k8s.io/v1",
+            "leases",
+            "switchboard",
+            "switchboard-operator",
+        )
+        .map(|l| l["spec"]["holderIdentity"].clone())
+    };
+    assert_eq!(holder(&fake), Some(json!("operator-0")));
     let pid = operator.0.id().to_string();
     assert!(
         Command::new("kill")
@@ -274,5 +285,6 @@ async fn prometheus_scrapes_the_operator_and_its_dashboard_panels_have_data() {
         "{status:?}: {}",
         std::fs::read_to_string(dir.join("operator.log")).unwrap_or_default()
     );
+    assert_eq!(holder(&fake), Some(Value::Null), "the lease is released");
     let _ = std::fs::remove_dir_all(&dir);
 }
