@@ -64,10 +64,10 @@ pub struct TopicPolicySpec {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct PatternRule {
-    /// Dot-separated tokens of `[A-Za-z0-9_:-]` (at most 256 characters);
+    /// Dot-separated tokens of `[A-Za-z0-9_:-]` (at most 255 characters and 16 tokens);
     /// `*` matches one token; a trailing `*` or `>` matches the rest.
     #[schemars(
-        length(min = 1, max = 256),
+        length(min = 1, max = 255),
         regex(pattern = r"^(([A-Za-z0-9_:-]+|[*])([.]([A-Za-z0-9_:-]+|[*]))*([.]>)?|>)$")
     )]
     pub pattern: String,
