@@ -13,6 +13,11 @@
 //! and a Deployment without `spec.replicas` is defaulted to 1 as the real
 //! API server defaults it.
 //!
+//! Custom resources are admitted as the API server admits them, from the
+//! shipped CRDs (see `admission`): pruning, schema defaults, OpenAPI
+//! validation and the CRDs' CEL rules with a real CEL engine; a refused
+//! write gets the API server's 422 `Invalid`.
+//!
 //! With [`FakeApi::with_rbac`] every request is authorized as the real API
 //! server's RBAC authorizer would (see `rbac`), against the RBAC objects the
 //! Helm chart renders; a denied request gets the API server's 403.
@@ -20,6 +25,7 @@
 //! they need pod readiness.
 #![allow(dead_code)]
 
+pub mod admission;
 pub mod fields;
 pub mod rbac;
 
@@ -60,6 +66,7 @@ pub struct FakeApi {
     state: Arc<Mutex<State>>,
     tx: broadcast::Sender<Ev>,
     rbac: Option<Arc<Rbac>>,
+    crds: Arc<admission::Crds>,
     /// Every request a non-admin user made: (user, attributes, allowed).
     audit: Arc<Mutex<Vec<(String, Attributes, bool)>>>,
 }
@@ -164,6 +171,7 @@ impl FakeApi {
             state: Arc::default(),
             tx: broadcast::channel(4096).0,
             rbac: None,
+            crds: admission::Crds::shipped(),
             audit: Arc::default(),
         }
     }
@@ -366,6 +374,36 @@ impl FakeApi {
             .count()
     }
 
+    /// The API server's admission of a write: defaulting, then for custom
+    /// resources pruning, schema validation and CEL rules (see `admission`).
+    fn admit(&self, p: &Path, name: &str, obj: &mut Value) -> Result<(), Response<Body>> {
+        set_defaults(&p.api, &p.plural, obj);
+        self.crds.admit(&p.api, &p.plural, obj).map_err(|causes| {
+            let kind = self
+                .crds
+                .qualified_kind(&p.api, &p.plural)
+                .unwrap_or_else(|| p.plural.clone());
+            let each: Vec<String> = causes
+                .iter()
+                .map(|c| format!("{}: {}", c.field, c.message))
+                .collect();
+            let message = match each.as_slice() {
+                [one] => format!("{kind} \"{name}\" is invalid: {one}"),
+                many => format!("{kind} \"{name}\" is invalid: [{}]", many.join(", ")),
+            };
+            let causes: Vec<Value> = causes
+                .iter()
+                .map(|c| json!({"reason": "FieldValueInvalid", "message": c.message, "field": c.field}))
+                .collect();
+            json_response(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                       "message": message, "reason": "Invalid",
+                       "details": {"name": name, "kind": p.plural, "causes": causes}, "code": 422}),
+            )
+        })
+    }
+
     fn write(
         &self,
         st: &mut State,
@@ -560,7 +598,9 @@ impl FakeApi {
                     name
                 };
                 let mut body = body;
-                set_defaults(&p.api, &p.plural, &mut body);
+                if let Err(refused) = self.admit(&p, &name, &mut body) {
+                    return refused;
+                }
                 let mut owners = fields::Owners::default();
                 owners.record_update(&manager, &json!({}), &body);
                 store_owners(None, &mut body, &owners);
@@ -597,7 +637,9 @@ impl FakeApi {
                 for f in ["uid", "creationTimestamp"] {
                     new["metadata"][f] = old["metadata"][f].clone();
                 }
-                set_defaults(&p.api, &p.plural, &mut new);
+                if let Err(refused) = self.admit(&p, &name, &mut new) {
+                    return refused;
+                }
                 let mut owners = fields::Owners::of(&old);
                 owners.record_update(&manager, &old, &new);
                 store_owners(Some(&old), &mut new, &owners);
@@ -624,7 +666,9 @@ impl FakeApi {
                         for f in ["apiVersion", "kind"] {
                             obj[f] = body[f].clone();
                         }
-                        set_defaults(&p.api, &p.plural, &mut obj);
+                        if let Err(refused) = self.admit(&p, &name, &mut obj) {
+                            return refused;
+                        }
                         store_owners(None, &mut obj, &owners);
                         json_response(StatusCode::CREATED, self.create(&mut st, key, obj))
                     }
@@ -635,6 +679,9 @@ impl FakeApi {
                             merge(&mut new["status"], &body["status"]);
                             if apply {
                                 new["status"] = body["status"].clone();
+                            }
+                            if let Err(refused) = self.admit(&p, &name, &mut new) {
+                                return refused;
                             }
                         } else if apply {
                             let mut owners = fields::Owners::of(&old);
@@ -658,11 +705,15 @@ impl FakeApi {
                                     );
                                 }
                             }
-                            set_defaults(&p.api, &p.plural, &mut new);
+                            if let Err(refused) = self.admit(&p, &name, &mut new) {
+                                return refused;
+                            }
                             store_owners(Some(&old), &mut new, &owners);
                         } else {
                             merge(&mut new, &body);
-                            set_defaults(&p.api, &p.plural, &mut new);
+                            if let Err(refused) = self.admit(&p, &name, &mut new) {
+                                return refused;
+                            }
                             let mut owners = fields::Owners::of(&old);
                             owners.record_update(&manager, &old, &new);
                             store_owners(Some(&old), &mut new, &owners);
