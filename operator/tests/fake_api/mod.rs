@@ -376,7 +376,7 @@ impl FakeApi {
 
     /// The API server's admission of a write: defaulting, then for custom
     /// resources pruning, schema validation and CEL rules (see `admission`).
-    fn admit(&self, p: &Path, name: &str, obj: &mut Value) -> Result<(), Response<Body>> {
+    fn admit(&self, p: &Path, name: &str, obj: &mut Value) -> Result<(), Box<Response<Body>>> {
         set_defaults(&p.api, &p.plural, obj);
         self.crds.admit(&p.api, &p.plural, obj).map_err(|causes| {
             let kind = self
@@ -395,12 +395,12 @@ impl FakeApi {
                 .iter()
                 .map(|c| json!({"reason": "FieldValueInvalid", "message": c.message, "field": c.field}))
                 .collect();
-            json_response(
+            Box::new(json_response(
                 StatusCode::UNPROCESSABLE_ENTITY,
                 json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
                        "message": message, "reason": "Invalid",
                        "details": {"name": name, "kind": p.plural, "causes": causes}, "code": 422}),
-            )
+            ))
         })
     }
 
@@ -599,7 +599,7 @@ impl FakeApi {
                 };
                 let mut body = body;
                 if let Err(refused) = self.admit(&p, &name, &mut body) {
-                    return refused;
+                    return *refused;
                 }
                 let mut owners = fields::Owners::default();
                 owners.record_update(&manager, &json!({}), &body);
@@ -638,7 +638,7 @@ impl FakeApi {
                     new["metadata"][f] = old["metadata"][f].clone();
                 }
                 if let Err(refused) = self.admit(&p, &name, &mut new) {
-                    return refused;
+                    return *refused;
                 }
                 let mut owners = fields::Owners::of(&old);
                 owners.record_update(&manager, &old, &new);
@@ -667,7 +667,7 @@ impl FakeApi {
                             obj[f] = body[f].clone();
                         }
                         if let Err(refused) = self.admit(&p, &name, &mut obj) {
-                            return refused;
+                            return *refused;
                         }
                         store_owners(None, &mut obj, &owners);
                         json_response(StatusCode::CREATED, self.create(&mut st, key, obj))
@@ -681,7 +681,7 @@ impl FakeApi {
                                 new["status"] = body["status"].clone();
                             }
                             if let Err(refused) = self.admit(&p, &name, &mut new) {
-                                return refused;
+                                return *refused;
                             }
                         } else if apply {
                             let mut owners = fields::Owners::of(&old);
@@ -706,13 +706,13 @@ impl FakeApi {
                                 }
                             }
                             if let Err(refused) = self.admit(&p, &name, &mut new) {
-                                return refused;
+                                return *refused;
                             }
                             store_owners(Some(&old), &mut new, &owners);
                         } else {
                             merge(&mut new, &body);
                             if let Err(refused) = self.admit(&p, &name, &mut new) {
-                                return refused;
+                                return *refused;
                             }
                             let mut owners = fields::Owners::of(&old);
                             owners.record_update(&manager, &old, &new);
