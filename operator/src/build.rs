@@ -8,16 +8,18 @@ use k8s_openapi::api::apps::v1::{
     Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment,
 };
 use k8s_openapi::api::autoscaling::v2::{
-    CrossVersionObjectReference, HorizontalPodAutoscaler, HorizontalPodAutoscalerSpec, MetricSpec,
-    MetricTarget, ResourceMetricSource,
+    CrossVersionObjectReference, HPAScalingPolicy, HPAScalingRules, HorizontalPodAutoscaler,
+    HorizontalPodAutoscalerBehavior, HorizontalPodAutoscalerSpec, MetricIdentifier, MetricSpec,
+    MetricTarget, PodsMetricSource, ResourceMetricSource,
 };
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource,
     HTTPGetAction, KeyToPath, Lifecycle, LifecycleHandler, ObjectFieldSelector, PodSecurityContext,
     PodSpec, PodTemplateSpec, Probe, SecretVolumeSource, SecurityContext, Service, ServiceAccount,
-    ServicePort, ServiceSpec, SleepAction, Volume, VolumeMount,
+    ServicePort, ServiceSpec, SleepAction, TopologySpreadConstraint, Volume, VolumeMount,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{Resource, ResourceExt};
@@ -34,6 +36,11 @@ const NATS_CREDS_PATH: &str = "/var/run/switchboard/nats/nats.creds";
 /// Pod template annotation whose change rolls the pods: the hash of the
 /// gateway config (not of the policy bundle, which the gateway hot-reloads).
 pub const CONFIG_HASH: &str = "switchboard.dev/config-hash";
+/// Pod template annotation: the hash of the Secret keys the gateway mounts
+/// (HS256 key, NATS credentials), so a changed Secret rolls the pods.
+pub const SECRETS_HASH: &str = "switchboard.dev/secrets-hash";
+/// The Pods metric (custom metrics API) of open connections per pod.
+pub const CONNECTIONS_METRIC: &str = "switchboard_connections";
 const PORT: i32 = 8000;
 /// The gateway's admin listener (`/metrics`, `/healthz`, `/readyz`): a
 /// container port named `admin`, never in the Service.
@@ -162,8 +169,12 @@ pub fn gateway_config(gw: &RealtimeGateway) -> GatewayConfig {
     c
 }
 
-fn sha256(text: &str) -> String {
-    Sha256::digest(text.as_bytes())
+pub fn sha256(text: &str) -> String {
+    sha256_bytes(text.as_bytes())
+}
+
+pub fn sha256_bytes(bytes: &[u8]) -> String {
+    Sha256::digest(bytes)
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect()
@@ -325,6 +336,12 @@ pub fn build(
         env: Some(env),
         readiness_probe: Some(probe("/readyz", 5)),
         liveness_probe: Some(probe("/healthz", 10)),
+        // Up to 60 s to start (NATS connect, stream setup) before liveness
+        // counts; a slow start is not a crash loop.
+        startup_probe: Some(Probe {
+            failure_threshold: Some(30),
+            ..probe("/healthz", 2)
+        }),
         // Let endpoints stop routing new clients here before the drain begins.
         lifecycle: Some(Lifecycle {
             pre_stop: Some(LifecycleHandler {
@@ -388,6 +405,17 @@ pub fn build(
                     }),
                     containers: vec![container],
                     volumes: Some(volumes),
+                    image_pull_secrets: non_empty(spec.image_pull_secrets.clone()),
+                    node_selector: non_empty_map(spec.node_selector.clone()),
+                    tolerations: non_empty(spec.tolerations.clone()),
+                    affinity: spec.affinity.clone(),
+                    topology_spread_constraints: Some(
+                        spec.topology_spread_constraints
+                            .clone()
+                            .unwrap_or_else(|| default_spread(gw)),
+                    )
+                    .filter(|c| !c.is_empty()),
+                    priority_class_name: spec.priority_class_name.clone(),
                     ..PodSpec::default()
                 }),
             },
@@ -430,32 +458,10 @@ pub fn build(
         ..PodDisruptionBudget::default()
     };
 
-    let hpa = spec.autoscaling.as_ref().map(|a| HorizontalPodAutoscaler {
-        metadata: meta(gw, &owner, ""),
-        spec: HorizontalPodAutoscalerSpec {
-            scale_target_ref: CrossVersionObjectReference {
-                api_version: Some("apps/v1".into()),
-                kind: "Deployment".into(),
-                name: name.clone(),
-            },
-            min_replicas: Some(a.min_replicas),
-            max_replicas: a.max_replicas,
-            metrics: Some(vec![MetricSpec {
-                type_: "Resource".into(),
-                resource: Some(ResourceMetricSource {
-                    name: "cpu".into(),
-                    target: MetricTarget {
-                        type_: "Utilization".into(),
-                        average_utilization: Some(a.target_cpu_utilization.unwrap_or(70)),
-                        ..Default::default()
-                    },
-                }),
-                ..Default::default()
-            }]),
-            ..Default::default()
-        },
-        ..HorizontalPodAutoscaler::default()
-    });
+    let hpa = spec
+        .autoscaling
+        .as_ref()
+        .map(|a| autoscaler(gw, &owner, a, drain));
 
     Ok(Objects {
         service_account: ServiceAccount {
@@ -471,7 +477,132 @@ pub fn build(
     })
 }
 
+fn non_empty<T>(v: Vec<T>) -> Option<Vec<T>> {
+    Some(v).filter(|v| !v.is_empty())
+}
+
+fn non_empty_map(m: BTreeMap<String, String>) -> Option<BTreeMap<String, String>> {
+    Some(m).filter(|m| !m.is_empty())
+}
+
+/// Prefer one pod of skew at most across zones and across nodes.
+fn default_spread(gw: &RealtimeGateway) -> Vec<TopologySpreadConstraint> {
+    ["topology.kubernetes.io/zone", "kubernetes.io/hostname"]
+        .into_iter()
+        .map(|key| TopologySpreadConstraint {
+            max_skew: 1,
+            topology_key: key.into(),
+            when_unsatisfiable: "ScheduleAnyway".into(),
+            label_selector: Some(LabelSelector {
+                match_labels: Some(selector(gw)),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .collect()
+}
+
+/// The HPA: connections per pod (Pods metric) and/or CPU, whichever asks
+/// for more pods; scale-down one pod at a time, slowly enough that one
+/// pod's clients have reconnected before the next pod drains.
+fn autoscaler(
+    gw: &RealtimeGateway,
+    owner: &OwnerReference,
+    a: &crate::crd::gateway::Autoscaling,
+    drain_seconds: i64,
+) -> HorizontalPodAutoscaler {
+    let mut metrics = Vec::new();
+    if let Some(per_pod) = a.target_connections_per_pod {
+        metrics.push(MetricSpec {
+            type_: "Pods".into(),
+            pods: Some(PodsMetricSource {
+                metric: MetricIdentifier {
+                    name: CONNECTIONS_METRIC.into(),
+                    selector: None,
+                },
+                target: MetricTarget {
+                    type_: "AverageValue".into(),
+                    average_value: Some(Quantity(per_pod.to_string())),
+                    ..Default::default()
+                },
+            }),
+            ..Default::default()
+        });
+    }
+    let cpu = match (a.target_cpu_utilization, a.target_connections_per_pod) {
+        (Some(cpu), _) => Some(cpu),
+        (None, None) => Some(70),
+        (None, Some(_)) => None,
+    };
+    if let Some(cpu) = cpu {
+        metrics.push(MetricSpec {
+            type_: "Resource".into(),
+            resource: Some(ResourceMetricSource {
+                name: "cpu".into(),
+                target: MetricTarget {
+                    type_: "Utilization".into(),
+                    average_utilization: Some(cpu),
+                    ..Default::default()
+                },
+            }),
+            ..Default::default()
+        });
+    }
+    let period = a
+        .scale_down_period_seconds
+        .unwrap_or_else(|| (drain_seconds * 2).clamp(60, 1800) as i32);
+    HorizontalPodAutoscaler {
+        metadata: meta(gw, owner, ""),
+        spec: HorizontalPodAutoscalerSpec {
+            scale_target_ref: CrossVersionObjectReference {
+                api_version: Some("apps/v1".into()),
+                kind: "Deployment".into(),
+                name: gw.name_any(),
+            },
+            min_replicas: Some(a.min_replicas),
+            max_replicas: a.max_replicas,
+            metrics: Some(metrics),
+            behavior: Some(HorizontalPodAutoscalerBehavior {
+                scale_down: Some(HPAScalingRules {
+                    stabilization_window_seconds: Some(
+                        a.scale_down_stabilization_seconds.unwrap_or(600),
+                    ),
+                    select_policy: Some("Min".into()),
+                    policies: Some(vec![HPAScalingPolicy {
+                        type_: "Pods".into(),
+                        value: 1,
+                        period_seconds: period,
+                    }]),
+                    ..Default::default()
+                }),
+                scale_up: None,
+            }),
+        },
+        ..HorizontalPodAutoscaler::default()
+    }
+}
+
+/// The Secret keys a gateway mounts.
+pub fn secret_refs(gw: &RealtimeGateway) -> Vec<&crate::crd::SecretKeyRef> {
+    let nats = gw
+        .spec
+        .nats
+        .as_ref()
+        .and_then(|n| n.credentials_secret.as_ref());
+    gw.spec.auth.hs256_secret.iter().chain(nats).collect()
+}
+
 impl Objects {
+    /// Stamp the digest of the mounted Secrets' content on the pod
+    /// template: a changed Secret rolls the pods.
+    pub fn roll_on_secrets(&mut self, digest: &str) {
+        if let Some(meta) = self.deployment.spec.template.metadata.as_mut() {
+            meta.annotations
+                .get_or_insert_default()
+                .insert(SECRETS_HASH.into(), digest.into());
+        }
+    }
+
     /// Every object as JSON, with `apiVersion` and `kind` (for validation and golden tests).
     pub fn to_json(&self) -> Vec<serde_json::Value> {
         fn typed<K: Resource<DynamicType = ()> + serde::Serialize>(o: &K) -> serde_json::Value {

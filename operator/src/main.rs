@@ -178,6 +178,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         client,
         metrics: metrics.clone(),
         default_image: args.gateway_image,
+        resync: controller::RESYNC,
     });
     let lost = async {
         match &lease {

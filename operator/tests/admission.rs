@@ -70,7 +70,7 @@ async fn cel_rules_refuse_what_the_crd_refuses() {
     let both = create(
         &api,
         &gateway(json!({"region": "eu", "replicas": 2,
-            "autoscaling": {"minReplicas": 2, "maxReplicas": 4}})),
+            "autoscaling": {"minReplicas": 2, "maxReplicas": 4, "targetConnectionsPerPod": 10}})),
     )
     .await
     .unwrap_err();
@@ -80,7 +80,10 @@ async fn cel_rules_refuse_what_the_crd_refuses() {
     );
     let inverted = create(
         &api,
-        &gateway(json!({"region": "eu", "autoscaling": {"minReplicas": 5, "maxReplicas": 4}})),
+        &gateway(
+            json!({"region": "eu", "autoscaling": {"minReplicas": 5, "maxReplicas": 4},
+            "resources": {"requests": {"cpu": "1"}}}),
+        ),
     )
     .await
     .unwrap_err();
@@ -90,6 +93,37 @@ async fn cel_rules_refuse_what_the_crd_refuses() {
         ),
         "{inverted}"
     );
+    // CPU scaling needs a CPU request; scaling on connections alone does not.
+    let no_request = create(
+        &api,
+        &gateway(
+            json!({"region": "eu", "autoscaling": {"minReplicas": 1, "maxReplicas": 4},
+            "resources": {"requests": {"memory": "1Gi"}}}),
+        ),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        no_request.contains("autoscaling on CPU needs resources.requests.cpu"),
+        "{no_request}"
+    );
+    let explicit_cpu = create(
+        &api,
+        &gateway(
+            json!({"region": "eu", "autoscaling": {"minReplicas": 1, "maxReplicas": 4,
+            "targetConnectionsPerPod": 1000, "targetCpuUtilization": 60}}),
+        ),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        explicit_cpu.contains("resources.requests.cpu"),
+        "{explicit_cpu}"
+    );
+    let connections_only = gateway(json!({"region": "eu",
+        "autoscaling": {"minReplicas": 1, "maxReplicas": 4, "targetConnectionsPerPod": 1000}}));
+    create(&api, &connections_only).await.unwrap();
+    api.delete("rt", &Default::default()).await.unwrap();
     // The same rules hold for server-side apply and merge patch.
     create(&api, &gateway(json!({"region": "eu", "replicas": 2})))
         .await
@@ -99,7 +133,7 @@ async fn cel_rules_refuse_what_the_crd_refuses() {
             "rt",
             &PatchParams::apply("someone"),
             &Patch::Apply(&gateway(json!({"region": "eu", "replicas": 2,
-                "autoscaling": {"minReplicas": 2, "maxReplicas": 4}}))),
+                "autoscaling": {"minReplicas": 2, "maxReplicas": 4, "targetConnectionsPerPod": 10}}))),
         )
         .await;
     assert!(
@@ -110,7 +144,8 @@ async fn cel_rules_refuse_what_the_crd_refuses() {
         .patch(
             "rt",
             &PatchParams::default(),
-            &Patch::Merge(json!({"spec": {"autoscaling": {"minReplicas": 1, "maxReplicas": 2}}})),
+            &Patch::Merge(json!({"spec": {"autoscaling":
+                {"minReplicas": 1, "maxReplicas": 2, "targetConnectionsPerPod": 10}}})),
         )
         .await;
     assert!(

@@ -197,6 +197,149 @@ fn autoscaling_secrets_probes_and_ownership() {
     assert_eq!(o.deployment.name_any(), "realtime");
 }
 
+#[test]
+fn autoscaling_follows_connections_and_cpu_and_scales_down_one_drain_at_a_time() {
+    use switchboard_operator::crd::gateway::Autoscaling;
+    let mut gw = example_gateway();
+    gw.spec.drain_seconds = Some(45);
+    let scaling = |a: Autoscaling| {
+        let mut g = gw.clone();
+        g.spec.autoscaling = Some(a);
+        let hpa = build::build(&g, &Default::default(), "img:1")
+            .unwrap()
+            .hpa
+            .unwrap();
+        serde_json::to_value(hpa.spec).unwrap()
+    };
+    let base = Autoscaling {
+        min_replicas: 2,
+        max_replicas: 10,
+        target_cpu_utilization: None,
+        target_connections_per_pod: None,
+        scale_down_period_seconds: None,
+        scale_down_stabilization_seconds: None,
+    };
+    // CPU alone by default.
+    let cpu = scaling(base.clone());
+    assert_eq!(cpu["metrics"].as_array().unwrap().len(), 1);
+    assert_eq!(
+        cpu["metrics"][0]["resource"]["target"]["averageUtilization"],
+        70
+    );
+    // Connections per pod through the custom metrics API, CPU only if asked.
+    let conns = scaling(Autoscaling {
+        target_connections_per_pod: Some(20000),
+        ..base.clone()
+    });
+    assert_eq!(
+        conns["metrics"].as_array().unwrap().len(),
+        1,
+        "no CPU unless asked"
+    );
+    assert_eq!(conns["metrics"][0]["type"], "Pods");
+    assert_eq!(
+        conns["metrics"][0]["pods"]["metric"]["name"],
+        "switchboard_connections"
+    );
+    assert_eq!(
+        conns["metrics"][0]["pods"]["target"]["averageValue"],
+        "20000"
+    );
+    let both = scaling(Autoscaling {
+        target_connections_per_pod: Some(20000),
+        target_cpu_utilization: Some(80),
+        ..base.clone()
+    });
+    let kinds: Vec<&str> = both["metrics"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["type"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["Pods", "Resource"]);
+    // Scale-down: one pod per two drains (90 s here), after 10 minutes of
+    // low load; scale-up is the HPA's default (fast).
+    let down = &cpu["behavior"]["scaleDown"];
+    assert_eq!(down["stabilizationWindowSeconds"], 600);
+    assert_eq!(
+        down["policies"],
+        serde_json::json!([{"type": "Pods", "value": 1, "periodSeconds": 90}])
+    );
+    assert_eq!(cpu["behavior"].get("scaleUp"), None);
+    let tuned = scaling(Autoscaling {
+        scale_down_period_seconds: Some(300),
+        scale_down_stabilization_seconds: Some(0),
+        ..base
+    });
+    assert_eq!(
+        tuned["behavior"]["scaleDown"]["policies"][0]["periodSeconds"],
+        300
+    );
+    assert_eq!(
+        tuned["behavior"]["scaleDown"]["stabilizationWindowSeconds"],
+        0
+    );
+}
+
+#[test]
+fn scheduling_settings_reach_the_pods_and_spread_is_on_by_default() {
+    let mut gw = example_gateway();
+    let o = build::build(&gw, &Default::default(), "img:1").unwrap();
+    let pod = serde_json::to_value(o.deployment.spec.template.spec.unwrap()).unwrap();
+    let spread = pod["topologySpreadConstraints"].as_array().unwrap();
+    let keys: Vec<&str> = spread
+        .iter()
+        .map(|c| c["topologyKey"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        keys,
+        ["topology.kubernetes.io/zone", "kubernetes.io/hostname"]
+    );
+    assert!(
+        spread
+            .iter()
+            .all(|c| c["whenUnsatisfiable"] == "ScheduleAnyway")
+    );
+    assert_eq!(
+        spread[0]["labelSelector"]["matchLabels"]["app.kubernetes.io/instance"],
+        gw.name_any()
+    );
+    let startup = &pod["containers"][0]["startupProbe"];
+    assert_eq!(startup["httpGet"]["path"], "/healthz");
+    assert_eq!(startup["failureThreshold"], 30);
+
+    gw.spec = serde_json::from_value(serde_json::json!({
+        "region": "eu",
+        "imagePullSecrets": [{"name": "registry"}],
+        "nodeSelector": {"pool": "realtime"},
+        "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "realtime", "effect": "NoSchedule"}],
+        "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+            "nodeSelectorTerms": [{"matchExpressions": [{"key": "arch", "operator": "In", "values": ["arm64"]}]}]}}},
+        "topologySpreadConstraints": [],
+        "priorityClassName": "realtime-critical"
+    }))
+    .unwrap();
+    let o = build::build(&gw, &Default::default(), "img:1").unwrap();
+    let pod = serde_json::to_value(o.deployment.spec.template.spec.unwrap()).unwrap();
+    assert_eq!(
+        pod["imagePullSecrets"],
+        serde_json::json!([{"name": "registry"}])
+    );
+    assert_eq!(pod["nodeSelector"]["pool"], "realtime");
+    assert_eq!(pod["tolerations"][0]["key"], "dedicated");
+    assert_eq!(
+        pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+            [0]["matchExpressions"][0]["values"][0],
+        "arm64"
+    );
+    assert_eq!(pod["priorityClassName"], "realtime-critical");
+    assert_eq!(
+        pod.get("topologySpreadConstraints"),
+        None,
+        "an empty list turns the default off"
+    );
+}
+
 /// Compare with `operator/tests/golden/<name>.json`; `UPDATE_GOLDEN=1` rewrites it.
 fn assert_golden(name: &str, objects: &[serde_json::Value]) {
     let rendered = serde_json::to_string_pretty(objects).unwrap() + "\n";

@@ -125,6 +125,7 @@ async fn reconciles_gateways_and_policies_end_to_end() {
         ),
         metrics: metrics.clone(),
         default_image: "gateway:test".into(),
+        resync: controller::RESYNC,
     });
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let running = tokio::spawn(controller::run(ctx, async move {
@@ -303,7 +304,8 @@ async fn reconciles_gateways_and_policies_end_to_end() {
     merge_patch(
         &client,
         &format!("/apis/{CRD_API}/namespaces/{NS}/realtimegateways/rt"),
-        json!({"spec": {"replicas": null, "autoscaling": {"minReplicas": 2, "maxReplicas": 6}}}),
+        json!({"spec": {"replicas": null, "autoscaling": {"minReplicas": 2, "maxReplicas": 6},
+                        "resources": {"requests": {"cpu": "500m"}}}}),
     )
     .await;
     let hpa = eventually("hpa", || {
@@ -311,6 +313,10 @@ async fn reconciles_gateways_and_policies_end_to_end() {
     })
     .await;
     assert_eq!(hpa["spec"]["maxReplicas"], 6);
+    assert_eq!(
+        hpa["spec"]["metrics"][0]["resource"]["target"]["averageUtilization"], 70,
+        "CPU by default"
+    );
 
     // Deleting the winning policy lets nobody claim acme until the
     // conflicting one is judged again: it is accepted now.
@@ -382,6 +388,8 @@ fn start_operator(
         ),
         metrics: Arc::new(Metrics::default()),
         default_image: "gateway:test".into(),
+        // Secrets are read at each reconcile, not watched.
+        resync: Duration::from_millis(300),
     });
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let running = tokio::spawn(controller::run(ctx, async move {
@@ -390,228 +398,88 @@ fn start_operator(
     (stop_tx, running)
 }
 
-fn owns_replicas(deploy: &Value, manager: &str) -> bool {
-    fake_api::fields::owned_by(deploy, manager).contains(&vec!["spec".into(), "replicas".into()])
+fn secrets_hash(deploy: &Value) -> Option<String> {
+    deploy["spec"]["template"]["metadata"]["annotations"]["switchboard.dev/secrets-hash"]
+        .as_str()
+        .map(str::to_owned)
 }
 
 #[tokio::test]
-async fn switching_a_gateway_to_autoscaling_keeps_its_pods() {
+async fn a_changed_secret_rolls_the_pods_and_a_missing_one_is_reported() {
+    use k8s_openapi::api::events::v1::Event;
     let (fake, operator) = fake_with_chart_rbac();
     let client = fake.client();
     let (stop, running) = start_operator(&fake, operator);
-    create(&client, CRD_API, "realtimegateways", gateway(4, &[])).await;
-    let deploy = eventually("a Deployment with 4 replicas", || {
+    // The gateway mounts Secret "auth" key "hs256", which does not exist yet.
+    create(&client, CRD_API, "realtimegateways", gateway(2, &[])).await;
+    let missing = eventually("a Deployment stamped with the Secrets' hash", || {
         fake.get("apps/v1", "deployments", NS, "rt")
-            .filter(|d| d["spec"]["replicas"] == 4)
+            .and_then(|d| secrets_hash(&d))
     })
     .await;
-    assert!(owns_replicas(&deploy, controller::MANAGER));
-
-    // The platform team hands the replica count to an HPA.
-    let path = format!("/apis/{CRD_API}/namespaces/{NS}/realtimegateways/rt");
-    merge_patch(
-        &client,
-        &path,
-        json!({"spec": {"replicas": null, "autoscaling": {"minReplicas": 2, "maxReplicas": 10}}}),
-    )
-    .await;
-    let released = eventually("the operator stops owning spec.replicas", || {
-        fake.get("apps/v1", "deployments", NS, "rt")
-            .filter(|d| !owns_replicas(d, controller::MANAGER))
-    })
-    .await;
-    assert_eq!(
-        released["spec"]["replicas"], 4,
-        "the live replica count is carried across"
-    );
-    let hpa = eventually("the HPA", || {
-        fake.history("autoscaling/v2", "horizontalpodautoscalers", NS, "rt")
-            .first()
-            .cloned()
-    })
-    .await;
-    // Never a moment with fewer pods, and the HPA existed before the
-    // operator let go of the count.
-    let versions = fake.history("apps/v1", "deployments", NS, "rt");
-    for (rv, _, d) in &versions {
-        assert_eq!(
-            d["spec"]["replicas"], 4,
-            "Deployment version {rv} dropped the replica count"
-        );
+    let events: kube::Api<Event> = kube::Api::namespaced(client.clone(), NS);
+    let mut reported = false;
+    for _ in 0..100 {
+        let list = events.list(&Default::default()).await.unwrap();
+        if list
+            .items
+            .iter()
+            .any(|e| e.reason.as_deref() == Some("SecretNotFound"))
+        {
+            reported = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let let_go = versions
-        .iter()
-        .find(|(_, _, d)| !owns_replicas(d, controller::MANAGER))
-        .map(|(rv, _, _)| *rv)
-        .unwrap();
-    assert!(
-        hpa.0 < let_go,
-        "HPA (rv {}) applied before the Deployment lost its replicas (rv {let_go})",
-        hpa.0
-    );
+    assert!(reported, "a missing Secret is a Warning Event");
 
-    // The HPA scales (through the scale subresource: an update by the
-    // controller manager); the operator's next reconcile leaves it alone.
-    let deploy_path = format!(
-        "/apis/apps/v1/namespaces/{NS}/deployments/rt?fieldManager=kube-controller-manager"
-    );
-    merge_patch(&client, &deploy_path, json!({"spec": {"replicas": 7}})).await;
+    let secret = |value: &str| {
+        json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "auth", "namespace": NS},
+               "data": {"hs256": base64(value)}})
+    };
+    create(&client, "v1", "secrets", secret("first key")).await;
+    let first = eventually("the pods roll when the Secret appears", || {
+        fake.get("apps/v1", "deployments", NS, "rt")
+            .and_then(|d| secrets_hash(&d))
+            .filter(|h| *h != missing)
+    })
+    .await;
+    let config = config_hash(&fake.get("apps/v1", "deployments", NS, "rt").unwrap());
     merge_patch(
         &client,
-        &path,
-        json!({"spec": {"allowedOrigins": ["https://b.example"]}}),
+        &format!("/api/v1/namespaces/{NS}/secrets/auth"),
+        json!({"data": {"hs256": base64("rotated key")}}),
     )
     .await;
-    eventually("a reconcile of the new origins", || {
-        fake.get("v1", "configmaps", NS, "rt-config")
-            .filter(|c| c.to_string().contains("https://b.example"))
+    let rotated = eventually("the pods roll when the key changes", || {
+        fake.get("apps/v1", "deployments", NS, "rt")
+            .and_then(|d| secrets_hash(&d))
+            .filter(|h| *h != first)
+    })
+    .await;
+    assert_ne!(rotated, missing);
+    let deploy = fake.get("apps/v1", "deployments", NS, "rt").unwrap();
+    assert_eq!(config_hash(&deploy), config, "only the Secrets changed");
+    // Another key of the same Secret does not roll anything.
+    merge_patch(
+        &client,
+        &format!("/api/v1/namespaces/{NS}/secrets/auth"),
+        json!({"data": {"unrelated": base64("x")}}),
+    )
+    .await;
+    let reads = fake.requests("get", "secrets");
+    eventually("two more reconciles", || {
+        (fake.requests("get", "secrets") >= reads + 2).then_some(())
     })
     .await;
     let deploy = fake.get("apps/v1", "deployments", NS, "rt").unwrap();
-    assert_eq!(
-        deploy["spec"]["replicas"], 7,
-        "the operator does not fight the HPA"
-    );
-
-    // And back to a fixed count: the operator takes the field again.
-    merge_patch(
-        &client,
-        &path,
-        json!({"spec": {"autoscaling": null, "replicas": 3}}),
-    )
-    .await;
-    eventually("a fixed count of 3 and no HPA", || {
-        fake.get("apps/v1", "deployments", NS, "rt").filter(|d| {
-            d["spec"]["replicas"] == 3
-                && owns_replicas(d, controller::MANAGER)
-                && fake.count("autoscaling/v2", "horizontalpodautoscalers") == 0
-        })
-    })
-    .await;
+    assert_eq!(secrets_hash(&deploy).as_deref(), Some(rotated.as_str()));
     let _ = stop.send(());
     let _ = tokio::time::timeout(Duration::from_secs(10), running).await;
     assert_nothing_denied(&fake);
 }
 
-#[tokio::test]
-async fn only_one_replica_leads_and_a_dead_leader_is_replaced() {
-    use switchboard_operator::lease::LeaseLock;
-    let (fake, operator) = fake_with_chart_rbac();
-    let ttl = Duration::from_secs(2);
-    let client = fake.client_as(operator);
-    let a = LeaseLock::new(client.clone(), NS, "switchboard-operator", "replica-a", ttl);
-    let b = LeaseLock::new(client, NS, "switchboard-operator", "replica-b", ttl);
-    tokio::time::timeout(Duration::from_secs(5), a.acquire())
-        .await
-        .expect("a leads");
-    // While a renews, b waits.
-    let renewing = tokio::spawn(async move { a.hold().await });
-    assert!(
-        tokio::time::timeout(Duration::from_secs(3), b.acquire())
-            .await
-            .is_err(),
-        "b must not lead while a renews"
-    );
-    // a dies: after the lease expires, b takes over.
-    renewing.abort();
-    tokio::time::timeout(Duration::from_secs(10), b.acquire())
-        .await
-        .expect("b leads after a stopped renewing");
-    let lease = fake
-        .get(
-            "coordination.k8s.io/v1",
-            "leases",
-            NS,
-            "switchboard-operator",
-        )
-        .unwrap();
-    assert_eq!(lease["spec"]["holderIdentity"], "replica-b");
-    assert_eq!(lease["spec"]["leaseTransitions"], 1);
-    assert_nothing_denied(&fake);
-}
-
-#[tokio::test]
-async fn a_stopping_leader_releases_the_lease_and_the_next_leads_at_once() {
-    use switchboard_operator::lease::LeaseLock;
-    let (fake, operator) = fake_with_chart_rbac();
-    let client = fake.client_as(operator);
-    let ttl = Duration::from_secs(30);
-    let a = LeaseLock::new(client.clone(), NS, "switchboard-operator", "replica-a", ttl);
-    let b = LeaseLock::new(client, NS, "switchboard-operator", "replica-b", ttl);
-    a.acquire().await;
-    a.release().await.unwrap();
-    // Well inside the 30 s the lease would otherwise take to expire.
-    tokio::time::timeout(Duration::from_secs(5), b.acquire())
-        .await
-        .expect("b leads once a released the lease");
-    // A replica that no longer holds the lease leaves it alone.
-    a.release().await.unwrap();
-    let lease = fake
-        .get(
-            "coordination.k8s.io/v1",
-            "leases",
-            NS,
-            "switchboard-operator",
-        )
-        .unwrap();
-    assert_eq!(lease["spec"]["holderIdentity"], "replica-b");
-    assert_nothing_denied(&fake);
-}
-
-#[tokio::test]
-async fn a_leader_whose_clock_is_behind_keeps_the_lease_while_it_renews() {
-    // The leader's node clock runs an hour behind: its renewTime values are
-    // an hour old by our clock, yet it renews. Expiry must be judged by
-    // whether the record changes, not by comparing clocks.
-    use switchboard_operator::lease::LeaseLock;
-    let (fake, operator) = fake_with_chart_rbac();
-    let admin = fake.client();
-    let leases: kube::Api<k8s_openapi::api::coordination::v1::Lease> =
-        kube::Api::namespaced(admin, NS);
-    let renew = |n: i64| {
-        let t = time::OffsetDateTime::now_utc() - time::Duration::hours(1);
-        json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
-               "metadata": {"name": "switchboard-operator"},
-               "spec": {"holderIdentity": "skewed", "leaseDurationSeconds": 2, "leaseTransitions": 0,
-                        "renewTime": (t + time::Duration::milliseconds(n))
-                            .format(&time::format_description::well_known::Rfc3339).unwrap()}})
-    };
-    leases
-        .create(
-            &Default::default(),
-            &serde_json::from_value(renew(0)).unwrap(),
-        )
-        .await
-        .unwrap();
-    let renewing = tokio::spawn(async move {
-        for n in 1.. {
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            let mut lease = leases.get("switchboard-operator").await.unwrap();
-            lease.spec = serde_json::from_value(renew(n * 500)["spec"].clone()).unwrap();
-            leases
-                .replace("switchboard-operator", &Default::default(), &lease)
-                .await
-                .unwrap();
-        }
-    });
-    let b = LeaseLock::new(
-        fake.client_as(operator),
-        NS,
-        "switchboard-operator",
-        "replica-b",
-        Duration::from_secs(2),
-    );
-    assert!(
-        tokio::time::timeout(Duration::from_secs(5), b.acquire())
-            .await
-            .is_err(),
-        "b must not take a lease that is being renewed"
-    );
-    // The skewed leader dies: its record stops changing, and after the
-    // lease duration (by b's clock) b takes over.
-    renewing.abort();
-    tokio::time::timeout(Duration::from_secs(10), b.acquire())
-        .await
-        .expect("b leads after the skewed leader stopped renewing");
-    assert_nothing_denied(&fake);
+/// A Secret data value, base64 as the API carries it.
+fn base64(s: &str) -> Value {
+    serde_json::to_value(k8s_openapi::ByteString(s.as_bytes().to_vec())).unwrap()
 }

@@ -105,6 +105,12 @@ def tp(**spec):
     (tp(subscribe=[{"pattern": "a." * 200 + "b"}]), "too long"),
     (tp(publish=[{"pattern": "x"}] * 257), "too long"),
     (tp(limits={"connections": 0}), "minimum"),
+    (gw(autoscaling={"minReplicas": 1, "maxReplicas": 4}), "needs resources.requests.cpu"),
+    (gw(autoscaling={"minReplicas": 1, "maxReplicas": 4, "targetConnectionsPerPod": 9, "targetCpuUtilization": 50},
+        resources={"requests": {"memory": "1Gi"}}), "needs resources.requests.cpu"),
+    (gw(autoscaling={"minReplicas": 1, "maxReplicas": 4, "targetConnectionsPerPod": 0}), "minimum"),
+    (gw(autoscaling={"minReplicas": 1, "maxReplicas": 4, "targetConnectionsPerPod": 9, "scaleDownPeriodSeconds": 1}),
+     "minimum"),
 ])
 def test_each_rule_refuses_what_it_should(crds, obj, refusal):
     problems = admit(obj, crds)
@@ -112,7 +118,10 @@ def test_each_rule_refuses_what_it_should(crds, obj, refusal):
 
 
 @pytest.mark.parametrize("obj", [
-    gw(replicas=3), gw(autoscaling={"minReplicas": 2, "maxReplicas": 2}), gw(),
+    gw(replicas=3), gw(autoscaling={"minReplicas": 2, "maxReplicas": 2}, resources={"requests": {"cpu": "1"}}), gw(),
+    gw(autoscaling={"minReplicas": 2, "maxReplicas": 9, "targetConnectionsPerPod": 20000}),
+    gw(autoscaling={"minReplicas": 2, "maxReplicas": 9, "targetConnectionsPerPod": 20000, "targetCpuUtilization": 80},
+       resources={"requests": {"cpu": "500m"}}),
     tp(subscribe=[{"pattern": ">"}, {"pattern": "deal.*"}, {"pattern": "a.*.c.>"}], publish=[{"pattern": "deal.>"}]),
 ])
 def test_valid_resources_pass_every_rule(crds, obj):

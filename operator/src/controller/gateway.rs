@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
+use k8s_openapi::api::core::v1::Secret;
 use kube::api::{DeleteParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
@@ -14,7 +15,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::json;
 
-use super::{Context, Error, HANDOVER_MANAGER, MANAGER, RESYNC, condition};
+use super::{Context, Error, HANDOVER_MANAGER, MANAGER, condition};
 use crate::build;
 use crate::crd::{RealtimeGateway, RealtimeGatewayStatus, TopicPolicy};
 use crate::validate::{self, Verdict};
@@ -124,7 +125,7 @@ async fn reconcile_inner(gw: &RealtimeGateway, ctx: &Context) -> Result<Action, 
     // validate
     let (verdicts, bundle) = validate::judge(true, &mine);
     // build
-    let objects = match build::build(gw, &bundle, &ctx.default_image) {
+    let mut objects = match build::build(gw, &bundle, &ctx.default_image) {
         Ok(o) => o,
         Err(e) => {
             let message = e.to_string();
@@ -161,9 +162,12 @@ async fn reconcile_inner(gw: &RealtimeGateway, ctx: &Context) -> Result<Action, 
                 ..gw.status.clone().unwrap_or_default()
             };
             patch_gateway_status(client, &ns, &name, &status).await?;
-            return Ok(Action::requeue(RESYNC));
+            return Ok(Action::requeue(ctx.resync));
         }
     };
+    if let Some(digest) = secrets_digest(ctx, gw, &ns).await? {
+        objects.roll_on_secrets(&digest);
+    }
     // apply
     apply(client, &ns, &objects.service_account).await?;
     apply(client, &ns, &objects.config_map).await?;
@@ -208,7 +212,48 @@ async fn reconcile_inner(gw: &RealtimeGateway, ctx: &Context) -> Result<Action, 
         &rejected,
     );
     patch_gateway_status(client, &ns, &name, &status).await?;
-    Ok(Action::requeue(RESYNC))
+    Ok(Action::requeue(ctx.resync))
+}
+
+/// A digest of the content of every Secret key the gateway mounts (`None`
+/// when it mounts none). A missing Secret or key hashes as missing, so the
+/// pods roll when it appears, and is reported as a Warning Event (the pods
+/// cannot start without it).
+async fn secrets_digest(
+    ctx: &Context,
+    gw: &RealtimeGateway,
+    ns: &str,
+) -> Result<Option<String>, Error> {
+    let refs = build::secret_refs(gw);
+    if refs.is_empty() {
+        return Ok(None);
+    }
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
+    let mut text = String::new();
+    for r in refs {
+        let value = api
+            .get_opt(&r.name)
+            .await?
+            .and_then(|s| s.data)
+            .and_then(|mut d| d.remove(&r.key));
+        match value {
+            Some(bytes) => text.push_str(&format!(
+                "{}/{}={}\n",
+                r.name,
+                r.key,
+                build::sha256_bytes(&bytes.0)
+            )),
+            None => {
+                let note = format!(
+                    "Secret {}/{} has no key {:?}: the gateway pods cannot start until it exists",
+                    ns, r.name, r.key
+                );
+                publish_event(ctx, gw, EventType::Warning, "SecretNotFound", &note).await;
+                text.push_str(&format!("{}/{} missing\n", r.name, r.key));
+            }
+        }
+    }
+    Ok(Some(build::sha256(&text)))
 }
 
 /// The status a gateway has, given its Deployment.

@@ -36,6 +36,10 @@ pub struct Context {
     pub recorder: Recorder,
     pub metrics: Arc<Metrics>,
     pub default_image: String,
+    /// How often every object is reconciled again without a change
+    /// ([`RESYNC`] in production). Secrets are read, not watched, so this
+    /// bounds how long a changed Secret takes to roll the pods.
+    pub resync: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]

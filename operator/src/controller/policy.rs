@@ -11,7 +11,7 @@ use kube::runtime::events::EventType;
 use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 
-use super::{Context, Error, MANAGER, RESYNC, condition};
+use super::{Context, Error, MANAGER, condition};
 use crate::crd::{RealtimeGateway, TopicPolicy, TopicPolicyStatus};
 use crate::validate::{self, Verdict};
 
@@ -77,7 +77,7 @@ pub async fn reconcile(p: Arc<TopicPolicy>, ctx: Arc<Context>) -> Result<Action,
             }
         }
     }
-    Ok(Action::requeue(RESYNC))
+    Ok(Action::requeue(ctx.resync))
 }
 
 pub fn error_policy(p: Arc<TopicPolicy>, error: &Error, ctx: Arc<Context>) -> Action {

@@ -2,7 +2,9 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::ResourceRequirements;
+use k8s_openapi::api::core::v1::{
+    Affinity, LocalObjectReference, ResourceRequirements, Toleration, TopologySpreadConstraint,
+};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
@@ -50,6 +52,7 @@ use super::SecretKeyRef;
 )]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("!(has(self.replicas) && has(self.autoscaling))").message("set replicas or autoscaling, not both"))]
+#[x_kube(validation = Rule::new(CPU_REQUEST_RULE).message("autoscaling on CPU needs resources.requests.cpu (utilization is a share of the request); set it, or scale on targetConnectionsPerPod only"))]
 pub struct RealtimeGatewaySpec {
     /// Region name, stamped on events published here: 1-64 characters of `[A-Za-z0-9_-]`.
     #[schemars(length(min = 1, max = 64), regex(pattern = r"^[A-Za-z0-9_-]+$"))]
@@ -88,7 +91,28 @@ pub struct RealtimeGatewaySpec {
     pub pod_labels: BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub pod_annotations: BTreeMap<String, String>,
+    /// Secrets for pulling `image` from a private registry.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub image_pull_secrets: Vec<LocalObjectReference>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tolerations: Vec<Toleration>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity: Option<Affinity>,
+    /// How pods spread over the cluster. Default: at most one pod of skew
+    /// across zones and across nodes, preferred (`ScheduleAnyway`), so a
+    /// zone or node outage takes a fair share of connections, not all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub topology_spread_constraints: Option<Vec<TopologySpreadConstraint>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority_class_name: Option<String>,
 }
+
+/// CPU scaling (an explicit CPU target, or no connections target) needs a
+/// CPU request: the HPA measures utilization as a share of it.
+const CPU_REQUEST_RULE: &str = "!has(self.autoscaling) || (has(self.autoscaling.targetConnectionsPerPod) && !has(self.autoscaling.targetCpuUtilization)) || (has(self.resources) && has(self.resources.requests) && 'cpu' in self.resources.requests)";
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
@@ -97,9 +121,29 @@ pub struct Autoscaling {
     #[schemars(range(min = 1))]
     pub min_replicas: i32,
     pub max_replicas: i32,
-    /// Target average CPU utilization in percent (default 70).
+    /// Target average CPU utilization in percent of the CPU request.
+    /// Default 70 without `targetConnectionsPerPod`; with it, CPU is only
+    /// used when set (then the HPA follows whichever asks for more pods).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 100))]
     pub target_cpu_utilization: Option<i32>,
+    /// Target average open connections (WebSocket and SSE) per pod, read
+    /// through the custom metrics API as the Pods metric
+    /// `switchboard_connections` (prometheus-adapter rule in
+    /// `deploy/observability/prometheus-adapter-values.yaml`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub target_connections_per_pod: Option<i64>,
+    /// Seconds between removals of one pod when scaling down (default:
+    /// twice `drainSeconds`, at least 60), so the clients of one draining
+    /// pod have reconnected before the next pod drains.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 15, max = 3600))]
+    pub scale_down_period_seconds: Option<i32>,
+    /// How long load must stay low before any scale-down (default 600).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 3600))]
+    pub scale_down_stabilization_seconds: Option<i32>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, KubeSchema)]

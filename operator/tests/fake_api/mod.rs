@@ -239,6 +239,15 @@ impl FakeApi {
             .collect()
     }
 
+    /// How many authorized requests non-admins made with `verb` on `resource`.
+    pub fn requests(&self, verb: &str, resource: &str) -> usize {
+        let audit = self.audit.lock().unwrap();
+        audit
+            .iter()
+            .filter(|(_, a, ok)| *ok && a.verb == verb && a.resource == resource)
+            .count()
+    }
+
     /// Authorize one request: `Some` is the API server's 403 answer.
     fn forbidden(&self, user: &User, a: Attributes) -> Option<Response<Body>> {
         let Some(rbac) = &self.rbac else {
