@@ -35,6 +35,7 @@ PROMTOOL = shutil.which("promtool") or "/usr/bin/promtool"
 ALERTS = ROOT / "deploy" / "observability" / "alerts.yaml"
 ALERT_TESTS = ROOT / "deploy" / "observability" / "alerts.test.yaml"
 DASHBOARD = ROOT / "deploy" / "observability" / "grafana-dashboard.json"
+ADAPTER = ROOT / "deploy" / "observability" / "prometheus-adapter-values.yaml"
 SECRET = "prometheus-test-secret"
 PUBLISHED = 40        # events published to a subscribed topic
 UNROUTED = 5          # events published where nobody listens
@@ -286,6 +287,30 @@ def test_exemplars_link_latency_to_sampled_traces(stack, scenario):
                                             for series in http_json(url)[1]["data"] for e in series["exemplars"]])
     assert all(re.fullmatch(r"[0-9a-f]{32}", i) for i in ids), ids
     until("spans exported", lambda: stack["otlp"].exports > 0)
+
+
+def test_the_autoscaling_metric_counts_websocket_and_sse_connections(stack, scenario):
+    """The prometheus-adapter rule shipped for `targetConnectionsPerPod`,
+    with the adapter's template filled in as it fills it for one pod."""
+    [rule] = yaml.safe_load(ADAPTER.read_text())["rules"]["custom"]
+    assert rule["name"]["as"] == "switchboard_connections"
+    series = rule["seriesQuery"].replace('namespace!="",', "")
+    assert query(stack, series), f"the adapter's series query finds nothing: {series}"
+    promql = (rule["metricsQuery"].replace("<<.GroupBy>>", "pod")
+              .replace("<<.LabelMatchers>>", 'pod="gw-0"'))
+    ws = value(stack, 'switchboard_websocket_active{pod="gw-0"}')
+    assert ws == 1
+    # Open an SSE stream as well: the metric is both transports.
+    sub = token("acme", "subscribe")
+    stream = urllib.request.urlopen(f"{stack['http']}/api/realtime/sse/?topics=deal.*&token={sub}", timeout=10)
+    try:
+        stream.readline()
+        until("SSE stream counted", lambda: value(stack, promql) == ws + 1, timeout=30,
+              describe=lambda: query(stack, promql))
+        [result] = query(stack, promql)
+        assert result["metric"] == {"pod": "gw-0"}, result
+    finally:
+        stream.close()
 
 
 def dashboard_queries():
