@@ -8,9 +8,9 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::Client;
+use kube::api::ListParams;
 use kube::runtime::events::{Recorder, Reporter};
-use kube::{Api, Client};
 use switchboard_operator::controller::{self, Context};
 use switchboard_operator::crd::{RealtimeGateway, TopicPolicy};
 use switchboard_operator::lease::LeaseLock;
@@ -70,6 +70,10 @@ struct RunArgs {
     /// Turn leader election off (a single replica).
     #[arg(long)]
     no_leader_election: bool,
+    /// Watch and manage this namespace only (needs Roles there, no
+    /// ClusterRole); default: every namespace.
+    #[arg(long, env = "SWITCHBOARD_WATCH_NAMESPACE")]
+    watch_namespace: Option<String>,
 }
 
 fn init_logs() {
@@ -122,20 +126,34 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let client = Client::try_default()
         .await
         .context("connecting to the Kubernetes API")?;
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    for name in [
-        "realtimegateways.switchboard.dev",
-        "topicpolicies.switchboard.dev",
-    ] {
-        if crds
-            .get_opt(name)
-            .await
-            .context("reading CustomResourceDefinitions")?
-            .is_none()
-        {
-            bail!(
+    let watch_namespace = args.watch_namespace.clone().filter(|n| !n.is_empty());
+    // The CRDs must be installed: a list of each kind, in the scope the
+    // operator watches, answers 404 otherwise (no cluster-wide read of
+    // CustomResourceDefinitions needed, so this works in namespace scope).
+    let ns = watch_namespace.as_deref();
+    let probes = [
+        (
+            "realtimegateways.switchboard.dev",
+            controller::scoped::<RealtimeGateway>(&client, ns)
+                .list(&ListParams::default().limit(1))
+                .await
+                .map(|_| ()),
+        ),
+        (
+            "topicpolicies.switchboard.dev",
+            controller::scoped::<TopicPolicy>(&client, ns)
+                .list(&ListParams::default().limit(1))
+                .await
+                .map(|_| ()),
+        ),
+    ];
+    for (name, probe) in probes {
+        match probe {
+            Ok(()) => {}
+            Err(kube::Error::Api(s)) if s.code == 404 => bail!(
                 "the CRD {name} is not installed: install the chart's CRDs or run `switchboard-operator crdgen | kubectl apply -f -`"
-            );
+            ),
+            Err(e) => return Err(e).with_context(|| format!("listing {name}")),
         }
     }
     // SIGTERM (how Kubernetes stops a pod) or Ctrl-C, at any point from here.
@@ -179,6 +197,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         metrics: metrics.clone(),
         default_image: args.gateway_image,
         resync: controller::RESYNC,
+        watch_namespace,
     });
     let lost = async {
         match &lease {

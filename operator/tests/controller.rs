@@ -40,12 +40,17 @@ fn condition<'a>(obj: &'a Value, type_: &str) -> Option<&'a Value> {
 }
 
 async fn create(client: &kube::Client, api: &str, plural: &str, body: Value) {
+    create_in(client, NS, api, plural, body).await
+}
+
+async fn create_in(client: &kube::Client, ns: &str, api: &str, plural: &str, mut body: Value) {
+    body["metadata"]["namespace"] = json!(ns);
     let (group_path, _) = if api == "v1" {
         ("/api/v1".to_owned(), ())
     } else {
         (format!("/apis/{api}"), ())
     };
-    let req = http::Request::post(format!("{group_path}/namespaces/{NS}/{plural}"))
+    let req = http::Request::post(format!("{group_path}/namespaces/{ns}/{plural}"))
         .header("content-type", "application/json")
         .body(serde_json::to_vec(&body).unwrap())
         .unwrap();
@@ -112,7 +117,7 @@ async fn reconciles_gateways_and_policies_end_to_end() {
     // The test sets objects up as the cluster admin; the operator runs as
     // the chart's ServiceAccount.
     let client = fake.client();
-    let operator_client = fake.client_as(operator);
+    let operator_client = fake.client_as(operator.clone());
     let metrics = Arc::new(Metrics::default());
     let ctx = Arc::new(Context {
         client: operator_client.clone(),
@@ -126,6 +131,7 @@ async fn reconciles_gateways_and_policies_end_to_end() {
         metrics: metrics.clone(),
         default_image: "gateway:test".into(),
         resync: controller::RESYNC,
+        watch_namespace: None,
     });
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let running = tokio::spawn(controller::run(ctx, async move {
@@ -366,12 +372,14 @@ async fn reconciles_gateways_and_policies_end_to_end() {
     let _ = stop_tx.send(());
     let _ = tokio::time::timeout(Duration::from_secs(10), running).await;
     assert_nothing_denied(&fake);
+    assert_owned_watches_select_the_label(&fake, &operator);
 }
 
 /// Run the controllers as `operator` until the returned sender fires.
 fn start_operator(
     fake: &FakeApi,
     operator: User,
+    watch_namespace: Option<String>,
 ) -> (
     tokio::sync::oneshot::Sender<()>,
     tokio::task::JoinHandle<()>,
@@ -390,12 +398,97 @@ fn start_operator(
         default_image: "gateway:test".into(),
         // Secrets are read at each reconcile, not watched.
         resync: Duration::from_millis(300),
+        watch_namespace,
     });
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let running = tokio::spawn(controller::run(ctx, async move {
         let _ = stop_rx.await;
     }));
     (stop_tx, running)
+}
+
+/// Every list and watch `operator` made of a kind it owns selected the
+/// operator's label (it caches its own objects, not the cluster's).
+fn assert_owned_watches_select_the_label(fake: &FakeApi, operator: &User) {
+    const OWNED: [&str; 6] = [
+        "deployments",
+        "configmaps",
+        "services",
+        "serviceaccounts",
+        "poddisruptionbudgets",
+        "horizontalpodautoscalers",
+    ];
+    let seen: Vec<_> = fake
+        .list_selectors(operator)
+        .into_iter()
+        .filter(|(_, resource, _)| OWNED.contains(&resource.as_str()))
+        .collect();
+    for kind in OWNED {
+        assert!(
+            seen.iter().any(|(verb, r, _)| r == kind && verb == "watch"),
+            "the operator watches {kind}: {seen:?}"
+        );
+    }
+    for (verb, resource, selector) in &seen {
+        assert_eq!(
+            selector.as_deref(),
+            Some(controller::MANAGED_BY),
+            "{verb} {resource} without the operator's label selector"
+        );
+    }
+}
+
+#[tokio::test]
+async fn in_namespace_scope_the_operator_needs_no_cluster_wide_rights() {
+    let chart = RenderedChart::render(NS, &json!({"operator": {"scope": "namespace"}}));
+    let kinds: Vec<&str> = chart
+        .objects
+        .iter()
+        .filter_map(|o| o["kind"].as_str())
+        .collect();
+    assert!(
+        !kinds.iter().any(|k| k.starts_with("Cluster")),
+        "namespace scope renders no cluster-wide RBAC: {kinds:?}"
+    );
+    let watch = chart.watch_namespace();
+    assert_eq!(watch.as_deref(), Some(NS));
+    let fake = FakeApi::with_rbac(chart.rbac());
+    let operator = chart.operator_account();
+    let client = fake.client();
+    // Another team's gateway, in another namespace, is not this operator's.
+    create_in(
+        &client,
+        "elsewhere",
+        CRD_API,
+        "realtimegateways",
+        gateway(1, &[]),
+    )
+    .await;
+    let (stop, running) = start_operator(&fake, operator.clone(), watch);
+    create(&client, CRD_API, "realtimegateways", gateway(2, &[])).await;
+    create(
+        &client,
+        CRD_API,
+        "topicpolicies",
+        policy("acme", "acme", "rt", &["deal.*"]),
+    )
+    .await;
+    eventually("the gateway in the release namespace is reconciled", || {
+        let gw = fake.get(CRD_API, "realtimegateways", NS, "rt")?;
+        (gw["status"]["policiesApplied"] == 1).then_some(())
+    })
+    .await;
+    assert!(fake.get("apps/v1", "deployments", NS, "rt").is_some());
+    assert_eq!(
+        fake.get("apps/v1", "deployments", "elsewhere", "rt"),
+        None,
+        "the other namespace is left alone"
+    );
+    let _ = stop.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(10), running).await;
+    // Nothing denied: the operator never tried to read across namespaces.
+    assert_nothing_denied(&fake);
+    assert_owned_watches_select_the_label(&fake, &operator);
 }
 
 fn secrets_hash(deploy: &Value) -> Option<String> {
@@ -409,7 +502,7 @@ async fn a_changed_secret_rolls_the_pods_and_a_missing_one_is_reported() {
     use k8s_openapi::api::events::v1::Event;
     let (fake, operator) = fake_with_chart_rbac();
     let client = fake.client();
-    let (stop, running) = start_operator(&fake, operator);
+    let (stop, running) = start_operator(&fake, operator, None);
     // The gateway mounts Secret "auth" key "hs256", which does not exist yet.
     create(&client, CRD_API, "realtimegateways", gateway(2, &[])).await;
     let missing = eventually("a Deployment stamped with the Secrets' hash", || {

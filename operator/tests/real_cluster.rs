@@ -74,6 +74,7 @@ async fn reconciles_against_a_real_cluster() {
         default_image: std::env::var("SWITCHBOARD_GATEWAY_IMAGE")
             .unwrap_or_else(|_| "ghcr.io/switchboard-dev/gateway:0.1.0".into()),
         resync: controller::RESYNC,
+        watch_namespace: None,
     });
     let running = tokio::spawn(controller::run(ctx, std::future::pending()));
     let gws: Api<RealtimeGateway> = Api::namespaced(client.clone(), &ns);

@@ -26,7 +26,7 @@ import helm_python as helm  # noqa: E402
 
 CHART = ROOT / "charts" / "switchboard"
 CRD_CHART = ROOT / "charts" / "switchboard-crds"
-VALUES_FILES = sorted(p for p in (ROOT / "deploy").rglob("*.yaml") if "values" in p.name and "nats" not in p.parts)
+VALUES_FILES = sorted((ROOT / "deploy" / "regions").rglob("*values*.yaml"))
 NATS_VALUES = sorted((ROOT / "deploy" / "nats").glob("*values*.yaml"))
 
 
@@ -149,6 +149,22 @@ def test_docs_list_the_rbac_the_chart_renders():
     table = text.split("<!-- rbac:begin -->")[1].split("<!-- rbac:end -->")[0]
     documented = [line for line in table.strip().splitlines()[2:]]
     assert documented == rbac_table(render(CHART, {}))
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_namespace_scope_grants_the_same_rules_in_the_release_namespace_only(version):
+    docs = render(CHART, {"operator": {"scope": "namespace"}})
+    kinds = {d["kind"] for d in docs}
+    assert not {"ClusterRole", "ClusterRoleBinding"} & kinds, kinds
+    for d in docs:
+        kubernetes_validate.validate(d, version, strict=True)
+        if d["kind"] in ("Role", "RoleBinding"):
+            assert d["metadata"]["namespace"] == "switchboard", d["metadata"]
+    cluster = rules_of(render(CHART, {}), "ClusterRole")
+    assert rules_of(docs, "Role") >= cluster
+    [operator] = [d for d in docs if d["kind"] == "Deployment"]
+    env = {e["name"]: e.get("value") for e in operator["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["SWITCHBOARD_WATCH_NAMESPACE"] == "switchboard"
 
 
 def test_every_resource_the_operator_applies_can_be_created_and_patched():

@@ -40,6 +40,26 @@ pub struct Context {
     /// ([`RESYNC`] in production). Secrets are read, not watched, so this
     /// bounds how long a changed Secret takes to roll the pods.
     pub resync: Duration,
+    /// `Some(ns)`: watch and manage only namespace `ns` (the chart's
+    /// `operator.scope: namespace`, with Roles instead of ClusterRoles);
+    /// `None`: every namespace.
+    pub watch_namespace: Option<String>,
+}
+
+/// The label every object the operator applies carries; watches of owned
+/// kinds select on it, so the operator caches its own objects only, not
+/// every Deployment, ConfigMap and Service of the cluster.
+pub const MANAGED_BY: &str = "app.kubernetes.io/managed-by=switchboard-operator";
+
+/// An `Api` over the namespaces the operator watches.
+pub fn scoped<K>(client: &Client, namespace: Option<&str>) -> Api<K>
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
+{
+    match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -85,7 +105,10 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
     let client = ctx.client.clone();
+    let ns = ctx.watch_namespace.clone();
+    let ns = ns.as_deref();
     let cfg = watcher::Config::default();
+    let owned = watcher::Config::default().labels(MANAGED_BY);
     let (tx, rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
         shutdown.await;
@@ -94,17 +117,14 @@ pub async fn run(
     let stop = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
-    let gateways = Controller::new(Api::<RealtimeGateway>::all(client.clone()), cfg.clone())
-        .owns(Api::<Deployment>::all(client.clone()), cfg.clone())
-        .owns(Api::<ConfigMap>::all(client.clone()), cfg.clone())
-        .owns(Api::<Service>::all(client.clone()), cfg.clone())
-        .owns(Api::<ServiceAccount>::all(client.clone()), cfg.clone())
-        .owns(Api::<PodDisruptionBudget>::all(client.clone()), cfg.clone())
-        .owns(
-            Api::<HorizontalPodAutoscaler>::all(client.clone()),
-            cfg.clone(),
-        )
-        .watches(Api::<TopicPolicy>::all(client.clone()), cfg.clone(), |p| {
+    let gateways = Controller::new(scoped::<RealtimeGateway>(&client, ns), cfg.clone())
+        .owns(scoped::<Deployment>(&client, ns), owned.clone())
+        .owns(scoped::<ConfigMap>(&client, ns), owned.clone())
+        .owns(scoped::<Service>(&client, ns), owned.clone())
+        .owns(scoped::<ServiceAccount>(&client, ns), owned.clone())
+        .owns(scoped::<PodDisruptionBudget>(&client, ns), owned.clone())
+        .owns(scoped::<HorizontalPodAutoscaler>(&client, ns), owned)
+        .watches(scoped::<TopicPolicy>(&client, ns), cfg.clone(), |p| {
             p.namespace()
                 .map(|ns| ObjectRef::new(&p.spec.gateway).within(&ns))
         })
@@ -115,7 +135,7 @@ pub async fn run(
                 tracing::debug!(error = %e, "gateway controller");
             }
         });
-    let policies = Controller::new(Api::<TopicPolicy>::all(client.clone()), cfg)
+    let policies = Controller::new(scoped::<TopicPolicy>(&client, ns), cfg)
         .graceful_shutdown_on(stop(rx))
         .run(policy::reconcile, policy::error_policy, ctx)
         .for_each(|r| async move {

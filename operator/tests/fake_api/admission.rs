@@ -75,6 +75,12 @@ impl Crds {
         Arc::new(Self { kinds })
     }
 
+    /// Whether these CRDs define (`group/version`, plural).
+    pub fn serves(&self, api: &str, plural: &str) -> bool {
+        self.kinds
+            .contains_key(&(api.to_owned(), plural.to_owned()))
+    }
+
     /// `Kind.group` of a custom resource, for messages.
     pub fn qualified_kind(&self, api: &str, plural: &str) -> Option<String> {
         let k = self.kinds.get(&(api.to_owned(), plural.to_owned()))?;

@@ -67,6 +67,8 @@ pub struct FakeApi {
     tx: broadcast::Sender<Ev>,
     rbac: Option<Arc<Rbac>>,
     crds: Arc<admission::Crds>,
+    /// Every list and watch: (user, verb, resource, labelSelector).
+    selectors: Arc<Mutex<Vec<(User, String, String, Option<String>)>>>,
     /// Every request a non-admin user made: (user, attributes, allowed).
     audit: Arc<Mutex<Vec<(String, Attributes, bool)>>>,
 }
@@ -101,6 +103,55 @@ fn parse_path(path: &str) -> Option<Path> {
         name: parts.get(1).map(|s| s.to_string()),
         sub: parts.get(2).map(|s| s.to_string()),
     })
+}
+
+/// An equality-based label selector (`k=v`, `k==v`, `k!=v`, `k`, `!k`,
+/// comma-separated), as kube's watcher sends it.
+#[derive(Clone, Default)]
+pub struct LabelSelector(Vec<(String, Requirement)>);
+
+#[derive(Clone)]
+enum Requirement {
+    Equals(String),
+    NotEquals(String),
+    Exists,
+    Absent,
+}
+
+impl LabelSelector {
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let mut out = Vec::new();
+        for term in text.split(',').map(str::trim).filter(|t| !t.is_empty()) {
+            let requirement = if let Some((k, v)) = term.split_once("!=") {
+                (k, Requirement::NotEquals(v.into()))
+            } else if let Some((k, v)) = term.split_once("==").or_else(|| term.split_once('=')) {
+                (k, Requirement::Equals(v.into()))
+            } else if let Some(k) = term.strip_prefix('!') {
+                (k, Requirement::Absent)
+            } else if term.contains(' ') || term.contains('(') {
+                return Err(format!(
+                    "unable to parse requirement: {term:?} (set-based selectors are not modelled)"
+                ));
+            } else {
+                (term, Requirement::Exists)
+            };
+            out.push((requirement.0.trim().to_owned(), requirement.1));
+        }
+        Ok(Self(out))
+    }
+
+    pub fn matches(&self, obj: &Value) -> bool {
+        let labels = &obj["metadata"]["labels"];
+        self.0.iter().all(|(k, r)| {
+            let v = labels.get(k).and_then(Value::as_str);
+            match r {
+                Requirement::Equals(want) => v == Some(want.as_str()),
+                Requirement::NotEquals(want) => v != Some(want.as_str()),
+                Requirement::Exists => v.is_some(),
+                Requirement::Absent => v.is_none(),
+            }
+        })
+    }
 }
 
 fn merge(target: &mut Value, patch: &Value) {
@@ -172,6 +223,7 @@ impl FakeApi {
             tx: broadcast::channel(4096).0,
             rbac: None,
             crds: admission::Crds::shipped(),
+            selectors: Arc::default(),
             audit: Arc::default(),
         }
     }
@@ -236,6 +288,15 @@ impl FakeApi {
             .iter()
             .filter(|(_, _, ok)| *ok)
             .map(|(_, a, _)| (a.verb.clone(), a.group.clone(), a.resource.clone()))
+            .collect()
+    }
+
+    /// (verb, resource, labelSelector) of every list and watch `user` made.
+    pub fn list_selectors(&self, user: &User) -> Vec<(String, String, Option<String>)> {
+        let log = self.selectors.lock().unwrap();
+        log.iter()
+            .filter(|(u, ..)| u == user)
+            .map(|(_, v, r, l)| (v.clone(), r.clone(), l.clone()))
             .collect()
     }
 
@@ -508,14 +569,10 @@ impl FakeApi {
             .await
             .map(|b| b.to_bytes())
             .unwrap_or_default();
-        let query: BTreeMap<String, String> = parts
-            .uri
-            .query()
-            .unwrap_or_default()
-            .split('&')
-            .filter_map(|kv| kv.split_once('='))
-            .map(|(k, v)| (k.to_owned(), v.to_owned()))
-            .collect();
+        let query: BTreeMap<String, String> =
+            form_urlencoded::parse(parts.uri.query().unwrap_or_default().as_bytes())
+                .map(|(k, v)| (k.into_owned(), v.into_owned()))
+                .collect();
         let Some(p) = parse_path(parts.uri.path()) else {
             return status(404, "NotFound", format!("no route {}", parts.uri.path()));
         };
@@ -543,8 +600,17 @@ impl FakeApi {
         // names it, as the API server's request info does.
         let selected = query
             .get("fieldSelector")
-            .map(|f| f.replace("%3D", "=").replace("%3d", "="))
             .and_then(|f| f.strip_prefix("metadata.name=").map(str::to_owned));
+        if p.api.starts_with("switchboard.dev/") && !self.crds.serves(&p.api, &p.plural) {
+            return status(
+                404,
+                "NotFound",
+                format!(
+                    "the server could not find the requested resource ({})",
+                    p.plural
+                ),
+            );
+        }
         let attributes = Attributes {
             verb: verb.into(),
             group: p.api.split_once('/').map_or("", |(g, _)| g).to_owned(),
@@ -570,19 +636,33 @@ impl FakeApi {
         let force = query.get("force").map(String::as_str) == Some("true");
 
         if parts.method == Method::GET && p.name.is_none() {
+            let labels = match query.get("labelSelector").map(|l| LabelSelector::parse(l)) {
+                None => LabelSelector::default(),
+                Some(Ok(l)) => l,
+                Some(Err(e)) => return status(400, "BadRequest", e),
+            };
+            self.selectors.lock().unwrap().push((
+                user.clone(),
+                verb.to_owned(),
+                p.plural.clone(),
+                query.get("labelSelector").cloned(),
+            ));
             if watching {
                 let from: u64 = query
                     .get("resourceVersion")
                     .and_then(|v| v.parse().ok())
                     .unwrap_or(0);
-                return self.watch(p, from);
+                return self.watch(p, from, labels);
             }
             let st = self.state.lock().unwrap();
             let items: Vec<Value> = st
                 .objects
                 .iter()
-                .filter(|(k, _)| {
-                    k.0 == p.api && k.1 == p.plural && (p.namespace.is_none() || k.2 == ns)
+                .filter(|(k, v)| {
+                    k.0 == p.api
+                        && k.1 == p.plural
+                        && (p.namespace.is_none() || k.2 == ns)
+                        && labels.matches(v)
                 })
                 .map(|(_, v)| v.clone())
                 .collect();
@@ -735,11 +815,15 @@ impl FakeApi {
         }
     }
 
-    fn watch(&self, p: Path, from: u64) -> Response<Body> {
+    /// A watch stream. With a label selector, only events of objects that
+    /// match are sent (an object that stops matching is not announced as
+    /// deleted, as the real API server would: the operator never relabels).
+    fn watch(&self, p: Path, from: u64, labels: LabelSelector) -> Response<Body> {
         let matches = move |ev: &Ev| {
             ev.key.0 == p.api
                 && ev.key.1 == p.plural
                 && p.namespace.as_ref().is_none_or(|n| &ev.key.2 == n)
+                && labels.matches(&ev.object)
         };
         let rx = self.tx.subscribe();
         let backlog: Vec<Ev> = {

@@ -237,6 +237,20 @@ impl RenderedChart {
         }
     }
 
+    /// The namespace the rendered operator is told to watch, if any.
+    pub fn watch_namespace(&self) -> Option<String> {
+        let deploy = self
+            .objects
+            .iter()
+            .find(|d| d["kind"] == "Deployment" && d["metadata"]["name"] == "sb-operator")?;
+        deploy["spec"]["template"]["spec"]["containers"][0]["env"]
+            .as_array()?
+            .iter()
+            .find(|e| e["name"] == "SWITCHBOARD_WATCH_NAMESPACE")
+            .and_then(|e| e["value"].as_str())
+            .map(str::to_owned)
+    }
+
     pub fn rbac(&self) -> Rbac {
         Rbac::from_objects(&self.objects)
     }
