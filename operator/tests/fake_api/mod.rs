@@ -43,6 +43,8 @@ use tokio::sync::broadcast;
 pub use rbac::{Attributes, Rbac, RenderedChart, User};
 
 type Body = BoxBody<Bytes, Infallible>;
+/// A list or watch: (user, verb, resource, labelSelector).
+type ListRequest = (User, String, String, Option<String>);
 
 #[derive(Clone, Debug)]
 struct Ev {
@@ -68,7 +70,7 @@ pub struct FakeApi {
     rbac: Option<Arc<Rbac>>,
     crds: Arc<admission::Crds>,
     /// Every list and watch: (user, verb, resource, labelSelector).
-    selectors: Arc<Mutex<Vec<(User, String, String, Option<String>)>>>,
+    selectors: Arc<Mutex<Vec<ListRequest>>>,
     /// Every request a non-admin user made: (user, attributes, allowed).
     audit: Arc<Mutex<Vec<(String, Attributes, bool)>>>,
 }
