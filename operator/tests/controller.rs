@@ -182,10 +182,34 @@ async fn reconciles_gateways_and_policies_end_to_end() {
     )
     .await;
 
+    // Admitted by the CRD, refused by the gateway's own config checks.
+    create(
+        &client,
+        CRD_API,
+        "realtimegateways",
+        json!({"apiVersion": CRD_API, "kind": "RealtimeGateway", "metadata": {"name": "bad"},
+               "spec": {"region": "eu", "replicas": 1,
+                        "nats": {"urls": ["nats://n:4222"], "regions": ["us"]}}}),
+    )
+    .await;
     let deploy = eventually("deployment", || {
         fake.get("apps/v1", "deployments", NS, "rt")
     })
     .await;
+    let bad = eventually("the invalid gateway's conditions", || {
+        let gw = fake.get(CRD_API, "realtimegateways", NS, "bad")?;
+        let c = condition(&gw, "Degraded")?;
+        (c["reason"] == "InvalidSpec").then(|| c.clone())
+    })
+    .await;
+    assert!(
+        bad["message"]
+            .as_str()
+            .unwrap()
+            .contains("must include this gateway's region"),
+        "{bad}"
+    );
+    assert_eq!(fake.get("apps/v1", "deployments", NS, "bad"), None);
     for (api, plural, name) in [
         ("v1", "configmaps", "rt-config"),
         ("v1", "services", "rt"),
@@ -365,10 +389,23 @@ async fn reconciles_gateways_and_policies_end_to_end() {
         m.contains("switchboard_operator_reconciles_total{kind=\"RealtimeGateway\"}"),
         "{m}"
     );
-    assert!(
-        fake.count("events.k8s.io/v1", "events") >= 1,
-        "rejections become Kubernetes Events"
-    );
+    // Every rejection a user can cause is a Warning Event on the object,
+    // with the condition's reason.
+    for (kind, name, reason) in [
+        ("TopicPolicy", "acme-again", "Conflict"),
+        ("TopicPolicy", "broken", "InvalidPattern"),
+        ("TopicPolicy", "orphan", "GatewayNotFound"),
+        ("RealtimeGateway", "bad", "InvalidSpec"),
+    ] {
+        let events = fake.list("events.k8s.io/v1", "events");
+        assert!(
+            events.iter().any(|e| e["reason"] == reason
+                && e["type"] == "Warning"
+                && e["regarding"]["kind"] == kind
+                && e["regarding"]["name"] == name),
+            "no {reason} Event on {kind} {name}: {events:#?}"
+        );
+    }
     let _ = stop_tx.send(());
     let _ = tokio::time::timeout(Duration::from_secs(10), running).await;
     assert_nothing_denied(&fake);

@@ -196,7 +196,7 @@ async fn reconcile_inner(gw: &RealtimeGateway, ctx: &Context) -> Result<Action, 
         let Some(verdict) = verdicts.get(&p.name_any()) else {
             continue;
         };
-        super::policy::set_accepted(client, p, verdict).await?;
+        super::policy::set_accepted(ctx, p, verdict).await?;
     }
     // status: gateway
     let rejected: Vec<String> = verdicts

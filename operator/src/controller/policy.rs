@@ -15,11 +15,11 @@ use super::{Context, Error, MANAGER, condition};
 use crate::crd::{RealtimeGateway, TopicPolicy, TopicPolicyStatus};
 use crate::validate::{self, Verdict};
 
-pub async fn set_accepted(
-    client: &kube::Client,
-    p: &TopicPolicy,
-    verdict: &Verdict,
-) -> Result<(), Error> {
+/// Write the policy's `Accepted` condition; a rejection that is new (the
+/// condition changed) is also a Warning Event on the policy, with the
+/// condition's reason and message.
+pub async fn set_accepted(ctx: &Context, p: &TopicPolicy, verdict: &Verdict) -> Result<(), Error> {
+    let client = &ctx.client;
     let ns = p.namespace().ok_or(Error::NoNamespace)?;
     let previous = p.status.clone().unwrap_or_default().conditions;
     let (reason, message) = verdict.reason_message();
@@ -38,6 +38,9 @@ pub async fn set_accepted(
         s.conditions == status.conditions && s.observed_generation == status.observed_generation
     }) {
         return Ok(());
+    }
+    if let Verdict::Rejected { reason, message } = verdict {
+        super::gateway::publish_event(ctx, p, EventType::Warning, reason, message).await;
     }
     let body = json!({
         "apiVersion": TopicPolicy::api_version(&()),
@@ -64,17 +67,7 @@ pub async fn reconcile(p: Arc<TopicPolicy>, ctx: Arc<Context>) -> Result<Action,
     if gateway.is_none() {
         let (verdicts, _) = validate::judge(false, std::slice::from_ref(p.as_ref()));
         if let Some(v) = verdicts.values().next() {
-            set_accepted(&ctx.client, &p, v).await?;
-            if let Verdict::Rejected { reason, message } = v {
-                super::gateway::publish_event(
-                    &ctx,
-                    p.as_ref(),
-                    EventType::Warning,
-                    reason,
-                    message,
-                )
-                .await;
-            }
+            set_accepted(&ctx, &p, v).await?;
         }
     }
     Ok(Action::requeue(ctx.resync))

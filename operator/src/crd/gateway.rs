@@ -84,6 +84,7 @@ pub struct RealtimeGatewaySpec {
     pub telemetry: Option<TelemetrySpec>,
     /// Seconds over which clients are told to reconnect when a pod stops (default 30).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(max = 86400))]
     pub drain_seconds: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
@@ -150,6 +151,7 @@ pub struct Autoscaling {
 #[serde(rename_all = "camelCase")]
 pub struct NatsSpec {
     /// This region's NATS servers.
+    #[schemars(length(min = 1, max = 32))]
     pub urls: Vec<String>,
     /// A Secret key holding a NATS `.creds` file.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -162,6 +164,7 @@ pub struct NatsSpec {
     pub placement_cluster: Option<String>,
     /// Replicas of the region's stream (default 3).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 5))]
     pub stream_replicas: Option<u32>,
 }
 

@@ -438,6 +438,16 @@ impl FakeApi {
             .collect()
     }
 
+    /// Every stored object of a kind, in every namespace.
+    pub fn list(&self, api: &str, plural: &str) -> Vec<Value> {
+        let st = self.state.lock().unwrap();
+        st.objects
+            .iter()
+            .filter(|(k, _)| k.0 == api && k.1 == plural)
+            .map(|(_, v)| v.clone())
+            .collect()
+    }
+
     pub fn count(&self, api: &str, plural: &str) -> usize {
         let st = self.state.lock().unwrap();
         st.objects
