@@ -371,6 +371,20 @@ async fn reconciles_gateways_and_policies_end_to_end() {
     })
     .await;
 
+    // Retargeting a policy to another gateway removes it from this one at
+    // once (not at the next resync, 5 minutes away in this test).
+    merge_patch(
+        &client,
+        &format!("/apis/{CRD_API}/namespaces/{NS}/topicpolicies/acme-again"),
+        json!({"spec": {"gateway": "somewhere-else"}}),
+    )
+    .await;
+    eventually("the old gateway's bundle drops the policy", || {
+        let cm = fake.get("v1", "configmaps", NS, "rt-config")?;
+        (!cm["data"]["policy.yaml"].as_str()?.contains("contact.*")).then_some(())
+    })
+    .await;
+
     // Deleting the gateway removes everything it owns (garbage collection
     // through the owner references the operator set).
     delete(

@@ -124,9 +124,18 @@ pub async fn run(
         .owns(scoped::<ServiceAccount>(&client, ns), owned.clone())
         .owns(scoped::<PodDisruptionBudget>(&client, ns), owned.clone())
         .owns(scoped::<HorizontalPodAutoscaler>(&client, ns), owned)
+        // A policy concerns its gateway and, until judged again, the gateway
+        // it was judged for: retargeting it removes it from the old one at once.
         .watches(scoped::<TopicPolicy>(&client, ns), cfg.clone(), |p| {
-            p.namespace()
-                .map(|ns| ObjectRef::new(&p.spec.gateway).within(&ns))
+            let ns = p.namespace().unwrap_or_default();
+            let previous = p
+                .status
+                .as_ref()
+                .and_then(|s| s.gateway.clone())
+                .filter(|g| *g != p.spec.gateway);
+            std::iter::once(p.spec.gateway.clone())
+                .chain(previous)
+                .map(move |g| ObjectRef::new(&g).within(&ns))
         })
         .graceful_shutdown_on(stop(rx.clone()))
         .run(gateway::reconcile, gateway::error_policy, ctx.clone())

@@ -33,9 +33,12 @@ pub async fn set_accepted(ctx: &Context, p: &TopicPolicy, verdict: &Verdict) -> 
             p.metadata.generation,
         )],
         observed_generation: p.metadata.generation,
+        gateway: Some(p.spec.gateway.clone()),
     };
     if p.status.as_ref().is_some_and(|s| {
-        s.conditions == status.conditions && s.observed_generation == status.observed_generation
+        s.conditions == status.conditions
+            && s.observed_generation == status.observed_generation
+            && s.gateway == status.gateway
     }) {
         return Ok(());
     }

@@ -98,4 +98,8 @@ pub struct TopicPolicyStatus {
     pub conditions: Vec<Condition>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+    /// The gateway this policy was last judged for: when `spec.gateway`
+    /// changes, that gateway is reconciled at once and drops the policy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<String>,
 }
