@@ -146,6 +146,11 @@ impl Node {
         self.policy.borrow().clone()
     }
 
+    /// [`PolicyBundle::digest`] of the policy in force.
+    pub fn policy_digest(&self) -> String {
+        self.policy().digest()
+    }
+
     /// Follows policy changes.
     pub fn policy_changes(&self) -> watch::Receiver<Arc<PolicyBundle>> {
         self.policy.subscribe()

@@ -14,6 +14,7 @@ use axum::routing::{get, post};
 use axum::serve::ListenerExt;
 use axum::{Json, Router};
 use serde_json::json;
+use switchboard_config::{Readiness, ReadyState};
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
 use crate::metrics::ExpositionFormat;
@@ -101,14 +102,25 @@ async fn healthz() -> &'static str {
     "ok"
 }
 
+/// 200 only when taking clients; the body names the state and the policy
+/// bundle in force (the operator's `PolicyApplied` reads it).
 async fn readyz(State(node): State<Arc<Node>>) -> Response {
-    if node.draining() {
-        (StatusCode::SERVICE_UNAVAILABLE, "draining").into_response()
+    let state = if node.draining() {
+        ReadyState::Draining
     } else if !node.broker.health().1 {
-        (StatusCode::SERVICE_UNAVAILABLE, "event bus unavailable").into_response()
+        ReadyState::EventBusUnavailable
     } else {
-        (StatusCode::OK, "ready").into_response()
-    }
+        ReadyState::Ready
+    };
+    let code = match state {
+        ReadyState::Ready => StatusCode::OK,
+        _ => StatusCode::SERVICE_UNAVAILABLE,
+    };
+    let body = Readiness {
+        state,
+        policy: node.policy_digest(),
+    };
+    (code, axum::Json(body)).into_response()
 }
 
 /// Prometheus text 0.0.4 unless the scraper asks for OpenMetrics (as

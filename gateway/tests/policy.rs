@@ -169,3 +169,50 @@ async fn hot_reload_revokes_subscriptions_without_dropping_the_connection() {
     c.recv_type("subscription.revoked").await;
     assert_eq!(c.closed().await.0, 4003);
 }
+
+#[tokio::test]
+async fn readiness_reports_the_policy_bundle_in_force() {
+    use switchboard_config::PolicyBundle;
+    let dir = tempdir::Dir::new("readiness");
+    let gw = gateway_with_policy(&dir).await;
+    let readyz = format!("{}/readyz", gw.admin());
+    let digest = |text: &str| PolicyBundle::from_yaml(text).unwrap().digest();
+    let (status, body) = get_json(&readyz, None).await;
+    assert_eq!(status, 200);
+    assert_eq!(body, json!({"state": "ready", "policy": digest(POLICY)}));
+
+    // A bad edit keeps the bundle in force, and so its digest.
+    policy_file(&dir, "tenants: [this is not a bundle");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while metric(
+        &gw.metrics().await,
+        r#"switchboard_policy_reloads_total{result="error"}"#,
+    ) < 1.0
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "reload error not seen"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(get_json(&readyz, None).await.1["policy"], digest(POLICY));
+
+    // A new bundle is reported once it is in force, whatever its layout.
+    let next = "tenants:\n  globex:\n    subscribe: [{pattern: \"a.*\"}]\n";
+    policy_file(&dir, next);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, body) = get_json(&readyz, None).await;
+        if body["policy"] == digest(next) {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "still {body}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        digest(next),
+        PolicyBundle::from_yaml(&PolicyBundle::from_yaml(next).unwrap().to_yaml())
+            .unwrap()
+            .digest()
+    );
+}

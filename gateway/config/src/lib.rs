@@ -2,6 +2,7 @@
 //!
 //! - [`gateway`]: the gateway's configuration file (`switchboard.yaml`).
 //! - [`policy`]: the tenant policy bundle the gateway hot-reloads.
+//! - [`readiness`]: the gateway's `/readyz` answer (the operator reads it).
 //! - [`topic`]: validated topic names and subscription patterns.
 //!
 //! The operator renders these types into a ConfigMap; the gateway reads them
@@ -9,6 +10,7 @@
 
 pub mod gateway;
 pub mod policy;
+pub mod readiness;
 pub mod topic;
 
 pub use gateway::{
@@ -16,6 +18,7 @@ pub use gateway::{
     LogFormat, NatsConfig, NatsTls, OtlpProtocol, TelemetryConfig,
 };
 pub use policy::{InteractionClass, PatternRule, PolicyBundle, TenantLimits, TenantPolicy};
+pub use readiness::{Readiness, ReadyState};
 pub use topic::{Pattern, Topic, TopicError};
 
 /// A config or policy file could not be used.

@@ -125,6 +125,17 @@ impl PolicyBundle {
         serde_saphyr::to_string(self).unwrap_or_default()
     }
 
+    /// SHA-256 (hex) of the canonical serialization: the same bundle has the
+    /// same digest on the operator that wrote it and on every gateway that
+    /// read it back, whatever the file's formatting.
+    pub fn digest(&self) -> String {
+        use sha2::{Digest, Sha256};
+        Sha256::digest(self.to_yaml().as_bytes())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+
     pub fn validate(&self) -> Result<(), FormatError> {
         let problems: Vec<String> = self
             .tenants
@@ -223,6 +234,21 @@ tenants:
 
     fn pat(s: &str) -> Pattern {
         Pattern::parse(s).unwrap()
+    }
+
+    #[test]
+    fn the_digest_survives_the_round_trip_through_a_file_and_tells_bundles_apart() {
+        let hand_written = PolicyBundle::from_yaml(BUNDLE).unwrap();
+        let written = hand_written.to_yaml();
+        let read_back = PolicyBundle::from_yaml(&written).unwrap();
+        assert_eq!(read_back.digest(), hand_written.digest());
+        assert_eq!(read_back.digest().len(), 64);
+        let other = PolicyBundle::from_yaml(&BUNDLE.replace("deal.*", "deal.>")).unwrap();
+        assert_ne!(other.digest(), hand_written.digest());
+        assert_ne!(
+            PolicyBundle::allow_all().digest(),
+            PolicyBundle::default().digest()
+        );
     }
 
     #[test]
