@@ -9,4 +9,5 @@ pub mod controller;
 pub mod crd;
 pub mod lease;
 pub mod metrics;
+pub mod rollout;
 pub mod validate;

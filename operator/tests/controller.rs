@@ -627,3 +627,195 @@ async fn a_changed_secret_rolls_the_pods_and_a_missing_one_is_reported() {
 fn base64(s: &str) -> Value {
     serde_json::to_value(k8s_openapi::ByteString(s.as_bytes().to_vec())).unwrap()
 }
+
+/// A gateway process playing one pod: the real binary, started with the
+/// ConfigMap's config and its own copy of the mounted policy file.
+struct GatewayPod {
+    child: std::process::Child,
+    dir: std::path::PathBuf,
+    admin_port: u16,
+}
+
+impl GatewayPod {
+    fn start(name: &str, config_map: &Value) -> Self {
+        let bin = std::env::var_os("SWITCHBOARD_BIN")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| {
+                std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/switchboard")
+            });
+        assert!(
+            bin.exists(),
+            "{} missing: cargo build --workspace first",
+            bin.display()
+        );
+        let dir = std::env::temp_dir().join(format!("sb-pod-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("switchboard.yaml"),
+            config_map["data"]["switchboard.yaml"].as_str().unwrap(),
+        )
+        .unwrap();
+        let free = || {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port()
+        };
+        let admin_port = free();
+        let pod = Self {
+            child: std::process::Command::new(bin)
+                .arg("--config")
+                .arg(dir.join("switchboard.yaml"))
+                .args(["--listen", &format!("127.0.0.1:{}", free())])
+                .args(["--admin-listen", &format!("127.0.0.1:{admin_port}")])
+                .arg("--policy-file")
+                .arg(dir.join("policy.yaml"))
+                .env("RUST_LOG", "warn")
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap(),
+            dir,
+            admin_port,
+        };
+        pod.mount(config_map);
+        pod
+    }
+
+    /// What the kubelet does when the ConfigMap changes: update the file.
+    fn mount(&self, config_map: &Value) {
+        let tmp = self.dir.join(".policy.yaml");
+        std::fs::write(&tmp, config_map["data"]["policy.yaml"].as_str().unwrap()).unwrap();
+        std::fs::rename(&tmp, self.dir.join("policy.yaml")).unwrap();
+    }
+}
+
+impl Drop for GatewayPod {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[tokio::test]
+async fn policy_rollout_is_reported_until_every_ready_pod_runs_the_new_bundle() {
+    let (fake, operator) = fake_with_chart_rbac();
+    let client = fake.client();
+    let (stop, running) = start_operator(&fake, operator, None);
+    create(
+        &client,
+        CRD_API,
+        "realtimegateways",
+        json!({"apiVersion": CRD_API, "kind": "RealtimeGateway", "metadata": {"name": "rt"},
+               "spec": {"region": "eu", "replicas": 2}}),
+    )
+    .await;
+    create(
+        &client,
+        CRD_API,
+        "topicpolicies",
+        policy("acme", "acme", "rt", &["deal.*"]),
+    )
+    .await;
+    let first = eventually("a bundle with acme", || {
+        fake.get("v1", "configmaps", NS, "rt-config")
+            .filter(|c| c.to_string().contains("deal.*"))
+    })
+    .await;
+    let pods = [
+        GatewayPod::start("a", &first),
+        GatewayPod::start("b", &first),
+    ];
+    // The pods, as the kubelet reports them: two ready, one starting.
+    for (name, port, ready) in [
+        ("rt-a", pods[0].admin_port, true),
+        ("rt-b", pods[1].admin_port, true),
+        ("rt-c", 1, false),
+    ] {
+        create(
+            &client,
+            "v1",
+            "pods",
+            json!({"apiVersion": "v1", "kind": "Pod",
+                   "metadata": {"name": name, "labels": {
+                       "app.kubernetes.io/name": "switchboard-gateway",
+                       "app.kubernetes.io/instance": "rt"}},
+                   "spec": {"containers": [{"name": "gateway", "image": "gateway:test",
+                       "ports": [{"name": "http", "containerPort": 8000},
+                                 {"name": "admin", "containerPort": port}]}]}}),
+        )
+        .await;
+        merge_patch(
+            &client,
+            &format!("/api/v1/namespaces/{NS}/pods/{name}/status"),
+            json!({"status": {"podIP": "127.0.0.1", "conditions": [
+                {"type": "Ready", "status": if ready { "True" } else { "False" }}]}}),
+        )
+        .await;
+    }
+    let applied = |kind: &str, name: &str| {
+        let obj = fake.get(CRD_API, kind, NS, name)?;
+        let c = condition(&obj, "PolicyApplied")?;
+        Some((
+            c["status"].as_str()?.to_owned(),
+            c["reason"].as_str()?.to_owned(),
+            c["message"].as_str()?.to_owned(),
+        ))
+    };
+    let (_, _, message) = eventually("both ready pods run the bundle", || {
+        applied("realtimegateways", "rt").filter(|a| a.0 == "True")
+    })
+    .await;
+    assert!(
+        message.starts_with("2/2 ready pods run policy bundle"),
+        "{message}"
+    );
+    eventually("acme reports it applied", || {
+        applied("topicpolicies", "acme").filter(|a| a.0 == "True")
+    })
+    .await;
+
+    // A new tenant: the ConfigMap changes before any pod has the new file.
+    create(
+        &client,
+        CRD_API,
+        "topicpolicies",
+        policy("globex", "globex", "rt", &["ticket.*"]),
+    )
+    .await;
+    let second = eventually("a bundle with globex", || {
+        fake.get("v1", "configmaps", NS, "rt-config")
+            .filter(|c| c.to_string().contains("ticket.*"))
+    })
+    .await;
+    let lag = eventually("both pods lag", || {
+        applied("realtimegateways", "rt").filter(|a| a.1 == "PodsLagging")
+    })
+    .await;
+    assert_eq!(lag.0, "False");
+    assert!(lag.2.starts_with("2 of 2 ready pods"), "{}", lag.2);
+    eventually("globex waits for the pods", || {
+        applied("topicpolicies", "globex").filter(|a| a.1 == "PodsLagging")
+    })
+    .await;
+    pods[0].mount(&second);
+    eventually("one pod left", || {
+        applied("realtimegateways", "rt").filter(|a| a.2.starts_with("1 of 2 ready pods"))
+    })
+    .await;
+    pods[1].mount(&second);
+    eventually("every ready pod runs the new bundle", || {
+        applied("realtimegateways", "rt").filter(|a| a.0 == "True")
+    })
+    .await;
+    eventually("globex applied", || {
+        applied("topicpolicies", "globex").filter(|a| a.0 == "True")
+    })
+    .await;
+    let _ = stop.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(10), running).await;
+    assert_nothing_denied(&fake);
+}

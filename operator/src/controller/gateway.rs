@@ -17,6 +17,10 @@ use serde_json::json;
 
 use super::{Context, Error, HANDOVER_MANAGER, MANAGER, condition};
 use crate::build;
+use crate::rollout::{self, Rollout};
+
+/// How soon a gateway whose pods still run an older bundle is looked at again.
+const ROLLOUT_RECHECK: Duration = Duration::from_secs(5);
 use crate::crd::{RealtimeGateway, RealtimeGatewayStatus, TopicPolicy};
 use crate::validate::{self, Verdict};
 
@@ -191,12 +195,14 @@ async fn reconcile_inner(gw: &RealtimeGateway, ctx: &Context) -> Result<Action, 
         }
     }
 
+    // rollout: which bundle the ready pods enforce
+    let rollout = rollout::observe(client, gw, &bundle.digest()).await?;
     // status: policies
     for p in &mine {
         let Some(verdict) = verdicts.get(&p.name_any()) else {
             continue;
         };
-        super::policy::set_accepted(ctx, p, verdict).await?;
+        super::policy::set_accepted(ctx, p, verdict, Some(&rollout)).await?;
     }
     // status: gateway
     let rejected: Vec<String> = verdicts
@@ -210,9 +216,15 @@ async fn reconcile_inner(gw: &RealtimeGateway, ctx: &Context) -> Result<Action, 
         &previous,
         verdicts.values().filter(|v| v.is_accepted()).count(),
         &rejected,
+        &rollout,
     );
     patch_gateway_status(client, &ns, &name, &status).await?;
-    Ok(Action::requeue(ctx.resync))
+    // While pods lag, look again soon: the rollout takes about a minute.
+    Ok(Action::requeue(if rollout.complete() {
+        ctx.resync
+    } else {
+        ctx.resync.min(ROLLOUT_RECHECK)
+    }))
 }
 
 /// A digest of the content of every Secret key the gateway mounts (`None`
@@ -263,6 +275,7 @@ pub fn gateway_status(
     previous: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition],
     accepted: usize,
     rejected: &[String],
+    rollout: &Rollout,
 ) -> RealtimeGatewayStatus {
     let generation = gw.metadata.generation;
     let desired = deployment.spec.replicas.unwrap_or(1);
@@ -316,6 +329,17 @@ pub fn gateway_status(
                 &degraded_msg,
                 generation,
             ),
+            {
+                let (reason, message) = rollout.reason_message();
+                condition(
+                    previous,
+                    "PolicyApplied",
+                    rollout.complete(),
+                    reason,
+                    &message,
+                    generation,
+                )
+            },
         ],
         observed_generation: generation,
         replicas: st.replicas.unwrap_or(0),

@@ -13,25 +13,55 @@ use serde_json::json;
 
 use super::{Context, Error, MANAGER, condition};
 use crate::crd::{RealtimeGateway, TopicPolicy, TopicPolicyStatus};
+use crate::rollout::Rollout;
 use crate::validate::{self, Verdict};
 
 /// Write the policy's `Accepted` condition; a rejection that is new (the
 /// condition changed) is also a Warning Event on the policy, with the
 /// condition's reason and message.
-pub async fn set_accepted(ctx: &Context, p: &TopicPolicy, verdict: &Verdict) -> Result<(), Error> {
+/// `PolicyApplied` follows the gateway's rollout for an accepted policy
+/// (`rollout` is `None` when the gateway does not exist).
+pub async fn set_accepted(
+    ctx: &Context,
+    p: &TopicPolicy,
+    verdict: &Verdict,
+    rollout: Option<&Rollout>,
+) -> Result<(), Error> {
     let client = &ctx.client;
     let ns = p.namespace().ok_or(Error::NoNamespace)?;
     let previous = p.status.clone().unwrap_or_default().conditions;
     let (reason, message) = verdict.reason_message();
+    let (applied, applied_reason, applied_message) = match (verdict, rollout) {
+        (Verdict::Accepted, Some(r)) => {
+            let (reason, message) = r.reason_message();
+            (r.complete(), reason, message)
+        }
+        (Verdict::Accepted, None) => (false, "GatewayNotFound", "no gateway runs it".into()),
+        (Verdict::Rejected { reason, .. }, _) => (
+            false,
+            "NotAccepted",
+            format!("not in any policy bundle ({reason})"),
+        ),
+    };
     let status = TopicPolicyStatus {
-        conditions: vec![condition(
-            &previous,
-            "Accepted",
-            verdict.is_accepted(),
-            reason,
-            &message,
-            p.metadata.generation,
-        )],
+        conditions: vec![
+            condition(
+                &previous,
+                "Accepted",
+                verdict.is_accepted(),
+                reason,
+                &message,
+                p.metadata.generation,
+            ),
+            condition(
+                &previous,
+                "PolicyApplied",
+                applied,
+                applied_reason,
+                &applied_message,
+                p.metadata.generation,
+            ),
+        ],
         observed_generation: p.metadata.generation,
         gateway: Some(p.spec.gateway.clone()),
     };
@@ -70,7 +100,7 @@ pub async fn reconcile(p: Arc<TopicPolicy>, ctx: Arc<Context>) -> Result<Action,
     if gateway.is_none() {
         let (verdicts, _) = validate::judge(false, std::slice::from_ref(p.as_ref()));
         if let Some(v) = verdicts.values().next() {
-            set_accepted(&ctx, &p, v).await?;
+            set_accepted(&ctx, &p, v, None).await?;
         }
     }
     Ok(Action::requeue(ctx.resync))
