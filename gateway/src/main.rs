@@ -106,6 +106,25 @@ enum Command {
         #[arg(long)]
         cursor: Option<String>,
     },
+    /// End-to-end check (the chart's `helm test`): subscribe over WebSocket,
+    /// publish over HTTP with a minted token, wait for the event. Exits 1
+    /// with the reason if any step fails.
+    Check {
+        #[arg(long, default_value = "http://127.0.0.1:8000")]
+        url: String,
+        /// Tenant of the minted token (its policy must allow `--topic`).
+        #[arg(long, default_value = "switchboard-check")]
+        tenant: String,
+        #[arg(long, default_value = "switchboard.check")]
+        topic: String,
+        /// File holding the HS256 secret (a mounted Secret key).
+        #[arg(long, conflicts_with = "secret")]
+        secret_file: Option<PathBuf>,
+        #[arg(long, env = "SWITCHBOARD_HS256_SECRET", hide_env_values = true)]
+        secret: Option<String>,
+        #[arg(long, default_value_t = 30)]
+        timeout_seconds: u64,
+    },
     /// Print the default configuration as YAML.
     DefaultConfig,
 }
@@ -229,6 +248,38 @@ async fn main() -> anyhow::Result<()> {
             println!(
                 "{}",
                 cli::publish(&url, &token, &event_type, &data, idempotency_key.as_deref()).await?
+            );
+            Ok(())
+        }
+        Some(Command::Check {
+            url,
+            tenant,
+            topic,
+            secret_file,
+            secret,
+            timeout_seconds,
+        }) => {
+            let secret = match (secret_file, secret) {
+                (Some(path), _) => std::fs::read_to_string(&path)
+                    .with_context(|| format!("reading {}", path.display()))?
+                    .trim_end()
+                    .to_owned(),
+                (None, Some(s)) => s,
+                (None, None) => auth::DEV_SECRET.to_owned(),
+            };
+            let scopes = ["subscribe".to_owned(), "publish".to_owned()];
+            let token = cli::token(
+                &secret,
+                &tenant,
+                "switchboard-check",
+                &scopes,
+                Duration::from_secs(300),
+            )?;
+            let took =
+                cli::check(&url, &token, &topic, Duration::from_secs(timeout_seconds)).await?;
+            println!(
+                "ok: {topic} published and delivered through {url} in {} ms",
+                took.as_millis()
             );
             Ok(())
         }
