@@ -85,10 +85,18 @@ pub fn compile(policy: &TopicPolicy) -> Result<TenantPolicy, String> {
 /// Judge every policy that names one gateway. Two policies claiming the same
 /// tenant conflict: the older one (by creation time, then name) keeps the
 /// tenant and the newer is rejected; nothing is merged.
+///
+/// A gateway no TopicPolicy names is open, as a gateway without a policy
+/// file is: every tenant may use every topic of its own. Once any policy
+/// names it, only accepted policies' tenants get in; a gateway whose
+/// policies are all rejected stays closed rather than opening up.
 pub fn judge(
     gateway_exists: bool,
     policies: &[TopicPolicy],
 ) -> (BTreeMap<String, Verdict>, PolicyBundle) {
+    if policies.is_empty() {
+        return (BTreeMap::new(), PolicyBundle::allow_all());
+    }
     let mut verdicts = BTreeMap::new();
     let mut bundle = PolicyBundle::default();
     let mut owner: BTreeMap<String, String> = BTreeMap::new();
@@ -167,6 +175,24 @@ mod tests {
             k8s_openapi::jiff::Timestamp::from_second(1_700_000_000 + created_secs).unwrap(),
         ));
         p
+    }
+
+    #[test]
+    fn no_policy_means_open_and_only_rejected_ones_keep_it_closed() {
+        let (verdicts, open) = judge(true, &[]);
+        assert!(verdicts.is_empty());
+        assert_eq!(open.digest(), PolicyBundle::allow_all().digest());
+        let topic = switchboard_config::Topic::parse("deal.won").unwrap();
+        assert!(open.check_publish("anyone", &topic).is_ok());
+        let broken = serde_json::from_value::<TopicPolicy>(serde_json::json!({
+            "apiVersion": "switchboard.dev/v1alpha1", "kind": "TopicPolicy",
+            "metadata": {"name": "p", "namespace": "ns"},
+            "spec": {"gateway": "rt", "tenant": "acme", "subscribe": [{"pattern": "a.>.b"}]}
+        }))
+        .unwrap();
+        let (_, closed) = judge(true, &[broken]);
+        assert!(closed.tenants.is_empty() && closed.default.is_none());
+        assert!(closed.check_publish("acme", &topic).is_err());
     }
 
     #[test]

@@ -7,6 +7,10 @@ identical to crds/, and RBAC that lets the operator create what it applies
 (docs/operator.md lists it; the operator's tests are authorized with it)."""
 
 import json
+import urllib.request
+import time
+import socket
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -253,3 +257,90 @@ def test_bad_monitoring_values_fail_with_the_schema_message(values, message):
     with pytest.raises(helm.HelmError) as err:
         helm.Chart.load(str(CHART)).render(values, name="sb", namespace="switchboard")
     assert message in str(err.value)
+
+
+GATEWAY = os.environ.get("SWITCHBOARD_BIN", str(ROOT / "target" / "debug" / "switchboard"))
+
+
+def check_pod(docs):
+    pods = [d for d in docs if d["kind"] == "Pod"]
+    return pods[0] if pods else None
+
+
+def run_helm_test_against_a_real_gateway(docs, tmp_path):
+    """Compile the rendered custom resources with the operator, start the
+    gateway binary with that policy bundle and the HS256 secret, then run
+    the rendered test pod's command with its URL pointed at that gateway."""
+    pod = check_pod(docs)
+    manifest = tmp_path / "resources.yaml"
+    manifest.write_text(yaml.safe_dump_all([d for d in docs if d["kind"] in ("RealtimeGateway", "TopicPolicy")]))
+    objects = [json.loads(line) for line in subprocess.run(
+        [OPERATOR, "render", str(manifest)], check=True, capture_output=True, text=True).stdout.splitlines()]
+    [config_map] = [o for o in objects if o["kind"] == "ConfigMap"]
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(config_map["data"]["policy.yaml"])
+    secret = tmp_path / "hs256"
+    secret.write_text("helm-test-secret\n")
+
+    def free():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+    port, admin = free(), free()
+    gateway = subprocess.Popen([GATEWAY, "--listen", f"127.0.0.1:{port}", "--admin-listen", f"127.0.0.1:{admin}",
+                                "--policy-file", str(policy)],
+                               env={**os.environ, "SWITCHBOARD_HS256_SECRET": "helm-test-secret", "RUST_LOG": "warn"},
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{admin}/readyz", timeout=1) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "gateway did not become ready"
+            time.sleep(0.1)
+        args = list(pod["spec"]["containers"][0]["args"])
+        args[args.index("--url") + 1] = f"http://127.0.0.1:{port}"
+        args[args.index("--secret-file") + 1] = str(secret)
+        return subprocess.run([GATEWAY, *args, "--timeout-seconds", "15"], capture_output=True, text=True)
+    finally:
+        gateway.terminate()
+        gateway.wait(timeout=15)
+
+
+@pytest.mark.parametrize("values_file", VALUES_FILES, ids=lambda p: p.parent.name)
+def test_helm_test_passes_against_a_gateway_running_the_rendered_policies(values_file, tmp_path):
+    docs = render(CHART, load_values(values_file))
+    pod = check_pod(docs)
+    assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    secret = pod["spec"]["volumes"][0]["secret"]
+    assert secret["secretName"] == load_values(values_file)["gateway"]["spec"]["auth"]["hs256Secret"]["name"]
+    done = run_helm_test_against_a_real_gateway(docs, tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "published and delivered" in done.stdout
+
+
+def test_helm_test_without_policies_uses_the_open_gateway_and_adds_no_tenant(tmp_path):
+    values = {"region": "eu", "gateway": {"enabled": True, "spec": {
+        "replicas": 1, "auth": {"hs256Secret": {"name": "auth", "key": "k"}}}}}
+    docs = render(CHART, values)
+    assert not [d for d in docs if d["kind"] == "TopicPolicy"], "a policy would close the gateway to everyone else"
+    done = run_helm_test_against_a_real_gateway(docs, tmp_path)
+    assert done.returncode == 0, done.stderr
+    # Without an HS256 Secret nothing can mint a token: no test is rendered.
+    del values["gateway"]["spec"]["auth"]
+    assert check_pod(render(CHART, values)) is None
+
+
+def test_the_check_tenant_sees_nothing_else(tmp_path):
+    """The check tenant's own policy allows only the check topic."""
+    docs = render(CHART, load_values(VALUES_FILES[0]))
+    pod = check_pod(docs)
+    args = pod["spec"]["containers"][0]["args"]
+    args[args.index("--topic") + 1] = "deal.won"
+    done = run_helm_test_against_a_real_gateway(docs, tmp_path)
+    assert done.returncode != 0
+    assert "topic_not_allowed" in done.stderr, done.stderr
