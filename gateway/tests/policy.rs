@@ -254,3 +254,48 @@ async fn the_check_command_proves_a_round_trip_and_names_what_failed() {
     let why = String::from_utf8_lossy(&bad_secret.stderr);
     assert!(why.contains("4001") || why.contains("401"), "{why}");
 }
+
+/// A critical class is decided by overlap, not containment: `*.captured`
+/// reaches `payment.captured` under `payment.>` and is refused on every
+/// transport; a critical topic is not publishable either.
+#[tokio::test]
+async fn critical_topics_do_not_leak_through_overlapping_patterns() {
+    let dir = tempdir::Dir::new("critical");
+    let mut cfg = config();
+    cfg.policy_file = Some(policy_file(
+        &dir,
+        "tenants:\n  acme:\n    subscribe:\n      - pattern: \">\"\n      - pattern: \"payment.>\"\n        class: critical\n    publish:\n      - pattern: \">\"\n",
+    ));
+    let gw = Gateway::start(cfg).await;
+    let mut c = Client::open(&gw, "acme").await;
+    c.send(json!({"type": "subscribe", "topics": ["*.captured", "*.*.refunded", "deal.*"]}))
+        .await;
+    for _ in 0..2 {
+        let e = c.recv().await;
+        assert_eq!(e["data"]["code"], "topic_not_allowed", "{e}");
+        assert!(
+            e["data"]["message"].as_str().unwrap().contains("critical"),
+            "{e}"
+        );
+    }
+    assert_eq!(c.recv().await["type"], "subscription.confirmed");
+    let (status, body) = get_json(
+        &format!(
+            "{}/api/realtime/poll/?topics=*.captured&timeout=0",
+            gw.http()
+        ),
+        Some(&token("acme", &[])),
+    )
+    .await;
+    assert_eq!(status, 403, "{body}");
+    let (status, body) = publish(
+        &gw,
+        &token("acme", &["publish"]),
+        json!({"event_type": "payment.captured", "data": {}}),
+    )
+    .await;
+    assert_eq!(status, 403, "{body}");
+    // Nothing critical reached the subscriber; deal.* still flows.
+    let deal = publish_ok(&gw, "acme", "deal.won", json!({})).await;
+    assert_eq!(ids(&c.events(1).await), [deal]);
+}

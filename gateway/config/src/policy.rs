@@ -165,8 +165,18 @@ impl PolicyBundle {
             .check(&self.tenant(tenant)?.subscribe, pattern)
     }
 
+    /// A topic marked critical anywhere in the tenant's policy (publish or
+    /// subscribe rules) is never published through the realtime gateway:
+    /// class D has no realtime path at all.
     pub fn check_publish(&self, tenant: &str, topic: &Topic) -> Result<(), Denied> {
         let policy = self.tenant(tenant)?;
+        if let Some(rule) = policy
+            .subscribe
+            .iter()
+            .find(|r| r.class == InteractionClass::Critical && r.pattern.matches(topic))
+        {
+            return Err(Denied::Critical(rule.pattern.to_string()));
+        }
         match Pattern::parse(topic.as_str()) {
             Ok(p) => policy.check(&policy.publish, &p),
             Err(_) => Err(Denied::NotAllowed(topic.to_string())),
@@ -190,12 +200,13 @@ impl PolicyBundle {
 
 impl TenantPolicy {
     fn check(&self, rules: &[PatternRule], pattern: &Pattern) -> Result<(), Denied> {
-        // A critical rule covering any part of the request wins: realtime is
-        // never allowed there, even when a broader rule would allow it.
-        if let Some(rule) = rules.iter().find(|r| {
-            r.class == InteractionClass::Critical
-                && (pattern.is_covered_by(&r.pattern) || r.pattern.is_covered_by(pattern))
-        }) {
+        // A critical rule sharing any topic with the request wins: realtime
+        // is never allowed there, even when a broader rule would allow it.
+        // Overlap, not containment: `*.captured` reaches `payment.captured`.
+        if let Some(rule) = rules
+            .iter()
+            .find(|r| r.class == InteractionClass::Critical && pattern.overlaps(&r.pattern))
+        {
             return Err(Denied::Critical(rule.pattern.to_string()));
         }
         if rules.iter().any(|r| pattern.is_covered_by(&r.pattern)) {
@@ -248,6 +259,44 @@ tenants:
         assert_ne!(
             PolicyBundle::allow_all().digest(),
             PolicyBundle::default().digest()
+        );
+    }
+
+    #[test]
+    fn critical_topics_are_unreachable_through_overlapping_patterns_and_unpublishable() {
+        let b = PolicyBundle::from_yaml(
+            "tenants:\n  acme:\n    subscribe:\n      - pattern: \">\"\n      - pattern: \"payment.>\"\n        class: critical\n    publish:\n      - pattern: \">\"\n",
+        )
+        .unwrap();
+        for overlapping in ["*.captured", "*.*.refunded", "*.>", "payment.*", ">"] {
+            assert!(
+                matches!(
+                    b.check_subscribe("acme", &pat(overlapping)),
+                    Err(Denied::Critical(_))
+                ),
+                "{overlapping}"
+            );
+        }
+        for clear in ["deal.*", "*.*.*.*.x", "deal.>"] {
+            // `*.*.*.*.x` can still be `payment.a.b.c.x`: only truly
+            // disjoint patterns pass.
+            let verdict = b.check_subscribe("acme", &pat(clear));
+            assert_eq!(
+                verdict.is_ok(),
+                !pat(clear).overlaps(&pat("payment.>")),
+                "{clear}: {verdict:?}"
+            );
+        }
+        assert!(b.check_subscribe("acme", &pat("deal.*")).is_ok());
+        // Critical under subscribe: not publishable either.
+        let topic = Topic::parse("payment.captured").unwrap();
+        assert!(matches!(
+            b.check_publish("acme", &topic),
+            Err(Denied::Critical(_))
+        ));
+        assert!(
+            b.check_publish("acme", &Topic::parse("deal.won").unwrap())
+                .is_ok()
         );
     }
 

@@ -185,6 +185,27 @@ impl Pattern {
         inner.next().is_none()
     }
 
+    /// Could one topic match both patterns? (Containment either way implies
+    /// it, but so does `*.captured` against `payment.>`.)
+    pub fn overlaps(&self, other: &Pattern) -> bool {
+        fn go(a: &[Token], b: &[Token]) -> bool {
+            match (a.split_first(), b.split_first()) {
+                (None, None) => true,
+                // One or more tokens: whatever the other still needs.
+                (Some((Token::Rest, _)), Some(_)) | (Some(_), Some((Token::Rest, _))) => true,
+                (None, Some(_)) | (Some(_), None) => false,
+                (Some((x, rest_a)), Some((y, rest_b))) => {
+                    let compatible = match (x, y) {
+                        (Token::Literal(p), Token::Literal(q)) => p == q,
+                        _ => true,
+                    };
+                    compatible && go(rest_a, rest_b)
+                }
+            }
+        }
+        go(&self.tokens, &other.tokens)
+    }
+
     /// The NATS-style form of this pattern (`*` for one token, `>` for the rest).
     pub fn to_nats(&self) -> String {
         let parts: Vec<&str> = self
@@ -250,6 +271,43 @@ mod tests {
     }
     fn t(s: &str) -> Topic {
         Topic::parse(s).unwrap()
+    }
+
+    /// Every pattern of up to three tokens over {a, b, *, >} and every topic
+    /// of up to four tokens over {a, b}: `overlaps` and `is_covered_by`
+    /// against their definitions, by brute force.
+    #[test]
+    fn overlap_and_cover_agree_with_brute_force() {
+        fn sequences(alphabet: &[&str], max: usize) -> Vec<String> {
+            let mut out: Vec<String> = alphabet.iter().map(|s| s.to_string()).collect();
+            let mut last = out.clone();
+            for _ in 1..max {
+                let next: Vec<String> = last
+                    .iter()
+                    .flat_map(|p| alphabet.iter().map(move |a| format!("{p}.{a}")))
+                    .collect();
+                out.extend(next.iter().cloned());
+                last = next;
+            }
+            out
+        }
+        let patterns: Vec<Pattern> = sequences(&["a", "b", "*", ">"], 3)
+            .iter()
+            .filter_map(|p| Pattern::parse(p).ok())
+            .collect();
+        let topics: Vec<Topic> = sequences(&["a", "b"], 4)
+            .iter()
+            .map(|t| Topic::parse(t).unwrap())
+            .collect();
+        assert_eq!(patterns.len(), 4 + 3 * 4 + 3 * 3 * 4);
+        for p in &patterns {
+            for q in &patterns {
+                let both = topics.iter().any(|t| p.matches(t) && q.matches(t));
+                assert_eq!(p.overlaps(q), both, "{p} overlaps {q}");
+                let covered = topics.iter().all(|t| !p.matches(t) || q.matches(t));
+                assert_eq!(p.is_covered_by(q), covered, "{p} covered by {q}");
+            }
+        }
     }
 
     #[test]
