@@ -292,7 +292,18 @@ impl Verifier {
         if let Some(Value::Array(a)) = claims.get("scopes") {
             scopes.extend(a.iter().filter_map(as_string));
         }
-        let expires_at = claims.get("exp").and_then(Value::as_u64).unwrap_or(0);
+        // RFC 7519 NumericDate may be fractional: whole seconds, rounded
+        // down (the token is not valid past that second either way).
+        let expires_at = claims
+            .get("exp")
+            .and_then(|v| {
+                v.as_u64().or_else(|| {
+                    v.as_f64()
+                        .filter(|f| f.is_finite() && *f >= 0.0)
+                        .map(|f| f.floor() as u64)
+                })
+            })
+            .ok_or(AuthError::Malformed)?;
         Ok(Principal {
             tenant: tenant.into(),
             user,

@@ -312,3 +312,35 @@ async fn jwks_is_cached_and_rotates_by_kid() {
     }
     assert!(*hits.lock().unwrap() <= 3);
 }
+
+/// RFC 7519 allows a fractional NumericDate: such an `exp` must give the
+/// session its real expiry (whole seconds), not 0 (closed at once).
+#[tokio::test]
+async fn a_fractional_exp_is_honoured() {
+    let v = Verifier::new(&AuthConfig {
+        hs256_secret: Some("k".into()),
+        ..AuthConfig::default()
+    })
+    .unwrap();
+    let now = get_current_timestamp();
+    let exp = now as f64 + 120.75;
+    let p = v
+        .verify(&hs(b"k", &claims(json!({"exp": exp}))))
+        .await
+        .unwrap();
+    assert_eq!(p.expires_at, now + 120);
+
+    // Over a WebSocket, the session stays open and reports the expiry.
+    use common::{Client, Gateway, ids, publish_ok, sign};
+    let gw = Gateway::default().await;
+    let token = sign(&json!({"tenant": "acme", "user_id": "u", "exp": exp}));
+    let mut c = Client::connect(&gw.ws(&format!("token={token}"))).await;
+    let hello = c.recv_type("connection.established").await;
+    assert_eq!(hello["data"]["expires_at"], now + 120);
+    assert_eq!(
+        c.subscribe(&["deal.*"]).await["type"],
+        "subscription.confirmed"
+    );
+    let id = publish_ok(&gw, "acme", "deal.won", json!({})).await;
+    assert_eq!(ids(&c.events(1).await), [id], "still open and delivering");
+}
