@@ -367,10 +367,27 @@ async fn origins_are_checked_on_upgrade() {
         .insert("Origin", "http://evil.example".parse().unwrap());
     let err = tokio_tungstenite::connect_async(req).await.unwrap_err();
     assert!(err.to_string().contains("403"), "{err}");
-    let mut req = url.into_client_request().unwrap();
+    let mut req = url.clone().into_client_request().unwrap();
     req.headers_mut()
         .insert("Origin", "http://app.example".parse().unwrap());
     assert!(tokio_tungstenite::connect_async(req).await.is_ok());
+    // An Origin that is not visible ASCII is refused, not taken as absent.
+    let mut req = url.clone().into_client_request().unwrap();
+    req.headers_mut().insert(
+        "Origin",
+        tokio_tungstenite::tungstenite::http::HeaderValue::from_bytes(b"http://\xe9vil.example")
+            .unwrap(),
+    );
+    let err = tokio_tungstenite::connect_async(req).await.unwrap_err();
+    assert!(err.to_string().contains("403"), "{err}");
+    // Several Origin headers: refused, whichever comes first.
+    let mut req = url.into_client_request().unwrap();
+    req.headers_mut()
+        .append("Origin", "http://app.example".parse().unwrap());
+    req.headers_mut()
+        .append("Origin", "http://evil.example".parse().unwrap());
+    let err = tokio_tungstenite::connect_async(req).await.unwrap_err();
+    assert!(err.to_string().contains("403"), "{err}");
 }
 
 #[tokio::test]

@@ -55,13 +55,39 @@ pub struct WsParams {
     region: Option<String>,
 }
 
-/// Is this `Origin` allowed to open a WebSocket or call the API from a browser?
-pub fn origin_allowed(allowed: &[String], origin: Option<&str>) -> bool {
+/// What a request says about the page that made it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin<'a> {
+    /// No `Origin` header: not a browser (browsers always send one on a
+    /// WebSocket upgrade).
+    Absent,
+    One(&'a str),
+    /// Several `Origin` headers, or one that is not visible ASCII: never a
+    /// browser's, and never checked by guessing which one counts.
+    Malformed,
+}
+
+impl<'a> Origin<'a> {
+    pub fn of(headers: &'a HeaderMap) -> Self {
+        let mut values = headers.get_all(axum::http::header::ORIGIN).iter();
+        match (values.next(), values.next()) {
+            (None, _) => Origin::Absent,
+            (Some(_), Some(_)) => Origin::Malformed,
+            (Some(v), None) => match v.to_str() {
+                Ok(s) if !s.is_empty() && s.bytes().all(|b| b.is_ascii_graphic()) => Origin::One(s),
+                _ => Origin::Malformed,
+            },
+        }
+    }
+}
+
+/// Is this `Origin` allowed to open a WebSocket?
+pub fn origin_allowed(allowed: &[String], origin: Origin<'_>) -> bool {
+    let any = allowed.iter().any(|a| a == "*");
     match origin {
-        None => true,
-        Some(o) => allowed
-            .iter()
-            .any(|a| a == "*" || a.eq_ignore_ascii_case(o)),
+        Origin::Absent => true,
+        Origin::One(o) => any || allowed.iter().any(|a| a.eq_ignore_ascii_case(o)),
+        Origin::Malformed => false,
     }
 }
 
@@ -71,10 +97,7 @@ pub async fn upgrade(
     headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Response {
-    let origin = headers
-        .get(axum::http::header::ORIGIN)
-        .and_then(|v| v.to_str().ok());
-    if !origin_allowed(&node.config.allowed_origins, origin) {
+    if !origin_allowed(&node.config.allowed_origins, Origin::of(&headers)) {
         node.metrics
             .connections_rejected
             .get_or_create(&vec![("reason", "origin")])
