@@ -270,7 +270,13 @@ impl Node {
                 .unwrap_or(self.config.history.retention_seconds);
             (policy.limits(&tenant, &self.config.limits)?, retention)
         };
-        let size = req.data.to_string().len();
+        // The whole stored event counts, not only `data`: a large
+        // gdpr_context or idempotency key is kept in history and fanned out
+        // just the same.
+        let size = req.data.to_string().len()
+            + req.gdpr_context.as_ref().map_or(0, |g| g.to_string().len())
+            + req.idempotency_key.as_ref().map_or(0, String::len)
+            + req.event_type.len();
         if size as u64 > limits.max_message_bytes {
             return Err(PublishError::TooLarge {
                 size,

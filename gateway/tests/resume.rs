@@ -328,6 +328,28 @@ async fn publish_api_validates_and_batches() {
     )
     .await;
     assert!(s == 413, "{s} {b}");
+    // The limit is the whole event's, not only its data.
+    let mut watcher = Client::open(&gw, "acme").await;
+    watcher.subscribe(&["big.*"]).await;
+    for (field, value) in [
+        ("gdpr_context", json!({"purpose": "x".repeat(1_100_000)})),
+        ("idempotency_key", json!("k".repeat(1_100_000))),
+    ] {
+        let mut body = json!({"event_type": "big.one", "data": {}});
+        body[field] = value;
+        let (s, b) = publish(&gw, &p, body).await;
+        assert_eq!(
+            (s, b["error"]["code"].as_str()),
+            (413, Some("message_too_large")),
+            "{field}: {b}"
+        );
+    }
+    let small = publish_ok(&gw, "acme", "big.ok", json!({})).await;
+    assert_eq!(
+        ids(&watcher.events(1).await),
+        [small],
+        "nothing oversized was fanned out"
+    );
 
     let mut c = Client::open(&gw, "acme").await;
     c.subscribe(&["batch.*"]).await;
