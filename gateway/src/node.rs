@@ -70,6 +70,8 @@ pub enum PublishError {
     WrongTenant(String),
     #[error("invalid tenant {0:?}")]
     InvalidTenant(String),
+    #[error("company_id must be a string or a number, not {0}")]
+    InvalidCompanyId(&'static str),
     #[error("invalid event_type: {0}")]
     InvalidTopic(String),
     #[error("{0}")]
@@ -240,13 +242,22 @@ impl Node {
         if !principal.has_scope(SCOPE_PUBLISH) {
             return Err(PublishError::NotPublisher);
         }
-        let named = req.tenant.clone().or_else(|| {
-            req.company_id.as_ref().and_then(|v| match v {
-                Value::String(s) => Some(s.clone()),
-                Value::Number(n) => Some(n.to_string()),
-                _ => None,
-            })
-        });
+        // Seed 001 sends company_id as a number or a string; anything else
+        // is a mistake to report, not to ignore (ignoring it would publish
+        // to the caller's own tenant while the caller meant another).
+        let company = match &req.company_id {
+            None | Some(Value::Null) => None,
+            Some(Value::String(s)) => Some(s.clone()),
+            Some(Value::Number(n)) => Some(n.to_string()),
+            Some(other) => {
+                return Err(PublishError::InvalidCompanyId(match other {
+                    Value::Bool(_) => "a boolean",
+                    Value::Array(_) => "a list",
+                    _ => "an object",
+                }));
+            }
+        };
+        let named = req.tenant.clone().or(company);
         let tenant: Arc<str> = match named {
             None => principal.tenant.clone(),
             Some(t) if *t == *principal.tenant => principal.tenant.clone(),

@@ -328,6 +328,23 @@ async fn publish_api_validates_and_batches() {
     )
     .await;
     assert!(s == 413, "{s} {b}");
+    // A company_id that is neither a string nor a number is an error, not
+    // silently ignored.
+    for bad in [json!(["acme"]), json!({"id": 1}), json!(true)] {
+        let (s, b) = publish(&gw, &p, json!({"event_type": "a", "company_id": bad})).await;
+        assert_eq!(
+            (s, b["error"]["code"].as_str()),
+            (400, Some("invalid_request")),
+            "{b}"
+        );
+        assert!(
+            b["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("company_id"),
+            "{b}"
+        );
+    }
     // The limit is the whole event's, not only its data.
     let mut watcher = Client::open(&gw, "acme").await;
     watcher.subscribe(&["big.*"]).await;

@@ -35,9 +35,9 @@ fn error_status(e: &PublishError) -> (StatusCode, &'static str) {
         PublishError::NotPublisher | PublishError::WrongTenant(_) | PublishError::Denied(_) => {
             (StatusCode::FORBIDDEN, "forbidden")
         }
-        PublishError::InvalidTenant(_) | PublishError::InvalidRegion(_) => {
-            (StatusCode::BAD_REQUEST, "invalid_request")
-        }
+        PublishError::InvalidTenant(_)
+        | PublishError::InvalidCompanyId(_)
+        | PublishError::InvalidRegion(_) => (StatusCode::BAD_REQUEST, "invalid_request"),
         PublishError::InvalidTopic(_) => (StatusCode::BAD_REQUEST, "invalid_topic"),
         PublishError::TooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "message_too_large"),
         PublishError::Broker(_) => (StatusCode::SERVICE_UNAVAILABLE, "bus_unavailable"),
