@@ -392,3 +392,44 @@ async fn publish_api_validates_and_batches() {
         ["batch.one", "batch.two"]
     );
 }
+
+/// Requests refused before a handler runs (duplicate query parameters, a
+/// body over the limit) get the same JSON error shape as every other error.
+#[tokio::test]
+async fn refused_queries_and_bodies_answer_in_json() {
+    let gw = Gateway::default().await;
+    let t = token("acme", &["publish"]);
+    for path in [
+        "/api/realtime/poll/?topics=a&topics=b&timeout=0",
+        "/api/realtime/sse/?topics=a&cursor=x&cursor=y",
+        "/ws?token=a&token=b",
+    ] {
+        let r = reqwest::Client::new()
+            .get(format!("{}{path}", gw.http()))
+            .bearer_auth(&t)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400, "{path}");
+        let b: serde_json::Value = r.json().await.unwrap_or_default();
+        assert_eq!(b["error"]["code"], "invalid_query", "{path}: {b}");
+        assert!(
+            b["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("duplicate"),
+            "{path}: {b}"
+        );
+    }
+    let r = reqwest::Client::new()
+        .post(format!("{}/api/realtime/publish/", gw.http()))
+        .bearer_auth(&t)
+        .header("content-type", "application/json")
+        .body(vec![b' '; 8 * 1024 * 1024])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 413);
+    let b: serde_json::Value = r.json().await.unwrap_or_default();
+    assert_eq!(b["error"]["code"], "body_too_large", "{b}");
+}

@@ -8,7 +8,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{Query, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
@@ -33,7 +33,7 @@ pub struct PollParams {
 
 pub async fn poll(
     State(node): State<Arc<Node>>,
-    Query(params): Query<PollParams>,
+    super::JsonQuery(params): super::JsonQuery<PollParams>,
     headers: HeaderMap,
 ) -> Response {
     node.metrics.longpoll_requests.inc();

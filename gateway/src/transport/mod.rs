@@ -44,6 +44,44 @@ pub async fn authenticate(
     Ok(principal)
 }
 
+/// Query parameters whose parse errors (a duplicate, a bad value) are
+/// answered in the gateway's JSON error shape, not axum's plain text.
+pub struct JsonQuery<T>(pub T);
+
+impl<T, S> axum::extract::FromRequestParts<S> for JsonQuery<T>
+where
+    T: serde::de::DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = Response;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        match axum::extract::Query::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Query(v)) => Ok(Self(v)),
+            Err(r) => Err(error_response(
+                StatusCode::BAD_REQUEST,
+                "invalid_query",
+                r.body_text(),
+            )),
+        }
+    }
+}
+
+/// A request body refused before the handler saw it (too large, unreadable),
+/// in the JSON error shape.
+pub fn body_rejected(r: axum::extract::rejection::BytesRejection) -> Response {
+    let status = r.status();
+    let code = if status == StatusCode::PAYLOAD_TOO_LARGE {
+        "body_too_large"
+    } else {
+        "malformed_body"
+    };
+    error_response(status, code, r.body_text())
+}
+
 /// A JSON error response: `{"error": {"code", "message"}, "timestamp"}`.
 pub fn error_response(status: StatusCode, code: &str, message: impl ToString) -> Response {
     (

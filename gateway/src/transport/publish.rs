@@ -44,7 +44,18 @@ fn error_status(e: &PublishError) -> (StatusCode, &'static str) {
     }
 }
 
-pub async fn publish(State(node): State<Arc<Node>>, headers: HeaderMap, body: Bytes) -> Response {
+pub async fn publish(
+    State(node): State<Arc<Node>>,
+    headers: HeaderMap,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Response {
+    let body = match body {
+        Ok(b) => b,
+        Err(r) => {
+            node.metrics.error("publish");
+            return super::body_rejected(r);
+        }
+    };
     let span = tracing::info_span!(
         "publish",
         otel.kind = "server",

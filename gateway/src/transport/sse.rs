@@ -9,7 +9,7 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{Query, State};
+use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -41,7 +41,7 @@ fn control(name: &str, data: serde_json::Value) -> SseEvent {
 
 pub async fn stream(
     State(node): State<Arc<Node>>,
-    Query(params): Query<SseParams>,
+    super::JsonQuery(params): super::JsonQuery<SseParams>,
     headers: HeaderMap,
 ) -> Response {
     let principal = match super::authenticate(

@@ -12,8 +12,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::extract::State;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
-use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use futures_util::{SinkExt, StreamExt};
@@ -93,7 +93,7 @@ pub fn origin_allowed(allowed: &[String], origin: Origin<'_>) -> bool {
 
 pub async fn upgrade(
     State(node): State<Arc<Node>>,
-    Query(params): Query<WsParams>,
+    super::JsonQuery(params): super::JsonQuery<WsParams>,
     headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Response {
