@@ -359,3 +359,74 @@ async fn metrics_and_probes_are_on_the_admin_port_only_and_negotiate_their_forma
     assert!(text.contains("# TYPE switchboard_websocket_connected counter\n"));
     assert!(text.trim_end().ends_with("# EOF"));
 }
+
+/// A bad token is logged and counted on every transport, not only on
+/// WebSocket upgrades.
+#[tokio::test]
+async fn refused_tokens_are_logged_and_counted_on_every_transport() {
+    let port = free_port();
+    let admin_port = free_port();
+    let log = std::env::temp_dir().join(format!("sb-auth-log-{}", std::process::id()));
+    let mut child = Command::new(env!("CARGO_BIN_EXE_switchboard"))
+        .args([
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--admin-listen",
+            &format!("127.0.0.1:{admin_port}"),
+            "--log-format",
+            "json",
+        ])
+        .env("SWITCHBOARD_HS256_SECRET", SECRET)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let base = format!("http://127.0.0.1:{port}");
+    let admin = format!("http://127.0.0.1:{admin_port}");
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while !reqwest::get(format!("{admin}/readyz"))
+        .await
+        .is_ok_and(|r| r.status() == 200)
+    {
+        assert!(tokio::time::Instant::now() < deadline, "not ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let http = reqwest::Client::new();
+    let bad = "not-a-token";
+    let answers = [
+        http.get(format!("{base}/api/realtime/sse/?topics=a&token={bad}"))
+            .send()
+            .await,
+        http.get(format!(
+            "{base}/api/realtime/poll/?topics=a&timeout=0&token={bad}"
+        ))
+        .send()
+        .await,
+        http.post(format!("{base}/api/realtime/publish/"))
+            .bearer_auth(bad)
+            .json(&json!({"event_type": "a", "data": {}}))
+            .send()
+            .await,
+    ];
+    for a in answers {
+        assert_eq!(a.unwrap().status(), 401);
+    }
+    let metrics = scrape(&admin).await;
+    assert_eq!(
+        metric(&metrics, r#"switchboard_errors_total{kind="auth"}"#),
+        3.0
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+    let text = std::fs::read_to_string(&log).unwrap();
+    let _ = std::fs::remove_file(&log);
+    for transport in ["sse", "longpoll", "publish"] {
+        assert!(
+            text.lines()
+                .any(|l| l.contains("request rejected: unauthorized")
+                    && l.contains(&format!("\"transport\":\"{transport}\""))),
+            "no log line for {transport}:\n{text}"
+        );
+    }
+}

@@ -58,7 +58,7 @@ async fn poll_inner(
         params.company_id.as_deref(),
     )
     .await
-    .map_err(|e| super::auth_error_response(&e))?;
+    .map_err(|e| super::unauthorized(node, "longpoll", &e))?;
     let timeout = match params.timeout.as_deref().map(str::parse::<f64>) {
         None => 30.0,
         Some(Ok(t)) if t.is_finite() && t >= 0.0 => t.min(60.0),

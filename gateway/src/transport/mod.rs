@@ -94,6 +94,14 @@ pub fn error_response(status: StatusCode, code: &str, message: impl ToString) ->
         .into_response()
 }
 
+/// A request refused for its token, on an HTTP transport: logged and
+/// counted the same as a refused WebSocket, answered 401.
+pub fn unauthorized(node: &Node, transport: &'static str, e: &AuthError) -> Response {
+    tracing::info!(transport, reason = %e, "request rejected: unauthorized");
+    node.metrics.error("auth");
+    auth_error_response(e)
+}
+
 pub fn auth_error_response(e: &AuthError) -> Response {
     let mut r = error_response(StatusCode::UNAUTHORIZED, "unauthorized", e);
     r.headers_mut().insert(

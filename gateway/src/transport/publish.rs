@@ -82,10 +82,7 @@ pub async fn publish(
 async fn publish_inner(node: Arc<Node>, headers: HeaderMap, body: Bytes) -> Response {
     let principal = match super::authenticate(&node, &headers, None, None).await {
         Ok(p) => p,
-        Err(e) => {
-            node.metrics.error("auth");
-            return super::auth_error_response(&e);
-        }
+        Err(e) => return super::unauthorized(&node, "publish", &e),
     };
     let body: Value = match serde_json::from_slice(&body) {
         Ok(v) => v,

@@ -53,10 +53,7 @@ pub async fn stream(
     .await
     {
         Ok(p) => p,
-        Err(e) => {
-            node.metrics.error("auth");
-            return super::auth_error_response(&e);
-        }
+        Err(e) => return super::unauthorized(&node, "sse", &e),
     };
     let session = match super::open_http_session(
         &node,
