@@ -505,3 +505,42 @@ async fn read_frames_until_eof(mut s: tokio::net::TcpStream) -> Vec<(u8, Vec<u8>
     }
     frames
 }
+
+/// A subscribe frame naming thousands of refused patterns gets a bounded
+/// answer: ten error frames and one summary, not one per pattern.
+#[tokio::test]
+async fn many_refused_patterns_in_one_frame_get_a_bounded_answer() {
+    let gw = Gateway::default().await;
+    let mut c = Client::open(&gw, "acme").await;
+    let bad: Vec<String> = (0..5000).map(|i| format!("a..{i}")).collect();
+    let frame = json!({"type": "subscribe", "topics": bad}).to_string();
+    c.send_raw(Message::Text(frame.clone().into())).await;
+    // A valid subscribe after it: its confirmation marks the end.
+    c.send(json!({"type": "subscribe", "topics": ["contact.*"]}))
+        .await;
+    let mut errors = Vec::new();
+    let mut bytes = 0;
+    loop {
+        let m = c.recv().await;
+        if m["type"] == "subscription.confirmed" {
+            break;
+        }
+        assert_eq!(m["type"], "error", "{m}");
+        bytes += m.to_string().len();
+        errors.push(m);
+    }
+    assert_eq!(errors.len(), 11, "ten errors and a summary");
+    assert!(
+        errors[10]["data"]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("4990 more patterns"),
+        "{}",
+        errors[10]
+    );
+    assert!(
+        bytes < frame.len(),
+        "{bytes} bytes of errors for a {} byte frame",
+        frame.len()
+    );
+}

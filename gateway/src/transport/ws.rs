@@ -55,6 +55,9 @@ pub struct WsParams {
     region: Option<String>,
 }
 
+/// Error frames one subscribe frame may cause before the rest is summarized.
+const MAX_ERRORS_PER_FRAME: usize = 10;
+
 /// What a request says about the page that made it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Origin<'a> {
@@ -708,16 +711,35 @@ impl Connection {
         let explicit = req.cursor.as_deref().map(Cursor::parse_lenient);
         let before: Vec<Pattern> = self.session.patterns().cloned().collect();
         let (ok, errors) = self.session.subscribe(&requested).await;
-        for e in &errors {
+        let code_of = |e: &SubscribeError| match e {
+            SubscribeError::Invalid(..) => ErrorCode::InvalidTopic,
+            SubscribeError::Denied(_) => ErrorCode::TopicNotAllowed,
+            SubscribeError::TooMany(_) => ErrorCode::TooManySubscriptions,
+            SubscribeError::Unavailable(_) => ErrorCode::BusUnavailable,
+        };
+        // One error frame per refused pattern, up to a few; the rest in one
+        // summary, so a frame naming thousands of bad patterns cannot make
+        // the gateway write many times its size back.
+        let mut replies: Vec<(ErrorCode, String)> = errors
+            .iter()
+            .take(MAX_ERRORS_PER_FRAME)
+            .map(|e| (code_of(e), e.to_string()))
+            .collect();
+        if let Some(first) = errors.get(MAX_ERRORS_PER_FRAME) {
+            replies.push((
+                code_of(first),
+                format!(
+                    "{} more patterns of this frame refused (the first: {first})",
+                    errors.len() - MAX_ERRORS_PER_FRAME
+                ),
+            ));
+        }
+        for _ in &errors {
             node.metrics.error("subscription");
-            let code = match e {
-                SubscribeError::Invalid(..) => ErrorCode::InvalidTopic,
-                SubscribeError::Denied(_) => ErrorCode::TopicNotAllowed,
-                SubscribeError::TooMany(_) => ErrorCode::TooManySubscriptions,
-                SubscribeError::Unavailable(_) => ErrorCode::BusUnavailable,
-            };
+        }
+        for (code, message) in replies {
             let flow = self
-                .reply(error_message(code, &e.to_string(), rid.as_ref()))
+                .reply(error_message(code, &message, rid.as_ref()))
                 .await;
             if !matches!(flow, Flow::Continue) {
                 return flow;
