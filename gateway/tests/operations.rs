@@ -139,13 +139,7 @@ async fn metrics_move_by_exactly_the_scenario() {
     assert!(h["timestamp"].is_string());
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use common::nats::free_port;
 
 #[tokio::test]
 async fn sigterm_drains_the_real_binary_spreading_reconnects() {

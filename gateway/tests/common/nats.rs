@@ -16,19 +16,55 @@ use tokio::net::{TcpListener, TcpStream};
 
 use super::DEADLINE;
 
-/// A port for a nats-server to listen on. Chosen below the kernel's
-/// ephemeral range (32768+ on Linux), so the outgoing connections of tests
-/// running in parallel cannot take it between this check and the server's
-/// bind; random, so parallel test processes rarely pick the same one.
+/// A port for a server to listen on, never handed out twice.
+///
+/// Chosen below the kernel's ephemeral range (32768+ on Linux), so the
+/// outgoing connections of tests running in parallel cannot take it between
+/// this check and the server's bind. Within this process a port is handed
+/// out once (a supercluster needs two dozen; drawing them independently
+/// gave the same port twice about once in fifty runs, and the second server
+/// failed to bind). Across the test processes nextest runs side by side, a
+/// claim file under the temp dir reserves it (stale after ten minutes).
 pub fn free_port() -> u16 {
     use rand::Rng;
+    use std::collections::HashSet;
+    use std::sync::Mutex;
+    static GIVEN: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
+    let claims = std::env::temp_dir().join("switchboard-test-ports");
+    let _ = std::fs::create_dir_all(&claims);
     let mut rng = rand::rng();
     loop {
         let port = rng.random_range(20_000..32_000);
+        let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+        if given.get_or_insert_with(HashSet::new).contains(&port) {
+            continue;
+        }
+        if !claim(&claims.join(port.to_string())) {
+            continue;
+        }
         if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            given.get_or_insert_with(HashSet::new).insert(port);
             return port;
         }
     }
+}
+
+/// Create the claim file, or take over one older than ten minutes.
+fn claim(path: &Path) -> bool {
+    if std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .is_ok()
+    {
+        return true;
+    }
+    let stale = std::fs::metadata(path)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.elapsed().ok())
+        .is_some_and(|age| age > Duration::from_secs(600));
+    stale && std::fs::write(path, b"").is_ok()
 }
 
 pub fn nats_server_bin() -> PathBuf {
@@ -146,6 +182,25 @@ impl NatsServer {
             .unwrap()
     }
 
+    /// Whether the process is still running (not exited, not a zombie).
+    fn alive(&self) -> bool {
+        self.child.as_ref().is_some_and(|c| {
+            std::fs::read_to_string(format!("/proc/{}/stat", c.id()))
+                .map(|stat| {
+                    // The state follows the parenthesised command name.
+                    stat.rsplit_once(") ")
+                        .is_some_and(|(_, rest)| !rest.starts_with('Z'))
+                })
+                .unwrap_or(false)
+        })
+    }
+
+    fn log_tail(&self) -> String {
+        let log = std::fs::read_to_string(self.conf.with_extension("log")).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+
     /// JetStream is up and (when clustered) has a meta leader.
     pub async fn wait_ready(&self) {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
@@ -167,9 +222,11 @@ impl NatsServer {
                 return;
             }
             assert!(
-                tokio::time::Instant::now() < deadline,
-                "nats-server {} not ready",
-                self.name
+                self.alive() && tokio::time::Instant::now() < deadline,
+                "nats-server {} not ready ({}); its log ends:\n{}",
+                self.name,
+                if self.alive() { "timed out" } else { "exited" },
+                self.log_tail()
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
