@@ -4,7 +4,7 @@
 //! Map of the crate:
 //! - [`node`]: the front object of one process (admission, publish).
 //! - [`hub`]: this process's subscriptions and the fan-out of an event.
-//! - [`bus`]: the broker boundary (storage, dedup, routing); [`bus::memory`]
+//! - [`broker`]: the broker boundary (storage, dedup, routing); [`broker::memory`]
 //!   is the embedded default.
 //! - [`session`]: one subscriber's subscriptions and the replay/live seam.
 //! - [`mailbox`]: a connection's bounded outbound queue.
@@ -16,7 +16,7 @@
 //! - [`metrics`], [`server`], [`startup`].
 
 pub mod auth;
-pub mod bus;
+pub mod broker;
 pub mod cli;
 pub mod event;
 pub mod fanout;

@@ -14,7 +14,7 @@ use tokio::sync::watch;
 use tracing::Instrument;
 
 use crate::auth::{Principal, SCOPE_PLATFORM, SCOPE_PUBLISH, Verifier};
-use crate::bus::{Broker, BrokerError, Published};
+use crate::broker::{Broker, BrokerError, Published};
 use crate::event::NewEvent;
 use crate::hub::{ConnId, Hub};
 use crate::metrics::Metrics;

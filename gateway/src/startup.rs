@@ -7,9 +7,9 @@ use anyhow::Context;
 use switchboard_config::{GatewayConfig, PolicyBundle};
 
 use crate::auth::Verifier;
-use crate::bus::Broker;
-use crate::bus::memory::MemoryBroker;
-use crate::bus::nats::NatsBroker;
+use crate::broker::Broker;
+use crate::broker::memory::MemoryBroker;
+use crate::broker::nats::NatsBroker;
 use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::node::Node;

@@ -16,7 +16,22 @@ use serde_json::json;
 
 use crate::event::{Cursor, Event};
 use crate::node::Node;
-use crate::protocol::now_rfc3339;
+use crate::protocol::{ErrorCode, now_rfc3339};
+use crate::session::ResumeSink;
+
+/// A replay gathered into the answer (at most [`MAX_EVENTS`]).
+struct Collect(Vec<Arc<Event>>);
+
+impl ResumeSink for Collect {
+    async fn gap(&mut self, _: crate::broker::GapReason, _: &str) -> bool {
+        true // reported in the answer's `resume_gap`
+    }
+
+    async fn event(&mut self, event: &Arc<Event>) -> bool {
+        self.0.push(event.clone());
+        true
+    }
+}
 
 /// Most events in one answer.
 pub const MAX_EVENTS: usize = 500;
@@ -64,15 +79,14 @@ async fn poll_inner(
         Some(Ok(t)) if t.is_finite() && t >= 0.0 => t.min(60.0),
         Some(_) => {
             return Err(super::error_response(
-                StatusCode::BAD_REQUEST,
-                "invalid_timeout",
+                ErrorCode::InvalidTimeout,
                 "timeout must be a number of seconds between 0 and 60",
             ));
         }
     };
     let cursor_param = params.cursor.as_deref().filter(|c| !c.is_empty());
     let cursor = cursor_param.map(Cursor::parse_lenient);
-    let session = super::open_http_session(
+    let mut session = super::open_http_session(
         node,
         &principal,
         params.topics.as_deref(),
@@ -81,23 +95,22 @@ async fn poll_inner(
     )
     .await?;
 
-    let mut events: Vec<Arc<Event>> = Vec::new();
+    let mut sink = Collect(Vec::new());
     let mut gap = None;
     let mut has_more = false;
     if let Some(c) = cursor {
         let r = session
-            .replay(c, None, MAX_EVENTS, |e| {
-                events.push(e.clone());
-                true
-            })
+            .resume(c, None, MAX_EVENTS, &mut sink)
             .await
-            .map_err(|e| {
-                super::error_response(StatusCode::SERVICE_UNAVAILABLE, "history_unavailable", e)
-            })?;
+            .map_err(|e| super::error_response(ErrorCode::HistoryUnavailable, e))?;
         gap = r.gap.map(|g| g.as_str());
         has_more = r.truncated;
     }
+    let mut events = sink.0;
     if events.is_empty() && !has_more {
+        let mut policy = node.policy_changes();
+        let mut policy_changed = false;
+        let live = events.len();
         let wait = async {
             // A request that overflowed just answers with what it has: the
             // client's next poll resumes from the cursor.
@@ -115,14 +128,23 @@ async fn poll_inner(
             _ = wait => {}
             _ = tokio::time::sleep(Duration::from_secs_f64(timeout)) => {}
             _ = node.drained() => {}
+            Ok(()) = policy.changed() => policy_changed = true,
         }
-    }
-    node.metrics.events_delivered.inc_by(events.len() as u64);
-    if gap.is_some() {
         node.metrics
-            .resumes
-            .get_or_create(&vec![("outcome", "gap")])
-            .inc();
+            .events_delivered
+            .inc_by((events.len() - live) as u64);
+        // The same as the streaming transports: a tenant without a policy
+        // is refused; withdrawn patterns end the wait (the next poll is
+        // told which).
+        if policy_changed
+            && let super::PolicyChange::TenantRemoved(_) = super::policy_changed(&mut session).await
+        {
+            session.close().await;
+            return Err(super::error_response(
+                ErrorCode::Forbidden,
+                super::TENANT_REMOVED,
+            ));
+        }
     }
     let next = events
         .last()

@@ -14,8 +14,8 @@ use std::sync::Arc;
 
 use crate::auth::{AuthError, Principal};
 use crate::node::{Node, valid_region};
-use crate::protocol::Close;
-use crate::session::{Session, SubscribeError};
+use crate::protocol::{Close, ErrorCode, ServerMessage};
+use crate::session::Session;
 
 /// The bearer token of a request: `Authorization: Bearer` wins over `?token=`.
 pub fn bearer<'a>(headers: &'a HeaderMap, query: Option<&'a str>) -> Option<&'a str> {
@@ -61,11 +61,7 @@ where
     ) -> Result<Self, Self::Rejection> {
         match axum::extract::Query::<T>::from_request_parts(parts, state).await {
             Ok(axum::extract::Query(v)) => Ok(Self(v)),
-            Err(r) => Err(error_response(
-                StatusCode::BAD_REQUEST,
-                "invalid_query",
-                r.body_text(),
-            )),
+            Err(r) => Err(error_response(ErrorCode::InvalidQuery, r.body_text())),
         }
     }
 }
@@ -73,19 +69,19 @@ where
 /// A request body refused before the handler saw it (too large, unreadable),
 /// in the JSON error shape.
 pub fn body_rejected(r: axum::extract::rejection::BytesRejection) -> Response {
-    let status = r.status();
-    let code = if status == StatusCode::PAYLOAD_TOO_LARGE {
-        "body_too_large"
+    let code = if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        ErrorCode::BodyTooLarge
     } else {
-        "malformed_body"
+        ErrorCode::MalformedBody
     };
-    error_response(status, code, r.body_text())
+    error_response(code, r.body_text())
 }
 
-/// A JSON error response: `{"error": {"code", "message"}, "timestamp"}`.
-pub fn error_response(status: StatusCode, code: &str, message: impl ToString) -> Response {
+/// A JSON error response with the code's status:
+/// `{"error": {"code", "message"}, "timestamp"}`.
+pub fn error_response(code: ErrorCode, message: impl ToString) -> Response {
     (
-        status,
+        code.status(),
         axum::Json(json!({
             "error": { "code": code, "message": message.to_string() },
             "timestamp": crate::protocol::now_rfc3339(),
@@ -103,7 +99,7 @@ pub fn unauthorized(node: &Node, transport: &'static str, e: &AuthError) -> Resp
 }
 
 pub fn auth_error_response(e: &AuthError) -> Response {
-    let mut r = error_response(StatusCode::UNAUTHORIZED, "unauthorized", e);
+    let mut r = error_response(ErrorCode::Unauthorized, e);
     r.headers_mut().insert(
         header::WWW_AUTHENTICATE,
         header::HeaderValue::from_static("Bearer"),
@@ -135,19 +131,13 @@ pub async fn open_http_session(
     let topics = split_topics(topics);
     if topics.is_empty() {
         return Err(error_response(
-            StatusCode::BAD_REQUEST,
-            "invalid_topic",
+            ErrorCode::InvalidTopic,
             "'topics' is required: a comma-separated list",
         ));
     }
-    let admission = node.admit(principal).map_err(|close| {
-        let status = match close {
-            Close::ServiceRestart => StatusCode::SERVICE_UNAVAILABLE,
-            Close::Forbidden => StatusCode::FORBIDDEN,
-            _ => StatusCode::TOO_MANY_REQUESTS,
-        };
-        error_response(status, close.label(), close.reason())
-    })?;
+    let admission = node
+        .admit(principal)
+        .map_err(|close| error_response(refusal_code(close), close.reason()))?;
     let region = region.filter(|r| valid_region(r)).map(Arc::from);
     let mut session = Session::new(
         node.clone(),
@@ -158,13 +148,51 @@ pub async fn open_http_session(
     );
     let (_, errors) = session.subscribe(&topics).await;
     if let Some(e) = errors.first() {
-        let (status, code) = match e {
-            SubscribeError::Invalid(..) => (StatusCode::BAD_REQUEST, "invalid_topic"),
-            SubscribeError::Denied(_) => (StatusCode::FORBIDDEN, "topic_not_allowed"),
-            SubscribeError::TooMany(_) => (StatusCode::BAD_REQUEST, "too_many_subscriptions"),
-            SubscribeError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "bus_unavailable"),
-        };
-        return Err(error_response(status, code, e));
+        return Err(error_response(e.code(), e));
     }
     Ok(session)
 }
+
+/// The HTTP error code of an admission refusal.
+pub fn refusal_code(close: Close) -> ErrorCode {
+    match close {
+        Close::ServiceRestart => ErrorCode::Draining,
+        Close::Forbidden => ErrorCode::Forbidden,
+        Close::Unauthorized => ErrorCode::Unauthorized,
+        _ => ErrorCode::TooManyConnections,
+    }
+}
+
+/// What a policy change means for one subscriber, the same on every
+/// transport.
+pub enum PolicyChange {
+    /// Nothing this subscriber holds changed.
+    Unchanged,
+    /// Some patterns were withdrawn (already unsubscribed): tell the client.
+    Revoked(ServerMessage),
+    /// The tenant has no policy here any more: tell the client, then end
+    /// (WebSocket: close 4003; SSE: an `error` event `forbidden`;
+    /// long-poll: 403 `forbidden`).
+    TenantRemoved(ServerMessage),
+}
+
+/// Re-check a subscriber against the policy now in force.
+pub async fn policy_changed(session: &mut Session) -> PolicyChange {
+    if session.node.limits(&session.tenant).is_err() {
+        return PolicyChange::TenantRemoved(ServerMessage::SubscriptionRevoked {
+            topics: session.patterns().map(|p| p.as_str().to_owned()).collect(),
+            reason: TENANT_REMOVED.into(),
+        });
+    }
+    let revoked = session.enforce_policy().await;
+    match revoked.first() {
+        None => PolicyChange::Unchanged,
+        Some((_, why)) => PolicyChange::Revoked(ServerMessage::SubscriptionRevoked {
+            reason: why.to_string(),
+            topics: revoked.iter().map(|(p, _)| p.as_str().to_owned()).collect(),
+        }),
+    }
+}
+
+/// Why a subscriber whose tenant lost its policy is ended.
+pub const TENANT_REMOVED: &str = "the tenant no longer has a policy on this gateway";

@@ -14,8 +14,9 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 use tracing::Instrument;
 
-use crate::bus::Published;
+use crate::broker::Published;
 use crate::node::{Node, PublishError, PublishRequest};
+use crate::protocol::ErrorCode;
 
 /// Most events in one batch.
 pub const MAX_BATCH: usize = 1000;
@@ -30,17 +31,17 @@ fn published_json(p: &Published) -> Value {
     })
 }
 
-fn error_status(e: &PublishError) -> (StatusCode, &'static str) {
+fn error_code(e: &PublishError) -> ErrorCode {
     match e {
         PublishError::NotPublisher | PublishError::WrongTenant(_) | PublishError::Denied(_) => {
-            (StatusCode::FORBIDDEN, "forbidden")
+            ErrorCode::Forbidden
         }
         PublishError::InvalidTenant(_)
         | PublishError::InvalidCompanyId(_)
-        | PublishError::InvalidRegion(_) => (StatusCode::BAD_REQUEST, "invalid_request"),
-        PublishError::InvalidTopic(_) => (StatusCode::BAD_REQUEST, "invalid_topic"),
-        PublishError::TooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "message_too_large"),
-        PublishError::Broker(_) => (StatusCode::SERVICE_UNAVAILABLE, "bus_unavailable"),
+        | PublishError::InvalidRegion(_) => ErrorCode::InvalidRequest,
+        PublishError::InvalidTopic(_) => ErrorCode::InvalidTopic,
+        PublishError::TooLarge { .. } => ErrorCode::MessageTooLarge,
+        PublishError::Broker(_) => ErrorCode::BusUnavailable,
     }
 }
 
@@ -89,8 +90,7 @@ async fn publish_inner(node: Arc<Node>, headers: HeaderMap, body: Bytes) -> Resp
         Err(e) => {
             node.metrics.error("publish");
             return super::error_response(
-                StatusCode::BAD_REQUEST,
-                "malformed_body",
+                ErrorCode::MalformedBody,
                 format!("body is not JSON: {e}"),
             );
         }
@@ -98,11 +98,7 @@ async fn publish_inner(node: Arc<Node>, headers: HeaderMap, body: Bytes) -> Resp
     let batch = match body.get("events") {
         Some(Value::Array(items)) => Some(items.clone()),
         Some(_) => {
-            return super::error_response(
-                StatusCode::BAD_REQUEST,
-                "malformed_body",
-                "'events' must be a list",
-            );
+            return super::error_response(ErrorCode::MalformedBody, "'events' must be a list");
         }
         None => None,
     };
@@ -116,14 +112,13 @@ async fn publish_inner(node: Arc<Node>, headers: HeaderMap, body: Bytes) -> Resp
                 };
                 (status, axum::Json(published_json(&p))).into_response()
             }
-            Err((status, code, message)) => {
+            Err((code, message)) => {
                 node.metrics.error("publish");
-                super::error_response(status, code, message)
+                super::error_response(code, message)
             }
         },
         Some(items) if items.len() > MAX_BATCH => super::error_response(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "batch_too_large",
+            ErrorCode::BatchTooLarge,
             format!("a batch holds at most {MAX_BATCH} events"),
         ),
         Some(items) => {
@@ -132,9 +127,9 @@ async fn publish_inner(node: Arc<Node>, headers: HeaderMap, body: Bytes) -> Resp
             for item in items {
                 results.push(match one(&node, &principal, item).await {
                     Ok(p) => published_json(&p),
-                    Err((status, code, message)) => {
+                    Err((code, message)) => {
                         node.metrics.error("publish");
-                        json!({ "error": { "code": code, "message": message, "status": status.as_u16() } })
+                        json!({ "error": { "code": code, "message": message, "status": code.status().as_u16() } })
                     }
                 });
             }
@@ -147,16 +142,10 @@ async fn one(
     node: &Node,
     principal: &crate::auth::Principal,
     body: Value,
-) -> Result<Published, (StatusCode, &'static str, String)> {
-    let req: PublishRequest = serde_json::from_value(body).map_err(|e| {
-        (
-            StatusCode::BAD_REQUEST,
-            "malformed_body",
-            format!("invalid event: {e}"),
-        )
-    })?;
-    node.publish(principal, req).await.map_err(|e| {
-        let (status, code) = error_status(&e);
-        (status, code, e.to_string())
-    })
+) -> Result<Published, (ErrorCode, String)> {
+    let req: PublishRequest = serde_json::from_value(body)
+        .map_err(|e| (ErrorCode::MalformedBody, format!("invalid event: {e}")))?;
+    node.publish(principal, req)
+        .await
+        .map_err(|e| (error_code(&e), e.to_string()))
 }

@@ -3,7 +3,9 @@
 //! Each event is one SSE message whose `id:` is the event id, so the
 //! browser's automatic reconnect sends it back as `Last-Event-ID` and the
 //! stream resumes where it stopped. Control messages are named SSE events
-//! (`resume.gap`, `reconnect`); keep-alive comments flow every 15 s.
+//! whose data is the message's data object (`resume.gap`, `reconnect` with
+//! the cursor, `subscription.revoked`, `error`); keep-alive comments flow
+//! every 15 s.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -14,13 +16,14 @@ use axum::http::HeaderMap;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
-use serde_json::json;
 use tokio::sync::mpsc;
 
+use super::PolicyChange;
+use crate::broker::GapReason;
 use crate::event::{Cursor, Event};
 use crate::node::Node;
-use crate::protocol::now_rfc3339;
-use crate::session::Session;
+use crate::protocol::{ErrorCode, ReconnectReason, ServerMessage};
+use crate::session::{ResumeSink, Session};
 
 #[derive(Debug, Deserialize)]
 pub struct SseParams {
@@ -35,8 +38,33 @@ fn event_message(e: &Event) -> SseEvent {
     SseEvent::default().id(e.id.to_string()).data(&*e.envelope)
 }
 
-fn control(name: &str, data: serde_json::Value) -> SseEvent {
-    SseEvent::default().event(name).data(data.to_string())
+/// A control message as a named SSE event (`event:` is the message type,
+/// `data:` its data object).
+fn control(m: &ServerMessage) -> SseEvent {
+    SseEvent::default()
+        .event(m.sse_name())
+        .data(m.data(time::OffsetDateTime::now_utc()).to_string())
+}
+
+/// A replay fed into the stream's bounded channel: when the client reads
+/// slowly the channel fills and the replay waits.
+struct ChannelSink<'a> {
+    tx: &'a mpsc::Sender<SseEvent>,
+}
+
+impl ResumeSink for ChannelSink<'_> {
+    async fn gap(&mut self, reason: GapReason, requested: &str) -> bool {
+        let m = ServerMessage::ResumeGap {
+            reason,
+            requested: requested.to_owned(),
+            request_id: None,
+        };
+        self.tx.send(control(&m)).await.is_ok()
+    }
+
+    async fn event(&mut self, event: &Arc<Event>) -> bool {
+        self.tx.send(event_message(event)).await.is_ok()
+    }
 }
 
 pub async fn stream(
@@ -87,7 +115,7 @@ pub async fn stream(
 }
 
 /// Feed one SSE stream until the client leaves, the token expires, the
-/// queue overflows or the gateway drains.
+/// queue overflows, the tenant loses its policy or the gateway drains.
 async fn pump(
     mut session: Session,
     raw_cursor: Option<String>,
@@ -103,74 +131,97 @@ async fn pump(
                 .comment("switchboard"),
         )
         .await;
+    // Every event of the subscriptions up to this one was sent: where a
+    // client told to reconnect resumes.
+    let mut sent_up_to: Option<Cursor> = None;
     if let Some(raw) = raw_cursor {
-        let mut out = Vec::new();
         let c = Cursor::parse_lenient(&raw);
-        let gap = match session
-            .replay(c, None, usize::MAX, |e| {
-                out.push(event_message(e));
-                true
-            })
+        match session
+            .resume(c, None, usize::MAX, &mut ChannelSink { tx: &tx })
             .await
         {
-            Ok(r) => r.gap.map(|g| g.as_str()),
-            Err(_) => Some("unavailable"),
-        };
-        if let Some(reason) = gap {
-            node.metrics
-                .resumes
-                .get_or_create(&vec![("outcome", "gap")])
-                .inc();
-            let _ = tx.send(control("resume.gap", json!({ "reason": reason, "requested": raw.chars().take(64).collect::<String>(), "timestamp": now_rfc3339() }))).await;
-        } else {
-            node.metrics
-                .resumes
-                .get_or_create(&vec![("outcome", "replayed")])
-                .inc();
-        }
-        node.metrics.events_delivered.inc_by(out.len() as u64);
-        for m in out {
-            if tx.send(m).await.is_err() {
-                break;
+            Ok(r) if r.stopped => {
+                finish(&node, session).await;
+                return;
+            }
+            Ok(r) => sent_up_to = r.last,
+            Err(e) => {
+                let m = ServerMessage::error(ErrorCode::HistoryUnavailable, e.to_string(), None);
+                let _ = tx.send(control(&m)).await;
             }
         }
     }
+    let resume_cursor =
+        |session: &Session, sent: Option<Cursor>| sent.unwrap_or_else(|| session.live_cursor());
     let mut policy = node.policy_changes();
     let expiry = tokio::time::sleep(Duration::from_secs(
-        expires_at.saturating_sub(jsonwebtoken::get_current_timestamp()),
+        expires_at
+            .saturating_sub(jsonwebtoken::get_current_timestamp())
+            .min(365 * 24 * 3600),
     ));
     tokio::pin!(expiry);
+    let drain = {
+        // Streams leave at spread-out times within the drain, as WebSockets do.
+        let (node, conn) = (node.clone(), session.admission.id);
+        async move {
+            node.drained().await;
+            if let Some(d) = node.drain_state() {
+                tokio::time::sleep_until(d.deadline_for(conn)).await;
+            }
+        }
+    };
+    tokio::pin!(drain);
     loop {
         tokio::select! {
             biased;
             _ = tx.closed() => break,
             ev = session.next_live() => match ev {
-                Ok(e) => if tx.send(event_message(&e)).await.is_err() { break },
+                Ok(e) => {
+                    if tx.send(event_message(&e)).await.is_err() { break }
+                    if sent_up_to.is_none_or(|s| s.seq < e.id.seq) {
+                        sent_up_to = Some(e.id);
+                    }
+                }
                 Err(_overflowed) => {
-                    let _ = tx.try_send(control("reconnect", json!({ "reason": "slow consumer", "cursor": session.live_cursor().to_string() })));
+                    let m = ServerMessage::Reconnect {
+                        reason: ReconnectReason::SlowConsumer,
+                        cursor: resume_cursor(&session, sent_up_to),
+                    };
+                    let _ = tx.try_send(control(&m));
                     break;
                 }
             },
             _ = &mut expiry => {
-                let _ = tx.send(control("error", json!({ "code": "token_expired", "message": "token expired", "timestamp": now_rfc3339() }))).await;
+                let m = ServerMessage::error(ErrorCode::TokenExpired, "token expired", None);
+                let _ = tx.send(control(&m)).await;
                 break;
             }
-            Ok(()) = policy.changed() => {
-                if node.limits(&session.tenant).is_err() {
+            Ok(()) = policy.changed() => match super::policy_changed(&mut session).await {
+                PolicyChange::Unchanged => {}
+                PolicyChange::Revoked(m) => {
+                    let _ = tx.send(control(&m)).await;
+                }
+                PolicyChange::TenantRemoved(m) => {
+                    let _ = tx.send(control(&m)).await;
+                    let end = ServerMessage::error(ErrorCode::Forbidden, super::TENANT_REMOVED, None);
+                    let _ = tx.send(control(&end)).await;
                     break;
                 }
-                let revoked = session.enforce_policy().await;
-                if !revoked.is_empty() {
-                    let topics: Vec<&str> = revoked.iter().map(|(p, _)| p.as_str()).collect();
-                    let _ = tx.send(control("subscription.revoked", json!({ "topics": topics, "reason": revoked[0].1.to_string() }))).await;
-                }
-            }
-            _ = node.drained() => {
-                let _ = tx.send(control("reconnect", json!({ "reason": "draining", "timestamp": now_rfc3339() }))).await;
+            },
+            () = &mut drain => {
+                let m = ServerMessage::Reconnect {
+                    reason: ReconnectReason::Draining,
+                    cursor: resume_cursor(&session, sent_up_to),
+                };
+                let _ = tx.send(control(&m)).await;
                 break;
             }
         }
     }
+    finish(&node, session).await;
+}
+
+async fn finish(node: &Node, session: Session) {
     node.metrics.sse_active.dec();
     session.close().await;
 }

@@ -5,7 +5,6 @@
 
 pub mod memory;
 pub mod nats;
-pub mod subject;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,10 +14,22 @@ use switchboard_config::Pattern;
 
 use crate::event::{Cursor, Event, NewEvent};
 
+/// Why the broker could not do what was asked.
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
+    /// The event bus cannot be reached, or did not answer in time.
     #[error("the event bus is unavailable: {0}")]
     Unavailable(String),
+    /// The event bus refused or lost a subscription: nothing would be
+    /// delivered on it.
+    #[error("the event bus refused the subscription to {subject}: {source}")]
+    Subscribe {
+        /// The NATS subject.
+        subject: String,
+        /// What NATS said.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
 }
 
 /// Result of a publish.
@@ -88,10 +99,16 @@ pub trait Broker: Send + Sync + 'static {
     /// The cursor of the newest event of a tenant (seq 0 when there is none).
     fn head(&self, tenant: &Arc<str>) -> Cursor;
 
-    /// A local subscription to a pattern was added (`true`) or removed
-    /// (`false`). Brokers count them and hold one upstream subscription per
-    /// distinct (tenant, pattern) while the count is above zero.
-    async fn interest(&self, tenant: &Arc<str>, pattern: &Pattern, wanted: bool);
+    /// A local subscription to a pattern is being added. Brokers count them
+    /// and hold one upstream subscription per distinct (tenant, pattern)
+    /// while the count is above zero. An error means nothing would be
+    /// delivered: the count is not taken and the caller must not confirm
+    /// the subscription.
+    async fn subscribe(&self, tenant: &Arc<str>, pattern: &Pattern) -> Result<(), BrokerError>;
+
+    /// A local subscription taken by a successful [`Broker::subscribe`] is
+    /// gone. Giving back the last one drops the upstream subscription.
+    async fn unsubscribe(&self, tenant: &Arc<str>, pattern: &Pattern);
 
     /// For a subscription just registered in the hub (which reported
     /// `registered_at`) and whose interest is in place: the sequence after

@@ -188,9 +188,12 @@ impl Broker for MemoryBroker {
         }
     }
 
-    async fn interest(&self, _tenant: &Arc<str>, _pattern: &Pattern, _wanted: bool) {
+    async fn subscribe(&self, _tenant: &Arc<str>, _pattern: &Pattern) -> Result<(), BrokerError> {
         // Every event is routed to the local hub already.
+        Ok(())
     }
+
+    async fn unsubscribe(&self, _tenant: &Arc<str>, _pattern: &Pattern) {}
 
     async fn live_from(&self, _tenant: &Arc<str>, registered_at: u64) -> Result<u64, BrokerError> {
         // Registration and fan-out are ordered by the hub's lock: exact.

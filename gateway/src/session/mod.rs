@@ -8,15 +8,19 @@
 //! events at or before `since` of every pattern that matches them. So no
 //! event is sent twice and none falls between the two.
 
+mod resume;
+
 use std::sync::Arc;
 
 use switchboard_config::Pattern;
 use switchboard_config::policy::Denied;
 
-use crate::bus::{BrokerError, GapReason};
 use crate::event::{Cursor, Event};
 use crate::mailbox::{Mailbox, Overflowed};
 use crate::node::{Admission, Node};
+use crate::protocol::ErrorCode;
+
+pub use resume::{ResumeSink, Resumed};
 
 /// Why one requested pattern was not subscribed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -31,13 +35,16 @@ pub enum SubscribeError {
     Unavailable(String),
 }
 
-/// What a replay found.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct Replayed {
-    pub sent: usize,
-    pub gap: Option<GapReason>,
-    /// Stopped at the caller's limit with more to send.
-    pub truncated: bool,
+impl SubscribeError {
+    /// The error code every transport reports this refusal with.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            SubscribeError::Invalid(..) => ErrorCode::InvalidTopic,
+            SubscribeError::Denied(_) => ErrorCode::TopicNotAllowed,
+            SubscribeError::TooMany(_) => ErrorCode::TooManySubscriptions,
+            SubscribeError::Unavailable(_) => ErrorCode::BusUnavailable,
+        }
+    }
 }
 
 pub struct Session {
@@ -124,16 +131,19 @@ impl Session {
                 errors.push(SubscribeError::TooMany(max));
                 continue;
             }
+            // Upstream first: a subscription the broker cannot serve is
+            // refused, never confirmed.
+            if let Err(e) = self.node.broker.subscribe(&self.tenant, &pattern).await {
+                tracing::warn!(pattern = %pattern, error = %e, "subscription refused by the broker");
+                errors.push(SubscribeError::Unavailable(e.to_string()));
+                continue;
+            }
             let registered_at = self.node.hub.register(
                 &self.tenant,
                 self.admission.id,
                 &pattern,
                 self.mailbox.clone(),
             );
-            self.node
-                .broker
-                .interest(&self.tenant, &pattern, true)
-                .await;
             let since = match self
                 .node
                 .broker
@@ -145,10 +155,7 @@ impl Session {
                     self.node
                         .hub
                         .unregister(&self.tenant, self.admission.id, &pattern);
-                    self.node
-                        .broker
-                        .interest(&self.tenant, &pattern, false)
-                        .await;
+                    self.node.broker.unsubscribe(&self.tenant, &pattern).await;
                     errors.push(SubscribeError::Unavailable(e.to_string()));
                     continue;
                 }
@@ -179,10 +186,7 @@ impl Session {
         self.node
             .hub
             .unregister(&self.tenant, self.admission.id, pattern);
-        self.node
-            .broker
-            .interest(&self.tenant, pattern, false)
-            .await;
+        self.node.broker.unsubscribe(&self.tenant, pattern).await;
     }
 
     /// Should this event, taken from the live queue, be delivered? An event
@@ -249,80 +253,6 @@ impl Session {
         }
     }
 
-    /// Send the events after `cursor` that the current subscriptions match
-    /// and that live delivery does not cover, oldest first, at most `limit`.
-    /// `emit` returns false to stop early (the client went away).
-    ///
-    /// With `only`, just events matching one of those patterns and none of
-    /// the session's other patterns (a cursor given with a new subscription
-    /// resumes that subscription, without repeating what others delivered).
-    pub async fn replay(
-        &self,
-        cursor: Cursor,
-        only: Option<&[Pattern]>,
-        limit: usize,
-        mut emit: impl FnMut(&Arc<Event>) -> bool,
-    ) -> Result<Replayed, BrokerError> {
-        let Some(until) = self.subs.iter().map(|(_, s)| *s).max() else {
-            return Ok(Replayed::default());
-        };
-        let subs = &self.subs;
-        let region = self.mailbox.region.clone();
-        let wanted = move |e: &Event| {
-            if region.as_deref().is_some_and(|r| r != &*e.region) {
-                return false;
-            }
-            let mut matched = false;
-            for (p, since) in subs {
-                if p.matches(&e.topic) {
-                    if e.id.seq > *since {
-                        return false; // delivered live
-                    }
-                    match only {
-                        Some(only) if !only.contains(p) => return false,
-                        _ => matched = true,
-                    }
-                }
-            }
-            matched
-        };
-        let scope: Vec<Pattern> = match only {
-            Some(only) => only.to_vec(),
-            None => subs.iter().map(|(p, _)| p.clone()).collect(),
-        };
-        let mut out = Replayed::default();
-        let mut after = cursor;
-        let mut first = true;
-        loop {
-            let batch = self
-                .node
-                .broker
-                .read(&self.tenant, Some(after), &scope, &wanted, 256)
-                .await?;
-            if first {
-                out.gap = batch.gap;
-                first = false;
-            }
-            for event in &batch.events {
-                if event.id.seq > until {
-                    return Ok(out);
-                }
-                if out.sent == limit {
-                    out.truncated = true;
-                    return Ok(out);
-                }
-                if !emit(event) {
-                    return Ok(out);
-                }
-                out.sent += 1;
-            }
-            if !batch.more || batch.next.seq >= until || batch.next == after {
-                return Ok(out);
-            }
-            after = batch.next;
-        }
-    }
-
     /// Unsubscribe everything; called when the session ends.
     pub async fn close(mut self) {
         let all: Vec<Pattern> = self.subs.iter().map(|(p, _)| p.clone()).collect();
@@ -347,7 +277,7 @@ impl Drop for Session {
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(async move {
                 for p in &patterns {
-                    broker.interest(&tenant, p, false).await;
+                    broker.unsubscribe(&tenant, p).await;
                 }
             });
         }

@@ -1,0 +1,234 @@
+//! Reading history pages from the region's stream: an ephemeral pull
+//! consumer filtered to the patterns asked for, or direct gets when no
+//! consumer can be created.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{consumer, stream};
+use futures_util::StreamExt;
+use switchboard_config::Pattern;
+
+use super::region_stream::header_traceparent;
+use super::{NatsBroker, REQUEST_TIMEOUT, unavailable};
+use crate::broker::{BrokerError, Filter, ReadBatch};
+use crate::event::Cursor;
+
+/// Read stored events after `after` (up to `until`), optionally for one tenant.
+pub(super) async fn read_range(
+    broker: &NatsBroker,
+    tenant: Option<&str>,
+    scope: &[Pattern],
+    after: Cursor,
+    filter: Filter<'_>,
+    limit: usize,
+    until: u64,
+) -> Result<ReadBatch, BrokerError> {
+    let mut out = ReadBatch {
+        events: Vec::new(),
+        gap: None,
+        next: after,
+        more: false,
+    };
+    if after.seq >= until {
+        return Ok(out);
+    }
+    let stream = broker.stream().await?;
+    let filter_subject = match tenant {
+        Some(t) => broker.subjects.tenant_history(t),
+        None => broker.subjects.all_events(),
+    };
+    // Read only the subjects of the patterns asked for, when NATS can take
+    // them as consumer filters (no two may overlap): a resuming client then
+    // reads its own topics, not its whole tenant's history.
+    let scoped = match tenant {
+        Some(t) if disjoint(scope) => scope
+            .iter()
+            .map(|p| broker.subjects.pattern_history(t, p))
+            .collect(),
+        _ => Vec::new(),
+    };
+    let (single, several) = match scoped.len() {
+        0 => (filter_subject.clone(), Vec::new()),
+        1 => (scoped[0].clone(), Vec::new()),
+        _ => (String::new(), scoped),
+    };
+    // An ephemeral pull consumer in memory, without acks, deleted after
+    // this read: three requests (create, fetch, delete) however long the
+    // range, and nothing left behind when a reconnect storm runs thousands.
+    let created = tokio::time::timeout(
+        REQUEST_TIMEOUT,
+        stream.create_consumer(consumer::pull::Config {
+            filter_subject: single,
+            filter_subjects: several,
+            deliver_policy: consumer::DeliverPolicy::ByStartSequence {
+                start_sequence: after.seq + 1,
+            },
+            ack_policy: consumer::AckPolicy::None,
+            memory_storage: true,
+            num_replicas: 1,
+            inactive_threshold: Duration::from_secs(30),
+            ..Default::default()
+        }),
+    )
+    .await;
+    let mut consumer = match created {
+        Ok(Ok(c)) => c,
+        // Creating a consumer needs the JetStream meta leader, which may be
+        // on the far side of a partition; the stream's own replicas still
+        // answer direct gets.
+        failed => {
+            let reason = match failed {
+                Ok(Err(e)) => e.to_string(),
+                _ => "timed out".into(),
+            };
+            tracing::debug!(reason, "reading history with direct gets");
+            return read_direct(broker, &stream, &filter_subject, out, filter, limit, until).await;
+        }
+    };
+    let pending = consumer.cached_info().num_pending;
+    let result = if pending == 0 {
+        Ok(())
+    } else {
+        fetch_range(broker, &mut consumer, after, &mut out, filter, limit, until).await
+    };
+    let name = consumer.cached_info().name.clone();
+    tokio::spawn(async move {
+        let _ = tokio::time::timeout(REQUEST_TIMEOUT, stream.delete_consumer(&name)).await;
+    });
+    result.map(|()| out)
+}
+
+/// Pull the consumer's messages (in no-wait batches) into `out` until the
+/// range, the limit or the pending messages end.
+async fn fetch_range(
+    broker: &NatsBroker,
+    consumer: &mut consumer::Consumer<consumer::pull::Config>,
+    after: Cursor,
+    out: &mut ReadBatch,
+    filter: Filter<'_>,
+    limit: usize,
+    until: u64,
+) -> Result<(), BrokerError> {
+    const BATCH: usize = 256;
+    let deadline = tokio::time::Instant::now() + REQUEST_TIMEOUT;
+    loop {
+        let mut messages =
+            tokio::time::timeout_at(deadline, consumer.fetch().max_messages(BATCH).messages())
+                .await
+                .map_err(unavailable)?
+                .map_err(unavailable)?;
+        let mut got = 0;
+        loop {
+            let next = tokio::time::timeout_at(deadline, messages.next()).await;
+            let msg = match next {
+                Ok(Some(Ok(m))) => m,
+                Ok(Some(Err(e))) => return Err(unavailable(e)),
+                Ok(None) => break,
+                // Slow (an overloaded server): hand over what arrived and
+                // let the caller continue from there; nothing at all is an
+                // error, never a silently short history.
+                Err(_) if out.next.seq > after.seq => {
+                    out.more = true;
+                    return Ok(());
+                }
+                Err(_) => return Err(unavailable("history read timed out")),
+            };
+            got += 1;
+            let Ok(info) = msg.info() else { continue };
+            let (seq, pending, published) = (info.stream_sequence, info.pending, info.published);
+            if seq > until {
+                return Ok(());
+            }
+            out.next.seq = seq;
+            if let Some(event) = broker.seal(
+                &msg.subject,
+                seq,
+                published,
+                &msg.payload,
+                msg.headers
+                    .as_ref()
+                    .and_then(|h| h.get("traceparent"))
+                    .map(|v| v.as_str().to_owned()),
+            ) && filter(&event)
+            {
+                out.events.push(Arc::new(event));
+            }
+            if pending == 0 || seq >= until {
+                return Ok(());
+            }
+            if out.events.len() >= limit {
+                out.more = true;
+                return Ok(());
+            }
+        }
+        if got == 0 {
+            // Nothing more to fetch: the filtered range is exhausted.
+            return Ok(());
+        }
+    }
+}
+
+/// Patterns NATS accepts together as consumer filters: one pattern, or a
+/// few distinct exact topics (which cannot overlap).
+pub(super) fn disjoint(scope: &[Pattern]) -> bool {
+    const MAX_FILTERS: usize = 16;
+    match scope {
+        [] => false,
+        [_] => true,
+        _ => {
+            scope.len() <= MAX_FILTERS
+                && scope.iter().all(Pattern::is_exact)
+                && scope
+                    .iter()
+                    .enumerate()
+                    .all(|(i, p)| scope[..i].iter().all(|q| q != p))
+        }
+    }
+}
+
+/// History read one message at a time with direct gets (no consumer).
+async fn read_direct(
+    broker: &NatsBroker,
+    stream: &stream::Stream,
+    subject: &str,
+    mut out: ReadBatch,
+    filter: Filter<'_>,
+    limit: usize,
+    until: u64,
+) -> Result<ReadBatch, BrokerError> {
+    let mut seq = out.next.seq + 1;
+    while seq <= until {
+        let got = tokio::time::timeout(
+            REQUEST_TIMEOUT,
+            stream.direct_get_next_for_subject(subject, Some(seq)),
+        )
+        .await
+        .map_err(unavailable)?;
+        let msg = match got {
+            Ok(m) => m,
+            Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => break,
+            Err(e) => return Err(unavailable(e)),
+        };
+        if msg.sequence > until {
+            break;
+        }
+        out.next.seq = msg.sequence;
+        seq = msg.sequence + 1;
+        if let Some(event) = broker.seal(
+            &msg.subject,
+            msg.sequence,
+            msg.time,
+            &msg.payload,
+            header_traceparent(&msg.headers),
+        ) && filter(&event)
+        {
+            out.events.push(Arc::new(event));
+            if out.events.len() >= limit {
+                out.more = msg.sequence < until;
+                break;
+            }
+        }
+    }
+    Ok(out)
+}

@@ -1,0 +1,405 @@
+//! The cluster broker: NATS core for interest-based routing, JetStream for
+//! history, dedup and cursors. See docs/architecture.md for the layout.
+//!
+//! - Publishing stores the event in this region's stream
+//!   (`<p>.ev.<region>.<tenant>.<topic>`, dedup by `Nats-Msg-Id`).
+//! - Each region's stream sources the other regions' streams, so it holds
+//!   every event visible in the region in one order: its sequence is the
+//!   cursor, valid on every gateway of the region.
+//! - The stream republishes what it stores (with its sequence) to
+//!   `<p>.rp.<region>.…`; a gateway subscribes there once per distinct
+//!   (tenant, pattern) its own connections want, so NATS only sends it what
+//!   it has subscribers for.
+//!
+//! The module by concern: [`region_stream`] (the region's stream: configuration,
+//! creation, state, turning stored messages into events), [`router`]
+//! (upstream subscriptions and the task that routes what NATS delivers to
+//! the hub), [`history`] (reading history pages), [`permissions`] (whether
+//! this account may subscribe to a subject) and [`subject`] (the subject
+//! scheme).
+
+mod history;
+mod permissions;
+
+use permissions::SubscribePermissions;
+mod region_stream;
+mod router;
+pub mod subject;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, stream};
+use async_nats::{HeaderMap, Message};
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use switchboard_config::{HistoryConfig, NatsConfig, Pattern};
+use tokio::sync::{Mutex, mpsc};
+
+use super::{Broker, BrokerError, Filter, GapReason, Published, ReadBatch};
+use crate::event::{Cursor, Event, NewEvent};
+use crate::hub::Hub;
+use crate::metrics::Metrics;
+use history::read_range;
+use subject::Subjects;
+
+/// The body of a stored event. Backends publishing directly on NATS send
+/// this (only `data` is required).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct WireEvent {
+    #[serde(default)]
+    pub data: Value,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gdpr_context: Option<Value>,
+}
+
+/// Shared state of the broker and its background tasks.
+struct State {
+    connected: AtomicBool,
+    stream_ready: AtomicBool,
+    /// Epoch of the region's stream (from its creation time); 0 until known.
+    epoch: AtomicU64,
+    /// Newest stream sequence known to this process.
+    head: AtomicU64,
+    /// Where live delivery stopped when the connection was lost
+    /// ([`NO_CATCH_UP`]: none pending); the catch-up after reconnecting
+    /// starts there.
+    resume_from: AtomicU64,
+    /// The account's permissions must be asked again (set at each connect).
+    permissions_stale: AtomicBool,
+}
+
+enum Live {
+    Message(Message),
+    /// The connection came back: deliver what was stored meanwhile.
+    Reconnected,
+}
+
+struct Interest {
+    count: usize,
+    forwarder: tokio::task::JoinHandle<()>,
+}
+
+pub struct NatsBroker {
+    client: async_nats::Client,
+    js: jetstream::Context,
+    subjects: Subjects,
+    stream_name: String,
+    history: HistoryConfig,
+    state: Arc<State>,
+    interests: Mutex<HashMap<(Arc<str>, Pattern), Interest>>,
+    live_tx: mpsc::UnboundedSender<Live>,
+    /// The last stream info and when its request was sent: concurrent
+    /// callers share one request (a reconnect storm would otherwise send one
+    /// per client).
+    info: Mutex<Option<(tokio::time::Instant, stream::State)>>,
+    /// History reads in flight at once: a reconnect storm queues here
+    /// instead of timing out together against JetStream.
+    reads: tokio::sync::Semaphore,
+    /// What this account may subscribe to, as last read from the server.
+    permissions: Mutex<Option<Arc<SubscribePermissions>>>,
+}
+
+/// History reads one gateway runs against JetStream at a time.
+const CONCURRENT_READS: usize = 32;
+
+fn unavailable(e: impl std::fmt::Display) -> BrokerError {
+    BrokerError::Unavailable(e.to_string())
+}
+
+/// A stream epoch from its creation time: never 0 (0 marks foreign cursors).
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// `resume_from` when no catch-up is pending.
+const NO_CATCH_UP: u64 = u64::MAX;
+
+impl NatsBroker {
+    /// Connect (in the background when NATS is not reachable yet), make sure
+    /// the region's stream exists, and start routing into `hub`.
+    pub async fn start(
+        config: &NatsConfig,
+        history: HistoryConfig,
+        region: &str,
+        hub: Arc<Hub>,
+        metrics: Arc<Metrics>,
+    ) -> anyhow::Result<Arc<Self>> {
+        use anyhow::Context;
+        let state = Arc::new(State {
+            connected: AtomicBool::new(false),
+            stream_ready: AtomicBool::new(false),
+            epoch: AtomicU64::new(0),
+            head: AtomicU64::new(0),
+            resume_from: AtomicU64::new(NO_CATCH_UP),
+            permissions_stale: AtomicBool::new(true),
+        });
+        let (live_tx, live_rx) = mpsc::unbounded_channel();
+        let mut options = async_nats::ConnectOptions::new()
+            .name(format!("switchboard-{region}"))
+            .retry_on_initial_connect()
+            .max_reconnects(None)
+            .connection_timeout(Duration::from_secs(3))
+            .reconnect_delay_callback(|attempts| {
+                Duration::from_millis((100 * attempts as u64).min(2000))
+            });
+        {
+            let state = state.clone();
+            let live_tx = live_tx.clone();
+            let metrics = metrics.clone();
+            options = options.event_callback(move |event| {
+                let state = state.clone();
+                let live_tx = live_tx.clone();
+                let metrics = metrics.clone();
+                async move {
+                    match event {
+                        async_nats::Event::Connected => {
+                            tracing::info!("connected to NATS");
+                            metrics.nats_connected.set(1);
+                            state.permissions_stale.store(true, Ordering::Release);
+                            if !state.connected.swap(true, Ordering::AcqRel) {
+                                let _ = live_tx.send(Live::Reconnected);
+                            }
+                        }
+                        async_nats::Event::Disconnected => {
+                            tracing::warn!("disconnected from NATS; reconnecting");
+                            metrics.nats_connected.set(0);
+                            metrics.nats_reconnects.inc();
+                            state.connected.store(false, Ordering::Release);
+                            let head = state.head.load(Ordering::Acquire);
+                            let _ = state.resume_from.compare_exchange(
+                                NO_CATCH_UP,
+                                head,
+                                Ordering::AcqRel,
+                                Ordering::Acquire,
+                            );
+                        }
+                        async_nats::Event::ServerError(e) => {
+                            // A refusal the permission check did not foresee
+                            // (permissions changed since they were read).
+                            tracing::error!(error = %e, "NATS refused a request");
+                            metrics.error("nats");
+                            state.permissions_stale.store(true, Ordering::Release);
+                        }
+                        other => tracing::info!(event = %other, "NATS event"),
+                    }
+                }
+            });
+        }
+        if let Some(path) = &config.credentials_file {
+            options = options
+                .credentials_file(path)
+                .await
+                .with_context(|| format!("reading NATS credentials {}", path.display()))?;
+        }
+        if let Some(path) = &config.nkey_seed_file {
+            let seed = std::fs::read_to_string(path)
+                .with_context(|| format!("reading NKey seed {}", path.display()))?;
+            options = options.nkey(seed.trim().to_owned());
+        }
+        if let Some(path) = &config.token_file {
+            let token = std::fs::read_to_string(path)
+                .with_context(|| format!("reading NATS token {}", path.display()))?;
+            options = options.token(token.trim().to_owned());
+        }
+        if let (Some(user), Some(path)) = (&config.user, &config.password_file) {
+            let password = std::fs::read_to_string(path)
+                .with_context(|| format!("reading NATS password {}", path.display()))?;
+            options = options.user_and_password(user.clone(), password.trim().to_owned());
+        }
+        if let Some(tls) = &config.tls {
+            if let Some(ca) = &tls.ca_file {
+                options = options.add_root_certificates(ca.clone());
+            }
+            if let (Some(cert), Some(key)) = (&tls.cert_file, &tls.key_file) {
+                options = options.add_client_certificate(cert.clone(), key.clone());
+            }
+            options = options.require_tls(tls.required);
+        }
+        let urls: Vec<async_nats::ServerAddr> = config
+            .urls
+            .iter()
+            .map(|u| u.parse())
+            .collect::<Result<_, _>>()
+            .context("parsing nats.urls")?;
+        let client = options
+            .connect(urls.as_slice())
+            .await
+            .context("connecting to NATS")?;
+        let js = match &config.jetstream_domain {
+            Some(domain) => jetstream::with_domain(client.clone(), domain),
+            None => jetstream::new(client.clone()),
+        };
+        let subjects = Subjects::new(&config.subject_prefix, region);
+        let broker = Arc::new(Self {
+            stream_name: subjects.stream_name(region),
+            client,
+            js,
+            subjects,
+            history,
+            state,
+            interests: Mutex::new(HashMap::new()),
+            live_tx,
+            info: Mutex::new(None),
+            reads: tokio::sync::Semaphore::new(CONCURRENT_READS),
+            permissions: Mutex::new(None),
+        });
+        tokio::spawn(region_stream::ensure_stream(
+            broker.clone(),
+            region_stream::stream_config(config, &broker.history, &broker.subjects, region),
+        ));
+        tokio::spawn(router::route_to_hub(
+            broker.clone(),
+            live_rx,
+            hub,
+            metrics.clone(),
+        ));
+        tokio::spawn(region_stream::refresh_head(Arc::downgrade(&broker)));
+        Ok(broker)
+    }
+}
+
+impl NatsBroker {
+    /// The account's subscribe permissions (read again after each connect);
+    /// `None` when the server cannot tell (then NATS alone decides).
+    async fn permissions(&self) -> Option<Arc<SubscribePermissions>> {
+        let mut cached = self.permissions.lock().await;
+        if cached.is_none() || self.state.permissions_stale.swap(false, Ordering::AcqRel) {
+            let asked = tokio::time::timeout(
+                REQUEST_TIMEOUT,
+                self.client.request("$SYS.REQ.USER.INFO", "".into()),
+            )
+            .await;
+            *cached = match asked {
+                Ok(Ok(msg)) => serde_json::from_slice::<Value>(&msg.payload)
+                    .ok()
+                    .and_then(|v| SubscribePermissions::from_user_info(&v))
+                    .map(Arc::new),
+                _ => None,
+            };
+            if cached.is_none() {
+                tracing::debug!("the NATS server did not tell this account's permissions");
+            }
+        }
+        cached.clone()
+    }
+}
+
+#[async_trait]
+impl Broker for NatsBroker {
+    async fn publish(&self, new: NewEvent, _retention: Duration) -> Result<Published, BrokerError> {
+        let epoch = self.epoch()?;
+        let subject = self.subjects.event(&new.tenant, &new.topic);
+        let mut headers = HeaderMap::new();
+        if let Some(key) = &new.idempotency_key {
+            // Per tenant: the same key from two tenants is two events.
+            headers.insert("Nats-Msg-Id", format!("{}:{key}", new.tenant).as_str());
+        }
+        if let Some(tp) = &new.traceparent {
+            headers.insert("traceparent", tp.as_str());
+        }
+        let wire = WireEvent {
+            data: new.data.clone(),
+            region: Some(new.region.to_string()),
+            idempotency_key: new.idempotency_key.clone(),
+            gdpr_context: new.gdpr_context.clone(),
+        };
+        let payload = serde_json::to_vec(&wire).map_err(unavailable)?;
+        let ack = tokio::time::timeout(REQUEST_TIMEOUT, async {
+            self.js
+                .publish_with_headers(subject, headers, payload.into())
+                .await?
+                .await
+        })
+        .await
+        .map_err(unavailable)?
+        .map_err(unavailable)?;
+        self.note_head(ack.sequence);
+        if ack.duplicate
+            && let Some(original) = self.get_stored(ack.sequence).await?
+        {
+            return Ok(Published {
+                event: Arc::new(original),
+                duplicate: true,
+            });
+        }
+        let event = Event::seal(
+            new,
+            Cursor {
+                epoch,
+                seq: ack.sequence,
+            },
+            time::OffsetDateTime::now_utc(),
+        );
+        Ok(Published {
+            event: Arc::new(event),
+            duplicate: ack.duplicate,
+        })
+    }
+
+    async fn read(
+        &self,
+        tenant: &Arc<str>,
+        after: Option<Cursor>,
+        scope: &[Pattern],
+        filter: Filter<'_>,
+        limit: usize,
+    ) -> Result<ReadBatch, BrokerError> {
+        let epoch = self.epoch()?;
+        let _permit = self.reads.acquire().await.map_err(unavailable)?;
+        let state = self.stream_state().await?;
+        let oldest = state.first_sequence.saturating_sub(1);
+        let (start, gap) = match after {
+            None => (oldest, None),
+            Some(c) if c.epoch != epoch || c.seq > state.last_sequence => {
+                (oldest, Some(GapReason::Unknown))
+            }
+            Some(c) if c.seq < oldest => (oldest, Some(GapReason::Expired)),
+            Some(c) => (c.seq, None),
+        };
+        let mut batch = read_range(
+            self,
+            Some(tenant),
+            scope,
+            Cursor { epoch, seq: start },
+            filter,
+            limit,
+            state.last_sequence,
+        )
+        .await?;
+        batch.gap = gap;
+        Ok(batch)
+    }
+
+    fn head(&self, _tenant: &Arc<str>) -> Cursor {
+        Cursor {
+            epoch: self.state.epoch.load(Ordering::Acquire),
+            seq: self.state.head.load(Ordering::Acquire),
+        }
+    }
+
+    async fn live_from(&self, _tenant: &Arc<str>, _registered_at: u64) -> Result<u64, BrokerError> {
+        Ok(self.stream_state().await?.last_sequence)
+    }
+
+    async fn subscribe(&self, tenant: &Arc<str>, pattern: &Pattern) -> Result<(), BrokerError> {
+        self.add_interest(tenant, pattern).await
+    }
+
+    async fn unsubscribe(&self, tenant: &Arc<str>, pattern: &Pattern) {
+        self.drop_interest(tenant, pattern).await;
+    }
+
+    fn health(&self) -> (&'static str, bool) {
+        (
+            "event_bus",
+            self.state.connected.load(Ordering::Acquire)
+                && self.state.stream_ready.load(Ordering::Acquire),
+        )
+    }
+}

@@ -1,0 +1,221 @@
+//! The region's history stream: its configuration, creation and state,
+//! and turning what it stores into events.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use async_nats::Message;
+use async_nats::jetstream::stream;
+use switchboard_config::{HistoryConfig, NatsConfig};
+
+use super::subject::Subjects;
+use super::{NatsBroker, REQUEST_TIMEOUT, WireEvent, unavailable};
+use crate::broker::BrokerError;
+use crate::event::{Cursor, Event, NewEvent};
+
+/// A stream epoch from its creation time: never 0 (0 marks foreign cursors).
+pub(super) fn epoch_of(created: time::OffsetDateTime) -> u64 {
+    let nanos = created.unix_timestamp_nanos() as u64;
+    (nanos >> 8) | 1
+}
+
+impl NatsBroker {
+    pub(super) fn epoch(&self) -> Result<u64, BrokerError> {
+        match self.state.epoch.load(Ordering::Acquire) {
+            0 => Err(unavailable("the history stream is not ready yet")),
+            e => Ok(e),
+        }
+    }
+
+    pub(super) fn note_head(&self, seq: u64) {
+        self.state.head.fetch_max(seq, Ordering::AcqRel);
+    }
+
+    pub(super) async fn stream(&self) -> Result<stream::Stream, BrokerError> {
+        tokio::time::timeout(REQUEST_TIMEOUT, self.js.get_stream(&self.stream_name))
+            .await
+            .map_err(unavailable)?
+            .map_err(unavailable)
+    }
+
+    /// The stream's state as of a request sent after this call began (so
+    /// it covers everything the caller did before, e.g. a subscription it
+    /// flushed). Callers arriving together share one request.
+    pub(super) async fn stream_state(&self) -> Result<stream::State, BrokerError> {
+        let asked = tokio::time::Instant::now();
+        let mut cached = self.info.lock().await;
+        if let Some((sent, state)) = &*cached
+            && *sent >= asked
+        {
+            return Ok(state.clone());
+        }
+        let sent = tokio::time::Instant::now();
+        let info = tokio::time::timeout(REQUEST_TIMEOUT, self.stream().await?.get_info())
+            .await
+            .map_err(unavailable)?
+            .map_err(unavailable)?;
+        self.note_head(info.state.last_sequence);
+        *cached = Some((sent, info.state.clone()));
+        Ok(info.state)
+    }
+
+    /// Build an event from what the stream stored.
+    pub(super) fn seal(
+        &self,
+        subject: &str,
+        seq: u64,
+        stored: time::OffsetDateTime,
+        payload: &[u8],
+        traceparent: Option<String>,
+    ) -> Option<Event> {
+        let epoch = self.state.epoch.load(Ordering::Acquire);
+        let (origin, tenant, topic) = self.subjects.parse_event(subject)?;
+        let wire: WireEvent = serde_json::from_slice(payload).ok()?;
+        let region = wire
+            .region
+            .filter(|r| crate::node::valid_region(r))
+            .unwrap_or(origin);
+        Some(Event::seal(
+            NewEvent {
+                tenant: tenant.into(),
+                topic,
+                data: wire.data,
+                region: region.into(),
+                idempotency_key: wire.idempotency_key,
+                gdpr_context: wire.gdpr_context,
+                traceparent,
+            },
+            Cursor { epoch, seq },
+            stored,
+        ))
+    }
+
+    /// Build an event from a republished message (headers carry the stored
+    /// subject, sequence and time).
+    pub(super) fn seal_republished(&self, msg: &Message) -> Option<Event> {
+        let headers = msg.headers.as_ref()?;
+        let subject = headers.get("Nats-Subject")?.as_str();
+        let seq: u64 = headers.get("Nats-Sequence")?.as_str().parse().ok()?;
+        let stored = headers
+            .get("Nats-Time-Stamp")
+            .and_then(|t| {
+                time::OffsetDateTime::parse(
+                    t.as_str(),
+                    &time::format_description::well_known::Rfc3339,
+                )
+                .ok()
+            })
+            .unwrap_or_else(time::OffsetDateTime::now_utc);
+        let traceparent = headers.get("traceparent").map(|v| v.as_str().to_owned());
+        self.seal(subject, seq, stored, &msg.payload, traceparent)
+    }
+
+    pub(super) async fn get_stored(&self, seq: u64) -> Result<Option<Event>, BrokerError> {
+        let stream = self.stream().await?;
+        let msg = match tokio::time::timeout(REQUEST_TIMEOUT, stream.direct_get(seq)).await {
+            Ok(Ok(m)) => m,
+            Ok(Err(_)) => return Ok(None),
+            Err(e) => return Err(unavailable(e)),
+        };
+        Ok(self.seal(
+            &msg.subject,
+            msg.sequence,
+            msg.time,
+            &msg.payload,
+            header_traceparent(&msg.headers),
+        ))
+    }
+}
+
+pub(super) fn header_traceparent(headers: &HeaderMap) -> Option<String> {
+    headers.get("traceparent").map(|v| v.as_str().to_owned())
+}
+
+pub(super) fn stream_config(
+    nats: &NatsConfig,
+    history: &HistoryConfig,
+    subjects: &Subjects,
+    region: &str,
+) -> stream::Config {
+    let sources: Vec<stream::Source> = nats
+        .regions
+        .iter()
+        .filter(|r| r.as_str() != region)
+        .map(|r| stream::Source {
+            name: subjects.stream_name(r),
+            filter_subject: Some(subjects.region_events(r)),
+            ..Default::default()
+        })
+        .collect();
+    stream::Config {
+        name: subjects.stream_name(region),
+        description: Some(format!("Switchboard history of region {region}")),
+        subjects: vec![subjects.region_events(region)],
+        sources: (!sources.is_empty()).then_some(sources),
+        republish: Some(stream::Republish {
+            source: ">".into(),
+            destination: subjects.republish_destination(),
+            headers_only: false,
+        }),
+        max_age: Duration::from_secs(history.retention_seconds),
+        // JetStream refuses a dedup window longer than the retention.
+        duplicate_window: Duration::from_secs(
+            history
+                .dedup_window_seconds
+                .clamp(1, history.retention_seconds.max(1)),
+        ),
+        num_replicas: nats.stream_replicas,
+        allow_direct: true,
+        storage: stream::StorageType::File,
+        placement: nats.placement_cluster.as_ref().map(|c| stream::Placement {
+            cluster: Some(c.clone()),
+            tags: Vec::new(),
+        }),
+        ..Default::default()
+    }
+}
+
+/// Create or update the region's stream, retrying until NATS answers.
+pub(super) async fn ensure_stream(broker: Arc<NatsBroker>, config: stream::Config) {
+    let mut delay = Duration::from_millis(100);
+    loop {
+        let attempt = tokio::time::timeout(
+            REQUEST_TIMEOUT,
+            broker.js.create_or_update_stream(config.clone()),
+        )
+        .await;
+        match attempt {
+            Ok(Ok(info)) => {
+                broker
+                    .state
+                    .epoch
+                    .store(epoch_of(info.created), Ordering::Release);
+                broker.note_head(info.state.last_sequence);
+                broker.state.stream_ready.store(true, Ordering::Release);
+                tracing::info!(stream = %config.name, last_sequence = info.state.last_sequence, "history stream ready");
+                return;
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(stream = %config.name, error = %e, "cannot create the history stream yet")
+            }
+            Err(_) => tracing::warn!(stream = %config.name, "NATS not answering yet"),
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(2));
+    }
+}
+
+/// Keep the known head fresh while connected, so that after a disconnect
+/// the catch-up starts close to where live delivery stopped.
+pub(super) async fn refresh_head(broker: std::sync::Weak<NatsBroker>) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let Some(b) = broker.upgrade() else { return };
+        if b.state.connected.load(Ordering::Acquire) && b.state.stream_ready.load(Ordering::Acquire)
+        {
+            let _ = b.stream_state().await;
+        }
+    }
+}

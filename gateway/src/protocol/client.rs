@@ -1,0 +1,109 @@
+//! What clients send over WebSocket: seed 001's messages, seed 004's
+//! `channel` form, and the extensions.
+
+use serde::Deserialize;
+use serde_json::Value;
+
+/// A message from a client over WebSocket.
+#[derive(Debug, Deserialize)]
+#[serde(tag = "type")]
+pub enum ClientMessage {
+    #[serde(rename = "subscribe")]
+    Subscribe(SubscriptionRequest),
+    #[serde(rename = "unsubscribe")]
+    Unsubscribe(SubscriptionRequest),
+    #[serde(rename = "cursor.update")]
+    CursorUpdate {
+        cursor: Option<String>,
+        #[serde(default, rename = "requestId")]
+        request_id: Option<Value>,
+    },
+    #[serde(rename = "ping")]
+    Ping {
+        #[serde(default, rename = "requestId")]
+        request_id: Option<Value>,
+    },
+    #[serde(rename = "auth.refresh")]
+    AuthRefresh {
+        token: String,
+        #[serde(default, rename = "requestId")]
+        request_id: Option<Value>,
+    },
+}
+
+impl ClientMessage {
+    /// Every `type` a client may send.
+    pub const TYPES: [&'static str; 5] = [
+        "subscribe",
+        "unsubscribe",
+        "cursor.update",
+        "ping",
+        "auth.refresh",
+    ];
+}
+
+/// `subscribe`/`unsubscribe`: seed 001 sends `topics`, seed 004 sends one
+/// `channel` and a `requestId` to echo.
+#[derive(Debug, Deserialize)]
+pub struct SubscriptionRequest {
+    #[serde(default)]
+    pub topics: Option<Vec<String>>,
+    #[serde(default)]
+    pub channel: Option<String>,
+    #[serde(default, rename = "requestId")]
+    pub request_id: Option<Value>,
+    /// Extension: resume these subscriptions from a cursor.
+    #[serde(default)]
+    pub cursor: Option<String>,
+}
+
+impl SubscriptionRequest {
+    /// True for seed 004's form, which is answered in that form.
+    pub fn is_channel_form(&self) -> bool {
+        self.topics.is_none() && self.channel.is_some()
+    }
+
+    pub fn patterns(&self) -> Vec<String> {
+        match (&self.topics, &self.channel) {
+            (Some(t), Some(c)) => t.iter().cloned().chain([c.clone()]).collect(),
+            (Some(t), None) => t.clone(),
+            (None, Some(c)) => vec![c.clone()],
+            (None, None) => Vec::new(),
+        }
+    }
+}
+
+/// Just enough of a message to answer one that failed to parse.
+#[derive(Debug, Deserialize)]
+pub struct MessageProbe {
+    #[serde(rename = "type")]
+    pub kind: Option<Value>,
+    #[serde(default, rename = "requestId")]
+    pub request_id: Option<Value>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_both_seed_forms() {
+        let m: ClientMessage =
+            serde_json::from_str(r#"{"type":"subscribe","topics":["deal.stage.*"]}"#).unwrap();
+        let ClientMessage::Subscribe(r) = m else {
+            panic!()
+        };
+        assert_eq!(r.patterns(), vec!["deal.stage.*"]);
+        assert!(!r.is_channel_form());
+        let m: ClientMessage = serde_json::from_str(
+            r#"{"type":"subscribe","channel":"entity:Task","requestId":"req_1","timestamp":1}"#,
+        )
+        .unwrap();
+        let ClientMessage::Subscribe(r) = m else {
+            panic!()
+        };
+        assert!(r.is_channel_form());
+        assert_eq!(r.request_id, Some(Value::from("req_1")));
+        assert!(serde_json::from_str::<ClientMessage>(r#"{"type":"nope"}"#).is_err());
+    }
+}

@@ -1,0 +1,176 @@
+//! The one resume path every transport uses: given a session's
+//! subscriptions and a cursor, send what history holds after the cursor that
+//! live delivery does not cover, then hand over to live delivery at the
+//! seam (see the module above).
+//!
+//! The replay is a stream, not a collection: history is read a page at a
+//! time and each event goes to the transport's [`ResumeSink`] as it is
+//! read; a sink that waits (a socket that will not take more, a full SSE
+//! channel) holds the next page back. So a resuming client costs one page
+//! of event references, however deep its history, and ten thousand clients
+//! resuming at once do not multiply whole replays in memory.
+
+use std::sync::Arc;
+
+use switchboard_config::Pattern;
+
+use super::Session;
+use crate::broker::{BrokerError, GapReason};
+use crate::event::{Cursor, Event};
+
+/// Events read from history per request.
+const PAGE: usize = 256;
+
+/// Where a transport puts a replay.
+pub trait ResumeSink: Send {
+    /// The cursor could not be honoured; called before any event.
+    fn gap(
+        &mut self,
+        reason: GapReason,
+        requested: &str,
+    ) -> impl std::future::Future<Output = bool> + Send;
+
+    /// One replayed event; false stops the replay (the client went away).
+    fn event(&mut self, event: &Arc<Event>) -> impl std::future::Future<Output = bool> + Send;
+
+    /// A page was handed over: a sink that buffers writes it out here (and
+    /// waits for the client to take it).
+    fn page_done(&mut self) -> impl std::future::Future<Output = bool> + Send {
+        async { true }
+    }
+}
+
+/// What a resume did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Resumed {
+    /// Events handed to the sink.
+    pub sent: usize,
+    /// Why the cursor could not be honoured, if it could not.
+    pub gap: Option<GapReason>,
+    /// Stopped at the caller's limit with more to send.
+    pub truncated: bool,
+    /// The sink stopped the replay (the client left).
+    pub stopped: bool,
+    /// The id of the last event sent.
+    pub last: Option<Cursor>,
+}
+
+impl Session {
+    /// Send the events after `cursor` that the current subscriptions match
+    /// and that live delivery does not cover, oldest first, at most `limit`.
+    /// Records the resume's metrics (outcome, events delivered) once, for
+    /// every transport.
+    ///
+    /// With `only`, just events matching one of those patterns and none of
+    /// the session's other patterns (a cursor given with a new subscription
+    /// resumes that subscription, without repeating what others delivered).
+    pub async fn resume<S: ResumeSink>(
+        &self,
+        cursor: Cursor,
+        only: Option<&[Pattern]>,
+        limit: usize,
+        sink: &mut S,
+    ) -> Result<Resumed, BrokerError> {
+        let result = self.replay(cursor, only, limit, sink).await;
+        let metrics = &self.node.metrics;
+        match &result {
+            Ok(r) => {
+                let outcome = if r.gap.is_some() { "gap" } else { "replayed" };
+                metrics
+                    .resumes
+                    .get_or_create(&vec![("outcome", outcome)])
+                    .inc();
+                metrics.events_delivered.inc_by(r.sent as u64);
+            }
+            Err(_) => metrics.error("history"),
+        }
+        result
+    }
+
+    async fn replay<S: ResumeSink>(
+        &self,
+        cursor: Cursor,
+        only: Option<&[Pattern]>,
+        limit: usize,
+        sink: &mut S,
+    ) -> Result<Resumed, BrokerError> {
+        let Some(until) = self.subs.iter().map(|(_, s)| *s).max() else {
+            return Ok(Resumed::default());
+        };
+        let subs = &self.subs;
+        let region = self.mailbox.region.clone();
+        let wanted = move |e: &Event| {
+            if region.as_deref().is_some_and(|r| r != &*e.region) {
+                return false;
+            }
+            let mut matched = false;
+            for (p, since) in subs {
+                if p.matches(&e.topic) {
+                    if e.id.seq > *since {
+                        return false; // delivered live
+                    }
+                    match only {
+                        Some(only) if !only.contains(p) => return false,
+                        _ => matched = true,
+                    }
+                }
+            }
+            matched
+        };
+        let scope: Vec<Pattern> = match only {
+            Some(only) => only.to_vec(),
+            None => subs.iter().map(|(p, _)| p.clone()).collect(),
+        };
+        let requested = if cursor == Cursor::FOREIGN {
+            String::new()
+        } else {
+            cursor.to_string()
+        };
+        let mut out = Resumed::default();
+        let mut after = cursor;
+        let mut first = true;
+        'pages: loop {
+            let batch = self
+                .node
+                .broker
+                .read(&self.tenant, Some(after), &scope, &wanted, PAGE)
+                .await?;
+            if first {
+                first = false;
+                out.gap = batch.gap;
+                if let Some(gap) = batch.gap
+                    && !sink.gap(gap, &requested).await
+                {
+                    out.stopped = true;
+                    return Ok(out);
+                }
+            }
+            for event in &batch.events {
+                if event.id.seq > until {
+                    break 'pages;
+                }
+                if out.sent == limit {
+                    out.truncated = true;
+                    break 'pages;
+                }
+                if !sink.event(event).await {
+                    out.stopped = true;
+                    return Ok(out);
+                }
+                out.sent += 1;
+                out.last = Some(event.id);
+            }
+            if !sink.page_done().await {
+                out.stopped = true;
+                return Ok(out);
+            }
+            if !batch.more || batch.next.seq >= until || batch.next == after {
+                return Ok(out);
+            }
+            after = batch.next;
+        }
+        // Stopped inside a page: hand over what it sent.
+        out.stopped = !sink.page_done().await;
+        Ok(out)
+    }
+}

@@ -1,0 +1,314 @@
+//! One WebSocket connection: its state, the loop that serves it, the
+//! batched writer and the goodbye.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message, WebSocket};
+use futures_util::{SinkExt, StreamExt};
+use tokio::time::{Instant, sleep_until};
+use tokio_stream::wrappers::WatchStream;
+use tracing::Instrument;
+
+use super::timers::{Deadlines, RateLimit, deadline_for_expiry};
+use crate::auth::Principal;
+use crate::event::Cursor;
+use crate::protocol::{Close, ErrorCode, ReconnectReason, ServerMessage};
+use crate::session::Session;
+
+/// Events written per flush.
+const WRITE_BATCH: usize = 64;
+
+pub(super) enum Flow {
+    Continue,
+    /// Close with this code (and a detail for the reason, if any).
+    Close(Close, Option<String>),
+    /// The client closed or vanished: send nothing more.
+    Gone,
+}
+
+pub(super) struct Connection {
+    pub(super) session: Session,
+    pub(super) principal: Principal,
+    pub(super) socket: WebSocket,
+    /// A cursor to apply to the first subscriptions (from `?cursor=` or a
+    /// `cursor.update` sent before any subscription).
+    pub(super) pending_cursor: Option<Cursor>,
+    /// Every event of the subscriptions up to this one was sent: where a
+    /// client told to reconnect resumes (None: nothing sent yet).
+    pub(super) sent_up_to: Option<Cursor>,
+    /// `ws.connection`, entered while a handler runs.
+    pub(super) span: tracing::Span,
+    pub(super) rate: RateLimit,
+    pub(super) max_bytes: usize,
+}
+
+impl Connection {
+    /// Set the connection up; `run` then serves it.
+    pub(super) fn open(
+        session: Session,
+        principal: Principal,
+        cursor: Option<Cursor>,
+        socket: WebSocket,
+        span: tracing::Span,
+    ) -> Self {
+        let node = session.node.clone();
+        let limits = node.limits(&principal.tenant).ok();
+        let conn = Connection {
+            rate: RateLimit::new(limits.map_or(node.config.limits.messages_per_minute, |l| {
+                l.messages_per_minute
+            })),
+            max_bytes: limits.map_or(node.config.limits.max_message_bytes, |l| {
+                l.max_message_bytes
+            }) as usize,
+            session,
+            principal,
+            socket,
+            pending_cursor: cursor,
+            sent_up_to: None,
+            span,
+        };
+        node.metrics.connections_opened.inc();
+        node.metrics.connections_active.inc();
+        let conn_id = conn.session.admission.id;
+        conn.span.in_scope(|| {
+            tracing::info!(conn = conn_id, tenant = %conn.principal.tenant, "websocket connected");
+        });
+        conn
+    }
+
+    /// The connection's task. Not an `async fn`: its argument would be kept
+    /// twice in the task's state (once as the argument, once as the local it
+    /// is moved to); captured by the block, it is kept once.
+    #[allow(clippy::manual_async_fn)]
+    pub(super) fn run(mut self) -> impl std::future::Future<Output = ()> + Send {
+        async move {
+            let close = self.serve().await;
+            // Boxed: the goodbye's state would otherwise be reserved in
+            // every connection's task for its whole life.
+            let span = self.span.clone();
+            Box::pin(self.finish(close).instrument(span)).await;
+        }
+    }
+
+    /// Say goodbye (close frame and closing handshake) and leave the hub.
+    async fn finish(mut self, close: Option<(Close, Option<String>)>) {
+        let node = self.session.node.clone();
+        let conn_id = self.session.admission.id;
+        let label = close.as_ref().map_or("client", |c| c.0.label());
+        if let Some((close, detail)) = close {
+            tracing::Span::current().record("close_code", i64::from(close.code()));
+            let reason: String = detail
+                .unwrap_or_else(|| close.reason().to_owned())
+                .chars()
+                .take(120)
+                .collect();
+            let frame = Message::Close(Some(CloseFrame {
+                code: close.code(),
+                reason: reason.into(),
+            }));
+            // The closing handshake: send ours, then read (and drop) what
+            // the client still sends until its close. Dropping the socket
+            // with unread data would reset the connection and lose our close
+            // frame (and its code) on the way. The peer may be gone or not
+            // reading (slow consumer): the goodbye is bounded.
+            let goodbye = async {
+                self.socket.send(frame).await?;
+                while let Some(Ok(_)) = self.socket.next().await {}
+                Ok::<_, axum::Error>(())
+            };
+            let _ = tokio::time::timeout(Duration::from_secs(1), goodbye).await;
+        }
+        tracing::info!(conn = conn_id, reason = label, "websocket closed");
+        node.metrics.connections_active.dec();
+        node.metrics
+            .connections_closed
+            .get_or_create(&vec![("reason", label)])
+            .inc();
+        self.session.close().await;
+    }
+
+    /// The connection loop; returns the close to send, or None when the
+    /// client left.
+    async fn serve(&mut self) -> Option<(Close, Option<String>)> {
+        let node = self.session.node.clone();
+        let mailbox = self.session.mailbox.clone();
+        let mut clock = Deadlines::new(
+            &node.config.heartbeat,
+            deadline_for_expiry(self.principal.expires_at),
+        );
+        let timer = sleep_until(clock.next());
+        tokio::pin!(timer);
+        // Policy changes and the drain arrive as ticks of one watch.
+        let mut control = WatchStream::from_changes(node.control());
+        let mut policy_seen = node.policy();
+        // A drain already under way counts.
+        if clock.arm_drain(node.drain_state(), self.session.admission.id) {
+            timer.as_mut().reset(clock.next());
+        }
+
+        let established = ServerMessage::ConnectionEstablished {
+            user_id: self.principal.user.to_string(),
+            connection_id: self.session.admission.id,
+            region: node.region.to_string(),
+            expires_at: self.principal.expires_at,
+        };
+        if self.send(&established).await.is_err() {
+            return None;
+        }
+
+        loop {
+            let flow = tokio::select! {
+                biased;
+                event = self.session.next_live() => match event {
+                    Ok(first) => {
+                        // Write a batch; a blocked write loses to the kick.
+                        let kicked = tokio::select! {
+                            biased;
+                            () = mailbox.kicked() => true,
+                            r = self.write_batch(first) => {
+                                if r.is_err() { return None; }
+                                false
+                            }
+                        };
+                        if kicked { Flow::Close(Close::SlowConsumer, None) } else { Flow::Continue }
+                    }
+                    Err(_overflowed) => Flow::Close(Close::SlowConsumer, None),
+                },
+                frame = self.socket.next() => {
+                    // The timer is not moved: when it fires early it re-arms.
+                    clock.idle = Instant::now() + clock.idle_timeout;
+                    match frame {
+                        None => return None,
+                        Some(Err(e)) => {
+                            if is_capacity_error(&e) {
+                                node.metrics.error("message_too_big");
+                                Flow::Close(Close::MessageTooBig, None)
+                            } else {
+                                self.span.in_scope(|| tracing::debug!(error = %e, "websocket read error"));
+                                node.metrics.error("websocket");
+                                return None;
+                            }
+                        }
+                        Some(Ok(msg)) => {
+                            let before = clock.expiry;
+                            let span = self.span.clone();
+                            let flow = Box::pin(self.on_frame(msg, &mut clock.expiry).instrument(span)).await;
+                            if clock.expiry != before {
+                                timer.as_mut().reset(clock.next());
+                            }
+                            flow
+                        }
+                    }
+                }
+                () = &mut timer => {
+                    let span = self.span.clone();
+                    let flow = Box::pin(self.on_timer(&mut clock).instrument(span)).await;
+                    timer.as_mut().reset(clock.next());
+                    flow
+                }
+                Some(()) = control.next() => {
+                    if clock.arm_drain(node.drain_state(), self.session.admission.id) {
+                        timer.as_mut().reset(clock.next());
+                    }
+                    let policy = node.policy();
+                    if Arc::ptr_eq(&policy, &policy_seen) {
+                        Flow::Continue
+                    } else {
+                        policy_seen = policy;
+                        let span = self.span.clone();
+                        Box::pin(self.on_policy_change().instrument(span)).await
+                    }
+                }
+            };
+            match flow {
+                Flow::Continue => {}
+                Flow::Close(close, detail) => return Some((close, detail)),
+                Flow::Gone => return None,
+            }
+        }
+    }
+
+    /// The connection's timer fired: whichever deadlines have passed act.
+    async fn on_timer(&mut self, clock: &mut Deadlines) -> Flow {
+        let now = Instant::now();
+        if now >= clock.expiry {
+            let msg = ServerMessage::error(
+                ErrorCode::TokenExpired,
+                "token expired; reconnect with a fresh token or send auth.refresh before expiry",
+                None,
+            );
+            let _ = self.send(&msg).await;
+            return Flow::Close(Close::Unauthorized, Some("token expired".into()));
+        }
+        if clock.drain.is_some_and(|d| now >= d) {
+            let msg = ServerMessage::Reconnect {
+                reason: ReconnectReason::Draining,
+                cursor: self.resume_cursor(),
+            };
+            let _ = self.send(&msg).await;
+            return Flow::Close(Close::ServiceRestart, None);
+        }
+        if now >= clock.idle {
+            return Flow::Close(Close::IdleTimeout, None);
+        }
+        if now >= clock.ping {
+            clock.ping = now + clock.ping_interval;
+            if self
+                .socket
+                .send(Message::Ping(Default::default()))
+                .await
+                .is_err()
+            {
+                return Flow::Gone;
+            }
+        }
+        Flow::Continue
+    }
+
+    /// Send one message (and flush).
+    pub(super) async fn send(&mut self, message: &ServerMessage) -> Result<(), axum::Error> {
+        self.socket
+            .send(Message::Text(message.frame().into()))
+            .await
+    }
+
+    pub(super) fn note_sent(&mut self, id: Cursor) {
+        if self.sent_up_to.is_none_or(|s| s.seq < id.seq) {
+            self.sent_up_to = Some(id);
+        }
+    }
+
+    /// Where this client resumes without missing or repeating anything.
+    fn resume_cursor(&self) -> Cursor {
+        self.sent_up_to
+            .unwrap_or_else(|| self.session.live_cursor())
+    }
+
+    /// Write `first` and whatever else is queued (up to a batch), then
+    /// flush: a busy connection gets many events per syscall.
+    async fn write_batch(&mut self, first: Arc<crate::event::Event>) -> Result<(), axum::Error> {
+        self.socket.feed(Message::Text(first.frame.clone())).await?;
+        self.note_sent(first.id);
+        for _ in 1..WRITE_BATCH {
+            match self.session.try_next_live() {
+                Ok(Some(ev)) => {
+                    self.socket.feed(Message::Text(ev.frame.clone())).await?;
+                    self.note_sent(ev.id);
+                }
+                // An overflow is seen by the next turn of the loop.
+                _ => break,
+            }
+        }
+        self.socket.flush().await
+    }
+}
+
+/// Did the read fail because a frame or message exceeded the size limit?
+fn is_capacity_error(e: &axum::Error) -> bool {
+    use tokio_tungstenite::tungstenite::Error;
+    matches!(
+        std::error::Error::source(e).and_then(|s| s.downcast_ref::<Error>()),
+        Some(Error::Capacity(_))
+    )
+}

@@ -1,0 +1,365 @@
+//! What each client message does on a WebSocket connection. Every answer is
+//! a [`ServerMessage`]; replays go through the session's one resume path.
+
+use std::sync::Arc;
+
+use axum::extract::ws::{Message, Utf8Bytes, WebSocket};
+use futures_util::SinkExt;
+use serde_json::Value;
+use switchboard_config::Pattern;
+use tokio::time::Instant;
+use tracing::Instrument;
+
+use super::connection::{Connection, Flow};
+use super::timers::{RateLimit, deadline_for_expiry};
+use crate::broker::GapReason;
+use crate::event::{Cursor, Event};
+use crate::protocol::{
+    ClientMessage, Close, ErrorCode, MessageProbe, ServerMessage, SubscriptionRequest,
+};
+use crate::session::ResumeSink;
+use crate::transport::PolicyChange;
+
+/// Events replayed for one request before `has_more` applies.
+const REPLAY_LIMIT: usize = 100_000;
+/// Error frames one subscribe frame may cause before the rest is summarized.
+pub(super) const MAX_ERRORS_PER_FRAME: usize = 10;
+/// Replayed frames written before waiting for the socket to take them.
+const REPLAY_FLUSH: usize = 32;
+
+/// A replay written straight to the socket, flushed every few frames so a
+/// client that reads slowly holds the replay back instead of the gateway
+/// buffering it.
+struct SocketSink<'a> {
+    socket: &'a mut WebSocket,
+    rid: Option<&'a Value>,
+    unflushed: usize,
+}
+
+impl ResumeSink for SocketSink<'_> {
+    async fn gap(&mut self, reason: GapReason, requested: &str) -> bool {
+        let m = ServerMessage::ResumeGap {
+            reason,
+            requested: requested.to_owned(),
+            request_id: self.rid.cloned(),
+        };
+        self.socket
+            .send(Message::Text(m.frame().into()))
+            .await
+            .is_ok()
+    }
+
+    async fn event(&mut self, event: &Arc<Event>) -> bool {
+        if self
+            .socket
+            .feed(Message::Text(event.frame.clone()))
+            .await
+            .is_err()
+        {
+            return false;
+        }
+        self.unflushed += 1;
+        if self.unflushed >= REPLAY_FLUSH {
+            self.unflushed = 0;
+            return self.socket.flush().await.is_ok();
+        }
+        true
+    }
+
+    async fn page_done(&mut self) -> bool {
+        self.unflushed = 0;
+        self.socket.flush().await.is_ok()
+    }
+}
+
+impl Connection {
+    pub(super) async fn on_frame(&mut self, msg: Message, expiry: &mut Instant) -> Flow {
+        let node = self.session.node.clone();
+        let text: Utf8Bytes = match msg {
+            Message::Text(t) => t,
+            Message::Binary(_) => {
+                if !self.rate.allow() {
+                    return Flow::Close(Close::RateLimited, None);
+                }
+                node.metrics.error("websocket");
+                return self
+                    .reply(ServerMessage::error(
+                        ErrorCode::BinaryNotSupported,
+                        "binary frames are not supported; send JSON text frames",
+                        None,
+                    ))
+                    .await;
+            }
+            Message::Ping(_) | Message::Pong(_) => return Flow::Continue,
+            Message::Close(_) => return Flow::Gone,
+        };
+        if !self.rate.allow() {
+            node.metrics.error("rate_limited");
+            return Flow::Close(Close::RateLimited, None);
+        }
+        if text.len() > self.max_bytes {
+            node.metrics.error("message_too_big");
+            let m = ServerMessage::error(
+                ErrorCode::MessageTooLarge,
+                format!(
+                    "message of {} bytes exceeds the limit of {}",
+                    text.len(),
+                    self.max_bytes
+                ),
+                None,
+            );
+            return self.reply(m).await;
+        }
+        let parsed: ClientMessage = match serde_json::from_str(&text) {
+            Ok(m) => m,
+            Err(e) => {
+                node.metrics.error("websocket");
+                let probe: Option<MessageProbe> = serde_json::from_str(&text).ok();
+                let (code, message) = match &probe {
+                    Some(MessageProbe {
+                        kind: Some(Value::String(k)),
+                        ..
+                    }) if !ClientMessage::TYPES.contains(&k.as_str()) => (
+                        ErrorCode::UnknownMessageType,
+                        format!(
+                            "unknown message type {:?}",
+                            k.chars().take(64).collect::<String>()
+                        ),
+                    ),
+                    _ => (
+                        ErrorCode::MalformedMessage,
+                        format!("malformed message: {e}"),
+                    ),
+                };
+                let rid = probe.and_then(|p| p.request_id);
+                return self.reply(ServerMessage::error(code, message, rid)).await;
+            }
+        };
+        match parsed {
+            ClientMessage::Ping { request_id } => {
+                self.reply(ServerMessage::Pong { request_id }).await
+            }
+            ClientMessage::Subscribe(req) => {
+                let span = tracing::info_span!("subscribe", patterns = req.patterns().len() as i64);
+                self.subscribe(req).instrument(span).await
+            }
+            ClientMessage::Unsubscribe(req) => self.on_unsubscribe(req).await,
+            ClientMessage::CursorUpdate { cursor, request_id } => {
+                self.on_cursor(cursor.as_deref().unwrap_or_default(), request_id)
+                    .await
+            }
+            ClientMessage::AuthRefresh { token, request_id } => {
+                self.on_refresh(&token, request_id, expiry).await
+            }
+        }
+    }
+
+    pub(super) async fn reply(&mut self, message: ServerMessage) -> Flow {
+        match self.send(&message).await {
+            Ok(()) => Flow::Continue,
+            Err(_) => Flow::Gone,
+        }
+    }
+
+    async fn subscribe(&mut self, req: SubscriptionRequest) -> Flow {
+        let node = self.session.node.clone();
+        let requested = req.patterns();
+        let rid = req.request_id.clone();
+        if requested.is_empty() {
+            let m = ServerMessage::error(
+                ErrorCode::InvalidTopic,
+                "subscribe needs 'topics' (a list) or 'channel'",
+                rid,
+            );
+            return self.reply(m).await;
+        }
+        let explicit = req.cursor.as_deref().map(Cursor::parse_lenient);
+        let before: Vec<Pattern> = self.session.patterns().cloned().collect();
+        let (ok, errors) = self.session.subscribe(&requested).await;
+        // One error frame per refused pattern, up to a few; the rest in one
+        // summary, so a frame naming thousands of bad patterns cannot make
+        // the gateway write many times its size back.
+        let mut replies: Vec<ServerMessage> = errors
+            .iter()
+            .take(MAX_ERRORS_PER_FRAME)
+            .map(|e| ServerMessage::error(e.code(), e.to_string(), rid.clone()))
+            .collect();
+        if let Some(first) = errors.get(MAX_ERRORS_PER_FRAME) {
+            replies.push(ServerMessage::error(
+                first.code(),
+                format!(
+                    "{} more patterns of this frame refused (the first: {first})",
+                    errors.len() - MAX_ERRORS_PER_FRAME
+                ),
+                rid.clone(),
+            ));
+        }
+        for _ in &errors {
+            node.metrics.error("subscription");
+        }
+        for m in replies {
+            let flow = self.reply(m).await;
+            if !matches!(flow, Flow::Continue) {
+                return flow;
+            }
+        }
+        if ok.is_empty() {
+            return Flow::Continue;
+        }
+        let confirm = if req.is_channel_form() {
+            ServerMessage::Subscribed {
+                channel: req.channel.clone(),
+                request_id: rid.clone(),
+            }
+        } else {
+            ServerMessage::SubscriptionConfirmed {
+                topics: ok.iter().map(|p| p.as_str().to_owned()).collect(),
+                request_id: rid.clone(),
+            }
+        };
+        let flow = self.reply(confirm).await;
+        if !matches!(flow, Flow::Continue) {
+            return flow;
+        }
+        let new: Vec<Pattern> = ok.into_iter().filter(|p| !before.contains(p)).collect();
+        match explicit.or_else(|| self.pending_cursor.take()) {
+            Some(cursor) if !new.is_empty() => self.replay(cursor, Some(&new), rid).await,
+            _ => Flow::Continue,
+        }
+    }
+
+    #[tracing::instrument(name = "unsubscribe", skip_all)]
+    async fn on_unsubscribe(&mut self, req: SubscriptionRequest) -> Flow {
+        let patterns: Vec<Pattern> = req
+            .patterns()
+            .iter()
+            .filter_map(|p| Pattern::parse(p).ok())
+            .collect();
+        let removed = self.session.unsubscribe(&patterns).await;
+        let m = if req.is_channel_form() {
+            ServerMessage::Unsubscribed {
+                channel: req.channel,
+                request_id: req.request_id,
+            }
+        } else {
+            ServerMessage::UnsubscriptionConfirmed {
+                topics: removed.iter().map(|p| p.as_str().to_owned()).collect(),
+                request_id: req.request_id,
+            }
+        };
+        self.reply(m).await
+    }
+
+    async fn on_cursor(&mut self, raw: &str, rid: Option<Value>) -> Flow {
+        // Not one of ours (e.g. a uuid from the replaced system) is an
+        // unknown cursor: the client is told, then gets what is retained.
+        let cursor = Cursor::parse_lenient(raw);
+        if self.session.subscription_count() == 0 {
+            self.pending_cursor = Some(cursor);
+            return self
+                .reply(ServerMessage::CursorConfirmed {
+                    cursor,
+                    request_id: rid,
+                })
+                .await;
+        }
+        self.replay(cursor, None, rid).await
+    }
+
+    /// Replay after `cursor`, then tell the client where it stands.
+    #[tracing::instrument(name = "replay", skip_all, fields(replayed = tracing::field::Empty, gap = tracing::field::Empty))]
+    async fn replay(
+        &mut self,
+        cursor: Cursor,
+        only: Option<&[Pattern]>,
+        rid: Option<Value>,
+    ) -> Flow {
+        let mut sink = SocketSink {
+            socket: &mut self.socket,
+            rid: rid.as_ref(),
+            unflushed: 0,
+        };
+        let result = self
+            .session
+            .resume(cursor, only, REPLAY_LIMIT, &mut sink)
+            .await;
+        let resumed = match result {
+            Ok(r) => r,
+            Err(e) => {
+                let m = ServerMessage::error(ErrorCode::HistoryUnavailable, e.to_string(), rid);
+                return self.reply(m).await;
+            }
+        };
+        if resumed.stopped {
+            return Flow::Gone;
+        }
+        let span = tracing::Span::current();
+        span.record("replayed", resumed.sent);
+        if let Some(gap) = resumed.gap {
+            span.record("gap", gap.as_str());
+        }
+        // A complete replay covers its subscriptions up to where live
+        // delivery took over.
+        if !resumed.truncated
+            && let Some(id) = resumed.last
+        {
+            self.note_sent(id);
+        }
+        let done = ServerMessage::ReplayComplete {
+            replayed: resumed.sent,
+            cursor: resumed.last.unwrap_or_else(|| self.session.live_cursor()),
+            has_more: resumed.truncated,
+            request_id: rid,
+        };
+        self.reply(done).await
+    }
+
+    async fn on_refresh(&mut self, token: &str, rid: Option<Value>, expiry: &mut Instant) -> Flow {
+        let node = self.session.node.clone();
+        let result = node.verifier.verify(token).await.and_then(|p| {
+            if p.tenant != self.principal.tenant || p.user != self.principal.user {
+                Err(crate::auth::AuthError::TenantMismatch)
+            } else {
+                Ok(p)
+            }
+        });
+        let m = match result {
+            Ok(p) => {
+                *expiry = deadline_for_expiry(p.expires_at);
+                self.principal = p;
+                ServerMessage::AuthRefreshed {
+                    expires_at: self.principal.expires_at,
+                    request_id: rid,
+                }
+            }
+            Err(e) => {
+                node.metrics.error("auth");
+                ServerMessage::error(
+                    ErrorCode::AuthRefreshFailed,
+                    format!("token refresh refused: {e}"),
+                    rid,
+                )
+            }
+        };
+        self.reply(m).await
+    }
+
+    pub(super) async fn on_policy_change(&mut self) -> Flow {
+        match crate::transport::policy_changed(&mut self.session).await {
+            PolicyChange::TenantRemoved(m) => {
+                let _ = self.send(&m).await;
+                Flow::Close(Close::Forbidden, None)
+            }
+            change => {
+                if let Ok(limits) = self.session.node.limits(&self.principal.tenant) {
+                    self.rate = RateLimit::new(limits.messages_per_minute);
+                    self.max_bytes = limits.max_message_bytes as usize;
+                }
+                match change {
+                    PolicyChange::Revoked(m) => self.reply(m).await,
+                    _ => Flow::Continue,
+                }
+            }
+        }
+    }
+}

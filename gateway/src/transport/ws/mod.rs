@@ -1,0 +1,201 @@
+//! The WebSocket transport: upgrade, authentication, and the per-connection
+//! state machine of the native protocol.
+//!
+//! One task per connection `select!`s over: the mailbox (events from the hub,
+//! written in batches; also the slow-consumer verdict), frames from the
+//! client, one timer (heartbeat, idle timeout, token expiry and drain
+//! deadline share it), policy changes and drain. Everything it waits on
+//! lives across loop turns, so a delivery costs one wake-up and one poll of
+//! each; the rarely used request handlers are boxed so they do not inflate
+//! the state every idle connection keeps (see docs/benchmarks.md).
+
+//!
+//! The module: upgrade, parameters and the Origin check here;
+//! [`connection`] (the loop and the batched writer), [`handlers`] (what
+//! each client message does), [`timers`] (deadlines and the rate limit).
+
+mod connection;
+mod handlers;
+mod timers;
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use axum::http::HeaderMap;
+use axum::response::Response;
+use serde::Deserialize;
+use tracing::Instrument;
+
+use crate::event::Cursor;
+use crate::node::{Node, valid_region};
+use crate::protocol::{Close, ErrorCode};
+use crate::session::Session;
+use connection::Connection;
+
+/// Read buffer per connection. Clients send small control messages; a
+/// larger frame grows the buffer for as long as it takes to read it.
+/// tungstenite's default (128 KiB) would make an idle connection cost far
+/// more than its state.
+const READ_BUFFER: usize = 128;
+/// Frames are collected up to this size and written with one syscall.
+const WRITE_BUFFER: usize = 8 * 1024;
+
+#[derive(Debug, Deserialize)]
+pub struct WsParams {
+    token: Option<String>,
+    company_id: Option<String>,
+    /// Extension: resume the first subscriptions from this cursor.
+    cursor: Option<String>,
+    /// Extension: only events from this region.
+    region: Option<String>,
+}
+
+/// What a request says about the page that made it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin<'a> {
+    /// No `Origin` header: not a browser (browsers always send one on a
+    /// WebSocket upgrade).
+    Absent,
+    One(&'a str),
+    /// Several `Origin` headers, or one that is not visible ASCII: never a
+    /// browser's, and never checked by guessing which one counts.
+    Malformed,
+}
+
+impl<'a> Origin<'a> {
+    pub fn of(headers: &'a HeaderMap) -> Self {
+        let mut values = headers.get_all(axum::http::header::ORIGIN).iter();
+        match (values.next(), values.next()) {
+            (None, _) => Origin::Absent,
+            (Some(_), Some(_)) => Origin::Malformed,
+            (Some(v), None) => match v.to_str() {
+                Ok(s) if !s.is_empty() && s.bytes().all(|b| b.is_ascii_graphic()) => Origin::One(s),
+                _ => Origin::Malformed,
+            },
+        }
+    }
+}
+
+/// Is this `Origin` allowed to open a WebSocket?
+pub fn origin_allowed(allowed: &[String], origin: Origin<'_>) -> bool {
+    let any = allowed.iter().any(|a| a == "*");
+    match origin {
+        Origin::Absent => true,
+        Origin::One(o) => any || allowed.iter().any(|a| a.eq_ignore_ascii_case(o)),
+        Origin::Malformed => false,
+    }
+}
+
+pub async fn upgrade(
+    State(node): State<Arc<Node>>,
+    super::JsonQuery(params): super::JsonQuery<WsParams>,
+    headers: HeaderMap,
+    ws: WebSocketUpgrade,
+) -> Response {
+    if !origin_allowed(&node.config.allowed_origins, Origin::of(&headers)) {
+        node.metrics
+            .connections_rejected
+            .get_or_create(&vec![("reason", "origin")])
+            .inc();
+        return super::error_response(ErrorCode::OriginNotAllowed, "origin not allowed");
+    }
+    if node.draining() {
+        node.metrics
+            .connections_rejected
+            .get_or_create(&vec![("reason", "draining")])
+            .inc();
+        return super::error_response(
+            ErrorCode::Draining,
+            "this gateway is draining; connect to another one",
+        );
+    }
+    let auth = super::authenticate(
+        &node,
+        &headers,
+        params.token.as_deref(),
+        params.company_id.as_deref(),
+    )
+    .await;
+    let max = node.config.limits.max_message_bytes as usize;
+    ws.read_buffer_size(READ_BUFFER)
+        .write_buffer_size(WRITE_BUFFER)
+        .max_message_size(max)
+        .max_frame_size(max)
+        .on_upgrade(move |socket| {
+            let span = tracing::info_span!(
+                "ws.connection",
+                otel.kind = "server",
+                conn = tracing::field::Empty,
+                tenant = tracing::field::Empty,
+                close_code = tracing::field::Empty,
+                trace_id = tracing::field::Empty,
+            );
+            if let Some(id) = crate::telemetry::trace_id(&span) {
+                span.record("trace_id", id);
+            }
+            async move {
+                let principal = match auth {
+                    Ok(p) => p,
+                    Err(e) => {
+                        tracing::info!(reason = %e, "websocket rejected: unauthorized");
+                        node.metrics
+                            .connections_rejected
+                            .get_or_create(&vec![("reason", "unauthorized")])
+                            .inc();
+                        node.metrics.error("auth");
+                        return reject(socket, Close::Unauthorized, &e.to_string()).await;
+                    }
+                };
+                let admission = match node.admit(&principal) {
+                    Ok(a) => a,
+                    Err(close) => {
+                        node.metrics
+                            .connections_rejected
+                            .get_or_create(&vec![("reason", close.label())])
+                            .inc();
+                        return reject(socket, close, close.reason()).await;
+                    }
+                };
+                let region = params.region.filter(|r| valid_region(r)).map(Arc::from);
+                let session = Session::new(
+                    node.clone(),
+                    admission,
+                    principal.tenant.clone(),
+                    region,
+                    node.config.limits.outbound_queue,
+                );
+                let cursor = params.cursor.as_deref().map(Cursor::parse_lenient);
+                let span = tracing::Span::current();
+                span.record(
+                    "conn",
+                    i64::try_from(session.admission.id).unwrap_or(i64::MAX),
+                );
+                if node.metrics.tenant_labels() {
+                    span.record("tenant", &*principal.tenant);
+                }
+                tracing::info!("authenticated");
+                // Its own task: the upgrade future (request data, the auth
+                // result) is freed now instead of living as long as the
+                // connection.
+                // Not instrumented as a whole: the span is entered around the
+                // handlers, not on every poll of the delivery path.
+                tokio::spawn(Connection::open(session, principal, cursor, socket, span).run());
+            }
+            .instrument(span.clone())
+        })
+}
+
+async fn reject(mut socket: WebSocket, close: Close, detail: &str) {
+    tracing::Span::current().record("close_code", i64::from(close.code()));
+    let reason: String = format!("{}: {detail}", close.reason())
+        .chars()
+        .take(120)
+        .collect();
+    let _ = socket
+        .send(Message::Close(Some(CloseFrame {
+            code: close.code(),
+            reason: reason.into(),
+        })))
+        .await;
+}

@@ -1,0 +1,97 @@
+//! A connection's clocks: the deadlines one timer waits for (heartbeat,
+//! idle timeout, token expiry, drain) and the message rate limit.
+
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+/// Allows `messages_per_minute` with bursts of a tenth of that.
+pub(super) struct RateLimit {
+    tokens: f64,
+    capacity: f64,
+    per_sec: f64,
+    at: Instant,
+}
+
+impl RateLimit {
+    pub(super) fn new(per_minute: u32) -> Self {
+        let capacity = (f64::from(per_minute) / 10.0).max(10.0);
+        Self {
+            tokens: capacity,
+            capacity,
+            per_sec: f64::from(per_minute) / 60.0,
+            at: Instant::now(),
+        }
+    }
+    pub(super) fn allow(&mut self) -> bool {
+        let now = Instant::now();
+        let elapsed = now.duration_since(self.at).as_secs_f64();
+        self.at = now;
+        self.tokens = (self.tokens + elapsed * self.per_sec).min(self.capacity);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+pub(super) fn unix_now() -> u64 {
+    jsonwebtoken::get_current_timestamp()
+}
+
+/// The deadlines one connection keeps; a single timer waits for the nearest.
+pub(super) struct Deadlines {
+    pub(super) ping: Instant,
+    pub(super) ping_interval: Duration,
+    /// Closed when the client has sent nothing (not even a pong) until then.
+    pub(super) idle: Instant,
+    pub(super) idle_timeout: Duration,
+    pub(super) expiry: Instant,
+    pub(super) drain: Option<Instant>,
+}
+
+impl Deadlines {
+    pub(super) fn new(hb: &switchboard_config::gateway::HeartbeatConfig, expiry: Instant) -> Self {
+        let now = Instant::now();
+        let ping_interval = Duration::from_secs(hb.ping_interval_seconds);
+        let idle_timeout = Duration::from_secs(hb.idle_timeout_seconds);
+        Self {
+            ping: now + ping_interval,
+            ping_interval,
+            idle: now + idle_timeout,
+            idle_timeout,
+            expiry,
+            drain: None,
+        }
+    }
+
+    /// Take the drain's deadline for this connection, once; true when it
+    /// was just set.
+    pub(super) fn arm_drain(
+        &mut self,
+        drain: Option<crate::node::Drain>,
+        conn: crate::hub::ConnId,
+    ) -> bool {
+        match (self.drain, drain) {
+            (None, Some(d)) => {
+                self.drain = Some(d.deadline_for(conn));
+                true
+            }
+            _ => false,
+        }
+    }
+
+    pub(super) fn next(&self) -> Instant {
+        let soonest = self.ping.min(self.idle).min(self.expiry);
+        self.drain.map_or(soonest, |d| d.min(soonest))
+    }
+}
+
+/// When a token with this `exp` expires; capped at a year so an absurd
+/// claim cannot overflow the clock.
+pub(super) fn deadline_for_expiry(exp: u64) -> Instant {
+    const YEAR: u64 = 365 * 24 * 3600;
+    Instant::now() + Duration::from_secs(exp.saturating_sub(unix_now()).min(YEAR))
+}
