@@ -393,3 +393,69 @@ async fn nats_credentials_are_used_and_required() {
         bad.log()
     );
 }
+
+/// NATS refuses a subscription its permissions deny with an asynchronous
+/// error and nothing else: the subscription would look fine and deliver
+/// nothing. The gateway must not confirm it, on any transport.
+#[tokio::test]
+async fn a_subscription_nats_refuses_is_an_error_not_a_confirmation() {
+    let dir = TempDir::new("nats-perms");
+    let nats = single_with_conf(
+        &dir,
+        r#"authorization { users = [ { user: gw, password: pw, permissions: { subscribe: { deny: ["sb.rp.*.sb.ev.*.blocked.>"] } } } ] }"#,
+    )
+    .await;
+    let password = dir.0.join("nats.password");
+    std::fs::write(&password, "pw\n").unwrap();
+    let gw = GatewayProc::start(
+        &dir,
+        "gw",
+        &format!(
+            "{}  user: gw\n  password_file: \"{}\"\n",
+            nats_yaml("local", &nats.urls(), &[], 1),
+            password.display()
+        ),
+    );
+    gw.wait_ready().await;
+
+    // WebSocket: an error naming the refusal, and no confirmation.
+    let mut c = Client::connect(&gw.ws(&format!("token={}", token("blocked", &[])))).await;
+    c.recv_type("connection.established").await;
+    c.send(json!({"type": "subscribe", "topics": ["deal.*"], "requestId": 7}))
+        .await;
+    let error = c.recv().await;
+    assert_eq!(error["type"], "error", "{error}");
+    assert_eq!(error["data"]["code"], "bus_unavailable", "{error}");
+    assert_eq!(error["requestId"], 7);
+    assert!(
+        error["data"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("may not subscribe"),
+        "{error}"
+    );
+    c.expect_silence(Duration::from_millis(300)).await;
+
+    // SSE and long-poll: 503 bus_unavailable instead of a stream that
+    // never delivers.
+    let http = reqwest::Client::new();
+    for path in ["sse", "poll"] {
+        let r = http
+            .get(format!(
+                "{}/api/realtime/{path}/?topics=deal.*&timeout=1&token={}",
+                gw.http(),
+                token("blocked", &[])
+            ))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 503, "{path}");
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "bus_unavailable", "{path}: {body}");
+    }
+
+    // Another tenant on the same gateway is served as usual.
+    let mut ok = open_on(&gw, "acme", "", &["deal.*"]).await;
+    let id = publish_retrying(&gw.http(), "acme", "deal.won", json!({})).await;
+    assert_eq!(ids(&ok.events(1).await), [id]);
+}

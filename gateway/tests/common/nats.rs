@@ -345,13 +345,12 @@ pub fn single_stopped(dir: &TempDir) -> Cluster {
 
 /// A single server that requires `token` from clients.
 pub async fn single_with_token(dir: &TempDir, token: &str) -> Cluster {
-    let s = NatsServer::spawn(
-        "n0",
-        &dir.0,
-        &format!("authorization {{ token: \"{token}\" }}"),
-        free_port(),
-        free_port(),
-    );
+    single_with_conf(dir, &format!("authorization {{ token: \"{token}\" }}")).await
+}
+
+/// A single server with more configuration (e.g. users and permissions).
+pub async fn single_with_conf(dir: &TempDir, conf: &str) -> Cluster {
+    let s = NatsServer::spawn("n0", &dir.0, conf, free_port(), free_port());
     s.wait_ready().await;
     Cluster {
         name: "single".into(),
