@@ -25,6 +25,11 @@ use crate::node::Node;
 use crate::protocol::{ErrorCode, ReconnectReason, ServerMessage};
 use crate::session::{ResumeSink, Session};
 
+/// SSE messages queued between the session and the response body: each
+/// holds a formatted event, so a resuming stream holds at most this many
+/// besides what the socket takes.
+const SSE_BUFFER: usize = 8;
+
 #[derive(Debug, Deserialize)]
 pub struct SseParams {
     topics: Option<String>,
@@ -103,7 +108,7 @@ pub async fn stream(
         .or(params.cursor)
         .filter(|c| !c.is_empty());
 
-    let (tx, rx) = mpsc::channel::<SseEvent>(64);
+    let (tx, rx) = mpsc::channel::<SseEvent>(SSE_BUFFER);
     tokio::spawn(pump(session, raw_cursor, principal.expires_at, tx));
     let stream = futures_util::stream::unfold(rx, |mut rx| async move {
         rx.recv().await.map(|e| (Ok::<_, Infallible>(e), rx))

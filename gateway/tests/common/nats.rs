@@ -550,6 +550,11 @@ impl GatewayProc {
         }
     }
 
+    /// The process id while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.conf.with_extension("log")).unwrap_or_default()
     }
