@@ -24,7 +24,7 @@ type Body =
 
 /// One subscriber, whatever its transport.
 enum Subscriber {
-    WebSocket(Client),
+    WebSocket(Box<Client>),
     Sse { body: Body, text: String },
     LongPoll(tokio::task::JoinHandle<(u16, Value)>),
 }
@@ -53,7 +53,7 @@ async fn subscribe(gw: &Gateway, t: Transport, cursor: Option<&str>) -> Subscrib
             let mut c = Client::connect(&gw.ws(&format!("token={token}{cursor_q}"))).await;
             c.recv_type("connection.established").await;
             c.subscribe(&["deal.*"]).await;
-            Subscriber::WebSocket(c)
+            Subscriber::WebSocket(Box::new(c))
         }
         Transport::Sse => {
             let r = reqwest::get(format!(
@@ -158,7 +158,7 @@ async fn a_drain_hands_every_transport_its_resume_cursor() {
         let sub = match sub {
             Subscriber::WebSocket(mut c) => {
                 let id = publish_ok(&gw, "acme", "deal.lost", json!({})).await;
-                assert_eq!(ids(&c.events(1).await), [id.clone()]);
+                assert_eq!(ids(&c.events(1).await), [id]);
                 Subscriber::WebSocket(c)
             }
             Subscriber::Sse { mut body, mut text } => {
