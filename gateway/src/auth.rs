@@ -25,38 +25,52 @@ pub const SCOPE_PUBLISH: &str = "publish";
 pub const SCOPE_PLATFORM: &str = "platform";
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
+/// Why a token was refused.
 pub enum AuthError {
     #[error("missing token")]
+    /// No token in the request.
     Missing,
     #[error("malformed token")]
+    /// Not a JWT.
     Malformed,
     #[error("algorithm {0:?} is not accepted")]
+    /// An algorithm this gateway does not accept (never `none`).
     Algorithm(String),
     #[error("no key for this token")]
+    /// No configured key verifies it (unknown `kid`).
     NoKey,
     #[error("invalid token: {0}")]
+    /// The signature or a claim check failed.
     Invalid(String),
     #[error("token has expired")]
+    /// `exp` has passed.
     Expired,
     #[error("token has no usable tenant claim")]
+    /// The tenant claim is missing or not a valid tenant.
     NoTenant,
     #[error("company_id does not match the token's tenant")]
+    /// `company_id` (or a refreshed token) names another tenant or user.
     TenantMismatch,
     #[error("cannot load key: {0}")]
+    /// The auth configuration cannot be used.
     Config(String),
 }
 
 /// Who a verified token speaks for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Principal {
+    /// The tenant the token belongs to.
     pub tenant: Arc<str>,
+    /// The token's subject.
     pub user: String,
+    /// Scopes granted (`publish`, `platform`).
     pub scopes: Vec<String>,
     /// Unix seconds.
     pub expires_at: u64,
 }
 
 impl Principal {
+    /// Whether the token grants `scope`.
     pub fn has_scope(&self, scope: &str) -> bool {
         self.scopes.iter().any(|s| s == scope)
     }
@@ -75,6 +89,7 @@ struct JwksCache {
     last_fetch: Option<Instant>,
 }
 
+/// Verifies tokens against the configured keys (HS256 secret, RS/ES public keys, JWKS).
 pub struct Verifier {
     hs: Option<DecodingKey>,
     keys: Vec<StaticKey>,
@@ -92,6 +107,7 @@ pub struct Verifier {
 const JWKS_MISS_REFETCH: Duration = Duration::from_secs(1);
 
 impl Verifier {
+    /// A verifier for `config`; fails on keys that cannot be read.
     pub fn new(config: &AuthConfig) -> Result<Self, AuthError> {
         let dev_secret = config.has_no_keys();
         let secret = match (&config.hs256_secret_file, &config.hs256_secret) {

@@ -18,12 +18,15 @@ use switchboard_config::Topic;
 /// history; a cursor from another epoch is unknown, not silently reused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Cursor {
+    /// The history's incarnation (0 only for foreign cursors).
     pub epoch: u64,
+    /// The position in that history.
     pub seq: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("cursor {0:?} is not a Switchboard cursor (expected <epoch>-<seq>)")]
+/// A string that is not a cursor.
 pub struct BadCursor(pub String);
 
 impl Cursor {
@@ -38,6 +41,7 @@ impl Cursor {
         Self::parse(s).unwrap_or(Self::FOREIGN)
     }
 
+    /// Parse `<epoch>-<seq>`.
     pub fn parse(s: &str) -> Result<Self, BadCursor> {
         let bad = || BadCursor(s.chars().take(64).collect());
         let (epoch, seq) = s.split_once('-').ok_or_else(bad)?;
@@ -66,11 +70,17 @@ impl Serialize for Cursor {
 /// What a publisher asks to publish.
 #[derive(Debug, Clone)]
 pub struct NewEvent {
+    /// The tenant it belongs to.
     pub tenant: Arc<str>,
+    /// Its topic.
     pub topic: Topic,
+    /// The payload.
     pub data: Value,
+    /// The region it is published in.
     pub region: Arc<str>,
+    /// Deduplication key (one is generated when absent).
     pub idempotency_key: Option<String>,
+    /// Data-protection context, delivered as given.
     pub gdpr_context: Option<Value>,
     /// W3C trace context of the publish, carried to every fan-out.
     pub traceparent: Option<String>,
@@ -79,10 +89,15 @@ pub struct NewEvent {
 /// A stored event, ready to deliver.
 #[derive(Debug)]
 pub struct Event {
+    /// The tenant it belongs to.
     pub tenant: Arc<str>,
+    /// Its topic.
     pub topic: Topic,
+    /// Its id, which is also the cursor that resumes after it.
     pub id: Cursor,
+    /// The region it was published in.
     pub region: Arc<str>,
+    /// Its deduplication key.
     pub idempotency_key: String,
     /// Unix time in milliseconds when it was stored.
     pub stored_at_ms: i64,
@@ -90,6 +105,7 @@ pub struct Event {
     pub envelope: Utf8Bytes,
     /// The WebSocket frame `{"type":"event","data":<envelope>}`.
     pub frame: Utf8Bytes,
+    /// W3C trace context of the publish.
     pub traceparent: Option<String>,
 }
 

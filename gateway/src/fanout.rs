@@ -8,6 +8,7 @@ use crate::event::Event;
 use crate::hub::Hub;
 use crate::metrics::Metrics;
 
+/// Offer `event` to every local session whose patterns match, in a span, with metrics.
 pub fn route(hub: &Hub, metrics: &Metrics, event: &Arc<Event>) {
     let span = tracing::info_span!(
         "fanout",

@@ -15,6 +15,7 @@ use switchboard_config::Pattern;
 use crate::event::Event;
 use crate::mailbox::{Mailbox, Offered};
 
+/// A connection's id within one process.
 pub type ConnId = u64;
 
 /// One connection's mailbox, as the hub holds it.
@@ -38,11 +39,14 @@ struct Subs {
 /// Outcome of one fan-out.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Fanout {
+    /// Sessions the event was queued for.
     pub delivered: u64,
+    /// Sessions whose queue overflowed (slow consumers, now closing).
     pub overflowed: u64,
 }
 
 #[derive(Default)]
+/// This process's subscriptions, per tenant, and the fan-out of an event to them.
 pub struct Hub {
     tenants: DashMap<Arc<str>, Arc<TenantIndex>>,
 }

@@ -22,6 +22,7 @@ const KEEP_CAPACITY: usize = 64;
 /// What became of one offered event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Offered {
+    /// Queued for the connection.
     Queued,
     /// The queue was full: the connection is now a slow consumer and will
     /// be closed (this is the first event it lost).
@@ -42,6 +43,7 @@ struct Queue {
 }
 
 #[derive(Debug)]
+/// A connection's bounded outbound queue (see the module docs).
 pub struct Mailbox {
     queue: Mutex<Queue>,
     waker: AtomicWaker,
@@ -51,6 +53,7 @@ pub struct Mailbox {
 }
 
 impl Mailbox {
+    /// A mailbox of `capacity` events, keeping only `region`'s when set.
     pub fn new(capacity: usize, region: Option<Arc<str>>) -> Self {
         Self {
             queue: Mutex::default(),
@@ -86,6 +89,7 @@ impl Mailbox {
         Offered::Queued
     }
 
+    /// Whether the queue overflowed (the connection is a slow consumer).
     pub fn overflowed(&self) -> bool {
         self.lock().overflowed
     }

@@ -18,25 +18,44 @@ type Labels = Vec<(&'static str, &'static str)>;
 /// of a sampled event, so a latency spike links to its trace.
 pub type TraceExemplar = Vec<(&'static str, String)>;
 
+/// The gateway's Prometheus metrics (`docs/observability.md` lists them).
 pub struct Metrics {
     registry: Registry,
+    /// Open WebSocket connections.
     pub connections_active: Gauge,
+    /// WebSocket connections accepted.
     pub connections_opened: Counter,
+    /// WebSocket connections closed, by reason.
     pub connections_closed: Family<Labels, Counter>,
+    /// Upgrades refused, by reason.
     pub connections_rejected: Family<Labels, Counter>,
+    /// Subscriptions held, every transport.
     pub subscriptions_active: Gauge,
+    /// Events stored.
     pub events_published: Counter,
+    /// Publishes answered with an existing event (repeated idempotency key).
     pub events_deduplicated: Counter,
+    /// Events written to clients.
     pub events_delivered: Counter,
+    /// Events not delivered, by reason.
     pub events_dropped: Family<Labels, Counter>,
+    /// Errors, by kind.
     pub errors: Family<Labels, Counter>,
+    /// Resumes from a cursor, by outcome (`replayed`, `gap`).
     pub resumes: Family<Labels, Counter>,
+    /// Long-poll requests.
     pub longpoll_requests: Counter,
+    /// Open SSE streams.
     pub sse_active: Gauge,
+    /// Policy reloads, by result.
     pub policy_reloads: Family<Labels, Counter>,
+    /// Time to fan one event out in this process.
     pub fanout_seconds: Histogram,
+    /// 1 while connected to NATS.
     pub nats_connected: Gauge,
+    /// Connections to NATS lost.
     pub nats_reconnects: Counter,
+    /// Time from publish to the write to a client, with trace exemplars.
     pub delivery_latency: HistogramWithExemplars<TraceExemplar>,
     tenant_delivered: Family<Vec<(&'static str, String)>, Counter>,
     /// `Some(cap)` when tenant labels are enabled.
@@ -178,16 +197,19 @@ impl Metrics {
         Self { registry: r, ..m }
     }
 
+    /// Count an error of `kind`.
     pub fn error(&self, kind: &'static str) {
         self.errors.get_or_create(&vec![("kind", kind)]).inc();
     }
 
+    /// Count `n` events not delivered for `reason`.
     pub fn dropped(&self, reason: &'static str, n: u64) {
         self.events_dropped
             .get_or_create(&vec![("reason", reason)])
             .inc_by(n);
     }
 
+    /// Whether per-tenant labels are on (they are capped in number).
     pub fn tenant_labels(&self) -> bool {
         self.tenant_cap.is_some()
     }
@@ -218,6 +240,7 @@ impl Metrics {
             .observe(seconds, trace_id.map(|id| vec![("trace_id", id)]), None);
     }
 
+    /// The exposition text in `format`.
     pub fn render(&self, format: ExpositionFormat) -> String {
         switchboard_exposition::encode(&self.registry, format)
     }

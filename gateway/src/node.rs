@@ -23,7 +23,9 @@ use crate::protocol::Close;
 /// A drain in progress: connections leave at spread-out times within it.
 #[derive(Debug, Clone, Copy)]
 pub struct Drain {
+    /// When the drain began.
     pub started: tokio::time::Instant,
+    /// How long connections have to leave.
     pub period: Duration,
 }
 
@@ -41,12 +43,19 @@ impl Drain {
     }
 }
 
+/// One gateway process: it admits connections and publishes (see the module docs).
 pub struct Node {
+    /// The configuration it runs with.
     pub config: GatewayConfig,
+    /// Its region.
     pub region: Arc<str>,
+    /// Verifies clients' tokens.
     pub verifier: Verifier,
+    /// Storage and routing of events.
     pub broker: Arc<dyn Broker>,
+    /// This process's subscriptions.
     pub hub: Arc<Hub>,
+    /// Prometheus metrics.
     pub metrics: Arc<Metrics>,
     /// The tenant policy in force; changed only through `set_policy`.
     policy: watch::Sender<Arc<PolicyBundle>>,
@@ -65,40 +74,61 @@ pub struct Node {
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {
     #[error("token lacks the '{SCOPE_PUBLISH}' scope")]
+    /// The token lacks the `publish` scope.
     NotPublisher,
     #[error("tenant {0:?} is not the token's tenant (only platform tokens may choose)")]
+    /// Another tenant than the token's (only platform tokens may name one).
     WrongTenant(String),
     #[error("invalid tenant {0:?}")]
+    /// A tenant name that is not valid.
     InvalidTenant(String),
     #[error("company_id must be a string or a number, not {0}")]
+    /// A `company_id` that is neither a string nor a number.
     InvalidCompanyId(&'static str),
     #[error("invalid event_type: {0}")]
+    /// An `event_type` that is not a valid topic.
     InvalidTopic(String),
     #[error("{0}")]
+    /// The tenant's policy does not allow publishing this topic.
     Denied(#[from] Denied),
     #[error("invalid region {0:?}: use 1-64 characters of [A-Za-z0-9_-]")]
+    /// A `region` outside `[A-Za-z0-9_-]{1,64}`.
     InvalidRegion(String),
+    /// The event (data, context, key and type together) is over the limit.
     #[error("event is {size} bytes, the limit is {limit}")]
-    TooLarge { size: usize, limit: u64 },
+    TooLarge {
+        /// Its size in bytes.
+        size: usize,
+        /// The tenant's limit in bytes.
+        limit: u64,
+    },
     #[error(transparent)]
+    /// The broker could not store it.
     Broker(#[from] BrokerError),
 }
 
 /// A publish request, after parsing the HTTP body.
 #[derive(Debug, Clone, serde::Deserialize)]
 pub struct PublishRequest {
+    /// The topic.
     pub event_type: String,
     #[serde(default)]
+    /// The payload.
     pub data: Value,
     #[serde(default)]
+    /// Seed 001's tenant field (string or number); must be the token's.
     pub company_id: Option<Value>,
     #[serde(default)]
+    /// The tenant (platform tokens only, for another tenant).
     pub tenant: Option<String>,
     #[serde(default)]
+    /// The region to tag it with (default: the gateway's).
     pub region: Option<String>,
     #[serde(default)]
+    /// Data-protection context.
     pub gdpr_context: Option<Value>,
     #[serde(default)]
+    /// Deduplication key.
     pub idempotency_key: Option<String>,
 }
 
@@ -106,6 +136,7 @@ pub struct PublishRequest {
 pub struct Admission {
     node: Arc<Node>,
     tenant: Arc<str>,
+    /// The connection's id.
     pub id: ConnId,
 }
 
@@ -119,6 +150,7 @@ impl Drop for Admission {
 }
 
 impl Node {
+    /// A node from its parts (see `startup::build`).
     pub fn new(
         config: GatewayConfig,
         verifier: Verifier,
@@ -181,10 +213,12 @@ impl Node {
         self.control.send_replace(());
     }
 
+    /// A fresh connection id.
     pub fn next_id(&self) -> ConnId {
         self.next_conn.fetch_add(1, Ordering::Relaxed)
     }
 
+    /// Whether a drain has started.
     pub fn draining(&self) -> bool {
         self.drain.borrow().is_some()
     }
@@ -195,10 +229,12 @@ impl Node {
         let _ = rx.wait_for(Option::is_some).await.map(|_| ());
     }
 
+    /// Connections open now.
     pub fn connection_count(&self) -> u64 {
         self.connections.load(Ordering::Acquire)
     }
 
+    /// The limits of `tenant` under the policy in force.
     pub fn limits(&self, tenant: &str) -> Result<EffectiveLimits, Denied> {
         self.policy.borrow().limits(tenant, &self.config.limits)
     }

@@ -22,6 +22,7 @@ use crate::node::{Drain, Node};
 use crate::protocol::now_rfc3339;
 use crate::transport::{longpoll, publish, sse, ws};
 
+/// The public router: WebSocket, SSE, long-poll, publish, health.
 pub fn app(node: Arc<Node>) -> Router {
     let body_limit = (node.config.limits.max_message_bytes as usize).saturating_mul(4) + 64 * 1024;
     Router::new()
@@ -120,7 +121,7 @@ async fn readyz(State(node): State<Arc<Node>>) -> Response {
         state,
         policy: node.policy_digest(),
     };
-    (code, axum::Json(body)).into_response()
+    (code, Json(body)).into_response()
 }
 
 /// Prometheus text 0.0.4 unless the scraper asks for OpenMetrics (as

@@ -57,10 +57,14 @@ impl Drop for Telemetry {
 /// A configuration problem in telemetry settings (file or environment).
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum TelemetryError {
+    /// A setting with a value this gateway does not support.
     #[error("{name}={value:?} is not supported: {expected}")]
     Unsupported {
+        /// The setting (an environment variable or config key).
         name: &'static str,
+        /// The value given.
         value: String,
+        /// What is supported.
         expected: &'static str,
     },
 }
@@ -68,7 +72,9 @@ pub enum TelemetryError {
 /// How new traces are sampled (the OpenTelemetry `OTEL_TRACES_SAMPLER` set).
 #[derive(Debug, Clone, PartialEq)]
 pub enum SamplerSpec {
+    /// Every trace.
     AlwaysOn,
+    /// No trace.
     AlwaysOff,
     /// A fraction of trace ids, 0 to 1.
     Ratio(f64),
@@ -91,12 +97,17 @@ impl SamplerSpec {
 /// with the OpenTelemetry SDK environment applied.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TraceExport {
+    /// OTLP transport.
     pub protocol: OtlpProtocol,
     /// The gRPC endpoint, or the full OTLP/HTTP traces URL.
     pub endpoint: String,
+    /// Headers sent with every export (e.g. an API key).
     pub headers: BTreeMap<String, String>,
+    /// How traces are sampled.
     pub sampler: SamplerSpec,
+    /// `service.name`.
     pub service_name: String,
+    /// More resource attributes.
     pub resource: BTreeMap<String, String>,
 }
 

@@ -24,9 +24,13 @@ pub struct GatewayConfig {
     /// `"*"` allows every origin. Requests without an `Origin` header
     /// (services, CLIs) are always allowed.
     pub allowed_origins: Vec<String>,
+    /// How clients' tokens are verified.
     pub auth: AuthConfig,
+    /// Limits for every tenant (a tenant's policy may lower them).
     pub limits: Limits,
+    /// WebSocket pings, idle timeout, SSE keep-alives.
     pub heartbeat: HeartbeatConfig,
+    /// How long and how much history is kept.
     pub history: HistoryConfig,
     /// Seconds over which connections are told to reconnect on shutdown.
     pub drain_seconds: u64,
@@ -34,10 +38,12 @@ pub struct GatewayConfig {
     pub policy_file: Option<PathBuf>,
     /// How often the policy file is checked for changes, in seconds.
     pub policy_reload_seconds: u64,
+    /// Log lines as text or JSON.
     pub log_format: LogFormat,
     /// Cluster mode: NATS/JetStream. Without it the gateway runs alone with
     /// an in-memory bus and history (the embedded mode).
     pub nats: Option<NatsConfig>,
+    /// OpenTelemetry traces.
     pub telemetry: TelemetryConfig,
 }
 
@@ -49,6 +55,7 @@ pub struct TelemetryConfig {
     /// for HTTP). Unset: `OTEL_EXPORTER_OTLP_ENDPOINT`, and without it no
     /// traces are exported.
     pub otlp_endpoint: Option<String>,
+    /// How spans reach the collector.
     pub otlp_protocol: OtlpProtocol,
     /// Extra headers sent with every export (e.g. an API key).
     pub otlp_headers: std::collections::BTreeMap<String, String>,
@@ -82,9 +89,12 @@ impl Default for TelemetryConfig {
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
+/// The OTLP transport.
 pub enum OtlpProtocol {
     #[default]
+    /// OTLP over gRPC (port 4317 by convention).
     Grpc,
+    /// OTLP over HTTP with protobuf bodies (port 4318 by convention).
     HttpProtobuf,
 }
 
@@ -100,9 +110,11 @@ pub struct NatsConfig {
     pub nkey_seed_file: Option<PathBuf>,
     /// A file holding a token.
     pub token_file: Option<PathBuf>,
+    /// User name, with `password_file`.
     pub user: Option<String>,
     /// A file holding the password for `user`.
     pub password_file: Option<PathBuf>,
+    /// TLS to NATS.
     pub tls: Option<NatsTls>,
     /// JetStream domain, when the account uses one.
     pub jetstream_domain: Option<String>,
@@ -139,9 +151,13 @@ impl Default for NatsConfig {
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(default, deny_unknown_fields, rename_all = "snake_case")]
+/// TLS settings for the NATS connection.
 pub struct NatsTls {
+    /// CA bundle that signs the servers' certificates.
     pub ca_file: Option<PathBuf>,
+    /// Client certificate (mutual TLS), with `key_file`.
     pub cert_file: Option<PathBuf>,
+    /// The client certificate's private key.
     pub key_file: Option<PathBuf>,
     /// Require TLS even for `nats://` URLs.
     pub required: bool,
@@ -196,12 +212,15 @@ pub struct AuthConfig {
 }
 
 impl AuthConfig {
+    /// The claim that names the tenant (default `company_id`).
     pub fn tenant_claim(&self) -> &str {
         self.tenant_claim.as_deref().unwrap_or("tenant")
     }
+    /// Clock skew tolerated on `exp` and `nbf`, in seconds.
     pub fn leeway(&self) -> u64 {
         self.leeway_seconds.unwrap_or(30)
     }
+    /// How long fetched JWKS keys are kept, in seconds.
     pub fn jwks_cache(&self) -> u64 {
         self.jwks_cache_seconds.unwrap_or(300)
     }
@@ -223,8 +242,10 @@ pub struct PublicKeyConfig {
     #[serde(default)]
     pub kid: Option<String>,
     #[serde(default)]
+    /// The key as PEM text.
     pub pem: Option<String>,
     #[serde(default)]
+    /// A file holding the key as PEM.
     pub file: Option<PathBuf>,
 }
 
@@ -258,6 +279,7 @@ impl Default for Limits {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(default, deny_unknown_fields, rename_all = "snake_case")]
+/// Liveness checks of connections.
 pub struct HeartbeatConfig {
     /// Seconds between server WebSocket pings.
     pub ping_interval_seconds: u64,
@@ -279,6 +301,7 @@ impl Default for HeartbeatConfig {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(default, deny_unknown_fields, rename_all = "snake_case")]
+/// History retention and deduplication.
 pub struct HistoryConfig {
     /// How long events stay replayable, in seconds.
     pub retention_seconds: u64,
@@ -300,9 +323,12 @@ impl Default for HistoryConfig {
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
+/// The format of log lines.
 pub enum LogFormat {
     #[default]
+    /// Human-readable lines.
     Text,
+    /// One JSON object per line.
     Json,
 }
 
@@ -314,6 +340,7 @@ impl GatewayConfig {
         Ok(config)
     }
 
+    /// The configuration as YAML (what `from_yaml` reads back).
     pub fn to_yaml(&self) -> String {
         serde_saphyr::to_string(self).unwrap_or_default()
     }

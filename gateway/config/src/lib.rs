@@ -24,11 +24,20 @@ pub use topic::{Pattern, Topic, TopicError};
 /// A config or policy file could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum FormatError {
+    /// The text is not the YAML (or JSON) expected.
     #[error("cannot parse {what}: {message}")]
-    Parse { what: &'static str, message: String },
+    Parse {
+        /// Which file.
+        what: &'static str,
+        /// What the parser said.
+        message: String,
+    },
+    /// It parsed but breaks a rule.
     #[error("invalid {what}: {}", problems.join("; "))]
     Invalid {
+        /// Which file.
         what: &'static str,
+        /// Every rule broken, for people.
         problems: Vec<String>,
     },
 }

@@ -18,7 +18,9 @@ use crate::{FormatError, Limits, Pattern, Topic};
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(default, deny_unknown_fields, rename_all = "snake_case")]
 pub struct PolicyBundle {
+    /// Policies by tenant name.
     pub tenants: BTreeMap<String, TenantPolicy>,
+    /// The policy of tenants not named in `tenants` (none: they are refused).
     pub default: Option<TenantPolicy>,
 }
 
@@ -31,6 +33,7 @@ pub struct TenantPolicy {
     pub subscribe: Vec<PatternRule>,
     /// Topics this tenant's publishers may publish to.
     pub publish: Vec<PatternRule>,
+    /// Limits below the gateway's.
     pub limits: TenantLimits,
     /// How long this tenant's events stay replayable, in seconds (at most
     /// the gateway's own retention).
@@ -41,8 +44,10 @@ pub struct TenantPolicy {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "snake_case")]
 pub struct PatternRule {
+    /// Topics this rule covers.
     pub pattern: Pattern,
     #[serde(default)]
+    /// How the topics may be used (`critical` topics are never delivered by a wider pattern).
     pub class: InteractionClass,
 }
 
@@ -68,8 +73,11 @@ pub enum InteractionClass {
 pub struct TenantLimits {
     /// Connections this tenant may hold on one gateway process.
     pub max_connections: Option<u64>,
+    /// At most this many subscriptions per connection.
     pub max_subscriptions_per_connection: Option<u32>,
+    /// Client messages per minute per connection.
     pub messages_per_minute: Option<u32>,
+    /// Largest client message or published event, in bytes.
     pub max_message_bytes: Option<u64>,
 }
 
@@ -77,19 +85,26 @@ pub struct TenantLimits {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Denied {
     #[error("tenant has no policy on this gateway")]
+    /// The tenant has no policy here.
     UnknownTenant,
     #[error("{0:?} is not allowed by the tenant's policy")]
+    /// The pattern or topic is not in the tenant's allowlist.
     NotAllowed(String),
     #[error("{0:?} is a critical topic: realtime delivery is not allowed")]
+    /// A wider pattern would reach a `critical` topic.
     Critical(String),
 }
 
 /// Limits in force for one tenant, gateway defaults merged with its policy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct EffectiveLimits {
+    /// Connections of the tenant on one gateway (none: only the gateway's limit).
     pub max_connections: Option<u64>,
+    /// Subscriptions per connection.
     pub max_subscriptions_per_connection: u32,
+    /// Client messages per minute per connection.
     pub messages_per_minute: u32,
+    /// Largest client message or published event, in bytes.
     pub max_message_bytes: u64,
 }
 
@@ -115,12 +130,14 @@ impl PolicyBundle {
         }
     }
 
+    /// Parse a policy bundle (YAML or JSON) and check it.
     pub fn from_yaml(text: &str) -> Result<Self, FormatError> {
         let bundle: Self = crate::parse_yaml("policy bundle", text)?;
         bundle.validate()?;
         Ok(bundle)
     }
 
+    /// The bundle as YAML (what `from_yaml` reads back).
     pub fn to_yaml(&self) -> String {
         serde_saphyr::to_string(self).unwrap_or_default()
     }
@@ -136,6 +153,7 @@ impl PolicyBundle {
             .collect()
     }
 
+    /// Check every tenant name and pattern; every problem is listed.
     pub fn validate(&self) -> Result<(), FormatError> {
         let problems: Vec<String> = self
             .tenants
@@ -153,6 +171,7 @@ impl PolicyBundle {
         }
     }
 
+    /// The policy that applies to `tenant`.
     pub fn tenant(&self, tenant: &str) -> Result<&TenantPolicy, Denied> {
         self.tenants
             .get(tenant)
@@ -160,6 +179,7 @@ impl PolicyBundle {
             .ok_or(Denied::UnknownTenant)
     }
 
+    /// May `tenant` subscribe to `pattern`?
     pub fn check_subscribe(&self, tenant: &str, pattern: &Pattern) -> Result<(), Denied> {
         self.tenant(tenant)?
             .check(&self.tenant(tenant)?.subscribe, pattern)
@@ -183,6 +203,7 @@ impl PolicyBundle {
         }
     }
 
+    /// The limits of `tenant`: its policy's, within the gateway's `defaults`.
     pub fn limits(&self, tenant: &str, defaults: &Limits) -> Result<EffectiveLimits, Denied> {
         let l = &self.tenant(tenant)?.limits;
         Ok(EffectiveLimits {

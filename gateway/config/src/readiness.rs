@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 #[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum ReadyState {
+    /// Serving.
     Ready,
     /// Stopping: clients are being moved to other pods.
     Draining,
@@ -18,6 +19,7 @@ pub enum ReadyState {
 /// The JSON body of `/readyz` (200 when `state` is `ready`, 503 otherwise).
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub struct Readiness {
+    /// Whether the gateway serves.
     pub state: ReadyState,
     /// [`crate::PolicyBundle::digest`] of the bundle in force.
     pub policy: String,

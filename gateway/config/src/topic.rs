@@ -22,20 +22,28 @@ pub const MAX_TOKENS: usize = 16;
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TopicError {
     #[error("topic is empty")]
+    /// No topic at all.
     Empty,
     #[error("topic is longer than {MAX_TOPIC_LEN} bytes")]
+    /// Longer than 255 bytes.
     TooLong,
     #[error("topic has more than {MAX_TOKENS} tokens")]
+    /// More than 16 tokens.
     TooManyTokens,
     #[error("topic has an empty token (leading, trailing or doubled '.')")]
+    /// A leading, trailing or doubled `.`.
     EmptyToken,
     #[error("token {0:?} has a character outside [A-Za-z0-9_:-]")]
+    /// A token with a character outside `[A-Za-z0-9_:-]`.
     BadCharacter(String),
     #[error("wildcards are not allowed in a topic, only in subscription patterns")]
+    /// A wildcard where a concrete topic is needed.
     WildcardInTopic,
     #[error("'>' may only be the last token of a pattern")]
+    /// `>` before the last token.
     TailNotLast,
     #[error("a wildcard must be a whole token ('*' or '>'), found {0:?}")]
+    /// A wildcard inside a token (`de*`).
     PartialWildcard(String),
 }
 
@@ -63,6 +71,7 @@ fn split_checked(s: &str) -> Result<std::str::Split<'_, char>, TopicError> {
 pub struct Topic(String);
 
 impl Topic {
+    /// Parse a concrete topic (no wildcards).
     pub fn parse(s: &str) -> Result<Self, TopicError> {
         for token in split_checked(s)? {
             if token.is_empty() {
@@ -78,10 +87,12 @@ impl Topic {
         Ok(Self(s.to_owned()))
     }
 
+    /// The topic as given.
     pub fn as_str(&self) -> &str {
         &self.0
     }
 
+    /// Its dot-separated tokens.
     pub fn tokens(&self) -> impl Iterator<Item = &str> {
         self.0.split('.')
     }
@@ -111,6 +122,7 @@ pub struct Pattern {
 }
 
 impl Pattern {
+    /// Parse a subscription pattern (`*` one token, trailing `*` or `>` the rest).
     pub fn parse(s: &str) -> Result<Self, TopicError> {
         let raw: Vec<&str> = split_checked(s)?.collect();
         let last = raw.len() - 1;
@@ -136,6 +148,7 @@ impl Pattern {
         })
     }
 
+    /// The pattern as given.
     pub fn as_str(&self) -> &str {
         &self.text
     }

@@ -36,6 +36,7 @@ impl ExpositionFormat {
         }
     }
 
+    /// The HTTP `Content-Type` of this format.
     pub fn content_type(self) -> &'static str {
         match self {
             Self::OpenMetrics => "application/openmetrics-text; version=1.0.0; charset=utf-8",

@@ -14,6 +14,7 @@ use crate::event::{Cursor, Event, NewEvent};
 use crate::hub::Hub;
 use crate::metrics::Metrics;
 
+/// The embedded broker: per-tenant history in this process, routed straight to its hub.
 pub struct MemoryBroker {
     epoch: u64,
     config: HistoryConfig,
@@ -55,6 +56,7 @@ impl TenantLog {
 }
 
 impl MemoryBroker {
+    /// A broker keeping `config`'s history and routing into `hub`.
     pub fn new(config: HistoryConfig, hub: Arc<Hub>, metrics: Arc<Metrics>) -> Self {
         Self {
             // A fresh epoch per process: cursors from a previous run are

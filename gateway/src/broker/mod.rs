@@ -35,6 +35,7 @@ pub enum BrokerError {
 /// Result of a publish.
 #[derive(Debug, Clone)]
 pub struct Published {
+    /// The stored event (the original for a duplicate).
     pub event: Arc<Event>,
     /// True when the idempotency key was seen within the dedup window: `event`
     /// is the original and nothing was delivered again.
@@ -51,6 +52,7 @@ pub enum GapReason {
 }
 
 impl GapReason {
+    /// The reason as it appears on the wire (`expired`, `unknown`).
     pub fn as_str(self) -> &'static str {
         match self {
             GapReason::Expired => "expired",
@@ -77,6 +79,7 @@ pub struct ReadBatch {
 pub type Filter<'a> = &'a (dyn Fn(&Event) -> bool + Send + Sync);
 
 #[async_trait]
+/// Where events are stored, deduplicated and routed to the hubs that want them. Both brokers pass the same contract suite (`tests/contract.rs`).
 pub trait Broker: Send + Sync + 'static {
     /// Store the event (or find the original for a repeated idempotency key)
     /// and route it to every interested hub.

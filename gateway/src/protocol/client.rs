@@ -9,24 +9,34 @@ use serde_json::Value;
 #[serde(tag = "type")]
 pub enum ClientMessage {
     #[serde(rename = "subscribe")]
+    /// Subscribe to patterns (optionally from a cursor).
     Subscribe(SubscriptionRequest),
     #[serde(rename = "unsubscribe")]
+    /// Drop subscriptions.
     Unsubscribe(SubscriptionRequest),
     #[serde(rename = "cursor.update")]
+    /// Resume from a cursor (seed 001).
     CursorUpdate {
+        /// The last event id the client processed.
         cursor: Option<String>,
         #[serde(default, rename = "requestId")]
+        /// Echoed on the answer.
         request_id: Option<Value>,
     },
     #[serde(rename = "ping")]
+    /// Application-level ping.
     Ping {
         #[serde(default, rename = "requestId")]
+        /// Echoed on the answer.
         request_id: Option<Value>,
     },
     #[serde(rename = "auth.refresh")]
+    /// Replace the token before it expires.
     AuthRefresh {
+        /// The new JWT (same tenant and user).
         token: String,
         #[serde(default, rename = "requestId")]
+        /// Echoed on the answer.
         request_id: Option<Value>,
     },
 }
@@ -47,10 +57,13 @@ impl ClientMessage {
 #[derive(Debug, Deserialize)]
 pub struct SubscriptionRequest {
     #[serde(default)]
+    /// Seed 001: the patterns.
     pub topics: Option<Vec<String>>,
     #[serde(default)]
+    /// Seed 004: one pattern.
     pub channel: Option<String>,
     #[serde(default, rename = "requestId")]
+    /// Echoed on the answer.
     pub request_id: Option<Value>,
     /// Extension: resume these subscriptions from a cursor.
     #[serde(default)]
@@ -63,6 +76,7 @@ impl SubscriptionRequest {
         self.topics.is_none() && self.channel.is_some()
     }
 
+    /// Every pattern named, in order.
     pub fn patterns(&self) -> Vec<String> {
         match (&self.topics, &self.channel) {
             (Some(t), Some(c)) => t.iter().cloned().chain([c.clone()]).collect(),
@@ -77,8 +91,10 @@ impl SubscriptionRequest {
 #[derive(Debug, Deserialize)]
 pub struct MessageProbe {
     #[serde(rename = "type")]
+    /// The message's `type`, if any.
     pub kind: Option<Value>,
     #[serde(default, rename = "requestId")]
+    /// Its `requestId`, to echo on the error.
     pub request_id: Option<Value>,
 }
 

@@ -22,6 +22,7 @@ pub enum Close {
 }
 
 impl Close {
+    /// Every close code.
     pub const ALL: [Close; 8] = [
         Close::Unauthorized,
         Close::Forbidden,
@@ -33,6 +34,7 @@ impl Close {
         Close::ServiceRestart,
     ];
 
+    /// The WebSocket close code.
     pub fn code(self) -> u16 {
         match self {
             Close::Unauthorized => 4001,
@@ -46,6 +48,7 @@ impl Close {
         }
     }
 
+    /// The close frame's reason text.
     pub fn reason(self) -> &'static str {
         match self {
             Close::Unauthorized => "unauthorized",

@@ -26,12 +26,16 @@ pub use resume::{ResumeSink, Resumed};
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SubscribeError {
     #[error("invalid topic {0:?}: {1}")]
+    /// The pattern does not parse (the pattern, why).
     Invalid(String, String),
     #[error("{0}")]
+    /// The policy does not allow it.
     Denied(Denied),
     #[error("subscription limit of {0} per connection reached")]
+    /// The connection holds its maximum.
     TooMany(u32),
     #[error("{0}")]
+    /// The broker cannot serve it.
     Unavailable(String),
 }
 
@@ -47,10 +51,15 @@ impl SubscribeError {
     }
 }
 
+/// One subscriber (a WebSocket, an SSE stream, a long-poll request): its subscriptions, its queue, the seam and the resume.
 pub struct Session {
+    /// The node it belongs to.
     pub node: Arc<Node>,
+    /// Its connection slot.
     pub admission: Admission,
+    /// The verified tenant.
     pub tenant: Arc<str>,
+    /// Where the hub queues its live events.
     pub mailbox: Arc<Mailbox>,
     /// Subscribed patterns with their `since` sequence.
     subs: Vec<(Pattern, u64)>,
@@ -59,6 +68,7 @@ pub struct Session {
 }
 
 impl Session {
+    /// A session of `tenant` (only `region`'s events when set) with a queue of `queue` events.
     pub fn new(
         node: Arc<Node>,
         admission: Admission,
@@ -76,10 +86,12 @@ impl Session {
         }
     }
 
+    /// The patterns held.
     pub fn patterns(&self) -> impl Iterator<Item = &Pattern> {
         self.subs.iter().map(|(p, _)| p)
     }
 
+    /// How many patterns are held.
     pub fn subscription_count(&self) -> usize {
         self.subs.len()
     }

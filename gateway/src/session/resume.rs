@@ -24,18 +24,14 @@ const PAGE: usize = 256;
 /// Where a transport puts a replay.
 pub trait ResumeSink: Send {
     /// The cursor could not be honoured; called before any event.
-    fn gap(
-        &mut self,
-        reason: GapReason,
-        requested: &str,
-    ) -> impl std::future::Future<Output = bool> + Send;
+    fn gap(&mut self, reason: GapReason, requested: &str) -> impl Future<Output = bool> + Send;
 
     /// One replayed event; false stops the replay (the client went away).
-    fn event(&mut self, event: &Arc<Event>) -> impl std::future::Future<Output = bool> + Send;
+    fn event(&mut self, event: &Arc<Event>) -> impl Future<Output = bool> + Send;
 
     /// A page was handed over: a sink that buffers writes it out here (and
     /// waits for the client to take it).
-    fn page_done(&mut self) -> impl std::future::Future<Output = bool> + Send {
+    fn page_done(&mut self) -> impl Future<Output = bool> + Send {
         async { true }
     }
 }

@@ -37,6 +37,7 @@ impl ResumeSink for Collect {
 pub const MAX_EVENTS: usize = 500;
 
 #[derive(Debug, Deserialize)]
+/// Query parameters of a long-poll.
 pub struct PollParams {
     topics: Option<String>,
     cursor: Option<String>,
@@ -46,6 +47,7 @@ pub struct PollParams {
     region: Option<String>,
 }
 
+/// `GET /api/realtime/poll/`.
 pub async fn poll(
     State(node): State<Arc<Node>>,
     super::JsonQuery(params): super::JsonQuery<PollParams>,

@@ -98,6 +98,7 @@ pub fn unauthorized(node: &Node, transport: &'static str, e: &AuthError) -> Resp
     auth_error_response(e)
 }
 
+/// 401 for a refused token, with `WWW-Authenticate: Bearer`.
 pub fn auth_error_response(e: &AuthError) -> Response {
     let mut r = error_response(ErrorCode::Unauthorized, e);
     r.headers_mut().insert(

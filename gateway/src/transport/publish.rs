@@ -45,6 +45,7 @@ fn error_code(e: &PublishError) -> ErrorCode {
     }
 }
 
+/// `POST /api/realtime/publish/`: one event or a batch.
 pub async fn publish(
     State(node): State<Arc<Node>>,
     headers: HeaderMap,

@@ -31,6 +31,7 @@ use crate::session::{ResumeSink, Session};
 const SSE_BUFFER: usize = 8;
 
 #[derive(Debug, Deserialize)]
+/// Query parameters of an SSE stream.
 pub struct SseParams {
     topics: Option<String>,
     cursor: Option<String>,
@@ -72,6 +73,7 @@ impl ResumeSink for ChannelSink<'_> {
     }
 }
 
+/// `GET /api/realtime/sse/`.
 pub async fn stream(
     State(node): State<Arc<Node>>,
     super::JsonQuery(params): super::JsonQuery<SseParams>,

@@ -100,10 +100,7 @@ pub fn condition(
 }
 
 /// Run both controllers until `shutdown` resolves.
-pub async fn run(
-    ctx: Arc<Context>,
-    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
-) {
+pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + Sync + 'static) {
     let client = ctx.client.clone();
     let ns = ctx.watch_namespace.clone();
     let ns = ns.as_deref();

@@ -232,3 +232,28 @@ async fn read_direct(
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn patterns(p: &[&str]) -> Vec<Pattern> {
+        p.iter().map(|s| Pattern::parse(s).unwrap()).collect()
+    }
+
+    #[test]
+    fn only_patterns_that_cannot_overlap_become_consumer_filters() {
+        assert!(!disjoint(&[]), "no scope: read the tenant");
+        assert!(disjoint(&patterns(&["deal.*"])), "one pattern");
+        assert!(disjoint(&patterns(&["deal.won", "deal.lost"])));
+        assert!(
+            !disjoint(&patterns(&["deal.*", "deal.won"])),
+            "a wildcard may overlap another filter"
+        );
+        assert!(!disjoint(&patterns(&["deal.won", "deal.won"])), "a repeat");
+        let many: Vec<String> = (0..17).map(|i| format!("t.e{i}")).collect();
+        let many: Vec<&str> = many.iter().map(String::as_str).collect();
+        assert!(!disjoint(&patterns(&many)), "more filters than NATS takes");
+        assert!(disjoint(&patterns(&many[..16])));
+    }
+}

@@ -11,10 +11,10 @@
 //!   (tenant, pattern) its own connections want, so NATS only sends it what
 //!   it has subscribers for.
 //!
-//! The module by concern: [`region_stream`] (the region's stream: configuration,
-//! creation, state, turning stored messages into events), [`router`]
+//! The module by concern: `region_stream` (the region's stream: configuration,
+//! creation, state, turning stored messages into events), `router`
 //! (upstream subscriptions and the task that routes what NATS delivers to
-//! the hub), [`history`] (reading history pages), [`permissions`] (whether
+//! the hub), `history` (reading history pages), `permissions` (whether
 //! this account may subscribe to a subject) and [`subject`] (the subject
 //! scheme).
 
@@ -51,12 +51,16 @@ use subject::Subjects;
 #[derive(Debug, Serialize, Deserialize)]
 pub struct WireEvent {
     #[serde(default)]
+    /// The event's data.
     pub data: Value,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// The region it was published in (default: the stream's).
     pub region: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Deduplication key.
     pub idempotency_key: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Data-protection context.
     pub gdpr_context: Option<Value>,
 }
 
@@ -87,6 +91,7 @@ struct Interest {
     forwarder: tokio::task::JoinHandle<()>,
 }
 
+/// The cluster broker: NATS routing, JetStream history (see the module docs).
 pub struct NatsBroker {
     client: async_nats::Client,
     js: jetstream::Context,

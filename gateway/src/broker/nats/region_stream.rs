@@ -219,3 +219,63 @@ pub(super) async fn refresh_head(broker: std::sync::Weak<NatsBroker>) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_region_stream_sources_the_other_regions_and_republishes_its_own() {
+        let nats = NatsConfig {
+            regions: vec!["eu".into(), "us".into(), "ap".into()],
+            stream_replicas: 3,
+            placement_cluster: Some("eu-nats".into()),
+            ..NatsConfig::default()
+        };
+        let history = HistoryConfig {
+            retention_seconds: 60,
+            dedup_window_seconds: 600,
+            ..HistoryConfig::default()
+        };
+        let subjects = Subjects::new("sb", "eu");
+        let c = stream_config(&nats, &history, &subjects, "eu");
+        assert_eq!(c.name, "SB_eu");
+        assert_eq!(c.subjects, ["sb.ev.eu.>"]);
+        let sources: Vec<(String, Option<String>)> = c
+            .sources
+            .unwrap()
+            .into_iter()
+            .map(|s| (s.name, s.filter_subject))
+            .collect();
+        assert_eq!(
+            sources,
+            [
+                ("SB_us".to_owned(), Some("sb.ev.us.>".to_owned())),
+                ("SB_ap".to_owned(), Some("sb.ev.ap.>".to_owned())),
+            ],
+            "every other region, filtered to the events published there"
+        );
+        let republish = c.republish.unwrap();
+        assert_eq!(republish.destination, "sb.rp.eu.>");
+        assert!(!republish.headers_only);
+        assert_eq!(c.max_age, Duration::from_secs(60));
+        // JetStream refuses a dedup window longer than the retention.
+        assert_eq!(c.duplicate_window, Duration::from_secs(60));
+        assert_eq!(c.num_replicas, 3);
+        assert!(c.allow_direct);
+        assert_eq!(c.placement.unwrap().cluster.as_deref(), Some("eu-nats"));
+        // One region alone sources nothing.
+        let alone = stream_config(&NatsConfig::default(), &history, &subjects, "eu");
+        assert!(alone.sources.is_none());
+    }
+
+    #[test]
+    fn epochs_are_never_zero_and_follow_creation_time() {
+        let t = time::macros::datetime!(2026-11-22 07:00:00 UTC);
+        let e = epoch_of(t);
+        assert_ne!(e, 0, "0 marks foreign cursors");
+        assert_ne!(epoch_of(time::OffsetDateTime::UNIX_EPOCH), 0);
+        assert!(epoch_of(t + Duration::from_secs(1)) > e);
+        assert_eq!(epoch_of(t), e, "the same stream gives the same epoch");
+    }
+}

@@ -63,6 +63,7 @@ pub struct Subjects {
 }
 
 impl Subjects {
+    /// The subjects under `prefix` for `region`.
     pub fn new(prefix: &str, region: &str) -> Self {
         Self {
             prefix: prefix.to_owned(),

@@ -81,7 +81,7 @@ impl Connection {
     /// twice in the task's state (once as the argument, once as the local it
     /// is moved to); captured by the block, it is kept once.
     #[allow(clippy::manual_async_fn)]
-    pub(super) fn run(mut self) -> impl std::future::Future<Output = ()> + Send {
+    pub(super) fn run(mut self) -> impl Future<Output = ()> + Send {
         async move {
             let close = self.serve().await;
             // Boxed: the goodbye's state would otherwise be reserved in

@@ -11,8 +11,8 @@
 
 //!
 //! The module: upgrade, parameters and the Origin check here;
-//! [`connection`] (the loop and the batched writer), [`handlers`] (what
-//! each client message does), [`timers`] (deadlines and the rate limit).
+//! `connection` (the loop and the batched writer), `handlers` (what
+//! each client message does), `timers` (deadlines and the rate limit).
 
 mod connection;
 mod handlers;
@@ -42,6 +42,7 @@ const READ_BUFFER: usize = 128;
 const WRITE_BUFFER: usize = 8 * 1024;
 
 #[derive(Debug, Deserialize)]
+/// Query parameters of the WebSocket upgrade.
 pub struct WsParams {
     token: Option<String>,
     company_id: Option<String>,
@@ -57,6 +58,7 @@ pub enum Origin<'a> {
     /// No `Origin` header: not a browser (browsers always send one on a
     /// WebSocket upgrade).
     Absent,
+    /// One visible-ASCII `Origin`.
     One(&'a str),
     /// Several `Origin` headers, or one that is not visible ASCII: never a
     /// browser's, and never checked by guessing which one counts.
@@ -64,6 +66,7 @@ pub enum Origin<'a> {
 }
 
 impl<'a> Origin<'a> {
+    /// The `Origin` of a request's headers.
     pub fn of(headers: &'a HeaderMap) -> Self {
         let mut values = headers.get_all(axum::http::header::ORIGIN).iter();
         match (values.next(), values.next()) {
@@ -87,6 +90,7 @@ pub fn origin_allowed(allowed: &[String], origin: Origin<'_>) -> bool {
     }
 }
 
+/// `GET /ws`: check the Origin and the token, then serve the connection.
 pub async fn upgrade(
     State(node): State<Arc<Node>>,
     super::JsonQuery(params): super::JsonQuery<WsParams>,

@@ -95,3 +95,59 @@ pub(super) fn deadline_for_expiry(exp: u64) -> Instant {
     const YEAR: u64 = 365 * 24 * 3600;
     Instant::now() + Duration::from_secs(exp.saturating_sub(unix_now()).min(YEAR))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use switchboard_config::gateway::HeartbeatConfig;
+
+    #[tokio::test(start_paused = true)]
+    async fn the_rate_limit_allows_a_burst_of_a_tenth_then_refills() {
+        let mut r = RateLimit::new(600);
+        // A tenth of a minute's allowance at once, then nothing.
+        assert_eq!((0..100).filter(|_| r.allow()).count(), 60);
+        // 600 a minute is 10 a second.
+        tokio::time::advance(Duration::from_millis(500)).await;
+        assert_eq!((0..100).filter(|_| r.allow()).count(), 5);
+        // Refilling stops at the burst size.
+        tokio::time::advance(Duration::from_secs(3600)).await;
+        assert_eq!((0..1000).filter(|_| r.allow()).count(), 60);
+        // Small allowances still get a burst of ten.
+        let mut small = RateLimit::new(6);
+        assert_eq!((0..100).filter(|_| small.allow()).count(), 10);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_timer_waits_for_the_nearest_deadline_and_a_drain_arms_once() {
+        let hb = HeartbeatConfig {
+            ping_interval_seconds: 30,
+            idle_timeout_seconds: 60,
+            ..HeartbeatConfig::default()
+        };
+        let now = Instant::now();
+        let mut d = Deadlines::new(&hb, now + Duration::from_secs(10));
+        assert_eq!(d.next(), now + Duration::from_secs(10), "expiry first");
+        d.expiry = now + Duration::from_secs(3600);
+        assert_eq!(d.next(), now + Duration::from_secs(30), "then the ping");
+        let drain = crate::node::Drain {
+            started: now,
+            period: Duration::from_secs(0),
+        };
+        assert!(d.arm_drain(Some(drain), 7));
+        assert_eq!(d.next(), now, "a drain with no period is due at once");
+        let later = crate::node::Drain {
+            started: now + Duration::from_secs(5),
+            period: Duration::from_secs(0),
+        };
+        assert!(!d.arm_drain(Some(later), 7), "armed once");
+        assert_eq!(d.drain, Some(now));
+        assert!(!Deadlines::new(&hb, now).arm_drain(None, 7));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_absurd_expiry_is_capped_at_a_year() {
+        let year = Duration::from_secs(365 * 24 * 3600);
+        assert_eq!(deadline_for_expiry(u64::MAX), Instant::now() + year);
+        assert_eq!(deadline_for_expiry(0), Instant::now());
+    }
+}
