@@ -91,7 +91,7 @@ pub enum PublishError {
     #[error("{0}")]
     /// The tenant's policy does not allow publishing this topic.
     Denied(#[from] Denied),
-    #[error("invalid region {0:?}: use 1-64 characters of [A-Za-z0-9_-]")]
+    #[error("invalid region {0:?}: {rule}", rule = switchboard_config::REGION_RULE)]
     /// A `region` outside `[A-Za-z0-9_-]{1,64}`.
     InvalidRegion(String),
     /// The event (data, context, key and type together) is over the limit.
@@ -331,7 +331,7 @@ impl Node {
             });
         }
         let region = match req.region {
-            Some(r) if valid_region(&r) => r.into(),
+            Some(r) if switchboard_config::valid_region(&r) => r.into(),
             Some(r) => return Err(PublishError::InvalidRegion(r)),
             _ => self.region.clone(),
         };
@@ -380,12 +380,4 @@ impl Node {
         );
         Ok(published)
     }
-}
-
-/// Regions are labels in events and filters: a short safe alphabet.
-pub fn valid_region(r: &str) -> bool {
-    !r.is_empty()
-        && r.len() <= 64
-        && r.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }

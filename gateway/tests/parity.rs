@@ -206,3 +206,43 @@ async fn a_drain_hands_every_transport_its_resume_cursor() {
         }
     }
 }
+
+#[tokio::test]
+async fn a_region_filter_that_cannot_be_a_region_is_refused_on_every_transport() {
+    let gw = gateway().await;
+    let token = token("acme", &[]);
+    // Ignoring it would deliver every region's events to a client that
+    // asked for one.
+    for bad in ["eu%20west", "a.b", &"x".repeat(65)] {
+        for path in ["sse", "poll"] {
+            let (status, body) = get_json(
+                &format!(
+                    "{}/api/realtime/{path}/?topics=deal.*&timeout=0&region={bad}",
+                    gw.http()
+                ),
+                Some(&token),
+            )
+            .await;
+            assert_eq!(status, 400, "{path} {bad}: {body}");
+            assert_eq!(body["error"]["code"], "invalid_query", "{body}");
+        }
+        let refused =
+            tokio_tungstenite::connect_async(gw.ws(&format!("token={token}&region={bad}")))
+                .await
+                .expect_err("no upgrade");
+        match refused {
+            tokio_tungstenite::tungstenite::Error::Http(r) => assert_eq!(r.status(), 400),
+            other => panic!("{other}"),
+        }
+    }
+    // A valid one filters.
+    let (status, _) = get_json(
+        &format!(
+            "{}/api/realtime/poll/?topics=deal.*&timeout=0&region=eu-west_1",
+            gw.http()
+        ),
+        Some(&token),
+    )
+    .await;
+    assert_eq!(status, 200);
+}

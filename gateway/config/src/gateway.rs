@@ -332,6 +332,19 @@ pub enum LogFormat {
     Json,
 }
 
+/// What a region name must be, for people.
+pub const REGION_RULE: &str = "use 1-64 characters of [A-Za-z0-9_-]";
+
+/// Region names are NATS subject tokens, stream name parts and labels: one
+/// rule for all of them (the gateway's own region, `nats.regions`, the
+/// region a publish names, the `region` filter of a subscriber).
+pub fn valid_region(r: &str) -> bool {
+    !r.is_empty()
+        && r.len() <= 64
+        && r.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
 impl GatewayConfig {
     /// Parse a YAML (or JSON) config file and check it.
     pub fn from_yaml(text: &str) -> Result<Self, FormatError> {
@@ -348,16 +361,8 @@ impl GatewayConfig {
     /// Every problem with the config, at once.
     pub fn validate(&self) -> Result<(), FormatError> {
         let mut problems = Vec::new();
-        if self.region.is_empty()
-            || !self
-                .region
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-        {
-            problems.push(format!(
-                "region {:?} must be non-empty and use only [A-Za-z0-9_-]",
-                self.region
-            ));
+        if !valid_region(&self.region) {
+            problems.push(format!("region {:?}: {REGION_RULE}", self.region));
         }
         if self.admin_listen.as_deref() == Some(self.listen.as_str()) {
             problems.push(format!(
@@ -417,8 +422,8 @@ impl GatewayConfig {
                 problems.push("nats.stream_replicas must be 1-5".into());
             }
             for r in &nats.regions {
-                if !token(r) {
-                    problems.push(format!("nats.regions: {r:?} must use only [A-Za-z0-9_-]"));
+                if !valid_region(r) {
+                    problems.push(format!("nats.regions: {r:?}: {REGION_RULE}"));
                 }
             }
             if !nats.regions.is_empty() && !nats.regions.contains(&self.region) {

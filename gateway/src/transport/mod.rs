@@ -13,7 +13,7 @@ use serde_json::json;
 use std::sync::Arc;
 
 use crate::auth::{AuthError, Principal};
-use crate::node::{Node, valid_region};
+use crate::node::Node;
 use crate::protocol::{Close, ErrorCode, ServerMessage};
 use crate::session::Session;
 
@@ -139,7 +139,7 @@ pub async fn open_http_session(
     let admission = node
         .admit(principal)
         .map_err(|close| error_response(refusal_code(close), close.reason()))?;
-    let region = region.filter(|r| valid_region(r)).map(Arc::from);
+    let region = region_filter(region)?;
     let mut session = Session::new(
         node.clone(),
         admission,
@@ -152,6 +152,24 @@ pub async fn open_http_session(
         return Err(error_response(e.code(), e));
     }
     Ok(session)
+}
+
+/// A subscriber's `region` parameter: only that region's events. A name
+/// that cannot be a region is refused (ignoring it would deliver every
+/// region's events to a client that asked for one).
+pub fn region_filter(param: Option<String>) -> Result<Option<Arc<str>>, Response> {
+    match param {
+        None => Ok(None),
+        Some(r) if switchboard_config::valid_region(&r) => Ok(Some(r.into())),
+        Some(r) => Err(error_response(
+            ErrorCode::InvalidQuery,
+            format!(
+                "region {:?}: {}",
+                r.chars().take(64).collect::<String>(),
+                switchboard_config::REGION_RULE
+            ),
+        )),
+    }
 }
 
 /// The HTTP error code of an admission refusal.

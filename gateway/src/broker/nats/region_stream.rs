@@ -75,7 +75,7 @@ impl NatsBroker {
         let wire: WireEvent = serde_json::from_slice(payload).ok()?;
         let region = wire
             .region
-            .filter(|r| crate::node::valid_region(r))
+            .filter(|r| switchboard_config::valid_region(r))
             .unwrap_or(origin);
         Some(Event::seal(
             NewEvent {

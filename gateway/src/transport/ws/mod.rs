@@ -28,7 +28,7 @@ use serde::Deserialize;
 use tracing::Instrument;
 
 use crate::event::Cursor;
-use crate::node::{Node, valid_region};
+use crate::node::Node;
 use crate::protocol::{Close, ErrorCode};
 use crate::session::Session;
 use connection::Connection;
@@ -114,6 +114,10 @@ pub async fn upgrade(
             "this gateway is draining; connect to another one",
         );
     }
+    let region = match super::region_filter(params.region) {
+        Ok(r) => r,
+        Err(refused) => return refused,
+    };
     let auth = super::authenticate(
         &node,
         &headers,
@@ -161,7 +165,6 @@ pub async fn upgrade(
                         return reject(socket, close, close.reason()).await;
                     }
                 };
-                let region = params.region.filter(|r| valid_region(r)).map(Arc::from);
                 let session = Session::new(
                     node.clone(),
                     admission,
