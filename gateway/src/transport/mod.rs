@@ -139,7 +139,8 @@ pub async fn open_http_session(
     let admission = node
         .admit(principal)
         .map_err(|close| error_response(refusal_code(close), close.reason()))?;
-    let region = region_filter(region)?;
+    let region =
+        region_filter(region).map_err(|why| error_response(ErrorCode::InvalidQuery, why))?;
     let mut session = Session::new(
         node.clone(),
         admission,
@@ -157,17 +158,15 @@ pub async fn open_http_session(
 /// A subscriber's `region` parameter: only that region's events. A name
 /// that cannot be a region is refused (ignoring it would deliver every
 /// region's events to a client that asked for one).
-pub fn region_filter(param: Option<String>) -> Result<Option<Arc<str>>, Response> {
+/// The refusal is answered `400 invalid_query`.
+pub fn region_filter(param: Option<String>) -> Result<Option<Arc<str>>, String> {
     match param {
         None => Ok(None),
         Some(r) if switchboard_config::valid_region(&r) => Ok(Some(r.into())),
-        Some(r) => Err(error_response(
-            ErrorCode::InvalidQuery,
-            format!(
-                "region {:?}: {}",
-                r.chars().take(64).collect::<String>(),
-                switchboard_config::REGION_RULE
-            ),
+        Some(r) => Err(format!(
+            "region {:?}: {}",
+            r.chars().take(64).collect::<String>(),
+            switchboard_config::REGION_RULE
         )),
     }
 }

@@ -116,7 +116,7 @@ pub async fn upgrade(
     }
     let region = match super::region_filter(params.region) {
         Ok(r) => r,
-        Err(refused) => return refused,
+        Err(why) => return super::error_response(ErrorCode::InvalidQuery, why),
     };
     let auth = super::authenticate(
         &node,
