@@ -189,7 +189,7 @@ fn every_server_message_has_the_pinned_json() {
 }
 
 #[test]
-fn every_error_code_has_its_documented_status() {
+fn every_error_code_is_documented() {
     let docs = std::fs::read_to_string(
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/protocol.md"),
     )

@@ -147,13 +147,21 @@ impl Connection {
             timer.as_mut().reset(clock.next());
         }
 
+        // Sent and dropped before the loop: nothing of it stays in the
+        // state every idle connection keeps.
         let established = ServerMessage::ConnectionEstablished {
             user_id: self.principal.user.to_string(),
             connection_id: self.session.admission.id,
             region: node.region.to_string(),
             expires_at: self.principal.expires_at,
-        };
-        if self.send(&established).await.is_err() {
+        }
+        .frame();
+        if self
+            .socket
+            .send(Message::Text(established.into()))
+            .await
+            .is_err()
+        {
             return None;
         }
 
