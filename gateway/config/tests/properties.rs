@@ -148,7 +148,15 @@ fn hostile_yaml_is_an_error() {
         "listen: [1, 2]",
         "\u{0}\u{feff}",
     ] {
-        let _ = PolicyBundle::from_yaml(text);
-        let _ = GatewayConfig::from_yaml(text);
+        assert!(
+            PolicyBundle::from_yaml(text).is_err(),
+            "policy {:.40}",
+            text
+        );
+        assert!(
+            GatewayConfig::from_yaml(text).is_err(),
+            "config {:.40}",
+            text
+        );
     }
 }
