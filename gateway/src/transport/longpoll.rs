@@ -112,7 +112,6 @@ async fn poll_inner(
     if events.is_empty() && !has_more {
         let mut policy = node.policy_changes();
         let mut policy_changed = false;
-        let live = events.len();
         let wait = async {
             // A request that overflowed just answers with what it has: the
             // client's next poll resumes from the cursor.
@@ -132,9 +131,8 @@ async fn poll_inner(
             _ = node.drained() => {}
             Ok(()) = policy.changed() => policy_changed = true,
         }
-        node.metrics
-            .events_delivered
-            .inc_by((events.len() - live) as u64);
+        // Live events only: the resume counted what it replayed.
+        node.metrics.events_delivered.inc_by(events.len() as u64);
         // The same as the streaming transports: a tenant without a policy
         // is refused; withdrawn patterns end the wait (the next poll is
         // told which).
