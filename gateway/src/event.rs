@@ -5,7 +5,7 @@
 //! count) for every connection it reaches.
 
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use axum::extract::ws::Utf8Bytes;
 use serde::Serialize;
@@ -84,6 +84,38 @@ pub struct NewEvent {
     pub gdpr_context: Option<Value>,
     /// W3C trace context of the publish, carried to every fan-out.
     pub traceparent: Option<String>,
+    /// Seed 004's message type (`entity:created`); `event` when absent.
+    pub message_type: Option<String>,
+    /// The user who published it from a client connection, stamped by the
+    /// gateway (never taken from the client's body); `None` for backends.
+    pub publisher: Option<String>,
+}
+
+impl NewEvent {
+    /// An event of `tenant` on `topic` with `data`, every optional field unset.
+    pub fn new(tenant: Arc<str>, topic: Topic, data: Value, region: Arc<str>) -> Self {
+        Self {
+            tenant,
+            topic,
+            data,
+            region,
+            idempotency_key: None,
+            gdpr_context: None,
+            traceparent: None,
+            message_type: None,
+            publisher: None,
+        }
+    }
+}
+
+/// What kind of message an [`Event`] is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventKind {
+    /// Published and stored in history: it has a cursor and can be replayed.
+    Stored,
+    /// A presence notice (join, leave, sync): delivered live to the
+    /// subscribers of its topic, never stored, without a cursor.
+    Presence,
 }
 
 /// A stored event, ready to deliver.
@@ -95,6 +127,8 @@ pub struct Event {
     pub topic: Topic,
     /// Its id, which is also the cursor that resumes after it.
     pub id: Cursor,
+    /// Stored, or a presence notice.
+    pub kind: EventKind,
     /// The region it was published in.
     pub region: Arc<str>,
     /// Its deduplication key.
@@ -107,15 +141,17 @@ pub struct Event {
     pub frame: Utf8Bytes,
     /// W3C trace context of the publish.
     pub traceparent: Option<String>,
-}
-
-#[derive(Serialize)]
-struct Envelope<'a> {
-    event_id: String,
-    event_type: &'a str,
-    timestamp: String,
-    data: &'a Value,
-    metadata: Metadata<'a>,
+    /// The user whose private channel (`user:<id>`) carries it: only that
+    /// user's connections may receive it, whatever pattern they hold.
+    pub private_to: Option<Box<str>>,
+    /// Seed 004's message type, when the publisher named one.
+    pub message_type: Option<Box<str>>,
+    /// The user who published it from a client connection.
+    pub publisher: Option<Box<str>>,
+    /// Where `data` sits in `envelope` (to build the channel form from).
+    data_at: (u32, u32),
+    /// Seed 004's frame, built the first time a connection needs it.
+    channel_frame: OnceLock<Utf8Bytes>,
 }
 
 #[derive(Serialize)]
@@ -124,6 +160,15 @@ struct Metadata<'a> {
     idempotency_key: &'a str,
     gdpr_context: &'a Value,
     cursor: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    message_type: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    publisher: Option<&'a str>,
+}
+
+/// JSON text of a string (cannot fail).
+fn json_str(s: &str) -> String {
+    serde_json::to_string(s).unwrap_or_default()
 }
 
 impl Event {
@@ -132,33 +177,135 @@ impl Event {
         let idempotency_key = new
             .idempotency_key
             .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
-        let envelope = Envelope {
-            event_id: id.to_string(),
-            event_type: new.topic.as_str(),
-            timestamp: crate::protocol::format_time(now),
-            data: &new.data,
-            metadata: Metadata {
-                region: &new.region,
-                idempotency_key: &idempotency_key,
-                gdpr_context: new.gdpr_context.as_ref().unwrap_or(&Value::Null),
-                cursor: id.to_string(),
-            },
+        let metadata = Metadata {
+            region: &new.region,
+            idempotency_key: &idempotency_key,
+            gdpr_context: new.gdpr_context.as_ref().unwrap_or(&Value::Null),
+            cursor: id.to_string(),
+            message_type: new.message_type.as_deref(),
+            publisher: new.publisher.as_deref(),
         };
-        // Serializing a Value and plain strings cannot fail.
-        let envelope = serde_json::to_string(&envelope).unwrap_or_default();
+        // Serializing a Value and plain strings cannot fail. The envelope
+        // is written by hand around `data` so the channel form can reuse
+        // its bytes.
+        let data = serde_json::to_string(&new.data).unwrap_or_default();
+        let head = format!(
+            r#"{{"event_id":"{id}","event_type":{},"timestamp":"{}","data":"#,
+            json_str(new.topic.as_str()),
+            crate::protocol::format_time(now),
+        );
+        let data_at = (head.len() as u32, (head.len() + data.len()) as u32);
+        let envelope = format!(
+            r#"{head}{data},"metadata":{}}}"#,
+            serde_json::to_string(&metadata).unwrap_or_default()
+        );
         let frame = format!(r#"{{"type":"event","data":{envelope}}}"#);
         Self {
+            private_to: private_owner(&new.topic).map(Into::into),
             tenant: new.tenant,
             topic: new.topic,
             id,
+            kind: EventKind::Stored,
             region: new.region,
             traceparent: new.traceparent,
             idempotency_key,
             stored_at_ms: (now.unix_timestamp_nanos() / 1_000_000) as i64,
             envelope: envelope.into(),
             frame: frame.into(),
+            message_type: new.message_type.map(Into::into),
+            publisher: new.publisher.map(Into::into),
+            data_at,
+            channel_frame: OnceLock::new(),
         }
     }
+
+    /// A presence notice on `topic`: `native` is its seed 001 frame type
+    /// (`presence.join`), `channel` its seed 004 one (`presence:join`).
+    pub fn notice(
+        tenant: Arc<str>,
+        topic: Topic,
+        region: Arc<str>,
+        types: (&str, &str),
+        payload: &Value,
+        now: time::OffsetDateTime,
+    ) -> Self {
+        let payload = serde_json::to_string(payload).unwrap_or_default();
+        let ms = (now.unix_timestamp_nanos() / 1_000_000) as i64;
+        let envelope = format!(
+            r#"{{"topic":{},"timestamp":"{}","data":{payload}}}"#,
+            json_str(topic.as_str()),
+            crate::protocol::format_time(now),
+        );
+        let frame = format!(r#"{{"type":"{}","data":{envelope}}}"#, types.0);
+        let channel = format!(
+            r#"{{"type":"{}","channel":{},"payload":{payload},"timestamp":{ms}}}"#,
+            types.1,
+            json_str(topic.as_str()),
+        );
+        Self {
+            private_to: None,
+            tenant,
+            topic,
+            id: Cursor::FOREIGN,
+            kind: EventKind::Presence,
+            region,
+            traceparent: None,
+            idempotency_key: String::new(),
+            stored_at_ms: ms,
+            envelope: envelope.into(),
+            frame: frame.into(),
+            message_type: Some(types.0.into()),
+            publisher: None,
+            data_at: (0, 0),
+            channel_frame: OnceLock::from(Utf8Bytes::from(channel)),
+        }
+    }
+
+    /// The data as JSON text.
+    pub fn data_json(&self) -> &str {
+        self.envelope
+            .as_str()
+            .get(self.data_at.0 as usize..self.data_at.1 as usize)
+            .unwrap_or("null")
+    }
+
+    /// Seed 004's frame: `{"type": <message type>, "channel": <topic>,
+    /// "payload": <data>, "timestamp": <ms>, "cursor": <id>}` (and
+    /// `sender`, the publishing user, for client publishes). Built once per
+    /// event, the first time a connection subscribed in that form needs it.
+    pub fn channel_frame(&self) -> Utf8Bytes {
+        self.channel_frame
+            .get_or_init(|| {
+                let sender = self
+                    .publisher
+                    .as_deref()
+                    .map(|p| format!(r#","sender":{}"#, json_str(p)))
+                    .unwrap_or_default();
+                format!(
+                    r#"{{"type":{},"channel":{},"payload":{},"timestamp":{},"cursor":"{}"{sender}}}"#,
+                    json_str(self.message_type.as_deref().unwrap_or("event")),
+                    json_str(self.topic.as_str()),
+                    self.data_json(),
+                    self.stored_at_ms,
+                    self.id,
+                )
+                .into()
+            })
+            .clone()
+    }
+}
+
+/// The prefix of a user's private channel (seed 004's `user:{user_id}`).
+pub const USER_CHANNEL_PREFIX: &str = "user:";
+
+/// The user whose private channel `topic` is: its first token is
+/// `user:<id>` (`user:alice`, `user:alice.notifications`).
+pub fn private_owner(topic: &Topic) -> Option<&str> {
+    topic
+        .tokens()
+        .next()
+        .and_then(|t| t.strip_prefix(USER_CHANNEL_PREFIX))
+        .filter(|id| !id.is_empty())
 }
 
 /// A sealed event with no payload, for unit tests of the modules that
@@ -174,6 +321,8 @@ pub(crate) fn test_event(tenant: &str, topic: &str, seq: u64) -> Arc<Event> {
             idempotency_key: None,
             gdpr_context: None,
             traceparent: None,
+            message_type: None,
+            publisher: None,
         },
         Cursor { epoch: 1, seq },
         time::OffsetDateTime::now_utc(),
@@ -217,6 +366,8 @@ mod tests {
                 idempotency_key: Some("k".into()),
                 gdpr_context: Some(serde_json::json!({"consent": true})),
                 traceparent: None,
+                message_type: None,
+                publisher: None,
             },
             Cursor { epoch: 1, seq: 7 },
             time::OffsetDateTime::UNIX_EPOCH,

@@ -159,9 +159,7 @@ impl Hub {
 }
 
 fn offer(sub: &Subscriber, event: &Arc<Event>, out: &mut Fanout) {
-    if let Some(region) = &sub.region
-        && **region != *event.region
-    {
+    if !sub.may_receive(event) {
         return;
     }
     match sub.offer(event) {
@@ -179,7 +177,7 @@ mod tests {
     }
 
     fn sub(cap: usize) -> (Subscriber, Subscriber) {
-        let m = Arc::new(Mailbox::new(cap, None));
+        let m = Arc::new(Mailbox::new(cap, None, "u".into()));
         (m.clone(), m)
     }
 

@@ -25,6 +25,7 @@ pub mod mailbox;
 pub mod metrics;
 pub mod node;
 pub mod policy;
+pub mod presence;
 pub mod protocol;
 pub mod server;
 pub mod session;

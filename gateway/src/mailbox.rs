@@ -50,17 +50,28 @@ pub struct Mailbox {
     capacity: usize,
     /// Only events from this region, when set.
     pub region: Option<Arc<str>>,
+    /// The connection's user: only its own private channel reaches it.
+    pub user: Arc<str>,
 }
 
 impl Mailbox {
-    /// A mailbox of `capacity` events, keeping only `region`'s when set.
-    pub fn new(capacity: usize, region: Option<Arc<str>>) -> Self {
+    /// A mailbox of `capacity` events of `user`, keeping only `region`'s when set.
+    pub fn new(capacity: usize, region: Option<Arc<str>>, user: Arc<str>) -> Self {
         Self {
             queue: Mutex::default(),
             waker: AtomicWaker::new(),
             capacity: capacity.max(1),
             region,
+            user,
         }
+    }
+
+    /// May this connection receive `event` at all, whatever it subscribed
+    /// to: not another region's when it asked for one, never another
+    /// user's private channel.
+    pub fn may_receive(&self, event: &Event) -> bool {
+        self.region.as_deref().is_none_or(|r| r == &*event.region)
+            && event.private_to.as_deref().is_none_or(|u| u == &*self.user)
     }
 
     fn lock(&self) -> MutexGuard<'_, Queue> {
@@ -146,7 +157,7 @@ mod tests {
 
     #[test]
     fn keeps_order_and_reports_overflow_once() {
-        let m = Mailbox::new(2, None);
+        let m = Mailbox::new(2, None, "u".into());
         assert_eq!(m.offer(&event(1)), Offered::Queued);
         assert_eq!(m.offer(&event(2)), Offered::Queued);
         assert_eq!(m.try_take().unwrap().unwrap().id.seq, 1);
@@ -159,7 +170,7 @@ mod tests {
 
     #[tokio::test]
     async fn take_wakes_on_offer_and_on_overflow() {
-        let m = Arc::new(Mailbox::new(1, None));
+        let m = Arc::new(Mailbox::new(1, None, "u".into()));
         let waiter = tokio::spawn({
             let m = m.clone();
             async move { m.take().await.map(|e| e.id.seq) }
@@ -182,7 +193,7 @@ mod tests {
 
     #[test]
     fn a_drained_burst_gives_its_memory_back() {
-        let m = Mailbox::new(10_000, None);
+        let m = Mailbox::new(10_000, None, "u".into());
         for seq in 0..5_000 {
             m.offer(&event(seq));
         }

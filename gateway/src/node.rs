@@ -57,6 +57,8 @@ pub struct Node {
     pub hub: Arc<Hub>,
     /// Prometheus metrics.
     pub metrics: Arc<Metrics>,
+    /// Who is on which presence topic.
+    pub presence: Arc<crate::presence::Presence>,
     /// The tenant policy in force; changed only through `set_policy`.
     policy: watch::Sender<Arc<PolicyBundle>>,
     /// Set once a drain starts; only through `start_drain`.
@@ -85,6 +87,9 @@ pub enum PublishError {
     #[error("company_id must be a string or a number, not {0}")]
     /// A `company_id` that is neither a string nor a number.
     InvalidCompanyId(&'static str),
+    #[error("invalid message type {0:?}: 1 to {MAX_MESSAGE_TYPE_LEN} characters")]
+    /// A seed 004 message type that is empty or too long.
+    InvalidMessageType(String),
     #[error("invalid event_type: {0}")]
     /// An `event_type` that is not a valid topic.
     InvalidTopic(String),
@@ -110,11 +115,16 @@ pub enum PublishError {
 /// A publish request, after parsing the HTTP body.
 #[derive(Debug, Clone, serde::Deserialize)]
 pub struct PublishRequest {
-    /// The topic.
+    /// The topic (seed 004: `channel`).
+    #[serde(alias = "channel")]
     pub event_type: String,
-    #[serde(default)]
-    /// The payload.
+    #[serde(default, alias = "payload")]
+    /// The payload (seed 004: `payload`).
     pub data: Value,
+    #[serde(default, alias = "type")]
+    /// Seed 004's message type (`entity:created`), given to connections
+    /// subscribed in the `channel` form (`type` in seed 004's body).
+    pub message_type: Option<String>,
     #[serde(default)]
     /// Seed 001's tenant field (string or number); must be the token's.
     pub company_id: Option<Value>,
@@ -160,6 +170,9 @@ impl Node {
         policy: PolicyBundle,
     ) -> Arc<Self> {
         Arc::new(Self {
+            presence: Arc::new(crate::presence::Presence::new(
+                config.region.as_str().into(),
+            )),
             region: config.region.as_str().into(),
             config,
             verifier,
@@ -278,38 +291,45 @@ impl Node {
         if !principal.has_scope(SCOPE_PUBLISH) {
             return Err(PublishError::NotPublisher);
         }
-        // Seed 001 sends company_id as a number or a string; anything else
-        // is a mistake to report, not to ignore (ignoring it would publish
-        // to the caller's own tenant while the caller meant another).
-        let company = match &req.company_id {
-            None | Some(Value::Null) => None,
-            Some(Value::String(s)) => Some(s.clone()),
-            Some(Value::Number(n)) => Some(n.to_string()),
-            Some(other) => {
-                return Err(PublishError::InvalidCompanyId(match other {
-                    Value::Bool(_) => "a boolean",
-                    Value::Array(_) => "a list",
-                    _ => "an object",
-                }));
-            }
-        };
-        let named = req.tenant.clone().or(company);
-        let tenant: Arc<str> = match named {
-            None => principal.tenant.clone(),
-            Some(t) if *t == *principal.tenant => principal.tenant.clone(),
-            Some(t) if principal.has_scope(SCOPE_PLATFORM) => {
-                if !switchboard_config::policy::valid_tenant(&t) {
-                    return Err(PublishError::InvalidTenant(t));
-                }
-                t.into()
-            }
-            Some(t) => return Err(PublishError::WrongTenant(t)),
-        };
+        let tenant = resolve_tenant(principal, &req, principal.has_scope(SCOPE_PLATFORM))?;
+        self.store(tenant, req, None).await
+    }
+
+    /// Publish from a client connection: on the principal's own tenant,
+    /// under the policy's client allowlist, stamped with its user.
+    pub async fn publish_from_client(
+        &self,
+        principal: &Principal,
+        req: PublishRequest,
+    ) -> Result<Published, PublishError> {
+        let tenant = resolve_tenant(principal, &req, false)?;
+        self.store(tenant, req, Some(principal.user.to_string()))
+            .await
+    }
+
+    /// Check, size and store an event of `tenant` (published by the client
+    /// user `publisher`, or by a backend when `None`).
+    async fn store(
+        &self,
+        tenant: Arc<str>,
+        req: PublishRequest,
+        publisher: Option<String>,
+    ) -> Result<Published, PublishError> {
         let topic =
             Topic::parse(&req.event_type).map_err(|e| PublishError::InvalidTopic(e.to_string()))?;
+        if let Some(t) = &req.message_type
+            && (t.is_empty() || t.len() > MAX_MESSAGE_TYPE_LEN)
+        {
+            return Err(PublishError::InvalidMessageType(
+                t.chars().take(80).collect(),
+            ));
+        }
         let (limits, retention) = {
             let policy = self.policy.borrow();
-            policy.check_publish(&tenant, &topic)?;
+            match &publisher {
+                None => policy.check_publish(&tenant, &topic)?,
+                Some(_) => policy.check_client_publish(&tenant, &topic)?,
+            }
             let retention = policy
                 .tenant(&tenant)
                 .ok()
@@ -323,7 +343,8 @@ impl Node {
         let size = req.data.to_string().len()
             + req.gdpr_context.as_ref().map_or(0, |g| g.to_string().len())
             + req.idempotency_key.as_ref().map_or(0, String::len)
-            + req.event_type.len();
+            + req.event_type.len()
+            + req.message_type.as_ref().map_or(0, String::len);
         if size as u64 > limits.max_message_bytes {
             return Err(PublishError::TooLarge {
                 size,
@@ -359,6 +380,8 @@ impl Node {
                     idempotency_key: req.idempotency_key.filter(|k| !k.is_empty()),
                     gdpr_context: req.gdpr_context,
                     traceparent,
+                    message_type: req.message_type,
+                    publisher,
                 },
                 Duration::from_secs(retention),
             )
@@ -379,5 +402,43 @@ impl Node {
             "event published"
         );
         Ok(published)
+    }
+}
+
+/// Longest seed 004 message type accepted.
+pub const MAX_MESSAGE_TYPE_LEN: usize = 64;
+
+/// The tenant a publish is for: the token's, or one it names when
+/// `may_choose` (platform tokens).
+fn resolve_tenant(
+    principal: &Principal,
+    req: &PublishRequest,
+    may_choose: bool,
+) -> Result<Arc<str>, PublishError> {
+    // Seed 001 sends company_id as a number or a string; anything else
+    // is a mistake to report, not to ignore (ignoring it would publish
+    // to the caller's own tenant while the caller meant another).
+    let company = match &req.company_id {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => Some(s.clone()),
+        Some(Value::Number(n)) => Some(n.to_string()),
+        Some(other) => {
+            return Err(PublishError::InvalidCompanyId(match other {
+                Value::Bool(_) => "a boolean",
+                Value::Array(_) => "a list",
+                _ => "an object",
+            }));
+        }
+    };
+    match req.tenant.clone().or(company) {
+        None => Ok(principal.tenant.clone()),
+        Some(t) if *t == *principal.tenant => Ok(principal.tenant.clone()),
+        Some(t) if may_choose => {
+            if !switchboard_config::policy::valid_tenant(&t) {
+                return Err(PublishError::InvalidTenant(t));
+            }
+            Ok(t.into())
+        }
+        Some(t) => Err(PublishError::WrongTenant(t)),
     }
 }

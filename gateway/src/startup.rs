@@ -30,25 +30,36 @@ pub async fn build(config: GatewayConfig) -> anyhow::Result<Arc<Node>> {
             .then_some(config.telemetry.tenant_label_cap),
     ));
     let hub = Arc::new(Hub::default());
+    let mut nats_client = None;
     let broker: Arc<dyn Broker> = match &config.nats {
-        Some(nats) => NatsBroker::start(
-            nats,
-            config.history.clone(),
-            &config.region,
-            hub.clone(),
-            metrics.clone(),
-        )
-        .await
-        .context("starting the NATS broker")?,
+        Some(nats) => {
+            let broker = NatsBroker::start(
+                nats,
+                config.history.clone(),
+                &config.region,
+                hub.clone(),
+                metrics.clone(),
+            )
+            .await
+            .context("starting the NATS broker")?;
+            nats_client = Some((broker.client(), nats.subject_prefix.clone()));
+            broker
+        }
         None => Arc::new(MemoryBroker::new(
             config.history.clone(),
             hub.clone(),
             metrics.clone(),
         )),
     };
+    let presence_config = config.presence.clone();
     let policy_file = config.policy_file.clone();
     let reload = Duration::from_secs(config.policy_reload_seconds.max(1));
     let node = Node::new(config, verifier, broker, hub, metrics, policy);
+    if let Some((client, prefix)) = nats_client {
+        crate::presence::cluster::attach(&node.presence, client, &prefix, &presence_config)
+            .await
+            .context("starting presence over NATS")?;
+    }
     if let Some(path) = policy_file {
         tokio::spawn(crate::policy::watch_file(path, reload, node.clone()));
     }

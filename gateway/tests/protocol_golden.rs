@@ -162,6 +162,8 @@ fn render() -> String {
             idempotency_key: Some("deal-456-stage-1".into()),
             gdpr_context: Some(json!({"consent": true, "retention_days": 365})),
             traceparent: None,
+            message_type: None,
+            publisher: None,
         },
         Cursor {
             epoch: 0x5f3a9c1e,

@@ -61,6 +61,7 @@ pub fn compile(policy: &TopicPolicy) -> Result<TenantPolicy, String> {
     Ok(TenantPolicy {
         subscribe: rules("subscribe", &spec.subscribe)?,
         publish: rules("publish", &spec.publish)?,
+        client_publish: rules("clientPublish", &spec.client_publish)?,
         limits: TenantLimits {
             max_connections: positive(spec.limits.connections, "limits.connections")?,
             max_subscriptions_per_connection: positive(
@@ -74,6 +75,11 @@ pub fn compile(policy: &TopicPolicy) -> Result<TenantPolicy, String> {
             )?
             .map(|n| n.min(u32::MAX as u64) as u32),
             max_message_bytes: None,
+            max_presence_members: positive(
+                spec.limits.presence_members.map(i64::from),
+                "limits.presenceMembers",
+            )?
+            .map(|n| n.min(u32::MAX as u64) as u32),
         },
         history_retention_seconds: positive(
             spec.history_retention_seconds,
@@ -167,6 +173,7 @@ mod tests {
                     })
                     .collect(),
                 publish: vec![],
+                client_publish: vec![],
                 limits: PolicyLimits::default(),
                 history_retention_seconds: None,
             },

@@ -30,6 +30,8 @@ pub struct GatewayConfig {
     pub limits: Limits,
     /// WebSocket pings, idle timeout, SSE keep-alives.
     pub heartbeat: HeartbeatConfig,
+    /// Presence across gateways (cluster mode).
+    pub presence: PresenceConfig,
     /// How long and how much history is kept.
     pub history: HistoryConfig,
     /// Seconds over which connections are told to reconnect on shutdown.
@@ -176,6 +178,7 @@ impl Default for GatewayConfig {
             auth: AuthConfig::default(),
             limits: Limits::default(),
             heartbeat: HeartbeatConfig::default(),
+            presence: PresenceConfig::default(),
             history: HistoryConfig::default(),
             drain_seconds: 30,
             policy_file: None,
@@ -263,6 +266,8 @@ pub struct Limits {
     pub messages_per_minute: u32,
     /// Outbound frames queued for one connection before it counts as a slow consumer.
     pub outbound_queue: usize,
+    /// Members listed per presence topic; above it, presence sends counts only.
+    pub max_presence_members: u32,
 }
 
 impl Default for Limits {
@@ -273,6 +278,28 @@ impl Default for Limits {
             max_message_bytes: 1024 * 1024,
             messages_per_minute: 6000,
             outbound_queue: 1024,
+            max_presence_members: 100,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(default, deny_unknown_fields, rename_all = "snake_case")]
+/// Presence across gateways: every gateway announces itself on NATS every
+/// `heartbeat_seconds`; one not heard for `timeout_seconds` is gone, and its
+/// members leave everywhere.
+pub struct PresenceConfig {
+    /// Seconds between a gateway's presence heartbeats.
+    pub heartbeat_seconds: u64,
+    /// Seconds without a heartbeat after which a gateway's members leave.
+    pub timeout_seconds: u64,
+}
+
+impl Default for PresenceConfig {
+    fn default() -> Self {
+        Self {
+            heartbeat_seconds: 5,
+            timeout_seconds: 15,
         }
     }
 }
@@ -381,6 +408,15 @@ impl GatewayConfig {
         }
         if self.limits.outbound_queue == 0 {
             problems.push("limits.outbound_queue must be at least 1".into());
+        }
+        if self.presence.heartbeat_seconds == 0
+            || self.presence.timeout_seconds < 2 * self.presence.heartbeat_seconds
+            || self.presence.timeout_seconds > 3600
+        {
+            problems.push(
+                "presence.timeout_seconds must be at least twice a non-zero heartbeat_seconds (and at most 3600)"
+                    .into(),
+            );
         }
         if self.heartbeat.ping_interval_seconds == 0
             || self.heartbeat.idle_timeout_seconds <= self.heartbeat.ping_interval_seconds

@@ -33,6 +33,9 @@ pub struct TenantPolicy {
     pub subscribe: Vec<PatternRule>,
     /// Topics this tenant's publishers may publish to.
     pub publish: Vec<PatternRule>,
+    /// Topics this tenant's client connections may publish to (a separate
+    /// allowlist from backends'; `critical` topics never).
+    pub client_publish: Vec<PatternRule>,
     /// Limits below the gateway's.
     pub limits: TenantLimits,
     /// How long this tenant's events stay replayable, in seconds (at most
@@ -79,6 +82,8 @@ pub struct TenantLimits {
     pub messages_per_minute: Option<u32>,
     /// Largest client message or published event, in bytes.
     pub max_message_bytes: Option<u64>,
+    /// Members listed per presence topic; above it, presence sends counts only.
+    pub max_presence_members: Option<u32>,
 }
 
 /// Why a tenant may not do something.
@@ -106,6 +111,8 @@ pub struct EffectiveLimits {
     pub messages_per_minute: u32,
     /// Largest client message or published event, in bytes.
     pub max_message_bytes: u64,
+    /// Members listed per presence topic; above it, counts only.
+    pub max_presence_members: u32,
 }
 
 impl PolicyBundle {
@@ -124,7 +131,8 @@ impl PolicyBundle {
             tenants: BTreeMap::new(),
             default: Some(TenantPolicy {
                 subscribe: rules.clone(),
-                publish: rules,
+                publish: rules.clone(),
+                client_publish: rules,
                 ..TenantPolicy::default()
             }),
         }
@@ -190,17 +198,49 @@ impl PolicyBundle {
     /// class D has no realtime path at all.
     pub fn check_publish(&self, tenant: &str, topic: &Topic) -> Result<(), Denied> {
         let policy = self.tenant(tenant)?;
+        self.check_publish_with(policy, &policy.publish, topic)
+    }
+
+    fn check_publish_with(
+        &self,
+        policy: &TenantPolicy,
+        rules: &[PatternRule],
+        topic: &Topic,
+    ) -> Result<(), Denied> {
         if let Some(rule) = policy
             .subscribe
             .iter()
+            .chain(&policy.publish)
             .find(|r| r.class == InteractionClass::Critical && r.pattern.matches(topic))
         {
             return Err(Denied::Critical(rule.pattern.to_string()));
         }
         match Pattern::parse(topic.as_str()) {
-            Ok(p) => policy.check(&policy.publish, &p),
+            Ok(p) => policy.check(rules, &p),
             Err(_) => Err(Denied::NotAllowed(topic.to_string())),
         }
+    }
+
+    /// Is `topic` a presence topic of `tenant`: named `presence:<resource>`
+    /// (seed 004) or of class `presence` in the subscribe rules (seed 002's
+    /// class A)?
+    pub fn is_presence(&self, tenant: &str, topic: &Topic) -> bool {
+        topic
+            .tokens()
+            .next()
+            .is_some_and(|t| t.starts_with("presence:") && t.len() > "presence:".len())
+            || self.tenant(tenant).is_ok_and(|p| {
+                p.subscribe
+                    .iter()
+                    .any(|r| r.class == InteractionClass::Presence && r.pattern.matches(topic))
+            })
+    }
+
+    /// May a client connection of `tenant` publish on `topic`? As for
+    /// backends, against the `client_publish` allowlist.
+    pub fn check_client_publish(&self, tenant: &str, topic: &Topic) -> Result<(), Denied> {
+        let policy = self.tenant(tenant)?;
+        self.check_publish_with(policy, &policy.client_publish, topic)
     }
 
     /// The limits of `tenant`: its policy's, within the gateway's `defaults`.
@@ -215,6 +255,9 @@ impl PolicyBundle {
                 .messages_per_minute
                 .unwrap_or(defaults.messages_per_minute),
             max_message_bytes: l.max_message_bytes.unwrap_or(defaults.max_message_bytes),
+            max_presence_members: l
+                .max_presence_members
+                .unwrap_or(defaults.max_presence_members),
         })
     }
 }

@@ -33,8 +33,8 @@ pub enum TopicError {
     #[error("topic has an empty token (leading, trailing or doubled '.')")]
     /// A leading, trailing or doubled `.`.
     EmptyToken,
-    #[error("token {0:?} has a character outside [A-Za-z0-9_:-]")]
-    /// A token with a character outside `[A-Za-z0-9_:-]`.
+    #[error("token {0:?} has a character outside [A-Za-z0-9_:/-]")]
+    /// A token with a character outside `[A-Za-z0-9_:/-]`.
     BadCharacter(String),
     #[error("wildcards are not allowed in a topic, only in subscription patterns")]
     /// A wildcard where a concrete topic is needed.
@@ -50,7 +50,7 @@ pub enum TopicError {
 fn plain_token(token: &str) -> bool {
     token
         .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b':'))
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b':' | b'/'))
 }
 
 fn split_checked(s: &str) -> Result<std::str::Split<'_, char>, TopicError> {
@@ -151,6 +151,14 @@ impl Pattern {
     /// The pattern as given.
     pub fn as_str(&self) -> &str {
         &self.text
+    }
+
+    /// The first token when it is literal (`deal` in `deal.*`; none for `*.x`).
+    pub fn literal_prefix(&self) -> Option<&str> {
+        match self.tokens.first() {
+            Some(Token::Literal(t)) => Some(t),
+            _ => None,
+        }
     }
 
     /// True when the pattern has no wildcard, i.e. names exactly one topic.
@@ -262,7 +270,7 @@ macro_rules! string_serde {
                     "type": "string",
                     "description": $desc,
                     "maxLength": MAX_TOPIC_LEN,
-                    "pattern": r"^([A-Za-z0-9_:-]+|\*)(\.([A-Za-z0-9_:-]+|\*))*(\.>)?$|^>$"
+                    "pattern": r"^([A-Za-z0-9_:/-]+|\*)(\.([A-Za-z0-9_:/-]+|\*))*(\.>)?$|^>$"
                 })
             }
         }

@@ -233,6 +233,8 @@ mod tests {
             idempotency_key: key.map(Into::into),
             gdpr_context: None,
             traceparent: None,
+            message_type: None,
+            publisher: None,
         }
     }
 

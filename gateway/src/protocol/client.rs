@@ -30,6 +30,18 @@ pub enum ClientMessage {
         /// Echoed on the answer.
         request_id: Option<Value>,
     },
+    #[serde(rename = "publish")]
+    /// Publish from the client, acknowledged with `publish.ack`.
+    Publish(PublishFrame),
+    #[serde(rename = "presence.join", alias = "presence:join")]
+    /// Join a presence topic as a member (and subscribe to it).
+    PresenceJoin(PresenceFrame),
+    #[serde(rename = "presence.leave", alias = "presence:leave")]
+    /// Leave a presence topic.
+    PresenceLeave(PresenceFrame),
+    #[serde(rename = "presence.heartbeat", alias = "presence:heartbeat")]
+    /// Refresh the member's `lastSeen`.
+    PresenceHeartbeat(PresenceFrame),
     #[serde(rename = "auth.refresh")]
     /// Replace the token before it expires.
     AuthRefresh {
@@ -43,13 +55,87 @@ pub enum ClientMessage {
 
 impl ClientMessage {
     /// Every `type` a client may send.
-    pub const TYPES: [&'static str; 5] = [
+    pub const TYPES: [&'static str; 12] = [
         "subscribe",
         "unsubscribe",
         "cursor.update",
         "ping",
         "auth.refresh",
+        "publish",
+        "presence.join",
+        "presence:join",
+        "presence.leave",
+        "presence:leave",
+        "presence.heartbeat",
+        "presence:heartbeat",
     ];
+}
+
+/// `publish`: seed 001 style names `topic` and `data`, seed 004 style
+/// `channel` and `payload`.
+#[derive(Debug, Deserialize)]
+pub struct PublishFrame {
+    #[serde(default)]
+    /// Seed 001 style: the topic.
+    pub topic: Option<String>,
+    #[serde(default)]
+    /// Seed 004 style: the channel.
+    pub channel: Option<String>,
+    #[serde(default)]
+    /// Seed 001 style: the payload.
+    pub data: Option<Value>,
+    #[serde(default)]
+    /// Seed 004 style: the payload.
+    pub payload: Option<Value>,
+    #[serde(default, rename = "messageType")]
+    /// Seed 004's message type for channel-form receivers.
+    pub message_type: Option<String>,
+    #[serde(default, rename = "idempotencyKey")]
+    /// A repeated key within the dedup window publishes nothing again.
+    pub idempotency_key: Option<String>,
+    #[serde(default, rename = "requestId")]
+    /// Echoed on the acknowledgement.
+    pub request_id: Option<Value>,
+}
+
+impl PublishFrame {
+    /// True for seed 004's form, which is answered in that form.
+    pub fn is_channel_form(&self) -> bool {
+        self.topic.is_none() && self.channel.is_some()
+    }
+}
+
+/// `presence.join` / `presence:join` (and leave, heartbeat): the topic as
+/// `topic` or `channel`, the member's info as `info` or `payload`.
+#[derive(Debug, Deserialize)]
+pub struct PresenceFrame {
+    #[serde(default)]
+    /// Seed 001 style: the topic.
+    pub topic: Option<String>,
+    #[serde(default)]
+    /// Seed 004 style: the channel.
+    pub channel: Option<String>,
+    #[serde(default)]
+    /// What the member says about itself (e.g. `{"name": "Alice"}`).
+    pub info: Option<Value>,
+    #[serde(default)]
+    /// Seed 004 style info.
+    pub payload: Option<Value>,
+    #[serde(default, rename = "requestId")]
+    /// Echoed on the answer.
+    pub request_id: Option<Value>,
+}
+
+impl PresenceFrame {
+    /// True for seed 004's form.
+    pub fn is_channel_form(&self) -> bool {
+        self.topic.is_none() && self.channel.is_some()
+    }
+
+    /// The topic named, either way.
+    pub fn topic(&self) -> Option<&str> {
+        self.topic.as_deref().or(self.channel.as_deref())
+    }
 }
 
 /// `subscribe`/`unsubscribe`: seed 001 sends `topics`, seed 004 sends one

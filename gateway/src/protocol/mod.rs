@@ -13,7 +13,7 @@ mod close;
 mod error;
 mod server;
 
-pub use client::{ClientMessage, MessageProbe, SubscriptionRequest};
+pub use client::{ClientMessage, MessageProbe, PresenceFrame, PublishFrame, SubscriptionRequest};
 pub use close::Close;
 pub use error::ErrorCode;
 pub use server::{ReconnectReason, ServerMessage};

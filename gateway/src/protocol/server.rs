@@ -119,6 +119,24 @@ pub enum ServerMessage {
         /// Why, for people.
         reason: String,
     },
+    /// A client publish was stored.
+    PublishAck {
+        /// The event's id (also its cursor).
+        event_id: Cursor,
+        /// The topic.
+        topic: String,
+        /// The idempotency key had been seen: nothing was published again.
+        duplicate: bool,
+        /// Echoed `requestId`.
+        request_id: Option<Value>,
+    },
+    /// A presence leave was done (or the heartbeat taken).
+    PresenceLeft {
+        /// The topic.
+        topic: String,
+        /// Echoed `requestId`.
+        request_id: Option<Value>,
+    },
     /// `auth.refresh` was accepted.
     AuthRefreshed {
         /// The new expiry (unix seconds).
@@ -160,6 +178,8 @@ impl ServerMessage {
             ServerMessage::CursorConfirmed { .. } => "cursor.confirmed",
             ServerMessage::SubscriptionRevoked { .. } => "subscription.revoked",
             ServerMessage::AuthRefreshed { .. } => "auth.refreshed",
+            ServerMessage::PublishAck { .. } => "publish.ack",
+            ServerMessage::PresenceLeft { .. } => "presence.left",
             ServerMessage::Reconnect { .. } => "reconnect",
         }
     }
@@ -178,7 +198,9 @@ impl ServerMessage {
             | ServerMessage::ResumeGap { request_id, .. }
             | ServerMessage::ReplayComplete { request_id, .. }
             | ServerMessage::CursorConfirmed { request_id, .. }
-            | ServerMessage::AuthRefreshed { request_id, .. } => request_id.as_ref(),
+            | ServerMessage::AuthRefreshed { request_id, .. }
+            | ServerMessage::PublishAck { request_id, .. }
+            | ServerMessage::PresenceLeft { request_id, .. } => request_id.as_ref(),
             ServerMessage::Subscribed { request_id, .. }
             | ServerMessage::Unsubscribed { request_id, .. } => request_id.as_ref(),
             ServerMessage::ConnectionEstablished { .. }
@@ -242,6 +264,19 @@ impl ServerMessage {
                 "reason": reason,
                 "timestamp": ts,
             }),
+            ServerMessage::PublishAck {
+                event_id,
+                topic,
+                duplicate,
+                ..
+            } => json!({
+                "event_id": event_id.to_string(),
+                "cursor": event_id.to_string(),
+                "topic": topic,
+                "duplicate": duplicate,
+                "timestamp": ts,
+            }),
+            ServerMessage::PresenceLeft { topic, .. } => json!({ "topic": topic, "timestamp": ts }),
             ServerMessage::AuthRefreshed { expires_at, .. } => {
                 json!({ "expires_at": expires_at, "timestamp": ts })
             }

@@ -12,15 +12,38 @@ mod resume;
 
 use std::sync::Arc;
 
-use switchboard_config::Pattern;
 use switchboard_config::policy::Denied;
+use switchboard_config::{Pattern, Topic};
 
-use crate::event::{Cursor, Event};
+use crate::auth::Principal;
+use crate::event::{Cursor, Event, EventKind, USER_CHANNEL_PREFIX};
 use crate::mailbox::{Mailbox, Overflowed};
 use crate::node::{Admission, Node};
 use crate::protocol::ErrorCode;
 
 pub use resume::{ResumeSink, Resumed};
+
+/// How a subscription's events are framed on a WebSocket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Form {
+    /// Seed 001's `{"type":"event","data":<envelope>}`.
+    #[default]
+    Native,
+    /// Seed 004's `{"type","channel","payload","timestamp"}`.
+    Channel,
+}
+
+/// One subscription of a session.
+#[derive(Debug)]
+struct Sub {
+    pattern: Pattern,
+    /// Events after this sequence are delivered live.
+    since: u64,
+    form: Form,
+    /// The user's own channel, held without being asked for: not counted
+    /// against the limit or in `subscriptions_active`, never listed back.
+    implicit: bool,
+}
 
 /// Why one requested pattern was not subscribed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -37,13 +60,20 @@ pub enum SubscribeError {
     #[error("{0}")]
     /// The broker cannot serve it.
     Unavailable(String),
+    #[error("{0:?} is not a presence topic (presence:<resource>, or class presence in the policy)")]
+    /// Presence on a topic that has none.
+    NotPresence(String),
+    #[error("presence info must be a JSON object of at most {max} bytes (got {0})", max = crate::presence::MAX_INFO_BYTES)]
+    /// Member info that is not an object or too large.
+    BadInfo(usize),
 }
 
 impl SubscribeError {
     /// The error code every transport reports this refusal with.
     pub fn code(&self) -> ErrorCode {
         match self {
-            SubscribeError::Invalid(..) => ErrorCode::InvalidTopic,
+            SubscribeError::Invalid(..) | SubscribeError::NotPresence(_) => ErrorCode::InvalidTopic,
+            SubscribeError::BadInfo(_) => ErrorCode::MalformedMessage,
             SubscribeError::Denied(_) => ErrorCode::TopicNotAllowed,
             SubscribeError::TooMany(_) => ErrorCode::TooManySubscriptions,
             SubscribeError::Unavailable(_) => ErrorCode::BusUnavailable,
@@ -62,44 +92,108 @@ pub struct Session {
     /// Where the hub queues its live events.
     pub mailbox: Arc<Mailbox>,
     /// Subscribed patterns with their `since` sequence.
-    subs: Vec<(Pattern, u64)>,
+    subs: Vec<Sub>,
+    /// Some subscription asked for seed 004's `channel` form.
+    any_channel_form: bool,
+    /// Whether presence notices reach this session (WebSocket and SSE, not
+    /// long-poll, which answers with stored events only).
+    observes_presence: bool,
+    /// Presence topics observed (subscribed exactly).
+    observed: Vec<Topic>,
+    /// Presence topics this connection joined as a member.
+    joined: Vec<Topic>,
     /// The largest `since`: later events are always delivered live.
     max_since: u64,
 }
 
 impl Session {
-    /// A session of `tenant` (only `region`'s events when set) with a queue of `queue` events.
+    /// A session of `principal` (only `region`'s events when set) with a queue of `queue` events.
     pub fn new(
         node: Arc<Node>,
         admission: Admission,
-        tenant: Arc<str>,
+        principal: &Principal,
         region: Option<Arc<str>>,
         queue: usize,
     ) -> Self {
         Self {
             node,
             admission,
-            tenant,
-            mailbox: Arc::new(Mailbox::new(queue, region)),
+            tenant: principal.tenant.clone(),
+            mailbox: Arc::new(Mailbox::new(queue, region, principal.user.as_str().into())),
             subs: Vec::new(),
+            any_channel_form: false,
+            observes_presence: true,
+            observed: Vec::new(),
+            joined: Vec::new(),
             max_since: 0,
         }
     }
 
-    /// The patterns held.
-    pub fn patterns(&self) -> impl Iterator<Item = &Pattern> {
-        self.subs.iter().map(|(p, _)| p)
+    /// Presence notices do not reach this session (long-poll).
+    pub fn without_presence(mut self) -> Self {
+        self.observes_presence = false;
+        self
     }
 
-    /// How many patterns are held.
+    /// Subscribe the session to its user's private channel (`user:<id>`),
+    /// beyond the subscription limit. False when the user id cannot name a
+    /// topic (e.g. it holds a `.`) or the broker refused.
+    pub async fn subscribe_own_channel(&mut self) -> bool {
+        let own = format!("{USER_CHANNEL_PREFIX}{}", self.user());
+        if Topic::parse(&own).is_err() {
+            return false;
+        }
+        let (ok, _) = self.subscribe_as(&[own], Form::Native, true).await;
+        !ok.is_empty()
+    }
+
+    /// The user the session belongs to.
+    pub fn user(&self) -> &str {
+        &self.mailbox.user
+    }
+
+    /// The patterns the client asked for and holds (not its implicit own channel).
+    pub fn patterns(&self) -> impl Iterator<Item = &Pattern> {
+        self.subs.iter().filter(|s| !s.implicit).map(|s| &s.pattern)
+    }
+
+    /// The WebSocket frame of `event` for this session: seed 004's form when
+    /// a pattern subscribed in that form matches it, seed 001's otherwise.
+    pub fn frame_for(&self, event: &Event) -> axum::extract::ws::Utf8Bytes {
+        if self.any_channel_form
+            && self
+                .subs
+                .iter()
+                .any(|s| s.form == Form::Channel && s.pattern.matches(&event.topic))
+        {
+            event.channel_frame()
+        } else {
+            event.frame.clone()
+        }
+    }
+
+    /// How many patterns the client asked for and holds.
     pub fn subscription_count(&self) -> usize {
-        self.subs.len()
+        self.subs.iter().filter(|s| !s.implicit).count()
     }
 
     /// Subscribe to each requested pattern that is valid and allowed.
     /// Returns the patterns now subscribed (including ones already held) and
     /// the refusals.
-    pub async fn subscribe(&mut self, requested: &[String]) -> (Vec<Pattern>, Vec<SubscribeError>) {
+    pub async fn subscribe(
+        &mut self,
+        requested: &[String],
+        form: Form,
+    ) -> (Vec<Pattern>, Vec<SubscribeError>) {
+        self.subscribe_as(requested, form, false).await
+    }
+
+    async fn subscribe_as(
+        &mut self,
+        requested: &[String],
+        form: Form,
+        implicit: bool,
+    ) -> (Vec<Pattern>, Vec<SubscribeError>) {
         let max = match self.node.limits(&self.tenant) {
             Ok(l) => l.max_subscriptions_per_connection,
             Err(d) => {
@@ -131,15 +225,22 @@ impl Session {
                     continue;
                 }
             };
-            if self.subs.iter().any(|(p, _)| *p == pattern) {
+            if let Some(held) = self.subs.iter_mut().find(|s| s.pattern == pattern) {
+                held.form = form;
+                if held.implicit && !implicit {
+                    // Asked for now: the client holds it like any other.
+                    held.implicit = false;
+                    self.node.metrics.subscriptions_active.inc();
+                }
+                self.any_channel_form |= form == Form::Channel;
                 ok.push(pattern);
                 continue;
             }
-            if let Err(d) = self.node.policy().check_subscribe(&self.tenant, &pattern) {
+            if let Err(d) = self.check(&pattern) {
                 errors.push(SubscribeError::Denied(d));
                 continue;
             }
-            if self.subs.len() >= max as usize {
+            if !implicit && self.subscription_count() >= max as usize {
                 errors.push(SubscribeError::TooMany(max));
                 continue;
             }
@@ -172,29 +273,164 @@ impl Session {
                     continue;
                 }
             };
-            self.node.metrics.subscriptions_active.inc();
-            self.subs.push((pattern.clone(), since));
+            if !implicit {
+                self.node.metrics.subscriptions_active.inc();
+            }
+            self.subs.push(Sub {
+                pattern: pattern.clone(),
+                since,
+                form,
+                implicit,
+            });
+            self.any_channel_form |= form == Form::Channel;
             self.max_since = self.max_since.max(since);
+            self.observe(&pattern);
             ok.push(pattern);
         }
         (ok, errors)
+    }
+
+    fn key(&self, topic: &Topic) -> crate::presence::Key {
+        (self.tenant.clone(), topic.clone())
+    }
+
+    /// A presence topic subscribed exactly starts the presence notices.
+    fn observe(&mut self, pattern: &Pattern) {
+        if !self.observes_presence || !pattern.is_exact() {
+            return;
+        }
+        let Ok(topic) = Topic::parse(pattern.as_str()) else {
+            return;
+        };
+        if !self.node.policy().is_presence(&self.tenant, &topic) {
+            return;
+        }
+        let cap = self
+            .node
+            .limits(&self.tenant)
+            .map_or(self.node.config.limits.max_presence_members, |l| {
+                l.max_presence_members
+            });
+        self.node.presence.observe(
+            self.key(&topic),
+            self.admission.id,
+            self.mailbox.clone(),
+            cap,
+        );
+        self.observed.push(topic);
+    }
+
+    /// Join a presence topic as a member (subscribing to it first, so the
+    /// member sees the others); joining again replaces `info`.
+    pub async fn presence_join(
+        &mut self,
+        raw: &str,
+        info: Option<serde_json::Value>,
+        form: Form,
+    ) -> Result<Pattern, SubscribeError> {
+        let topic = Topic::parse(raw)
+            .map_err(|e| SubscribeError::Invalid(raw.chars().take(300).collect(), e.to_string()))?;
+        if !self.node.policy().is_presence(&self.tenant, &topic) {
+            return Err(SubscribeError::NotPresence(topic.to_string()));
+        }
+        if let Some(info) = &info {
+            let size = info.to_string().len();
+            if !info.is_object() || size > crate::presence::MAX_INFO_BYTES {
+                return Err(SubscribeError::BadInfo(size));
+            }
+        }
+        let (ok, errors) = self.subscribe(&[raw.to_owned()], form).await;
+        let Some(pattern) = ok.into_iter().next() else {
+            return Err(errors
+                .into_iter()
+                .next()
+                .unwrap_or(SubscribeError::NotPresence(topic.to_string())));
+        };
+        let user: Arc<str> = self.mailbox.user.clone();
+        self.node
+            .presence
+            .join(self.key(&topic), self.admission.id, user, info);
+        if !self.joined.contains(&topic) {
+            self.joined.push(topic);
+        }
+        Ok(pattern)
+    }
+
+    /// Leave a presence topic (still subscribed to it); false when not a member.
+    pub fn presence_leave(&mut self, raw: &str) -> bool {
+        let Some(i) = self.joined.iter().position(|t| t.as_str() == raw) else {
+            return false;
+        };
+        let topic = self.joined.swap_remove(i);
+        self.node
+            .presence
+            .leave(&self.key(&topic), self.admission.id);
+        true
+    }
+
+    /// A member's heartbeat; false when not a member of `raw`.
+    pub fn presence_heartbeat(&self, raw: &str) -> bool {
+        self.joined
+            .iter()
+            .find(|t| t.as_str() == raw)
+            .is_some_and(|t| {
+                self.node
+                    .presence
+                    .heartbeat(&self.key(t), self.admission.id)
+            })
+    }
+
+    /// Stop presence for a topic no longer subscribed.
+    fn unobserve(&mut self, pattern: &Pattern) {
+        let conn = self.admission.id;
+        if let Some(i) = self
+            .joined
+            .iter()
+            .position(|t| t.as_str() == pattern.as_str())
+        {
+            let topic = self.joined.swap_remove(i);
+            self.node.presence.leave(&self.key(&topic), conn);
+        }
+        if let Some(i) = self
+            .observed
+            .iter()
+            .position(|t| t.as_str() == pattern.as_str())
+        {
+            let topic = self.observed.swap_remove(i);
+            self.node.presence.unobserve(&self.key(&topic), conn);
+        }
+    }
+
+    /// May this session hold `pattern`? Its own user channel always; another
+    /// user's never (named: refused here; through a wildcard: the hub and
+    /// history never deliver it); everything else as the policy says.
+    fn check(&self, pattern: &Pattern) -> Result<(), Denied> {
+        match pattern.literal_prefix().and_then(private_owner_token) {
+            Some(owner) if owner == self.user() => Ok(()),
+            Some(_) => Err(Denied::NotAllowed(pattern.to_string())),
+            None => self.node.policy().check_subscribe(&self.tenant, pattern),
+        }
     }
 
     /// Drop subscriptions; returns the ones that were held.
     pub async fn unsubscribe(&mut self, patterns: &[Pattern]) -> Vec<Pattern> {
         let mut removed = Vec::new();
         for pattern in patterns {
-            if let Some(i) = self.subs.iter().position(|(p, _)| p == pattern) {
-                self.subs.swap_remove(i);
-                self.release(pattern).await;
+            if let Some(i) = self.subs.iter().position(|s| s.pattern == *pattern) {
+                let sub = self.subs.swap_remove(i);
+                self.unobserve(pattern);
+                self.release(&sub).await;
                 removed.push(pattern.clone());
             }
         }
         removed
     }
 
-    async fn release(&self, pattern: &Pattern) {
-        self.node.metrics.subscriptions_active.dec();
+    async fn release(&self, sub: &Sub) {
+        let pattern = &sub.pattern;
+        if !sub.implicit {
+            self.node.metrics.subscriptions_active.dec();
+        }
         self.node
             .hub
             .unregister(&self.tenant, self.admission.id, pattern);
@@ -206,11 +442,12 @@ impl Session {
     /// replay (it can reach the queue live in cluster mode, while a new
     /// subscription was being set up).
     pub fn wants_live(&self, event: &Event) -> bool {
-        event.id.seq > self.max_since
+        event.kind == EventKind::Presence
+            || event.id.seq > self.max_since
             || self
                 .subs
                 .iter()
-                .any(|(p, since)| event.id.seq > *since && p.matches(&event.topic))
+                .any(|s| event.id.seq > s.since && s.pattern.matches(&event.topic))
     }
 
     /// The next live event to deliver (cancel-safe); an error once the
@@ -238,15 +475,9 @@ impl Session {
     /// ones the policy no longer allows, already unsubscribed.
     pub async fn enforce_policy(&mut self) -> Vec<(Pattern, Denied)> {
         let revoked: Vec<(Pattern, Denied)> = {
-            let policy = self.node.policy();
             self.subs
                 .iter()
-                .filter_map(|(p, _)| {
-                    policy
-                        .check_subscribe(&self.tenant, p)
-                        .err()
-                        .map(|d| (p.clone(), d))
-                })
+                .filter_map(|s| self.check(&s.pattern).err().map(|d| (s.pattern.clone(), d)))
                 .collect()
         };
         let patterns: Vec<Pattern> = revoked.iter().map(|(p, _)| p.clone()).collect();
@@ -258,7 +489,7 @@ impl Session {
     /// everything after it will reach it.
     pub fn live_cursor(&self) -> Cursor {
         let head = self.node.broker.head(&self.tenant);
-        let since = self.subs.iter().map(|(_, s)| *s).min().unwrap_or(head.seq);
+        let since = self.subs.iter().map(|s| s.since).min().unwrap_or(head.seq);
         Cursor {
             epoch: head.epoch,
             seq: since,
@@ -267,23 +498,47 @@ impl Session {
 
     /// Unsubscribe everything; called when the session ends.
     pub async fn close(mut self) {
-        let all: Vec<Pattern> = self.subs.iter().map(|(p, _)| p.clone()).collect();
+        let all: Vec<Pattern> = self.subs.iter().map(|s| s.pattern.clone()).collect();
         self.unsubscribe(&all).await;
     }
+}
+
+/// The user whose channel a first topic token names (`user:<id>`).
+fn private_owner_token(token: &str) -> Option<&str> {
+    token
+        .strip_prefix(USER_CHANNEL_PREFIX)
+        .filter(|id| !id.is_empty())
 }
 
 impl Drop for Session {
     fn drop(&mut self) {
         // A session dropped without `close` (a cancelled request) still
-        // leaves the hub at once, and gives its broker interest back.
-        let patterns: Vec<Pattern> = self.subs.drain(..).map(|(p, _)| p).collect();
-        if patterns.is_empty() {
+        // leaves the hub and presence at once, and gives its broker
+        // interest back.
+        let conn = self.admission.id;
+        for topic in self.joined.drain(..) {
+            self.node
+                .presence
+                .leave(&(self.tenant.clone(), topic), conn);
+        }
+        for topic in self.observed.drain(..) {
+            self.node
+                .presence
+                .unobserve(&(self.tenant.clone(), topic), conn);
+        }
+        let subs: Vec<Sub> = self.subs.drain(..).collect();
+        if subs.is_empty() {
             return;
         }
-        for p in &patterns {
-            self.node.metrics.subscriptions_active.dec();
-            self.node.hub.unregister(&self.tenant, self.admission.id, p);
+        for s in &subs {
+            if !s.implicit {
+                self.node.metrics.subscriptions_active.dec();
+            }
+            self.node
+                .hub
+                .unregister(&self.tenant, self.admission.id, &s.pattern);
         }
+        let patterns: Vec<Pattern> = subs.into_iter().map(|s| s.pattern).collect();
         let broker = self.node.broker.clone();
         let tenant = self.tenant.clone();
         if let Ok(rt) = tokio::runtime::Handle::try_current() {

@@ -90,23 +90,23 @@ impl Session {
         limit: usize,
         sink: &mut S,
     ) -> Result<Resumed, BrokerError> {
-        let Some(until) = self.subs.iter().map(|(_, s)| *s).max() else {
+        let Some(until) = self.subs.iter().map(|s| s.since).max() else {
             return Ok(Resumed::default());
         };
         let subs = &self.subs;
-        let region = self.mailbox.region.clone();
+        let mailbox = self.mailbox.clone();
         let wanted = move |e: &Event| {
-            if region.as_deref().is_some_and(|r| r != &*e.region) {
+            if !mailbox.may_receive(e) {
                 return false;
             }
             let mut matched = false;
-            for (p, since) in subs {
-                if p.matches(&e.topic) {
-                    if e.id.seq > *since {
+            for sub in subs {
+                if sub.pattern.matches(&e.topic) {
+                    if e.id.seq > sub.since {
                         return false; // delivered live
                     }
                     match only {
-                        Some(only) if !only.contains(p) => return false,
+                        Some(only) if !only.contains(&sub.pattern) => return false,
                         _ => matched = true,
                     }
                 }
@@ -115,7 +115,7 @@ impl Session {
         };
         let scope: Vec<Pattern> = match only {
             Some(only) => only.to_vec(),
-            None => subs.iter().map(|(p, _)| p.clone()).collect(),
+            None => subs.iter().map(|s| s.pattern.clone()).collect(),
         };
         let requested = if cursor == Cursor::FOREIGN {
             String::new()

@@ -94,6 +94,7 @@ async fn poll_inner(
         params.topics.as_deref(),
         params.region,
         MAX_EVENTS,
+        false,
     )
     .await?;
 

@@ -121,13 +121,15 @@ pub fn split_topics(topics: Option<&str>) -> Vec<String> {
 
 /// Open the session of an HTTP subscriber (long-poll or SSE): the topics
 /// are required, the connection is admitted, and every topic must be
-/// subscribed, or the request is answered with why not.
+/// subscribed, or the request is answered with why not. `presence`:
+/// whether presence notices reach it (SSE, not long-poll).
 pub async fn open_http_session(
     node: &Arc<Node>,
     principal: &Principal,
     topics: Option<&str>,
     region: Option<String>,
     queue: usize,
+    presence: bool,
 ) -> Result<Session, Response> {
     let topics = split_topics(topics);
     if topics.is_empty() {
@@ -141,14 +143,13 @@ pub async fn open_http_session(
         .map_err(|close| error_response(refusal_code(close), close.reason()))?;
     let region =
         region_filter(region).map_err(|why| error_response(ErrorCode::InvalidQuery, why))?;
-    let mut session = Session::new(
-        node.clone(),
-        admission,
-        principal.tenant.clone(),
-        region,
-        queue,
-    );
-    let (_, errors) = session.subscribe(&topics).await;
+    let mut session = Session::new(node.clone(), admission, principal, region, queue);
+    if !presence {
+        session = session.without_presence();
+    }
+    let (_, errors) = session
+        .subscribe(&topics, crate::session::Form::Native)
+        .await;
     if let Some(e) = errors.first() {
         return Err(error_response(e.code(), e));
     }

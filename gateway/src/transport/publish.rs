@@ -31,14 +31,15 @@ fn published_json(p: &Published) -> Value {
     })
 }
 
-fn error_code(e: &PublishError) -> ErrorCode {
+pub(crate) fn error_code(e: &PublishError) -> ErrorCode {
     match e {
         PublishError::NotPublisher | PublishError::WrongTenant(_) | PublishError::Denied(_) => {
             ErrorCode::Forbidden
         }
         PublishError::InvalidTenant(_)
         | PublishError::InvalidCompanyId(_)
-        | PublishError::InvalidRegion(_) => ErrorCode::InvalidRequest,
+        | PublishError::InvalidRegion(_)
+        | PublishError::InvalidMessageType(_) => ErrorCode::InvalidRequest,
         PublishError::InvalidTopic(_) => ErrorCode::InvalidTopic,
         PublishError::TooLarge { .. } => ErrorCode::MessageTooLarge,
         PublishError::Broker(_) => ErrorCode::BusUnavailable,

@@ -20,7 +20,7 @@ use tokio::sync::mpsc;
 
 use super::PolicyChange;
 use crate::broker::GapReason;
-use crate::event::{Cursor, Event};
+use crate::event::{Cursor, Event, EventKind};
 use crate::node::Node;
 use crate::protocol::{ErrorCode, ReconnectReason, ServerMessage};
 use crate::session::{ResumeSink, Session};
@@ -41,7 +41,14 @@ pub struct SseParams {
 }
 
 fn event_message(e: &Event) -> SseEvent {
-    SseEvent::default().id(e.id.to_string()).data(&*e.envelope)
+    match e.kind {
+        EventKind::Stored => SseEvent::default().id(e.id.to_string()).data(&*e.envelope),
+        // A presence notice: a named event without an id (it is not a
+        // position to resume from).
+        EventKind::Presence => SseEvent::default()
+            .event(e.message_type.as_deref().unwrap_or("presence"))
+            .data(&*e.envelope),
+    }
 }
 
 /// A control message as a named SSE event (`event:` is the message type,
@@ -96,6 +103,7 @@ pub async fn stream(
         params.topics.as_deref(),
         params.region,
         node.config.limits.outbound_queue,
+        true,
     )
     .await
     {

@@ -53,6 +53,11 @@ pub struct TopicPolicySpec {
     #[serde(default)]
     #[schemars(length(max = 256))]
     pub publish: Vec<PatternRule>,
+    /// Topics this tenant's connections may publish to themselves, over the
+    /// socket (at most 256); empty: clients may not publish.
+    #[serde(default)]
+    #[schemars(length(max = 256))]
+    pub client_publish: Vec<PatternRule>,
     #[serde(default)]
     pub limits: PolicyLimits,
     /// How long this tenant's events stay replayable, in seconds.
@@ -64,11 +69,11 @@ pub struct TopicPolicySpec {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct PatternRule {
-    /// Dot-separated tokens of `[A-Za-z0-9_:-]` (at most 255 characters and 16 tokens);
+    /// Dot-separated tokens of `[A-Za-z0-9_:/-]` (at most 255 characters and 16 tokens);
     /// `*` matches one token; a trailing `*` or `>` matches the rest.
     #[schemars(
         length(min = 1, max = 255),
-        regex(pattern = r"^(([A-Za-z0-9_:-]+|[*])([.]([A-Za-z0-9_:-]+|[*]))*([.]>)?|>)$")
+        regex(pattern = r"^(([A-Za-z0-9_:/-]+|[*])([.]([A-Za-z0-9_:/-]+|[*]))*([.]>)?|>)$")
     )]
     pub pattern: String,
     /// Interaction class (seed 002): presence (A), stream (B), interactive (C), critical (D: no realtime).
@@ -88,6 +93,10 @@ pub struct PolicyLimits {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub messages_per_minute: Option<i32>,
+    /// Presence members listed per topic; above it, presence sends counts only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub presence_members: Option<i32>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, schemars::JsonSchema)]

@@ -62,6 +62,12 @@ pub struct WireEvent {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     /// Data-protection context.
     pub gdpr_context: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Seed 004's message type.
+    pub message_type: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// The client user who published it.
+    pub publisher: Option<String>,
 }
 
 /// Shared state of the broker and its background tasks.
@@ -126,6 +132,11 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 const NO_CATCH_UP: u64 = u64::MAX;
 
 impl NatsBroker {
+    /// The NATS connection (presence shares it).
+    pub fn client(&self) -> async_nats::Client {
+        self.client.clone()
+    }
+
     /// Connect (in the background when NATS is not reachable yet), make sure
     /// the region's stream exists, and start routing into `hub`.
     pub async fn start(
@@ -313,6 +324,8 @@ impl Broker for NatsBroker {
             region: Some(new.region.to_string()),
             idempotency_key: new.idempotency_key.clone(),
             gdpr_context: new.gdpr_context.clone(),
+            message_type: new.message_type.clone(),
+            publisher: new.publisher.clone(),
         };
         let payload = serde_json::to_vec(&wire).map_err(unavailable)?;
         let ack = tokio::time::timeout(REQUEST_TIMEOUT, async {

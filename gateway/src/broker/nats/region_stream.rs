@@ -86,6 +86,8 @@ impl NatsBroker {
                 idempotency_key: wire.idempotency_key,
                 gdpr_context: wire.gdpr_context,
                 traceparent,
+                message_type: wire.message_type,
+                publisher: wire.publisher,
             },
             Cursor { epoch, seq },
             stored,

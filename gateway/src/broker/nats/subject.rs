@@ -6,7 +6,7 @@
 //!                                                     stream with its sequence (what gateways subscribe to)
 //! ```
 //!
-//! Topic tokens are already restricted to `[A-Za-z0-9_:-]` (no `.`, `*`,
+//! Topic tokens are already restricted to `[A-Za-z0-9_:/-]` (no `.`, `*`,
 //! `>` or whitespace), so a topic can never add or widen a subject token. A
 //! tenant may contain `.` (and `:`), so it is escaped into exactly one
 //! token: every byte outside `[A-Za-z0-9_-]` becomes `~XX` (hex). The

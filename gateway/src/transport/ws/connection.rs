@@ -164,6 +164,9 @@ impl Connection {
         {
             return None;
         }
+        // Every connection receives its user's private channel (direct
+        // messages), without asking and beyond its subscription limit.
+        self.session.subscribe_own_channel().await;
 
         loop {
             let flow = tokio::select! {
@@ -282,7 +285,8 @@ impl Connection {
     }
 
     pub(super) fn note_sent(&mut self, id: Cursor) {
-        if self.sent_up_to.is_none_or(|s| s.seq < id.seq) {
+        // Presence notices carry no cursor (Cursor::FOREIGN).
+        if id != Cursor::FOREIGN && self.sent_up_to.is_none_or(|s| s.seq < id.seq) {
             self.sent_up_to = Some(id);
         }
     }
@@ -296,12 +300,16 @@ impl Connection {
     /// Write `first` and whatever else is queued (up to a batch), then
     /// flush: a busy connection gets many events per syscall.
     async fn write_batch(&mut self, first: Arc<crate::event::Event>) -> Result<(), axum::Error> {
-        self.socket.feed(Message::Text(first.frame.clone())).await?;
+        self.socket
+            .feed(Message::Text(self.session.frame_for(&first)))
+            .await?;
         self.note_sent(first.id);
         for _ in 1..WRITE_BATCH {
             match self.session.try_next_live() {
                 Ok(Some(ev)) => {
-                    self.socket.feed(Message::Text(ev.frame.clone())).await?;
+                    self.socket
+                        .feed(Message::Text(self.session.frame_for(&ev)))
+                        .await?;
                     self.note_sent(ev.id);
                 }
                 // An overflow is seen by the next turn of the loop.

@@ -14,10 +14,12 @@ use super::connection::{Connection, Flow};
 use super::timers::{RateLimit, deadline_for_expiry};
 use crate::broker::GapReason;
 use crate::event::{Cursor, Event};
+use crate::node::PublishRequest;
 use crate::protocol::{
-    ClientMessage, Close, ErrorCode, MessageProbe, ServerMessage, SubscriptionRequest,
+    ClientMessage, Close, ErrorCode, MessageProbe, PresenceFrame, PublishFrame, ServerMessage,
+    SubscriptionRequest,
 };
-use crate::session::ResumeSink;
+use crate::session::{Form, ResumeSink, Session};
 use crate::transport::PolicyChange;
 
 /// Events replayed for one request before `has_more` applies.
@@ -32,6 +34,7 @@ const REPLAY_FLUSH: usize = 32;
 /// buffering it.
 struct SocketSink<'a> {
     socket: &'a mut WebSocket,
+    session: &'a Session,
     rid: Option<&'a Value>,
     unflushed: usize,
 }
@@ -52,7 +55,7 @@ impl ResumeSink for SocketSink<'_> {
     async fn event(&mut self, event: &Arc<Event>) -> bool {
         if self
             .socket
-            .feed(Message::Text(event.frame.clone()))
+            .feed(Message::Text(self.session.frame_for(event)))
             .await
             .is_err()
         {
@@ -151,7 +154,97 @@ impl Connection {
             ClientMessage::AuthRefresh { token, request_id } => {
                 self.on_refresh(&token, request_id, expiry).await
             }
+            ClientMessage::Publish(frame) => self.on_publish(frame).await,
+            ClientMessage::PresenceJoin(frame) => self.on_presence_join(frame).await,
+            ClientMessage::PresenceLeave(frame) => {
+                let topic = frame.topic().unwrap_or_default().to_owned();
+                let m = if self.session.presence_leave(&topic) {
+                    ServerMessage::PresenceLeft {
+                        topic,
+                        request_id: frame.request_id,
+                    }
+                } else {
+                    not_a_member(&topic, frame.request_id)
+                };
+                self.reply(m).await
+            }
+            ClientMessage::PresenceHeartbeat(frame) => {
+                let topic = frame.topic().unwrap_or_default();
+                if self.session.presence_heartbeat(topic) {
+                    Flow::Continue
+                } else {
+                    let m = not_a_member(topic, frame.request_id.clone());
+                    self.reply(m).await
+                }
+            }
         }
+    }
+
+    #[tracing::instrument(name = "client_publish", skip_all)]
+    async fn on_publish(&mut self, frame: PublishFrame) -> Flow {
+        let node = self.session.node.clone();
+        let rid = frame.request_id;
+        let Some(topic) = frame.topic.or(frame.channel) else {
+            let m = ServerMessage::error(
+                ErrorCode::InvalidTopic,
+                "publish needs 'topic' (or 'channel')",
+                rid,
+            );
+            return self.reply(m).await;
+        };
+        let req = PublishRequest {
+            event_type: topic,
+            data: frame.data.or(frame.payload).unwrap_or(Value::Null),
+            message_type: frame.message_type,
+            company_id: None,
+            tenant: None,
+            region: None,
+            gdpr_context: None,
+            idempotency_key: frame.idempotency_key,
+        };
+        let m = match node.publish_from_client(&self.principal, req).await {
+            Ok(p) => ServerMessage::PublishAck {
+                event_id: p.event.id,
+                topic: p.event.topic.to_string(),
+                duplicate: p.duplicate,
+                request_id: rid,
+            },
+            Err(e) => {
+                node.metrics.error("publish");
+                ServerMessage::error(
+                    crate::transport::publish::error_code(&e),
+                    e.to_string(),
+                    rid,
+                )
+            }
+        };
+        self.reply(m).await
+    }
+
+    async fn on_presence_join(&mut self, frame: PresenceFrame) -> Flow {
+        let form = if frame.is_channel_form() {
+            Form::Channel
+        } else {
+            Form::Native
+        };
+        let topic = frame.topic().unwrap_or_default().to_owned();
+        let info = frame.info.or(frame.payload);
+        let rid = frame.request_id;
+        let m = match self.session.presence_join(&topic, info, form).await {
+            Ok(_) if form == Form::Channel => ServerMessage::Subscribed {
+                channel: Some(topic),
+                request_id: rid,
+            },
+            Ok(p) => ServerMessage::SubscriptionConfirmed {
+                topics: vec![p.to_string()],
+                request_id: rid,
+            },
+            Err(e) => {
+                self.session.node.metrics.error("subscription");
+                ServerMessage::error(e.code(), e.to_string(), rid)
+            }
+        };
+        self.reply(m).await
     }
 
     pub(super) async fn reply(&mut self, message: ServerMessage) -> Flow {
@@ -175,7 +268,12 @@ impl Connection {
         }
         let explicit = req.cursor.as_deref().map(Cursor::parse_lenient);
         let before: Vec<Pattern> = self.session.patterns().cloned().collect();
-        let (ok, errors) = self.session.subscribe(&requested).await;
+        let form = if req.is_channel_form() {
+            Form::Channel
+        } else {
+            Form::Native
+        };
+        let (ok, errors) = self.session.subscribe(&requested, form).await;
         // One error frame per refused pattern, up to a few; the rest in one
         // summary, so a frame naming thousands of bad patterns cannot make
         // the gateway write many times its size back.
@@ -276,6 +374,7 @@ impl Connection {
     ) -> Flow {
         let mut sink = SocketSink {
             socket: &mut self.socket,
+            session: &self.session,
             rid: rid.as_ref(),
             unflushed: 0,
         };
@@ -362,4 +461,15 @@ impl Connection {
             }
         }
     }
+}
+
+fn not_a_member(topic: &str, rid: Option<Value>) -> ServerMessage {
+    ServerMessage::error(
+        ErrorCode::InvalidTopic,
+        format!(
+            "not a member of presence topic {:?} (send presence.join first)",
+            topic.chars().take(255).collect::<String>()
+        ),
+        rid,
+    )
 }

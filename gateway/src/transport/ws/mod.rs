@@ -168,7 +168,7 @@ pub async fn upgrade(
                 let session = Session::new(
                     node.clone(),
                     admission,
-                    principal.tenant.clone(),
+                    &principal,
                     region,
                     node.config.limits.outbound_queue,
                 );
