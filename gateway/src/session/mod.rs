@@ -143,7 +143,7 @@ impl Session {
         if Topic::parse(&own).is_err() {
             return false;
         }
-        let (ok, _) = self.subscribe_as(&[own], Form::Native, true).await;
+        let (ok, _) = self.subscribe_as(&[own], Form::Native, true, true).await;
         !ok.is_empty()
     }
 
@@ -185,14 +185,18 @@ impl Session {
         requested: &[String],
         form: Form,
     ) -> (Vec<Pattern>, Vec<SubscribeError>) {
-        self.subscribe_as(requested, form, false).await
+        self.subscribe_as(requested, form, false, true).await
     }
 
+    /// `subscribe`, holding the patterns implicitly (the own channel) or not,
+    /// and starting to observe presence topics at once or not (a joining
+    /// member is observed after it joined, so its sync includes itself).
     async fn subscribe_as(
         &mut self,
         requested: &[String],
         form: Form,
         implicit: bool,
+        observe: bool,
     ) -> (Vec<Pattern>, Vec<SubscribeError>) {
         let max = match self.node.limits(&self.tenant) {
             Ok(l) => l.max_subscriptions_per_connection,
@@ -284,7 +288,9 @@ impl Session {
             });
             self.any_channel_form |= form == Form::Channel;
             self.max_since = self.max_since.max(since);
-            self.observe(&pattern);
+            if observe {
+                self.observe(&pattern);
+            }
             ok.push(pattern);
         }
         (ok, errors)
@@ -339,7 +345,9 @@ impl Session {
                 return Err(SubscribeError::BadInfo(size));
             }
         }
-        let (ok, errors) = self.subscribe(&[raw.to_owned()], form).await;
+        let (ok, errors) = self
+            .subscribe_as(&[raw.to_owned()], form, false, false)
+            .await;
         let Some(pattern) = ok.into_iter().next() else {
             return Err(errors
                 .into_iter()
@@ -350,6 +358,9 @@ impl Session {
         self.node
             .presence
             .join(self.key(&topic), self.admission.id, user, info);
+        if !self.observed.contains(&topic) {
+            self.observe(&pattern);
+        }
         if !self.joined.contains(&topic) {
             self.joined.push(topic);
         }
@@ -418,6 +429,8 @@ impl Session {
         for pattern in patterns {
             if let Some(i) = self.subs.iter().position(|s| s.pattern == *pattern) {
                 let sub = self.subs.swap_remove(i);
+                // Unsubscribing a presence topic also leaves it.
+                let _ = self.presence_leave(pattern.as_str());
                 self.unobserve(pattern);
                 self.release(&sub).await;
                 removed.push(pattern.clone());
