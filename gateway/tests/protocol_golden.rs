@@ -127,6 +127,22 @@ fn messages() -> Vec<(&'static str, ServerMessage)> {
             },
         ),
         (
+            "publish.ack",
+            ServerMessage::PublishAck {
+                event_id: cursor,
+                topic: "chat.room1".into(),
+                duplicate: false,
+                request_id: Some(json!(9)),
+            },
+        ),
+        (
+            "presence.left",
+            ServerMessage::PresenceLeft {
+                topic: "presence:doc-1".into(),
+                request_id: None,
+            },
+        ),
+        (
             "reconnect (draining)",
             ServerMessage::Reconnect {
                 reason: ReconnectReason::Draining,
@@ -174,6 +190,42 @@ fn render() -> String {
     out.push_str(&format!(
         "# event\nws:  {}\nsse: id: {}\n     data: {}\n",
         event.frame, event.id, event.envelope
+    ));
+    let typed = Event::seal(
+        NewEvent {
+            message_type: Some("entity:created".into()),
+            publisher: Some("alice".into()),
+            idempotency_key: Some("m-1".into()),
+            ..NewEvent::new(
+                Arc::from("acme"),
+                Topic::parse("entity:Task:123").unwrap(),
+                json!({"title": "New task"}),
+                Arc::from("eu"),
+            )
+        },
+        Cursor {
+            epoch: 0x5f3a9c1e,
+            seq: 44,
+        },
+        at(),
+    );
+    out.push_str(&format!(
+        "\n# event with a message type, from a client (seed 001 form, then seed 004's)\nws:  {}\nws:  {}\n",
+        typed.frame,
+        typed.channel_frame()
+    ));
+    let notice = Event::notice(
+        Arc::from("acme"),
+        Topic::parse("presence:doc-1").unwrap(),
+        Arc::from("eu"),
+        ("presence.sync", "presence:sync"),
+        &json!({"users": [{"id": "alice", "name": "Alice", "connections": 1, "lastSeen": 1795000000000_i64}], "count": 1, "truncated": false}),
+        at(),
+    );
+    out.push_str(&format!(
+        "\n# presence notice (seed 001 form, then seed 004's)\nws:  {}\nws:  {}\n",
+        notice.frame,
+        notice.channel_frame()
     ));
     out
 }
