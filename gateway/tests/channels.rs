@@ -259,3 +259,28 @@ tenants:
         .await;
     assert_eq!(g.recv().await["data"]["code"], "forbidden");
 }
+
+#[tokio::test]
+async fn the_implicit_user_channel_speaks_the_form_the_client_speaks() {
+    let gw = Gateway::default().await;
+    let mut native = open_as(&gw, "acme", "alice").await;
+    let mut seed4 = open_as(&gw, "acme", "alice").await;
+    seed4
+        .send(json!({"type": "subscribe", "channel": "entity:Task"}))
+        .await;
+    seed4.recv_type("subscribed").await;
+    publish_body(
+        &gw,
+        "acme",
+        json!({"channel": "user:alice", "type": "notification:new", "payload": {"n": 1}}),
+    )
+    .await;
+    let m = seed4.recv().await;
+    assert_eq!(
+        (m["type"].as_str(), m["channel"].as_str()),
+        (Some("notification:new"), Some("user:alice")),
+        "{m}"
+    );
+    let e = native.events(1).await.remove(0);
+    assert_eq!(e["event_type"], "user:alice");
+}

@@ -34,7 +34,11 @@ async function until(what, fn, ms = 15000) {
 
 function serve(port) {
   const html = readFileSync(join(here, 'page.html'));
-  const server = createServer((req, res) => { res.writeHead(200, { 'content-type': 'text/html' }); res.end(html); });
+  const seed004 = readFileSync(join(here, 'seed004.html'));
+  const server = createServer((req, res) => {
+    res.writeHead(200, { 'content-type': 'text/html' });
+    res.end(req.url.startsWith('/seed004') ? seed004 : html);
+  });
   return new Promise((resolve) => server.listen(port, '127.0.0.1', () => resolve(server)));
 }
 
@@ -50,8 +54,8 @@ const gw = spawn(bin, ['--listen', `127.0.0.1:${gwPort}`, '--admin-listen', `127
   env: { ...process.env, SWITCHBOARD_HS256_SECRET: SECRET, RUST_LOG: 'warn' },
   stdio: ['ignore', 'inherit', 'inherit'],
 });
-const mint = (tenant, scope) =>
-  execFileSync(bin, ['token', '--tenant', tenant, '--scope', scope, '--secret', SECRET]).toString().trim();
+const mint = (tenant, scope, user = 'dev-user') =>
+  execFileSync(bin, ['token', '--tenant', tenant, '--scope', scope, '--user', user, '--secret', SECRET]).toString().trim();
 const subToken = mint('123', 'subscribe');
 const pubToken = mint('123', 'publish');
 
@@ -113,7 +117,59 @@ try {
   assert.equal(refused.wsOpen, false, 'WebSocket from a foreign origin must not open');
   assert.equal(refused.confirmed, null);
 
-  console.log(`browser test passed: ${ws.length} WebSocket and ${polled.length} long-poll events from ${pageOrigin} to ${gateway}; foreign origin refused`);
+  // 3. Seed 004's own RealtimeClient, unchanged: entity events in its form,
+  // presence between two users, a message on a user's private channel.
+  const seedPage = async (user, name) => {
+    const p = await browser.newPage();
+    const q = `ws=${encodeURIComponent(gateway.replace('http', 'ws'))}&token=${mint('acme', 'subscribe', user)}&user=${user}&name=${name}`;
+    await p.goto(`${pageOrigin}/seed004?${q}`);
+    await p.evaluate(() => window.ready);
+    return p;
+  };
+  const alice = await seedPage('alice', 'Alice');
+  const firstSync = await until('alice presence:sync', () =>
+    alice.evaluate(() => window.results.presence.find((m) => m.type === 'presence:sync')));
+  assert.equal(firstSync.channel, 'presence:workspace/tasks');
+  assert.deepEqual(firstSync.payload.users.map((u) => [u.id, u.name]), [['alice', 'Alice']]);
+  assert.ok(firstSync.payload.users[0].lastSeen > 1_700_000_000_000);
+  const bob = await seedPage('bob', 'Bob');
+  const bobSync = await until('bob presence:sync', () =>
+    bob.evaluate(() => window.results.presence.find((m) => m.type === 'presence:sync')));
+  assert.deepEqual(bobSync.payload.users.map((u) => u.id).sort(), ['alice', 'bob']);
+  const joined = await until('alice sees bob join', () =>
+    alice.evaluate(() => window.results.presence.find((m) => m.type === 'presence:join')));
+  assert.equal(joined.payload.user.name, 'Bob');
+  // Each page subscribed to its channels before joining presence, on one
+  // connection, in order: its presence:sync proves those are in place.
+  const acmePub = mint('acme', 'publish');
+  const seedPublish = async (body) => {
+    const r = await fetch(`${gateway}/api/realtime/publish/`, {
+      method: 'POST',
+      headers: { 'content-type': 'application/json', authorization: `Bearer ${acmePub}` },
+      body: JSON.stringify(body),
+    });
+    assert.equal(r.status, 201, await r.text());
+  };
+  await seedPublish({ channel: 'entity:Task', type: 'entity:created', payload: { id: 't1', title: 'New task' } });
+  await seedPublish({ channel: 'user:alice', type: 'entity:updated', payload: { id: 't1', assignee: 'alice' } });
+  const aliceEntity = await until('alice entity events', () =>
+    alice.evaluate(() => window.results.entity.length >= 2 && window.results.entity));
+  assert.deepEqual(aliceEntity.map((m) => [m.type, m.channel]), [['entity:created', 'entity:Task'], ['entity:updated', 'user:alice']]);
+  assert.deepEqual(await alice.evaluate(() => window.seen), [{ id: 't1', title: 'New task' }], 'the subscription callback ran');
+  const bobEntity = await until('bob entity event', () =>
+    bob.evaluate(() => window.results.entity.length >= 1 && window.results.entity));
+  await seedPublish({ channel: 'entity:Task', type: 'entity:deleted', payload: { id: 't1' } });
+  await until('bob sees the delete', () => bob.evaluate(() => window.results.entity.length >= 2));
+  assert.deepEqual((await bob.evaluate(() => window.results.entity)).map((m) => m.channel), ['entity:Task', 'entity:Task'],
+    "alice's private channel never reached bob");
+  assert.equal(bobEntity[0].type, 'entity:created');
+  await bob.close();
+  const left = await until('alice sees bob leave', () =>
+    alice.evaluate(() => window.results.presence.find((m) => m.type === 'presence:leave')));
+  assert.equal(left.payload.user.id, 'bob');
+  assert.deepEqual(await alice.evaluate(() => window.results.errors), []);
+
+  console.log(`browser test passed: ${ws.length} WebSocket and ${polled.length} long-poll events from ${pageOrigin} to ${gateway}; foreign origin refused; seed 004's RealtimeClient: entity events, presence sync/join/leave, private channel`);
 } finally {
   if (browser) await browser.close();
   for (const s of servers) s.close();

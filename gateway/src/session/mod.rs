@@ -159,12 +159,14 @@ impl Session {
 
     /// The WebSocket frame of `event` for this session: seed 004's form when
     /// a pattern subscribed in that form matches it, seed 001's otherwise.
+    /// The implicit own channel speaks the form the client speaks: seed
+    /// 004's once it subscribed anything in that form.
     pub fn frame_for(&self, event: &Event) -> axum::extract::ws::Utf8Bytes {
         if self.any_channel_form
             && self
                 .subs
                 .iter()
-                .any(|s| s.form == Form::Channel && s.pattern.matches(&event.topic))
+                .any(|s| (s.form == Form::Channel || s.implicit) && s.pattern.matches(&event.topic))
         {
             event.channel_frame()
         } else {
