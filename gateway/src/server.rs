@@ -20,7 +20,7 @@ use tower_http::cors::{AllowOrigin, CorsLayer};
 use crate::metrics::ExpositionFormat;
 use crate::node::{Drain, Node};
 use crate::protocol::now_rfc3339;
-use crate::transport::{longpoll, publish, sse, ws};
+use crate::transport::{longpoll, publish, snapshot, sse, ws};
 
 /// The public router: WebSocket, SSE, long-poll, publish, health.
 pub fn app(node: Arc<Node>) -> Router {
@@ -30,8 +30,11 @@ pub fn app(node: Arc<Node>) -> Router {
         .route("/ws/", get(ws::upgrade))
         .route("/api/realtime/poll/", get(longpoll::poll))
         .route("/api/realtime/poll", get(longpoll::poll))
+        .route("/api/events/poll", get(longpoll::seed002_poll))
         .route("/api/realtime/sse/", get(sse::stream))
         .route("/api/realtime/sse", get(sse::stream))
+        .route("/api/realtime/snapshot/", get(snapshot::snapshot))
+        .route("/api/realtime/snapshot", get(snapshot::snapshot))
         .route("/api/realtime/publish/", post(publish::publish))
         .route("/api/realtime/publish", post(publish::publish))
         .route("/api/realtime/health/", get(health))

@@ -311,7 +311,139 @@ async fn clients_can_ask_for_one_region(e: Env) {
     assert_eq!(got[0]["metadata"]["region"], "eu-west-1");
 }
 
+fn user_token(tenant: &str, user: &str) -> String {
+    switchboard_gateway::auth::mint_hs256(SECRET, tenant, user, &[], Duration::from_secs(600))
+        .unwrap()
+}
+
+/// Snapshots: the newest event of each matching topic, from the broker's
+/// store (JetStream's last message per subject in cluster mode), never
+/// another user's private channel or another tenant's topic; then a
+/// subscription with `snapshot: true` gets the same first, live after.
+async fn snapshots_give_the_last_value_per_topic(e: Env) {
+    let gw = &e.gw;
+    publish_ok(gw, "acme", "doc.1", json!({"v": 1})).await;
+    let d1 = publish_ok(gw, "acme", "doc.1", json!({"v": 2})).await;
+    let d2 = publish_ok(gw, "acme", "doc.2", json!({"v": 1})).await;
+    publish_ok(gw, "acme", "user:bob", json!({"secret": 1})).await;
+    publish_ok(gw, "globex", "doc.3", json!({"v": 1})).await;
+    publish_ok(gw, "acme", "other.x", json!({})).await;
+    let url = format!(
+        "{}/api/realtime/snapshot/?topics=doc.*,user:alice",
+        gw.http()
+    );
+    let (status, body) = get_json(&url, Some(&user_token("acme", "alice"))).await;
+    assert_eq!(status, 200, "{body}");
+    let got: Vec<(&str, i64)> = body["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["event_id"].as_str().unwrap(),
+                e["data"]["v"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(got, [(d1.as_str(), 2), (d2.as_str(), 1)], "{body}");
+    assert_eq!(body["has_more"], false);
+    // The cursor continues after the snapshot: a poll from it gets only what follows.
+    let cursor = body["cursor"].as_str().unwrap().to_owned();
+    let d3 = publish_ok(gw, "acme", "doc.1", json!({"v": 3})).await;
+    let (_, page) = get_json(
+        &format!(
+            "{}/api/realtime/poll/?topics=doc.*&cursor={cursor}&timeout=0",
+            gw.http()
+        ),
+        Some(&user_token("acme", "alice")),
+    )
+    .await;
+    assert_eq!(
+        ids(page["events"].as_array().unwrap()),
+        std::slice::from_ref(&d3),
+        "{page}"
+    );
+    // A topic the policy refuses is refused here too.
+    let (status, _) = get_json(
+        &format!("{}/api/realtime/snapshot/?topics=user:bob", gw.http()),
+        Some(&user_token("acme", "alice")),
+    )
+    .await;
+    assert_eq!(status, 403);
+    // Over WebSocket: the last values first, then live.
+    let mut c = Client::connect(&gw.ws(&format!("token={}", user_token("acme", "alice")))).await;
+    c.recv_type("connection.established").await;
+    c.send(json!({"type": "subscribe", "topics": ["doc.*"], "snapshot": true}))
+        .await;
+    c.recv_type("subscription.confirmed").await;
+    let first = c.events(2).await;
+    assert_eq!(ids(&first), [d2, d3], "doc.2's and doc.1's newest");
+    let live = publish_ok(gw, "acme", "doc.2", json!({"v": 2})).await;
+    assert_eq!(ids(&c.events(1).await), [live]);
+}
+
+/// A user channel and a client publish behave the same on both brokers.
+async fn user_channels_and_client_publish(e: Env) {
+    let gw = &e.gw;
+    let mut alice =
+        Client::connect(&gw.ws(&format!("token={}", user_token("acme", "alice")))).await;
+    alice.recv_type("connection.established").await;
+    let mut bob = Client::connect(&gw.ws(&format!("token={}", user_token("acme", "bob")))).await;
+    bob.recv_type("connection.established").await;
+    bob.subscribe(&[">"]).await;
+    bob.send(json!({"type": "publish", "topic": "user:alice", "data": {"hi": 1}, "requestId": 1}))
+        .await;
+    let ack = bob.recv_type("publish.ack").await;
+    let id = ack["data"]["event_id"].as_str().unwrap().to_owned();
+    let dm = alice.events(1).await.remove(0);
+    assert_eq!(dm["event_id"], id.as_str());
+    assert_eq!(dm["metadata"]["publisher"], "bob");
+    let marker = publish_ok(gw, "acme", "zzz.marker", json!({})).await;
+    assert_eq!(
+        ids(&bob.events(1).await),
+        [marker],
+        "bob's `>` never delivers alice's channel"
+    );
+}
+
+/// Seed 002's poll: `{events, hasMore, nextEventId}`, X-Tenant-ID checked.
+async fn seed_002_poll(e: Env) {
+    let gw = &e.gw;
+    let url = |q: &str| format!("{}/api/events/poll?{q}", gw.http());
+    let get = |u: String, tenant: &'static str| async move {
+        let r = reqwest::Client::new()
+            .get(u)
+            .bearer_auth(token("acme", &[]))
+            .header("X-Tenant-ID", tenant)
+            .send()
+            .await
+            .unwrap();
+        let s = r.status().as_u16();
+        (s, r.json::<serde_json::Value>().await.unwrap())
+    };
+    let (status, first) = get(url(""), "acme").await;
+    assert_eq!(status, 200, "{first}");
+    assert_eq!(first["events"], json!([]));
+    let start = first["nextEventId"].as_str().unwrap().to_owned();
+    let mut sent = Vec::new();
+    for i in 0..3 {
+        sent.push(publish_ok(gw, "acme", "task.updated", json!({"i": i})).await);
+    }
+    let (_, page) = get(url(&format!("lastEventId={start}&limit=2")), "acme").await;
+    assert_eq!(ids(page["events"].as_array().unwrap()), sent[..2]);
+    assert_eq!(page["hasMore"], true, "{page}");
+    let next = page["nextEventId"].as_str().unwrap().to_owned();
+    let (_, page) = get(url(&format!("lastEventId={next}")), "acme").await;
+    assert_eq!(ids(page["events"].as_array().unwrap()), sent[2..]);
+    assert_eq!(page["hasMore"], false);
+    let (status, _) = get(url(""), "globex").await;
+    assert_eq!(status, 401, "X-Tenant-ID must be the token's tenant");
+}
+
 contract! {
+    snapshots(defaults, snapshots_give_the_last_value_per_topic);
+    user_channels(defaults, user_channels_and_client_publish);
+    seed_002(defaults, seed_002_poll);
     overlapping(defaults, overlapping_patterns_deliver_once_in_order);
     tenants(defaults, tenants_are_walls);
     resume(defaults, resume_gets_exactly_the_missed_events);

@@ -236,6 +236,22 @@ impl PolicyBundle {
             })
     }
 
+    /// The subscribe patterns of `tenant` a subscription may name as they
+    /// are (its rules that reach no `critical` topic); empty for an unknown
+    /// tenant.
+    pub fn subscribable(&self, tenant: &str) -> Vec<Pattern> {
+        let Ok(policy) = self.tenant(tenant) else {
+            return Vec::new();
+        };
+        policy
+            .subscribe
+            .iter()
+            .filter(|r| r.class != InteractionClass::Critical)
+            .map(|r| r.pattern.clone())
+            .filter(|p| self.check_subscribe(tenant, p).is_ok())
+            .collect()
+    }
+
     /// May a client connection of `tenant` publish on `topic`? As for
     /// backends, against the `client_publish` allowlist.
     pub fn check_client_publish(&self, tenant: &str, topic: &Topic) -> Result<(), Denied> {

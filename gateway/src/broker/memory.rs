@@ -9,7 +9,7 @@ use async_trait::async_trait;
 use dashmap::DashMap;
 use switchboard_config::{HistoryConfig, Pattern};
 
-use super::{Broker, BrokerError, Filter, GapReason, Published, ReadBatch};
+use super::{Broker, BrokerError, Filter, GapReason, Latest, Published, ReadBatch};
 use crate::event::{Cursor, Event, NewEvent};
 use crate::hub::Hub;
 use crate::metrics::Metrics;
@@ -177,6 +177,30 @@ impl Broker for MemoryBroker {
             },
             more,
         })
+    }
+
+    async fn latest(
+        &self,
+        tenant: &Arc<str>,
+        _scope: &[Pattern],
+        filter: Filter<'_>,
+        limit: usize,
+    ) -> Result<Latest, BrokerError> {
+        let log = self.log(tenant);
+        let mut log = log.lock().unwrap_or_else(|e| e.into_inner());
+        log.prune(
+            Instant::now(),
+            self.retention(),
+            self.config.max_events_per_tenant,
+            Duration::from_secs(self.config.dedup_window_seconds),
+        );
+        let kept: Vec<Arc<Event>> = log
+            .events
+            .iter()
+            .filter(|(_, e)| filter(e))
+            .map(|(_, e)| e.clone())
+            .collect();
+        Ok(super::newest_per_topic(kept, limit))
     }
 
     fn head(&self, tenant: &Arc<str>) -> Cursor {

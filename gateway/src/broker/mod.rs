@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use switchboard_config::Pattern;
+use switchboard_config::{Pattern, Topic};
 
 use crate::event::{Cursor, Event, NewEvent};
 
@@ -75,6 +75,38 @@ pub struct ReadBatch {
     pub more: bool,
 }
 
+/// The newest event per topic (a snapshot).
+#[derive(Debug, Default)]
+pub struct Latest {
+    /// One event per topic, oldest first.
+    pub events: Vec<Arc<Event>>,
+    /// More topics matched than were returned.
+    pub more: bool,
+}
+
+/// Keep the newest event of each topic, oldest first, at most `limit`
+/// topics (`more` when there were others).
+pub fn newest_per_topic(events: impl IntoIterator<Item = Arc<Event>>, limit: usize) -> Latest {
+    let mut by_topic: std::collections::HashMap<Topic, Arc<Event>> =
+        std::collections::HashMap::new();
+    for e in events {
+        match by_topic.get(&e.topic) {
+            Some(held) if held.stored_at_ms > e.stored_at_ms => {}
+            Some(held) if held.stored_at_ms == e.stored_at_ms && held.id.seq > e.id.seq => {}
+            _ => {
+                by_topic.insert(e.topic.clone(), e);
+            }
+        }
+    }
+    let mut events: Vec<Arc<Event>> = by_topic.into_values().collect();
+    events.sort_by_key(|e| (e.stored_at_ms, e.id.seq));
+    let more = events.len() > limit;
+    if more {
+        events.drain(..events.len() - limit);
+    }
+    Latest { events, more }
+}
+
 /// Which events a history read returns.
 pub type Filter<'a> = &'a (dyn Fn(&Event) -> bool + Send + Sync);
 
@@ -98,6 +130,19 @@ pub trait Broker: Send + Sync + 'static {
         filter: Filter<'_>,
         limit: usize,
     ) -> Result<ReadBatch, BrokerError>;
+
+    /// The newest retained event of each topic of `tenant` that `filter`
+    /// keeps (`scope`: the patterns it keeps, as for [`Broker::read`]),
+    /// oldest first; at most `limit` topics, `more` set when others exist.
+    /// In cluster mode this is the last message per subject in the
+    /// region's stream, not any gateway's memory.
+    async fn latest(
+        &self,
+        tenant: &Arc<str>,
+        scope: &[Pattern],
+        filter: Filter<'_>,
+        limit: usize,
+    ) -> Result<Latest, BrokerError>;
 
     /// The cursor of the newest event of a tenant (seq 0 when there is none).
     fn head(&self, tenant: &Arc<str>) -> Cursor;

@@ -154,6 +154,10 @@ pub struct SubscriptionRequest {
     /// Extension: resume these subscriptions from a cursor.
     #[serde(default)]
     pub cursor: Option<String>,
+    /// Extension: send the newest retained event of each matching topic
+    /// first (the last value), when no cursor is given.
+    #[serde(default)]
+    pub snapshot: bool,
 }
 
 impl SubscriptionRequest {

@@ -170,3 +170,35 @@ impl Session {
         Ok(out)
     }
 }
+
+impl Session {
+    /// The newest retained event of each topic the subscriptions (or just
+    /// `only`) match, that live delivery does not cover: what a client
+    /// refreshing its state needs first (seed 002's snapshot). At most
+    /// `limit` topics, oldest first.
+    pub async fn snapshot(
+        &self,
+        only: Option<&[Pattern]>,
+        limit: usize,
+    ) -> Result<crate::broker::Latest, BrokerError> {
+        let subs = &self.subs;
+        let mailbox = self.mailbox.clone();
+        let wanted = move |e: &Event| {
+            mailbox.may_receive(e)
+                && subs.iter().any(|s| {
+                    !s.implicit
+                        && s.pattern.matches(&e.topic)
+                        && e.id.seq <= s.since
+                        && only.is_none_or(|o| o.contains(&s.pattern))
+                })
+        };
+        let scope: Vec<Pattern> = match only {
+            Some(only) => only.to_vec(),
+            None => self.patterns().cloned().collect(),
+        };
+        self.node
+            .broker
+            .latest(&self.tenant, &scope, &wanted, limit)
+            .await
+    }
+}

@@ -162,7 +162,12 @@ async fn poll_inner(
             json!({ "reason": reason, "requested": cursor_param.unwrap_or_default().chars().take(64).collect::<String>() }),
         );
     }
-    // Envelopes are already JSON: splice them in rather than re-encoding.
+    Ok(events_answer(&events, &tail))
+}
+
+/// `{"events": [...], <tail's fields>}` with status 200. Envelopes are
+/// already JSON: spliced in rather than re-encoded.
+pub(super) fn events_answer(events: &[Arc<Event>], tail: &serde_json::Value) -> Response {
     let tail = tail.to_string();
     let mut body = String::with_capacity(
         events.iter().map(|e| e.envelope.len() + 1).sum::<usize>() + tail.len() + 16,
@@ -174,12 +179,114 @@ async fn poll_inner(
         }
         body.push_str(&e.envelope);
     }
-    body.push_str("],");
-    body.push_str(&tail[1..]);
-    Ok((
+    body.push(']');
+    if tail.len() > 2 {
+        body.push(',');
+        body.push_str(&tail[1..]);
+    } else {
+        body.push('}');
+    }
+    (
         StatusCode::OK,
         [(axum::http::header::CONTENT_TYPE, "application/json")],
         body,
     )
-        .into_response())
+        .into_response()
+}
+
+/// Most events in one answer of seed 002's poll.
+pub const SEED002_MAX_LIMIT: usize = 500;
+
+#[derive(Debug, Deserialize)]
+/// Query parameters of seed 002's poll.
+pub struct Seed002Params {
+    #[serde(rename = "lastEventId")]
+    last_event_id: Option<String>,
+    limit: Option<String>,
+    topics: Option<String>,
+    token: Option<String>,
+}
+
+/// `GET /api/events/poll?lastEventId=&limit=` with `X-Tenant-ID` (seed 002's
+/// class B fallback): the events after `lastEventId`, answered at once as
+/// `{events, hasMore, nextEventId}`. Without `topics`, every topic the
+/// tenant's policy lets it subscribe to.
+pub async fn seed002_poll(
+    State(node): State<Arc<Node>>,
+    super::JsonQuery(params): super::JsonQuery<Seed002Params>,
+    headers: HeaderMap,
+) -> Response {
+    node.metrics.longpoll_requests.inc();
+    match seed002_inner(&node, params, &headers).await {
+        Ok(r) => r,
+        Err(r) => {
+            node.metrics.error("longpoll");
+            r
+        }
+    }
+}
+
+async fn seed002_inner(
+    node: &Arc<Node>,
+    params: Seed002Params,
+    headers: &HeaderMap,
+) -> Result<Response, Response> {
+    let tenant_header = match headers.get_all("x-tenant-id").iter().collect::<Vec<_>>()[..] {
+        [] => None,
+        [one] => Some(one.to_str().map_err(|_| {
+            super::error_response(
+                ErrorCode::InvalidRequest,
+                "X-Tenant-ID must be visible ASCII",
+            )
+        })?),
+        _ => {
+            return Err(super::error_response(
+                ErrorCode::InvalidRequest,
+                "X-Tenant-ID given more than once",
+            ));
+        }
+    };
+    let principal = super::authenticate(node, headers, params.token.as_deref(), tenant_header)
+        .await
+        .map_err(|e| super::unauthorized(node, "longpoll", &e))?;
+    let limit = match params.limit.as_deref().map(str::parse::<usize>) {
+        None => 100,
+        Some(Ok(n)) if (1..=SEED002_MAX_LIMIT).contains(&n) => n,
+        Some(_) => {
+            return Err(super::error_response(
+                ErrorCode::InvalidQuery,
+                format!("limit must be a whole number from 1 to {SEED002_MAX_LIMIT}"),
+            ));
+        }
+    };
+    let topics = match params.topics {
+        Some(t) => t,
+        None => node
+            .policy()
+            .subscribable(&principal.tenant)
+            .iter()
+            .map(|p| p.as_str())
+            .collect::<Vec<_>>()
+            .join(","),
+    };
+    let session =
+        super::open_http_session(node, &principal, Some(&topics), None, limit, false).await?;
+    let mut sink = Collect(Vec::new());
+    let mut has_more = false;
+    if let Some(c) = params.last_event_id.as_deref().filter(|c| !c.is_empty()) {
+        let r = session
+            .resume(Cursor::parse_lenient(c), None, limit, &mut sink)
+            .await
+            .map_err(|e| super::error_response(ErrorCode::HistoryUnavailable, e))?;
+        has_more = r.truncated;
+    }
+    let events = sink.0;
+    let next = events
+        .last()
+        .map_or_else(|| session.live_cursor(), |e| e.id);
+    session.close().await;
+    Ok(events_answer(
+        &events,
+        &json!({ "hasMore": has_more, "nextEventId": next.to_string() }),
+    ))
 }

@@ -3,6 +3,7 @@
 
 pub mod longpoll;
 pub mod publish;
+pub mod snapshot;
 pub mod sse;
 pub mod ws;
 

@@ -11,7 +11,7 @@ use switchboard_config::Pattern;
 
 use super::region_stream::header_traceparent;
 use super::{NatsBroker, REQUEST_TIMEOUT, unavailable};
-use crate::broker::{BrokerError, Filter, ReadBatch};
+use crate::broker::{BrokerError, Filter, Latest, ReadBatch};
 use crate::event::Cursor;
 
 /// Read stored events after `after` (up to `until`), optionally for one tenant.
@@ -38,38 +38,15 @@ pub(super) async fn read_range(
         Some(t) => broker.subjects.tenant_history(t),
         None => broker.subjects.all_events(),
     };
-    // Read only the subjects of the patterns asked for, when NATS can take
-    // them as consumer filters (no two may overlap): a resuming client then
-    // reads its own topics, not its whole tenant's history.
-    let scoped = match tenant {
-        Some(t) if disjoint(scope) => scope
-            .iter()
-            .map(|p| broker.subjects.pattern_history(t, p))
-            .collect(),
-        _ => Vec::new(),
-    };
-    let (single, several) = match scoped.len() {
-        0 => (filter_subject.clone(), Vec::new()),
-        1 => (scoped[0].clone(), Vec::new()),
-        _ => (String::new(), scoped),
-    };
-    // An ephemeral pull consumer in memory, without acks, deleted after
-    // this read: three requests (create, fetch, delete) however long the
-    // range, and nothing left behind when a reconnect storm runs thousands.
-    let created = tokio::time::timeout(
-        REQUEST_TIMEOUT,
-        stream.create_consumer(consumer::pull::Config {
-            filter_subject: single,
-            filter_subjects: several,
-            deliver_policy: consumer::DeliverPolicy::ByStartSequence {
-                start_sequence: after.seq + 1,
-            },
-            ack_policy: consumer::AckPolicy::None,
-            memory_storage: true,
-            num_replicas: 1,
-            inactive_threshold: Duration::from_secs(30),
-            ..Default::default()
-        }),
+    let created = create_reader(
+        broker,
+        &stream,
+        tenant,
+        scope,
+        &filter_subject,
+        consumer::DeliverPolicy::ByStartSequence {
+            start_sequence: after.seq + 1,
+        },
     )
     .await;
     let mut consumer = match created {
@@ -98,6 +75,116 @@ pub(super) async fn read_range(
     });
     result.map(|()| out)
 }
+
+/// An ephemeral pull consumer in memory, without acks, deleted after the
+/// read: three requests (create, fetch, delete) however long the range, and
+/// nothing left behind when a reconnect storm runs thousands. It reads only
+/// the subjects of the patterns asked for when NATS can take them as
+/// consumer filters (no two may overlap): a resuming client then reads its
+/// own topics, not its whole tenant's history.
+async fn create_reader(
+    broker: &NatsBroker,
+    stream: &stream::Stream,
+    tenant: Option<&str>,
+    scope: &[Pattern],
+    filter_subject: &str,
+    deliver_policy: consumer::DeliverPolicy,
+) -> Result<
+    Result<
+        consumer::Consumer<consumer::pull::Config>,
+        async_nats::jetstream::stream::ConsumerError,
+    >,
+    tokio::time::error::Elapsed,
+> {
+    let scoped: Vec<String> = match tenant {
+        Some(t) if disjoint(scope) => scope
+            .iter()
+            .map(|p| broker.subjects.pattern_history(t, p))
+            .collect(),
+        _ => Vec::new(),
+    };
+    let (single, several) = match scoped.len() {
+        0 => (filter_subject.to_owned(), Vec::new()),
+        1 => (scoped[0].clone(), Vec::new()),
+        _ => (String::new(), scoped),
+    };
+    tokio::time::timeout(
+        REQUEST_TIMEOUT,
+        stream.create_consumer(consumer::pull::Config {
+            filter_subject: single,
+            filter_subjects: several,
+            deliver_policy,
+            ack_policy: consumer::AckPolicy::None,
+            memory_storage: true,
+            num_replicas: 1,
+            inactive_threshold: Duration::from_secs(30),
+            ..Default::default()
+        }),
+    )
+    .await
+}
+
+/// The newest stored event of each of `tenant`'s subjects that `scope`
+/// names (a consumer delivering the last message per subject), kept by
+/// `filter`, then one per topic (a topic has one subject per origin region).
+pub(super) async fn read_latest(
+    broker: &NatsBroker,
+    tenant: &str,
+    scope: &[Pattern],
+    filter: Filter<'_>,
+    limit: usize,
+    until: u64,
+) -> Result<Latest, BrokerError> {
+    let stream = broker.stream().await?;
+    let filter_subject = broker.subjects.tenant_history(tenant);
+    let mut consumer = match create_reader(
+        broker,
+        &stream,
+        Some(tenant),
+        scope,
+        &filter_subject,
+        consumer::DeliverPolicy::LastPerSubject,
+    )
+    .await
+    {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => return Err(unavailable(e)),
+        Err(e) => return Err(unavailable(e)),
+    };
+    let mut out = ReadBatch {
+        events: Vec::new(),
+        gap: None,
+        next: Cursor { epoch: 0, seq: 0 },
+        more: false,
+    };
+    // Read every subject's last message (bounded): `limit` applies to
+    // topics after merging regions, not to subjects.
+    let result = if consumer.cached_info().num_pending == 0 {
+        Ok(())
+    } else {
+        fetch_range(
+            broker,
+            &mut consumer,
+            out.next,
+            &mut out,
+            filter,
+            MAX_SNAPSHOT_SUBJECTS,
+            until,
+        )
+        .await
+    };
+    let name = consumer.cached_info().name.clone();
+    tokio::spawn(async move {
+        let _ = tokio::time::timeout(REQUEST_TIMEOUT, stream.delete_consumer(&name)).await;
+    });
+    result?;
+    let mut latest = crate::broker::newest_per_topic(out.events, limit);
+    latest.more |= out.more;
+    Ok(latest)
+}
+
+/// Most subjects one snapshot reads.
+const MAX_SNAPSHOT_SUBJECTS: usize = 10_000;
 
 /// Pull the consumer's messages (in no-wait batches) into `out` until the
 /// range, the limit or the pending messages end.

@@ -39,7 +39,7 @@ use serde_json::Value;
 use switchboard_config::{HistoryConfig, NatsConfig, Pattern};
 use tokio::sync::{Mutex, mpsc};
 
-use super::{Broker, BrokerError, Filter, GapReason, Published, ReadBatch};
+use super::{Broker, BrokerError, Filter, GapReason, Latest, Published, ReadBatch};
 use crate::event::{Cursor, Event, NewEvent};
 use crate::hub::Hub;
 use crate::metrics::Metrics;
@@ -392,6 +392,18 @@ impl Broker for NatsBroker {
         .await?;
         batch.gap = gap;
         Ok(batch)
+    }
+
+    async fn latest(
+        &self,
+        tenant: &Arc<str>,
+        scope: &[Pattern],
+        filter: Filter<'_>,
+        limit: usize,
+    ) -> Result<Latest, BrokerError> {
+        let _permit = self.reads.acquire().await.map_err(unavailable)?;
+        let state = self.stream_state().await?;
+        history::read_latest(self, tenant, scope, filter, limit, state.last_sequence).await
     }
 
     fn head(&self, _tenant: &Arc<str>) -> Cursor {

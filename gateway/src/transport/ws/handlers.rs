@@ -322,8 +322,47 @@ impl Connection {
         let new: Vec<Pattern> = ok.into_iter().filter(|p| !before.contains(p)).collect();
         match explicit.or_else(|| self.pending_cursor.take()) {
             Some(cursor) if !new.is_empty() => self.replay(cursor, Some(&new), rid).await,
+            None if req.snapshot && !new.is_empty() => self.send_snapshot(&new, rid).await,
             _ => Flow::Continue,
         }
+    }
+
+    /// The newest retained event of each topic `new` matches, before any
+    /// live event of those subscriptions (events after their start come
+    /// live, so nothing is sent twice).
+    async fn send_snapshot(&mut self, new: &[Pattern], rid: Option<Value>) -> Flow {
+        let latest = match self
+            .session
+            .snapshot(Some(new), crate::transport::snapshot::MAX_TOPICS)
+            .await
+        {
+            Ok(l) => l,
+            Err(e) => {
+                self.session.node.metrics.error("history");
+                let m = ServerMessage::error(ErrorCode::HistoryUnavailable, e.to_string(), rid);
+                return self.reply(m).await;
+            }
+        };
+        let mut sink = SocketSink {
+            socket: &mut self.socket,
+            session: &self.session,
+            rid: rid.as_ref(),
+            unflushed: 0,
+        };
+        for event in &latest.events {
+            if !sink.event(event).await {
+                return Flow::Gone;
+            }
+        }
+        if !sink.page_done().await {
+            return Flow::Gone;
+        }
+        self.session
+            .node
+            .metrics
+            .events_delivered
+            .inc_by(latest.events.len() as u64);
+        Flow::Continue
     }
 
     #[tracing::instrument(name = "unsubscribe", skip_all)]
