@@ -31,6 +31,8 @@ pub struct Metrics {
     pub connections_rejected: Family<Labels, Counter>,
     /// Subscriptions held, every transport.
     pub subscriptions_active: Gauge,
+    /// Other gateways heard over NATS (presence heartbeats).
+    pub presence_gateways: Gauge,
     /// Events stored.
     pub events_published: Counter,
     /// Publishes answered with an existing event (repeated idempotency key).
@@ -80,6 +82,7 @@ impl Metrics {
             connections_closed: Family::default(),
             connections_rejected: Family::default(),
             subscriptions_active: Gauge::default(),
+            presence_gateways: Gauge::default(),
             events_published: Counter::default(),
             events_deduplicated: Counter::default(),
             events_delivered: Counter::default(),
@@ -122,6 +125,11 @@ impl Metrics {
             "subscriptions_active",
             "Subscriptions held by connections of this process",
             m.subscriptions_active.clone(),
+        );
+        r.register(
+            "presence_gateways",
+            "Other gateways this one hears presence heartbeats from (cluster mode)",
+            m.presence_gateways.clone(),
         );
         r.register(
             "event_published",

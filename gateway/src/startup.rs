@@ -56,9 +56,15 @@ pub async fn build(config: GatewayConfig) -> anyhow::Result<Arc<Node>> {
     let reload = Duration::from_secs(config.policy_reload_seconds.max(1));
     let node = Node::new(config, verifier, broker, hub, metrics, policy);
     if let Some((client, prefix)) = nats_client {
-        crate::presence::cluster::attach(&node.presence, client, &prefix, &presence_config)
-            .await
-            .context("starting presence over NATS")?;
+        crate::presence::cluster::attach(
+            &node.presence,
+            client,
+            &prefix,
+            &presence_config,
+            node.metrics.clone(),
+        )
+        .await
+        .context("starting presence over NATS")?;
     }
     if let Some(path) = policy_file {
         tokio::spawn(crate::policy::watch_file(path, reload, node.clone()));

@@ -193,6 +193,19 @@ tenants:
     g.expect_silence(Duration::from_millis(200)).await;
 }
 
+/// Wait until each gateway hears the others' presence heartbeats (right
+/// after a start, a sync can miss members of gateways not heard yet: they
+/// arrive as joins within a heartbeat).
+async fn gateways_know_each_other(gws: &[&GatewayProc]) {
+    for gw in gws {
+        eventually("presence heartbeats heard", || async {
+            metric(&scrape(&gw.admin()).await, "switchboard_presence_gateways")
+                == (gws.len() - 1) as f64
+        })
+        .await;
+    }
+}
+
 fn presence_yaml(nats: &Cluster) -> String {
     format!(
         "{}presence:\n  heartbeat_seconds: 1\n  timeout_seconds: 3\n",
@@ -209,6 +222,7 @@ async fn presence_spans_gateways_and_a_killed_gateway_s_members_leave_within_the
     let gw2 = GatewayProc::start(&dir, "gw2", &yaml);
     gw1.wait_ready().await;
     gw2.wait_ready().await;
+    gateways_know_each_other(&[&gw1, &gw2]).await;
     let on = |gw: &GatewayProc, user: &str| gw.ws(&format!("token={}", user_token("acme", user)));
 
     let mut alice = open_url(on(&gw1, "alice")).await;
@@ -267,4 +281,121 @@ async fn presence_spans_gateways_and_a_killed_gateway_s_members_leave_within_the
     let mut carol = open_url(on(&gw2, "carol")).await;
     carol.subscribe(&["presence:doc"]).await;
     assert_eq!(member_ids(&carol.recv_type("presence.sync").await), ["bob"]);
+}
+
+/// The members a fresh observer on `gw` is told about.
+async fn members_seen_on(gw: &GatewayProc, topic: &str) -> Vec<String> {
+    let mut c = open_url(gw.ws(&format!("token={}", user_token("acme", "observer")))).await;
+    c.subscribe(&[topic]).await;
+    member_ids(&c.recv_type("presence.sync").await)
+}
+
+#[tokio::test]
+async fn presence_recovers_when_a_nats_node_dies() {
+    let dir = TempDir::new("presence-node");
+    let mut nats = cluster3(&dir, "local").await;
+    let yaml = |urls: &[String]| {
+        format!(
+            "{}presence:\n  heartbeat_seconds: 1\n  timeout_seconds: 3\n",
+            nats_yaml("local", urls, &[], 3)
+        )
+    };
+    // gw1 knows only n0 (it discovers the others); gw2 only n1.
+    let gw1 = GatewayProc::start(&dir, "gw1", &yaml(&nats.urls()[..1]));
+    let gw2 = GatewayProc::start(&dir, "gw2", &yaml(&nats.urls()[1..2]));
+    gw1.wait_ready().await;
+    gw2.wait_ready().await;
+    gateways_know_each_other(&[&gw1, &gw2]).await;
+    let on = |gw: &GatewayProc, user: &str| gw.ws(&format!("token={}", user_token("acme", user)));
+    let mut alice = open_url(on(&gw1, "alice")).await;
+    join(&mut alice, "presence:doc", json!({})).await;
+    let mut bob = open_url(on(&gw2, "bob")).await;
+    assert_eq!(
+        member_ids(&join(&mut bob, "presence:doc", json!({})).await),
+        ["alice", "bob"]
+    );
+
+    nats.servers[0].kill();
+    // A member who joins on gw1 after the kill reaches bob once gw1 failed
+    // over to n1/n2 (and only then: gw1 has no other way to tell gw2).
+    // (While gw1 fails over, subscribing waits for NATS, up to its request
+    // timeouts, or is refused with bus_unavailable: the client tries again.)
+    let mut dave = open_url(on(&gw1, "dave")).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(40);
+    loop {
+        dave.send(json!({"type": "presence.join", "topic": "presence:doc"}))
+            .await;
+        let m = dave.recv_within(Duration::from_secs(30)).await;
+        if m["type"] == "subscription.confirmed" {
+            break;
+        }
+        assert_eq!(m["data"]["code"], "bus_unavailable", "{m}");
+        assert!(tokio::time::Instant::now() < deadline, "join kept failing");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    loop {
+        let m = bob.recv().await;
+        if m["type"] == "presence.join" && m["data"]["data"]["user"]["id"] == "dave" {
+            break;
+        }
+    }
+    // Whatever the gateways decided while they could not hear each other,
+    // both views come back to every member.
+    for gw in [&gw1, &gw2] {
+        eventually("every member seen again", || async {
+            members_seen_on(gw, "presence:doc").await == ["alice", "bob", "dave"]
+        })
+        .await;
+    }
+    // And changes flow again: alice leaves, bob is told.
+    alice
+        .send(json!({"type": "presence.leave", "topic": "presence:doc"}))
+        .await;
+    eventually("alice gone everywhere", || async {
+        members_seen_on(&gw2, "presence:doc").await == ["bob", "dave"]
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn presence_spans_regions() {
+    let dir = TempDir::new("presence-regions");
+    let clusters = supercluster(&dir, &["eu", "us"]).await;
+    let (eu, us) = (&clusters[0], &clusters[1]);
+    let region_yaml = |region: &str, c: &Cluster| {
+        format!(
+            "{}  placement_cluster: {region}\npresence:\n  heartbeat_seconds: 1\n  timeout_seconds: 3\n",
+            nats_yaml(region, &c.urls(), &["eu", "us"], 3)
+        )
+    };
+    let gw_eu = GatewayProc::start(&dir, "gw-eu", &region_yaml("eu", eu));
+    let gw_us = GatewayProc::start(&dir, "gw-us", &region_yaml("us", us));
+    gw_eu.wait_ready().await;
+    gw_us.wait_ready().await;
+    gateways_know_each_other(&[&gw_eu, &gw_us]).await;
+    let on = |gw: &GatewayProc, user: &str| gw.ws(&format!("token={}", user_token("acme", user)));
+    let mut alice = open_url(on(&gw_eu, "alice")).await;
+    join(&mut alice, "presence:doc", json!({"name": "A"})).await;
+    assert_eq!(members_seen_on(&gw_us, "presence:doc").await, ["alice"]);
+    let mut bob = open_url(on(&gw_us, "bob")).await;
+    assert_eq!(
+        member_ids(&join(&mut bob, "presence:doc", json!({})).await),
+        ["alice", "bob"]
+    );
+    assert_eq!(
+        alice.recv_type("presence.join").await["data"]["data"]["user"]["id"],
+        "bob"
+    );
+    drop(alice);
+    assert_eq!(
+        bob.recv_type("presence.leave").await["data"]["data"]["user"]["id"],
+        "alice"
+    );
+    // Another tenant's view of the same topic stays empty in both regions.
+    let mut g = open_url(gw_eu.ws(&format!("token={}", user_token("globex", "gina")))).await;
+    g.subscribe(&["presence:doc"]).await;
+    assert_eq!(
+        member_ids(&g.recv_type("presence.sync").await),
+        Vec::<String>::new()
+    );
 }

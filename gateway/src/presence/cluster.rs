@@ -27,6 +27,9 @@ use crate::broker::nats::subject::{escape_tenant, unescape_tenant};
 /// How long a sync waits for the other gateways' answers.
 const SYNC_WAIT: Duration = Duration::from_millis(500);
 
+/// How long a sync that heard every known gateway still listens for others.
+const SYNC_STALL: Duration = Duration::from_millis(100);
+
 /// The NATS side of presence, set once by [`attach`].
 pub struct Link {
     client: async_nats::Client,
@@ -93,7 +96,8 @@ impl Link {
 }
 
 /// Ask every gateway for its members of `key` and merge the answers;
-/// waits for as many answers as gateways are known, at most [`SYNC_WAIT`].
+/// waits for as many answers as gateways are known and then until none came
+/// for [`SYNC_STALL`], at most [`SYNC_WAIT`].
 async fn sync(client: &async_nats::Client, presence: &Presence, key: &Key, ask: String) {
     let inbox = client.new_inbox();
     let Ok(mut answers) = client.subscribe(inbox.clone()).await else {
@@ -109,8 +113,16 @@ async fn sync(client: &async_nats::Client, presence: &Presence, key: &Key, ask: 
     let _ = client.flush().await;
     let deadline = Instant::now() + SYNC_WAIT;
     let mut got = 0;
-    while got < presence.known_pods() {
-        let Ok(Some(msg)) = tokio::time::timeout_at(deadline, answers.next()).await else {
+    // Until every known gateway answered and then none for SYNC_STALL (a
+    // gateway not heard of yet, e.g. just after start, still answers).
+    loop {
+        let stall = Instant::now() + SYNC_STALL;
+        let wait_until = if got < presence.known_pods() {
+            deadline
+        } else {
+            stall.min(deadline)
+        };
+        let Ok(Some(msg)) = tokio::time::timeout_at(wait_until, answers.next()).await else {
             break;
         };
         if let Ok(a) = serde_json::from_slice::<SyncAnswer>(&msg.payload) {
@@ -122,6 +134,15 @@ async fn sync(client: &async_nats::Client, presence: &Presence, key: &Key, ask: 
             let members = a.members.into_iter().map(|(u, e)| (u.into(), e)).collect();
             presence.merge(key, a.pod.into(), members);
         }
+    }
+}
+
+/// Sync every view again (in the background).
+fn resync_all(client: &async_nats::Client, presence: &Arc<Presence>, prefix: &str) {
+    for key in presence.viewed() {
+        let ask = format!("{prefix}.prq.{}.{}", escape_tenant(&key.0), key.1);
+        let (client, presence) = (client.clone(), presence.clone());
+        tokio::spawn(async move { sync(&client, &presence, &key, ask).await });
     }
 }
 
@@ -138,6 +159,7 @@ pub async fn attach(
     client: async_nats::Client,
     prefix: &str,
     config: &PresenceConfig,
+    metrics: Arc<crate::metrics::Metrics>,
 ) -> anyhow::Result<()> {
     let heartbeats = client.subscribe(format!("{prefix}.prhb")).await?;
     let requests = client.subscribe(format!("{prefix}.prq.>")).await?;
@@ -182,11 +204,7 @@ pub async fn attach(
                     let _ = client
                         .publish(hb_subject.clone(), beat.clone().into())
                         .await;
-                    for key in presence.viewed() {
-                        let ask = format!("{prefix}.prq.{}.{}", escape_tenant(&key.0), key.1);
-                        let (client, presence) = (client.clone(), presence.clone());
-                        tokio::spawn(async move { sync(&client, &presence, &key, ask).await });
-                    }
+                    resync_all(&client, &presence, &prefix);
                 }
             }
         });
@@ -217,21 +235,37 @@ pub async fn attach(
         });
     }
 
-    // This gateway's heartbeat, and the expiry of silent ones.
+    // This gateway's heartbeat, and the expiry of silent ones. After a
+    // reconnect to NATS (another server, or the same one back), what was
+    // sent or received meanwhile may be lost: members are sent again and
+    // every view syncs again.
     {
         let presence = presence.clone();
         let every = Duration::from_secs(config.heartbeat_seconds);
         let timeout = Duration::from_secs(config.timeout_seconds);
+        let prefix = prefix.to_owned();
+        let stats = client.statistics();
+        let mut connects = stats.connects.load(std::sync::atomic::Ordering::Relaxed);
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
             loop {
                 tick.tick().await;
+                let now = stats.connects.load(std::sync::atomic::Ordering::Relaxed);
+                if now != connects {
+                    connects = now;
+                    tracing::info!(
+                        "presence: reconnected to NATS; members sent again, views sync again"
+                    );
+                    presence.reannounce();
+                    resync_all(&client, &presence, &prefix);
+                }
                 let _ = client
                     .publish(hb_subject.clone(), beat.clone().into())
                     .await;
                 for pod in presence.expire(timeout) {
                     tracing::info!(%pod, "presence: a gateway went silent; its members left");
                 }
+                metrics.presence_gateways.set(presence.known_pods() as i64);
             }
         });
     }

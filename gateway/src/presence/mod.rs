@@ -513,6 +513,24 @@ impl Presence {
         self.lock().pods.len()
     }
 
+    /// Send every local member again (new versions): after this gateway's
+    /// NATS connection was re-established, deltas sent while it was down
+    /// may have been lost.
+    pub(crate) fn reannounce(&self) {
+        let mut st = self.lock();
+        let st = &mut *st;
+        let members: Vec<(Key, Arc<str>)> = st
+            .local
+            .iter()
+            .flat_map(|(k, m)| m.values().map(move |c| (k.clone(), c.user.clone())))
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        for (key, user) in members {
+            self.changed(st, &key, user);
+        }
+    }
+
     /// Keys with a view (to sync again after a partition).
     pub(crate) fn viewed(&self) -> Vec<Key> {
         self.lock().views.keys().cloned().collect()

@@ -232,7 +232,12 @@ impl Client {
 
     /// The next text message, skipping pings; panics on close or deadline.
     pub async fn recv(&mut self) -> Value {
-        let deadline = tokio::time::Instant::now() + DEADLINE;
+        self.recv_within(DEADLINE).await
+    }
+
+    /// `recv` with another deadline than the default.
+    pub async fn recv_within(&mut self, wait: Duration) -> Value {
+        let deadline = tokio::time::Instant::now() + wait;
         loop {
             let msg = tokio::time::timeout_at(deadline, self.ws.next())
                 .await
