@@ -214,6 +214,23 @@ if storms:
     p("\nThe embedded mode keeps history in the process: clients of a killed embedded gateway resume with a "
       "`resume.gap`; durable resume is what cluster mode is for.\n")
 
+pres = [r for r in rows if r.get("mode") == "presence"]
+if pres:
+    p("## Presence\n")
+    p("1,000 members (each its own user) join one presence topic, paced, on gateway 0; one observer watches "
+      "the topic (in cluster mode from gateway 1, so every join crosses NATS); then all members disconnect at "
+      "once. Above the members cap (100) the observer gets counts only, coalesced to one per second. Latency: "
+      "join sent until the observer's count includes it. CPU: the servers during the joins (both gateways and "
+      "nats-server in cluster mode).\n")
+    p("| target | members | joins/s | joins seen | count 0 after leaving, s | join p50 ms | join p99 ms | server CPU µs per join |")
+    p("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for r in pres:
+        l = r.get("join_latency_ms") or {}
+        p(f"| {NAMES.get(r['target'], r['target'])} | {r.get('members', 0):,} | {fmt(r.get('join_rate'), 0)} | "
+          f"{r.get('joins_seen', 0):,} | {fmt(r.get('leave_seconds'), 2) if r.get('count_after_leaving') == 0 else 'never'} | "
+          f"{fmt(l.get('p50'), 2)} | {fmt(l.get('p99'), 2)} | {fmt(r.get('server_cpu_us_per_join'), 0)} |")
+    p("")
+
 base = sb("fanout-5k-1topic")
 tr = [(n, sb(f"fanout-5k-1topic-otlp-ratio{n}")) for n in ("0", "0.1")]
 if base and all(r for _, r in tr):

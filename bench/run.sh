@@ -136,6 +136,13 @@ case " $targets " in *" switchboard "*)
   ;;
 esac
 
+# Presence: 1,000 members join one topic at 200/s, then all leave.
+for t in switchboard switchboard-cluster; do
+  case " $targets " in *" $t "*)
+    start "$t"; record presence-1k --mode presence --connections 1000 --rate 200; stop ;;
+  esac
+done
+
 case " $targets " in *" switchboard-cluster "*)
   # Reconnect storm: 10k clients on gateway 0, which is killed (or drained);
   # they resume on gateway 1 from their last cursor while publishing goes on.

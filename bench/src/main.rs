@@ -10,8 +10,9 @@
 //! Modes: `fixed` (one rate), `ramp` (raise the rate step by step until p99
 //! passes 200 ms or anything is lost) and `storm` (the gateway the clients
 //! are on is killed or drained; they resume on another one from their last
-//! cursor).
+//! cursor) and `presence` (members join and leave one presence topic).
 
+mod presence;
 mod publisher;
 mod sink;
 mod stats;
@@ -38,6 +39,8 @@ enum Mode {
     Fixed,
     Ramp,
     Storm,
+    /// Members join and leave one presence topic (see `presence`).
+    Presence,
 }
 
 #[derive(Parser, Clone)]
@@ -120,6 +123,14 @@ async fn main() -> anyhow::Result<()> {
     if let Some(port) = args.otlp_sink {
         return sink::run(port).await;
     }
+    if args.mode == Mode::Presence {
+        let mut report = presence::run(&args).await?;
+        report["target"] = json!(args.label.clone().unwrap_or_else(|| "switchboard".into()));
+        report["scenario"] = json!(args.scenario);
+        report["mode"] = json!("presence");
+        println!("{report}");
+        return Ok(());
+    }
     let token = switchboard_gateway::auth::mint_hs256(
         &args.secret,
         "bench",
@@ -187,7 +198,7 @@ async fn main() -> anyhow::Result<()> {
         let publisher = Publisher::connect(args.target, &publish_url, &run.token).await?;
         let mut steps = Vec::new();
         match args.mode {
-            Mode::Fixed => steps.push(step(&run, &publisher, 0, args.rate).await?),
+            Mode::Fixed | Mode::Presence => steps.push(step(&run, &publisher, 0, args.rate).await?),
             Mode::Ramp => {
                 for k in 0..args.max_steps.min(stats::MAX_STEPS) {
                     let rate = args.rate * args.factor.powi(k as i32);

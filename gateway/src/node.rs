@@ -170,9 +170,7 @@ impl Node {
         policy: PolicyBundle,
     ) -> Arc<Self> {
         Arc::new(Self {
-            presence: Arc::new(crate::presence::Presence::new(
-                config.region.as_str().into(),
-            )),
+            presence: crate::presence::Presence::new(config.region.as_str().into()),
             region: config.region.as_str().into(),
             config,
             verifier,

@@ -72,6 +72,8 @@ struct View {
     cap: u32,
     /// The cluster subscription feeding this view.
     feed: Option<tokio::task::JoinHandle<()>>,
+    /// Above the cap: a count-only sync is scheduled.
+    count_due: bool,
 }
 
 impl View {
@@ -163,7 +165,13 @@ pub struct Presence {
     state: Mutex<State>,
     version: std::sync::atomic::AtomicU64,
     link: OnceLock<cluster::Link>,
+    /// Itself, to schedule count-only syncs.
+    me: std::sync::Weak<Presence>,
 }
+
+/// Above the members cap, observers get at most one count-only sync per
+/// this interval instead of a notice per join or leave.
+pub const COUNT_EVERY: Duration = Duration::from_secs(1);
 
 fn now_ms() -> i64 {
     (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64
@@ -171,14 +179,15 @@ fn now_ms() -> i64 {
 
 impl Presence {
     /// Presence for a gateway of `region` (embedded until [`cluster::attach`]).
-    pub fn new(region: Arc<str>) -> Self {
-        Self {
+    pub fn new(region: Arc<str>) -> Arc<Self> {
+        Arc::new_cyclic(|me| Self {
             pod: uuid::Uuid::new_v4().simple().to_string().into(),
             region,
             state: Mutex::default(),
             version: std::sync::atomic::AtomicU64::new(0),
             link: OnceLock::new(),
-        }
+            me: me.clone(),
+        })
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -302,6 +311,20 @@ impl Presence {
         }
         let kind = if after { Notice::Join } else { Notice::Leave };
         let count = view.count();
+        let cap = view.cap as usize;
+        if count > cap {
+            // A big topic: counts only, coalesced.
+            self.schedule_count(key, view);
+            return;
+        }
+        if !after && count == cap {
+            // Back to the cap from above: observers had counts only, so
+            // the members are listed again (and a pending count dropped).
+            view.count_due = false;
+            let payload = Self::sync_payload(view);
+            self.notify(key, view.observers.values(), Notice::Sync, &payload);
+            return;
+        }
         let mut payload = json!({ "count": count });
         if count <= view.cap as usize || !after {
             let e = view
@@ -340,6 +363,33 @@ impl Presence {
         for mailbox in to {
             mailbox.offer(&notice);
         }
+    }
+
+    /// Send the observers of a view above its cap one count-only sync
+    /// within [`COUNT_EVERY`] (the first change schedules it).
+    fn schedule_count(&self, key: &Key, view: &mut View) {
+        if view.count_due {
+            return;
+        }
+        let Some(me) = self.me.upgrade() else {
+            return;
+        };
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        view.count_due = true;
+        let key = key.clone();
+        rt.spawn(async move {
+            tokio::time::sleep(COUNT_EVERY).await;
+            let mut st = me.lock();
+            if let Some(view) = st.views.get_mut(&key)
+                && view.count_due
+            {
+                view.count_due = false;
+                let payload = Self::sync_payload(view);
+                me.notify(&key, view.observers.values(), Notice::Sync, &payload);
+            }
+        });
     }
 
     fn sync_payload(view: &View) -> Value {
@@ -576,7 +626,7 @@ mod tests {
 
     #[test]
     fn join_sync_leave_on_one_gateway() {
-        let p = Arc::new(Presence::new("eu".into()));
+        let p = Presence::new("eu".into());
         let k = key("presence:doc/1");
         p.join(k.clone(), 1, "alice".into(), Some(json!({"name": "Alice"})));
         let watcher = Arc::new(Mailbox::new(16, None, "bob".into()));
@@ -604,9 +654,9 @@ mod tests {
         assert_eq!(got[0]["payload"]["count"], 1);
     }
 
-    #[test]
-    fn above_the_cap_only_counts_are_sent() {
-        let p = Arc::new(Presence::new("eu".into()));
+    #[tokio::test(start_paused = true)]
+    async fn above_the_cap_counts_are_coalesced() {
+        let p = Presence::new("eu".into());
         let k = key("presence:big");
         for i in 0..5 {
             p.join(k.clone(), i, format!("u{i}").into(), None);
@@ -617,15 +667,38 @@ mod tests {
         assert_eq!(got[0]["payload"]["count"], 5);
         assert_eq!(got[0]["payload"]["truncated"], true);
         assert_eq!(got[0]["payload"]["users"], json!([]));
-        p.join(k.clone(), 6, "u6".into(), None);
+        // Ten changes above the cap: nothing at once, one count within a second.
+        for i in 10..20 {
+            p.join(k.clone(), i, format!("u{i}").into(), None);
+        }
+        p.leave(&k, 10);
+        assert!(frames(&w).is_empty());
+        tokio::time::sleep(COUNT_EVERY + Duration::from_millis(10)).await;
         let got = frames(&w);
-        assert_eq!(got[0]["payload"]["count"], 6);
-        assert!(got[0]["payload"].get("user").is_none());
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert_eq!(got[0]["type"], "presence:sync");
+        assert_eq!(got[0]["payload"]["count"], 14);
+        // Back down to the cap: the members are listed again, at once.
+        for i in (0..5).chain(11..17) {
+            p.leave(&k, i);
+        }
+        let got = frames(&w);
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert_eq!(got[0]["type"], "presence:sync");
+        assert_eq!(got[0]["payload"]["count"], 3);
+        assert_eq!(got[0]["payload"]["users"].as_array().unwrap().len(), 3);
+        // Under the cap, notices per change again.
+        p.leave(&k, 18);
+        let got = frames(&w);
+        assert_eq!(got[0]["type"], "presence:leave");
+        assert_eq!(got[0]["payload"]["user"]["id"], "u18");
+        tokio::time::sleep(COUNT_EVERY * 2).await;
+        assert!(frames(&w).is_empty(), "the pending count was dropped");
     }
 
     #[test]
     fn tenants_do_not_share_presence() {
-        let p = Arc::new(Presence::new("eu".into()));
+        let p = Presence::new("eu".into());
         let t = Topic::parse("presence:doc").unwrap();
         p.join(("a".into(), t.clone()), 1, "alice".into(), None);
         let w = Arc::new(Mailbox::new(16, None, "w".into()));
@@ -638,7 +711,7 @@ mod tests {
 
     #[test]
     fn a_silent_gateway_is_dropped_and_its_members_leave() {
-        let p = Arc::new(Presence::new("eu".into()));
+        let p = Presence::new("eu".into());
         let k = key("presence:doc");
         let w = Arc::new(Mailbox::new(16, None, "w".into()));
         p.observe(k.clone(), 1, w.clone(), 100);
