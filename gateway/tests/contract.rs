@@ -440,7 +440,39 @@ async fn seed_002_poll(e: Env) {
     assert_eq!(status, 401, "X-Tenant-ID must be the token's tenant");
 }
 
+/// Presence on one gateway behaves the same on both brokers (in cluster
+/// mode the view also asks NATS for other gateways' members).
+async fn presence_join_sync_leave(e: Env) {
+    let gw = &e.gw;
+    let open = |user: &str| gw.ws(&format!("token={}", user_token("acme", user)));
+    let mut alice = Client::connect(&open("alice")).await;
+    alice.recv_type("connection.established").await;
+    alice
+        .send(json!({"type": "presence.join", "topic": "presence:doc", "info": {"name": "A"}}))
+        .await;
+    let sync = alice.recv_type("presence.sync").await;
+    assert_eq!(sync["data"]["data"]["users"][0]["id"], "alice", "{sync}");
+    let mut bob = Client::connect(&open("bob")).await;
+    bob.recv_type("connection.established").await;
+    bob.send(json!({"type": "presence.join", "topic": "presence:doc"}))
+        .await;
+    assert_eq!(
+        bob.recv_type("presence.sync").await["data"]["data"]["count"],
+        2
+    );
+    assert_eq!(
+        alice.recv_type("presence.join").await["data"]["data"]["user"]["id"],
+        "bob"
+    );
+    drop(bob);
+    assert_eq!(
+        alice.recv_type("presence.leave").await["data"]["data"]["user"]["id"],
+        "bob"
+    );
+}
+
 contract! {
+    presence(defaults, presence_join_sync_leave);
     snapshots(defaults, snapshots_give_the_last_value_per_topic);
     user_channels(defaults, user_channels_and_client_publish);
     seed_002(defaults, seed_002_poll);
