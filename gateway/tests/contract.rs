@@ -311,11 +311,6 @@ async fn clients_can_ask_for_one_region(e: Env) {
     assert_eq!(got[0]["metadata"]["region"], "eu-west-1");
 }
 
-fn user_token(tenant: &str, user: &str) -> String {
-    switchboard_gateway::auth::mint_hs256(SECRET, tenant, user, &[], Duration::from_secs(600))
-        .unwrap()
-}
-
 /// Snapshots: the newest event of each matching topic, from the broker's
 /// store (JetStream's last message per subject in cluster mode), never
 /// another user's private channel or another tenant's topic; then a

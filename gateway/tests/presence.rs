@@ -11,11 +11,6 @@ use common::*;
 use serde_json::{Value, json};
 use switchboard_gateway::config::PolicyBundle;
 
-fn user_token(tenant: &str, user: &str) -> String {
-    switchboard_gateway::auth::mint_hs256(SECRET, tenant, user, &[], Duration::from_secs(600))
-        .unwrap()
-}
-
 async fn open_url(url: String) -> Client {
     let mut c = Client::connect(&url).await;
     c.recv_type("connection.established").await;

@@ -76,6 +76,16 @@ impl MemoryBroker {
         self.tenants.entry(tenant.clone()).or_default().clone()
     }
 
+    /// Drop what retention and the size bound no longer keep, before a read.
+    fn prune_for_read(&self, log: &mut TenantLog) {
+        log.prune(
+            Instant::now(),
+            self.retention(),
+            self.config.max_events_per_tenant,
+            Duration::from_secs(self.config.dedup_window_seconds),
+        );
+    }
+
     fn retention(&self) -> Duration {
         Duration::from_secs(self.config.retention_seconds)
     }
@@ -139,12 +149,7 @@ impl Broker for MemoryBroker {
     ) -> Result<ReadBatch, BrokerError> {
         let log = self.log(tenant);
         let mut log = log.lock().unwrap_or_else(|e| e.into_inner());
-        log.prune(
-            Instant::now(),
-            self.retention(),
-            self.config.max_events_per_tenant,
-            Duration::from_secs(self.config.dedup_window_seconds),
-        );
+        self.prune_for_read(&mut log);
         let (start, gap) = match after {
             None => (log.purged, None),
             Some(c) if c.epoch != self.epoch || c.seq > log.head => {
@@ -188,12 +193,7 @@ impl Broker for MemoryBroker {
     ) -> Result<Latest, BrokerError> {
         let log = self.log(tenant);
         let mut log = log.lock().unwrap_or_else(|e| e.into_inner());
-        log.prune(
-            Instant::now(),
-            self.retention(),
-            self.config.max_events_per_tenant,
-            Duration::from_secs(self.config.dedup_window_seconds),
-        );
+        self.prune_for_read(&mut log);
         let kept: Vec<Arc<Event>> = log
             .events
             .iter()
