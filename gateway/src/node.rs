@@ -43,6 +43,17 @@ impl Drain {
     }
 }
 
+/// How a gateway reaches the others in cluster mode.
+#[derive(Clone)]
+pub struct ClusterLink {
+    /// The NATS connection.
+    pub client: async_nats::Client,
+    /// The subject prefix of this deployment.
+    pub prefix: String,
+    /// Replicas of the streams and buckets it creates.
+    pub replicas: usize,
+}
+
 /// One gateway process: it admits connections and publishes (see the module docs).
 pub struct Node {
     /// The configuration it runs with.
@@ -59,6 +70,10 @@ pub struct Node {
     pub metrics: Arc<Metrics>,
     /// Who is on which presence topic.
     pub presence: Arc<crate::presence::Presence>,
+    /// The NATS connection of cluster mode, for the parts that talk to
+    /// other gateways directly (Socket.IO forwarding and recovery); set
+    /// once at start-up, unset in the embedded mode.
+    pub cluster: std::sync::OnceLock<ClusterLink>,
     /// The tenant policy in force; changed only through `set_policy`.
     policy: watch::Sender<Arc<PolicyBundle>>,
     /// Set once a drain starts; only through `start_drain`.
@@ -171,6 +186,7 @@ impl Node {
     ) -> Arc<Self> {
         Arc::new(Self {
             presence: crate::presence::Presence::new(config.region.as_str().into()),
+            cluster: std::sync::OnceLock::new(),
             region: config.region.as_str().into(),
             config,
             verifier,

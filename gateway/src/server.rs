@@ -25,7 +25,16 @@ use crate::transport::{longpoll, publish, snapshot, sse, ws};
 /// The public router: WebSocket, SSE, long-poll, publish, health.
 pub fn app(node: Arc<Node>) -> Router {
     let body_limit = (node.config.limits.max_message_bytes as usize).saturating_mul(4) + 64 * 1024;
+    let socketio = if node.config.socketio.enabled {
+        crate::transport::socketio::router(
+            crate::transport::socketio::gateway::engine(&node),
+            "/socket.io",
+        )
+    } else {
+        Router::new()
+    };
     Router::new()
+        .merge(socketio)
         .route("/ws", get(ws::upgrade))
         .route("/ws/", get(ws::upgrade))
         .route("/api/realtime/poll/", get(longpoll::poll))

@@ -42,7 +42,11 @@ pub async fn build(config: GatewayConfig) -> anyhow::Result<Arc<Node>> {
             )
             .await
             .context("starting the NATS broker")?;
-            nats_client = Some((broker.client(), nats.subject_prefix.clone()));
+            nats_client = Some((
+                broker.client(),
+                nats.subject_prefix.clone(),
+                nats.stream_replicas,
+            ));
             broker
         }
         None => Arc::new(MemoryBroker::new(
@@ -55,7 +59,12 @@ pub async fn build(config: GatewayConfig) -> anyhow::Result<Arc<Node>> {
     let policy_file = config.policy_file.clone();
     let reload = Duration::from_secs(config.policy_reload_seconds.max(1));
     let node = Node::new(config, verifier, broker, hub, metrics, policy);
-    if let Some((client, prefix)) = nats_client {
+    if let Some((client, prefix, replicas)) = nats_client {
+        let _ = node.cluster.set(crate::node::ClusterLink {
+            client: client.clone(),
+            prefix: prefix.clone(),
+            replicas,
+        });
         crate::presence::cluster::attach(
             &node.presence,
             client,

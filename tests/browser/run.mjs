@@ -35,9 +35,15 @@ async function until(what, fn, ms = 15000) {
 function serve(port) {
   const html = readFileSync(join(here, 'page.html'));
   const seed004 = readFileSync(join(here, 'seed004.html'));
+  const seed002 = readFileSync(join(here, 'seed002.html'));
+  const sioClient = readFileSync(join(here, 'node_modules/socket.io-client/dist/socket.io.min.js'));
   const server = createServer((req, res) => {
+    if (req.url.startsWith('/socket.io.min.js')) {
+      res.writeHead(200, { 'content-type': 'text/javascript' });
+      return res.end(sioClient);
+    }
     res.writeHead(200, { 'content-type': 'text/html' });
-    res.end(req.url.startsWith('/seed004') ? seed004 : html);
+    res.end(req.url.startsWith('/seed004') ? seed004 : req.url.startsWith('/seed002') ? seed002 : html);
   });
   return new Promise((resolve) => server.listen(port, '127.0.0.1', () => resolve(server)));
 }
@@ -169,7 +175,35 @@ try {
   assert.equal(left.payload.user.id, 'bob');
   assert.deepEqual(await alice.evaluate(() => window.results.errors), []);
 
-  console.log(`browser test passed: ${ws.length} WebSocket and ${polled.length} long-poll events from ${pageOrigin} to ${gateway}; foreign origin refused; seed 004's RealtimeClient: entity events, presence sync/join/leave, private channel`);
+  // 4. Seed 002's Socket.IO snippet with the real socket.io-client (its
+  // browser bundle), from another origin: polling, then the upgrade to
+  // WebSocket; events from the HTTP API; message and message_ack.
+  const sio = await browser.newPage();
+  const sioQuery = `gateway=${encodeURIComponent(gateway)}&token=${mint('acme', 'subscribe', 'carol')}&room=deal.77`;
+  await sio.goto(`${pageOrigin}/seed002?${sioQuery}`);
+  const hello = await until('seed 002 connected', () => sio.evaluate(() => window.results.joined.length > 0 && window.results.connected));
+  assert.ok(hello.connectionId && hello.serverTime && Array.isArray(hello.interactionClasses), JSON.stringify(hello));
+  const sioIds = [];
+  for (let i = 0; i < 3; i++) {
+    const r = await fetch(`${gateway}/api/realtime/publish/`, {
+      method: 'POST',
+      headers: { 'content-type': 'application/json', authorization: `Bearer ${acmePub}` },
+      body: JSON.stringify({ event_type: 'deal.77', data: { i } }),
+    });
+    sioIds.push((await r.json()).event_id);
+  }
+  const sioGot = await until('seed 002 messages', () => sio.evaluate((n) => window.results.messages.length >= n && window.results.messages, 3));
+  assert.deepEqual(sioGot.map((m) => m.id), sioIds, 'Socket.IO in the browser: every event once, in order');
+  await sio.evaluate(() => window.send());
+  const sioAck = await until('message_ack', () => sio.evaluate(() => window.results.acks[0]));
+  assert.ok(sioAck.messageId);
+  await until('own message back through the room', () => sio.evaluate(() => window.results.messages.some((m) => m.senderId === 'carol')));
+  const sioTransports = await until('upgraded to WebSocket', () =>
+    sio.evaluate(() => window.results.transports.includes('websocket') && window.results.transports));
+  assert.equal(sioTransports[0], 'polling', 'socket.io-client starts with polling');
+  assert.deepEqual(await sio.evaluate(() => window.results.errors), []);
+
+  console.log(`browser test passed: ${ws.length} WebSocket and ${polled.length} long-poll events from ${pageOrigin} to ${gateway}; foreign origin refused; seed 004's RealtimeClient: entity events, presence sync/join/leave, private channel; seed 002's socket.io-client: ${sioTransports.join(' -> ')}, ${sioGot.length} events, message_ack`);
 } finally {
   if (browser) await browser.close();
   for (const s of servers) s.close();

@@ -32,6 +32,8 @@ pub struct GatewayConfig {
     pub heartbeat: HeartbeatConfig,
     /// Presence across gateways (cluster mode).
     pub presence: PresenceConfig,
+    /// The Socket.IO endpoint (`/socket.io/`, Engine.IO v4 / Socket.IO v5).
+    pub socketio: SocketIoConfig,
     /// How long and how much history is kept.
     pub history: HistoryConfig,
     /// Seconds over which connections are told to reconnect on shutdown.
@@ -179,6 +181,7 @@ impl Default for GatewayConfig {
             limits: Limits::default(),
             heartbeat: HeartbeatConfig::default(),
             presence: PresenceConfig::default(),
+            socketio: SocketIoConfig::default(),
             history: HistoryConfig::default(),
             drain_seconds: 30,
             policy_file: None,
@@ -306,6 +309,39 @@ impl Default for PresenceConfig {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(default, deny_unknown_fields, rename_all = "snake_case")]
+/// The Socket.IO endpoint: seed 002's clients (`socket.io-client` 3.x/4.x).
+/// The values are announced to clients in the Engine.IO handshake.
+pub struct SocketIoConfig {
+    /// Serve `/socket.io/`.
+    pub enabled: bool,
+    /// Milliseconds between server pings.
+    pub ping_interval_ms: u64,
+    /// Milliseconds a client has to answer a ping.
+    pub ping_timeout_ms: u64,
+    /// The largest message and polling request body, in bytes.
+    pub max_payload: u64,
+    /// Milliseconds a new connection has to join a namespace.
+    pub connect_timeout_ms: u64,
+    /// Seconds a disconnected client may come back and recover its rooms
+    /// and missed events (Socket.IO's connection state recovery).
+    pub recovery_seconds: u64,
+}
+
+impl Default for SocketIoConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            ping_interval_ms: 25_000,
+            ping_timeout_ms: 20_000,
+            max_payload: 1_000_000,
+            connect_timeout_ms: 45_000,
+            recovery_seconds: 120,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(default, deny_unknown_fields, rename_all = "snake_case")]
 /// Liveness checks of connections.
 pub struct HeartbeatConfig {
     /// Seconds between server WebSocket pings.
@@ -405,6 +441,17 @@ impl GatewayConfig {
         }
         if self.limits.messages_per_minute == 0 {
             problems.push("limits.messages_per_minute must be at least 1".into());
+        }
+        let sio = &self.socketio;
+        if sio.ping_interval_ms == 0
+            || sio.ping_timeout_ms == 0
+            || sio.max_payload < 1024
+            || sio.connect_timeout_ms == 0
+        {
+            problems.push(
+                "socketio: ping_interval_ms, ping_timeout_ms and connect_timeout_ms must be non-zero, max_payload at least 1024"
+                    .into(),
+            );
         }
         if self.limits.outbound_queue == 0 {
             problems.push("limits.outbound_queue must be at least 1".into());

@@ -4,6 +4,7 @@
 pub mod longpoll;
 pub mod publish;
 pub mod snapshot;
+pub mod socketio;
 pub mod sse;
 pub mod ws;
 

@@ -16,7 +16,7 @@
 
 mod connection;
 mod handlers;
-mod timers;
+pub(crate) mod timers;
 
 use std::sync::Arc;
 

@@ -6,7 +6,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 /// Allows `messages_per_minute` with bursts of a tenth of that.
-pub(super) struct RateLimit {
+pub(crate) struct RateLimit {
     tokens: f64,
     capacity: f64,
     per_sec: f64,
@@ -14,7 +14,7 @@ pub(super) struct RateLimit {
 }
 
 impl RateLimit {
-    pub(super) fn new(per_minute: u32) -> Self {
+    pub(crate) fn new(per_minute: u32) -> Self {
         let capacity = (f64::from(per_minute) / 10.0).max(10.0);
         Self {
             tokens: capacity,
@@ -23,7 +23,7 @@ impl RateLimit {
             at: Instant::now(),
         }
     }
-    pub(super) fn allow(&mut self) -> bool {
+    pub(crate) fn allow(&mut self) -> bool {
         let now = Instant::now();
         let elapsed = now.duration_since(self.at).as_secs_f64();
         self.at = now;
@@ -91,7 +91,7 @@ impl Deadlines {
 
 /// When a token with this `exp` expires; capped at a year so an absurd
 /// claim cannot overflow the clock.
-pub(super) fn deadline_for_expiry(exp: u64) -> Instant {
+pub(crate) fn deadline_for_expiry(exp: u64) -> Instant {
     const YEAR: u64 = 365 * 24 * 3600;
     Instant::now() + Duration::from_secs(exp.saturating_sub(unix_now()).min(YEAR))
 }
