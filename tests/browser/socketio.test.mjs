@@ -224,6 +224,19 @@ test('a client that lost its connection recovers its rooms and what it missed', 
   await until('live again', () => c.got.message.length >= 7);
   await new Promise((r) => setTimeout(r, 200));
   assert.deepEqual(c.got.message.map((m) => m.id), [before, ...missed, after1], 'nothing lost, nothing twice');
+
+  // A client that had received nothing yet has no offset to give back:
+  // it resumes from where it stood when it left.
+  const quiet = await client(gw.url, mint('acme', 'bob'), { transports: ['websocket'] });
+  await connected(quiet);
+  await emitAck(quiet.socket, 'join_room', { roomId: 'orders.8' });
+  quiet.got.connected = null;
+  quiet.socket.io.engine.close();
+  const meanwhile = [await publish(gw.url, 'acme', 'orders.8', { q: 1 }), await publish(gw.url, 'acme', 'orders.8', { q: 2 })];
+  await until('reconnected', () => quiet.got.connected);
+  assert.equal(quiet.socket.recovered, true);
+  await until('what it missed', () => quiet.got.message.length >= 2);
+  assert.deepEqual(quiet.got.message.map((m) => m.id), meanwhile);
 });
 
 /** A load balancer with no stickiness: every HTTP request and WebSocket

@@ -113,6 +113,8 @@ async fn serve(ctx: Arc<Ctx>, socket: EngineSocket, handshake: Handshake) {
                     pid: String::new(),
                     rooms: Vec::new(),
                     status: None,
+                    sent_up_to: None,
+                    start: Cursor::FOREIGN,
                 };
                 conn.run(auth).await;
                 return;
@@ -210,6 +212,11 @@ struct Conn {
     rooms: Vec<String>,
     /// Its presence info (`{status, metadata}`), once set.
     status: Option<Value>,
+    /// Every event of its rooms up to here was sent (None: nothing sent).
+    sent_up_to: Option<Cursor>,
+    /// Where it stood when it connected (its resume point until an event
+    /// was sent).
+    start: Cursor,
     rate: RateLimit,
 }
 
@@ -273,6 +280,7 @@ impl Conn {
             user: self.user().to_owned(),
             rooms: self.rooms.clone(),
             status: self.status.clone(),
+            cursor: Some(self.sent_up_to.unwrap_or(self.start).to_string()),
         }
     }
 
@@ -284,7 +292,7 @@ impl Conn {
             .and_then(|a| a.get("pid"))
             .and_then(Value::as_str)
             .map(str::to_owned);
-        let offset = auth
+        let offered_offset = auth
             .as_ref()
             .and_then(|a| a.get("offset"))
             .and_then(Value::as_str)
@@ -308,6 +316,7 @@ impl Conn {
         node.metrics.connections_active.inc();
         tracing::info!(conn = self.session.admission.id, tenant = %self.principal.tenant, recovered = recovered.is_some(), "socket.io connected");
         self.session.subscribe_own_channel().await;
+        self.start = self.session.live_cursor();
         self.emit(
             "connected",
             json!({
@@ -324,7 +333,10 @@ impl Conn {
             for room in saved.rooms {
                 self.join(&room, None).await;
             }
-            if let Some(cursor) = offset {
+            // The offset of the last event the client got; without one (it
+            // got none), where it stood when its entry was last written.
+            let from = offered_offset.or_else(|| saved.cursor.as_deref().map(Cursor::parse_lenient));
+            if let Some(cursor) = from {
                 self.replay(cursor).await;
             }
         }
@@ -442,14 +454,24 @@ impl Conn {
     /// Send `first` and what else is queued, in one write.
     fn deliver(&mut self, first: Arc<Event>) {
         let mut texts = Vec::with_capacity(4);
+        self.note_sent(&first);
         texts.push(first.socketio_packet().to_owned());
         while texts.len() < BATCH {
             match self.session.try_next_live() {
-                Ok(Some(e)) => texts.push(e.socketio_packet().to_owned()),
+                Ok(Some(e)) => {
+                    self.note_sent(&e);
+                    texts.push(e.socketio_packet().to_owned());
+                }
                 _ => break,
             }
         }
         self.sio.send_texts(texts);
+    }
+
+    fn note_sent(&mut self, event: &Event) {
+        if event.kind == EventKind::Stored && self.sent_up_to.is_none_or(|s| s.seq < event.id.seq) {
+            self.sent_up_to = Some(event.id);
+        }
     }
 
     /// Replay what the rooms received after `cursor`.
@@ -466,6 +488,9 @@ impl Conn {
         {
             Ok(r) => {
                 sink.flush();
+                if let Some(last) = r.last {
+                    self.sent_up_to = Some(last);
+                }
                 if let Some(gap) = r.gap {
                     self.gap(gap);
                 }

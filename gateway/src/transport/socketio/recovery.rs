@@ -30,6 +30,10 @@ pub struct Saved {
     pub rooms: Vec<String>,
     /// Its presence status (`presence_update`), if it set one.
     pub status: Option<Value>,
+    /// Every event of its rooms up to this cursor was sent to it: where a
+    /// client that received no event yet (and so has no offset) resumes.
+    #[serde(default)]
+    pub cursor: Option<String>,
 }
 
 /// The store.
