@@ -154,7 +154,7 @@ pub struct Event {
     channel_frame: OnceLock<Utf8Bytes>,
     /// The Socket.IO EVENT packet, built the first time a Socket.IO
     /// connection needs it.
-    socketio_packet: OnceLock<Box<str>>,
+    socketio_packet: OnceLock<Utf8Bytes>,
 }
 
 #[derive(Serialize)]
@@ -303,11 +303,12 @@ impl Event {
 }
 
 impl Event {
-    /// The Socket.IO EVENT packet (main namespace) of this event, built once
-    /// per event: a stored event is seed 002's `message` with its cursor as
-    /// the last argument (the offset `socket.io-client` hands back when it
-    /// recovers); a presence notice is `presence_update`.
-    pub fn socketio_packet(&self) -> &str {
+    /// The Engine.IO message carrying this event's Socket.IO EVENT packet
+    /// (main namespace), `42[...]`, built once per event and shared by every
+    /// connection: a stored event is seed 002's `message` with its cursor
+    /// as the last argument (the offset `socket.io-client` hands back when
+    /// it recovers); a presence notice is `presence_update`.
+    pub fn socketio_packet(&self) -> Utf8Bytes {
         self.socketio_packet.get_or_init(|| {
             let ms = self.stored_at_ms;
             let topic = json_str(self.topic.as_str());
@@ -323,7 +324,7 @@ impl Event {
                         .map(|p| format!(r#","senderId":{}"#, json_str(p)))
                         .unwrap_or_default();
                     format!(
-                        r#"2["message",{{"id":"{id}","type":{},"topic":{topic},{place}{sender},"payload":{},"timestamp":{ms},"region":{}}},"{id}"]"#,
+                        r#"42["message",{{"id":"{id}","type":{},"topic":{topic},{place}{sender},"payload":{},"timestamp":{ms},"region":{}}},"{id}"]"#,
                         json_str(self.message_type.as_deref().unwrap_or(self.topic.as_str())),
                         self.data_json(),
                         json_str(&self.region),
@@ -337,7 +338,7 @@ impl Event {
                         .and_then(|t| t.strip_prefix("presence."))
                         .unwrap_or("sync");
                     format!(
-                        r#"2["presence_update",{{"roomId":{topic},"event":{},"presence":{},"timestamp":{ms}}}]"#,
+                        r#"42["presence_update",{{"roomId":{topic},"event":{},"presence":{},"timestamp":{ms}}}]"#,
                         json_str(kind),
                         self.data_json(),
                     )
@@ -345,6 +346,7 @@ impl Event {
             };
             text.into()
         })
+        .clone()
     }
 }
 

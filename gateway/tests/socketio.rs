@@ -323,3 +323,57 @@ async fn tenants_are_walls_and_the_rate_limit_holds() {
         "{answers:?}"
     );
 }
+
+#[tokio::test]
+async fn a_socket_io_message_reaches_native_websocket_clients_and_back() {
+    let gw = Gateway::default().await;
+    let mut native = common::Client::open(&gw, "acme").await;
+    native.subscribe(&["deal.5"]).await;
+    let mut sio = joined(&gw, "alice").await;
+    sio.send(Message::text(r#"42["join_room",{"roomId":"deal.5"}]"#))
+        .await
+        .unwrap();
+    next_text(&mut sio).await.unwrap();
+    sio.send(Message::text(
+        r#"427["message",{"type":"chat.message","roomId":"deal.5","payload":{"text":"hi"}}]"#,
+    ))
+    .await
+    .unwrap();
+    // The ack callback (id 7) and the named reply.
+    let ack = next_text(&mut sio).await.unwrap();
+    assert!(ack.starts_with(r#"437[{"#), "{ack}");
+    let native_event = &native.events(1).await[0];
+    assert_eq!(native_event["event_type"], "deal.5");
+    assert_eq!(native_event["data"], json!({"text": "hi"}));
+    assert_eq!(native_event["metadata"]["publisher"], "alice");
+    // And a native client's publish reaches the Socket.IO room.
+    native
+        .send(json!({"type": "publish", "topic": "deal.5", "data": {"from": "native"}}))
+        .await;
+    let mut seen = Vec::new();
+    while !seen
+        .iter()
+        .any(|t: &String| t.contains(r#""from":"native""#))
+    {
+        seen.push(next_text(&mut sio).await.expect("the native publish"));
+    }
+}
+
+#[tokio::test]
+async fn connection_limits_hold_for_socket_io() {
+    let mut c = config();
+    c.limits.max_connections = 1;
+    let gw = Gateway::start(c).await;
+    let _first = joined(&gw, "alice").await;
+    let mut second = ws(&gw, "").await;
+    next_text(&mut second).await.unwrap();
+    let token = user_token("acme", "bob");
+    second
+        .send(Message::text(format!(r#"40{{"token":"{token}"}}"#)))
+        .await
+        .unwrap();
+    let refused = next_text(&mut second).await.unwrap();
+    let v: Value =
+        serde_json::from_str(refused.strip_prefix("44").expect("CONNECT_ERROR")).unwrap();
+    assert_eq!(v["message"], "too_many_connections", "{v}");
+}

@@ -479,17 +479,17 @@ impl Conn {
     fn deliver(&mut self, first: Arc<Event>) {
         let mut texts = Vec::with_capacity(4);
         self.note_sent(&first);
-        texts.push(first.socketio_packet().to_owned());
+        texts.push(first.socketio_packet());
         while texts.len() < BATCH {
             match self.session.try_next_live() {
                 Ok(Some(e)) => {
                     self.note_sent(&e);
-                    texts.push(e.socketio_packet().to_owned());
+                    texts.push(e.socketio_packet());
                 }
                 _ => break,
             }
         }
-        self.sio.send_texts(texts);
+        self.sio.send_encoded(texts);
     }
 
     fn note_sent(&mut self, event: &Event) {
@@ -757,13 +757,13 @@ enum Ending {
 struct Sink<'a> {
     out: EngineHandle,
     sio: &'a SioSocket,
-    batch: Vec<String>,
+    batch: Vec<axum::extract::ws::Utf8Bytes>,
 }
 
 impl Sink<'_> {
     fn flush(&mut self) {
         if !self.batch.is_empty() {
-            self.sio.send_texts(std::mem::take(&mut self.batch));
+            self.sio.send_encoded(std::mem::take(&mut self.batch));
         }
     }
 }
@@ -776,7 +776,7 @@ impl ResumeSink for Sink<'_> {
 
     async fn event(&mut self, event: &Arc<Event>) -> bool {
         if event.kind == EventKind::Stored {
-            self.batch.push(event.socketio_packet().to_owned());
+            self.batch.push(event.socketio_packet());
         }
         true
     }

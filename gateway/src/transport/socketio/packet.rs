@@ -197,19 +197,6 @@ impl Packet {
     }
 }
 
-/// The text of an EVENT packet whose data (a JSON array) is already
-/// serialized: the hot path writes an event's frame once per fan-out.
-pub fn event_text(nsp: &str, array_json: &str) -> String {
-    let mut out = String::with_capacity(2 + nsp.len() + array_json.len());
-    out.push('2');
-    if nsp != "/" {
-        out.push_str(nsp);
-        out.push(',');
-    }
-    out.push_str(array_json);
-    out
-}
-
 /// A packet with its attachments.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Complete {
@@ -323,7 +310,6 @@ mod tests {
         p.id = Some(789);
         p.data = Some(json!([]));
         assert_eq!(p.encode(), "62-/custom,789[]");
-        assert_eq!(event_text("/", r#"["a"]"#), r#"2["a"]"#);
     }
 
     #[test]

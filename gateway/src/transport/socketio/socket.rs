@@ -218,9 +218,10 @@ impl SioSocket {
         self.send_packet(&p, attachments);
     }
 
-    /// Send already-encoded EVENT texts (the hot path).
-    pub fn send_texts(&self, texts: impl IntoIterator<Item = String>) {
-        self.engine.send(texts.into_iter().map(Payload::Text));
+    /// Send Engine.IO packets already encoded (`42[...]`: the hot path,
+    /// one shared buffer per event whatever the connections).
+    pub fn send_encoded(&self, packets: impl IntoIterator<Item = axum::extract::ws::Utf8Bytes>) {
+        self.engine.send_encoded(packets);
     }
 
     fn send_packet(&self, p: &Packet, attachments: Vec<Bytes>) {

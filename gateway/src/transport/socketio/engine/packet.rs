@@ -3,6 +3,7 @@
 //! (packets joined by the record separator `\x1e`, binary ones as `b` and
 //! base64).
 
+use axum::extract::ws::Utf8Bytes;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use bytes::Bytes;
@@ -51,6 +52,10 @@ pub enum Packet {
     Upgrade,
     /// `6`: nothing (ends a pending poll during an upgrade).
     Noop,
+    /// An outbound packet already in its text form, type digit included
+    /// (an event's Socket.IO packet, built once and shared by every
+    /// connection it goes to).
+    Encoded(Utf8Bytes),
 }
 
 /// A packet that cannot be decoded.
@@ -122,6 +127,7 @@ impl Packet {
             }
             Packet::Upgrade => out.push('5'),
             Packet::Noop => out.push('6'),
+            Packet::Encoded(t) => out.push_str(t.as_str()),
         }
     }
 
@@ -138,6 +144,7 @@ impl Packet {
             Packet::Message(Payload::Text(t)) => t.len() + 1,
             Packet::Message(Payload::Binary(b)) => b.len().div_ceil(3) * 4 + 1,
             Packet::Close | Packet::Upgrade | Packet::Noop => 1,
+            Packet::Encoded(t) => t.len(),
         }
     }
 }

@@ -1,0 +1,144 @@
+//! Engine.IO v4 behaviour that the vendored Socket.IO suite does not cover
+//! and the (unlicensed, so not vendored) official Engine.IO suite does:
+//! payloads of several packets, binary over polling and WebSocket, the
+//! session ending on a malformed packet or on two polls at once. Run
+//! against the engine layer with an echo session, as that suite's fixture.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::Value;
+use switchboard_gateway::transport::socketio::engine::{Accept, Engine, EngineConfig};
+use switchboard_gateway::transport::socketio::router;
+use tokio_tungstenite::tungstenite::Message;
+
+const DEADLINE: Duration = Duration::from_secs(10);
+
+async fn echo_server() -> String {
+    let accept: Accept = Box::new(|mut socket, _| {
+        tokio::spawn(async move {
+            while let Ok(m) = socket.recv().await {
+                socket.send([m]);
+            }
+        });
+    });
+    let engine: Arc<Engine> = Engine::new(
+        EngineConfig {
+            ping_interval: Duration::from_millis(300),
+            ping_timeout: Duration::from_millis(200),
+            max_payload: 1_000_000,
+        },
+        accept,
+    );
+    let app: axum::Router = router(engine, "/engine.io");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    format!("127.0.0.1:{}", addr.port())
+}
+
+fn polling(addr: &str, sid: Option<&str>) -> String {
+    match sid {
+        Some(s) => format!("http://{addr}/engine.io/?EIO=4&transport=polling&sid={s}"),
+        None => format!("http://{addr}/engine.io/?EIO=4&transport=polling"),
+    }
+}
+
+async fn open(addr: &str) -> String {
+    let body = reqwest::get(polling(addr, None))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let v: Value = serde_json::from_str(&body[1..]).unwrap();
+    v["sid"].as_str().unwrap().to_owned()
+}
+
+async fn get(addr: &str, sid: &str) -> (u16, String) {
+    let r = tokio::time::timeout(DEADLINE, reqwest::get(polling(addr, Some(sid))))
+        .await
+        .expect("answered")
+        .unwrap();
+    (r.status().as_u16(), r.text().await.unwrap())
+}
+
+async fn post(addr: &str, sid: &str, body: &'static str) -> (u16, String) {
+    let r = reqwest::Client::new()
+        .post(polling(addr, Some(sid)))
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.text().await.unwrap())
+}
+
+#[tokio::test]
+async fn polling_payloads_of_text_and_binary_packets_come_back_whole() {
+    let addr = echo_server().await;
+    let sid = open(&addr).await;
+    assert_eq!(post(&addr, &sid, "4hello").await, (200, "ok".into()));
+    assert_eq!(get(&addr, &sid).await, (200, "4hello".into()));
+    assert_eq!(post(&addr, &sid, "4test1\x1e4test2\x1e4test3").await.0, 200);
+    assert_eq!(get(&addr, &sid).await.1, "4test1\x1e4test2\x1e4test3");
+    assert_eq!(post(&addr, &sid, "4hello\x1ebAQIDBA==").await.0, 200);
+    assert_eq!(get(&addr, &sid).await.1, "4hello\x1ebAQIDBA==");
+}
+
+#[tokio::test]
+async fn two_polls_at_once_end_the_session() {
+    let addr = echo_server().await;
+    let sid = open(&addr).await;
+    let first = {
+        let (addr, sid) = (addr.clone(), sid.clone());
+        tokio::spawn(async move { get(&addr, &sid).await })
+    };
+    // The first poll is parked when the second arrives (it waits up to a
+    // ping interval for something to send).
+    let second = loop {
+        let r = get(&addr, &sid).await;
+        if r.0 != 200 || r.1 == "1" {
+            break r;
+        }
+    };
+    assert_eq!(second.0, 400, "{second:?}");
+    assert_eq!(
+        first.await.unwrap(),
+        (200, "1".into()),
+        "the first poll gets a close"
+    );
+    assert_eq!(get(&addr, &sid).await.0, 400, "the session is gone");
+}
+
+#[tokio::test]
+async fn a_malformed_packet_ends_the_session_on_either_transport() {
+    let addr = echo_server().await;
+    let sid = open(&addr).await;
+    assert_eq!(post(&addr, &sid, "abc").await.0, 400);
+    assert_eq!(get(&addr, &sid).await.0, 400);
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!(
+        "ws://{addr}/engine.io/?EIO=4&transport=websocket"
+    ))
+    .await
+    .unwrap();
+    ws.next().await.unwrap().unwrap(); // open
+    ws.send(Message::binary(vec![1u8, 2, 3, 4])).await.unwrap();
+    assert_eq!(
+        ws.next().await.unwrap().unwrap(),
+        Message::binary(vec![1u8, 2, 3, 4])
+    );
+    ws.send(Message::text("abc")).await.unwrap();
+    loop {
+        match tokio::time::timeout(DEADLINE, ws.next())
+            .await
+            .expect("closed in time")
+        {
+            Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
+            Some(Ok(Message::Text(t))) => {
+                assert_eq!(t.as_str(), "2", "only pings before the close")
+            }
+            Some(Ok(other)) => panic!("unexpected {other:?}"),
+        }
+    }
+}
