@@ -240,11 +240,13 @@ test('a client that lost its connection recovers its rooms and what it missed', 
 });
 
 /** A load balancer with no stickiness: every HTTP request and WebSocket
- * goes to the next live backend in turn. */
-async function roundRobin(backends) {
+ * goes to the next live backend in turn (WebSockets to `upgradesTo` when
+ * given). */
+async function roundRobin(backends, { upgradesTo } = {}) {
   let next = 0;
   const hits = new Map();
   const pick = () => backends[next++ % backends.length];
+  const pickUpgrade = () => upgradesTo || pick();
   const server = createServer(async (req, res) => {
     // The body is read first, so a request can be retried on the next
     // backend when one is down.
@@ -266,7 +268,7 @@ async function roundRobin(backends) {
   });
   server.on('upgrade', (req, sock, head) => {
     const tryOne = (left) => {
-      const u = new URL(pick().url);
+      const u = new URL(pickUpgrade().url);
       const up = net.connect(u.port, u.hostname, () => {
         let raw = `${req.method} ${req.url} HTTP/1.1\r\n`;
         for (let i = 0; i < req.rawHeaders.length; i += 2) raw += `${req.rawHeaders[i]}: ${req.rawHeaders[i + 1]}\r\n`;
@@ -317,6 +319,52 @@ test('cluster mode, no sticky sessions: a polling session served by two gateways
     const seen = c.got.message.map((m) => m.id);
     assert.deepEqual(seen.slice(4), missed, 'what was published during the move, once and in order');
     assert.equal(new Set(seen).size, seen.length, 'no duplicates');
+  } finally {
+    lb.close();
+  }
+});
+
+test('cluster mode, no sticky sessions: an upgrade that reaches another gateway is relayed to the session', async () => {
+  const nats = await natsServer();
+  const a = await gateway({ nats });
+  const b = await gateway({ nats });
+  // Polls go round-robin; every WebSocket goes to b, so the sessions a
+  // opened are upgraded through b.
+  const lb = await roundRobin([a, b], { upgradesTo: b });
+  try {
+    const clients = [];
+    for (let i = 0; i < 4; i++) {
+      const c = await client(lb.url, mint('acme', `user${i}`));
+      await connected(c);
+      await emitAck(c.socket, 'join_room', { roomId: 'deal.relay' });
+      clients.push(c);
+    }
+    for (const c of clients) {
+      await until('upgraded to websocket', () => c.socket.io.engine.transport.name === 'websocket');
+    }
+    const counts = await Promise.all([a, b].map(async (g) => (await (await fetch(`${g.url}/api/realtime/health/`)).json()).connections));
+    assert.equal(counts[0] + counts[1], 4);
+    assert.ok(counts[0] > 0, `some sessions are held by a, so their upgrade (to b) was relayed: ${counts}`);
+    const ids = [];
+    for (let i = 0; i < 3; i++) ids.push(await publish(i % 2 ? a.url : b.url, 'acme', 'deal.relay', { i }));
+    for (const c of clients) {
+      await until('events over the relayed WebSocket', () => c.got.message.length >= 3);
+      assert.deepEqual(c.got.message.map((m) => m.id).sort(), [...ids].sort());
+    }
+    // Client to server over the relay: events with acks, seen by every member.
+    for (const c of clients) {
+      const ack = await emitAck(c.socket, 'message', { roomId: 'deal.relay', payload: { from: c.socket.id } });
+      assert.ok(ack.messageId);
+    }
+    for (const c of clients) {
+      await until('every member sees every message', () => c.got.message.length >= 7);
+    }
+    // Closing the client ends the session on its owner.
+    for (const c of clients) c.socket.disconnect();
+    await until('sessions gone', async () => {
+      const n = await Promise.all([a, b].map(async (g) => (await (await fetch(`${g.url}/api/realtime/health/`)).json()).connections));
+      return n[0] + n[1] === 0;
+    });
   } finally {
     lb.close();
   }

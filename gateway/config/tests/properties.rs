@@ -90,7 +90,8 @@ proptest! {
     ) {
         let mut yaml = String::from(if tenants.is_empty() { "tenants: {}\n" } else { "tenants:\n" });
         for (tenant, patterns) in &tenants {
-            yaml.push_str(&format!("  {tenant}:\n    subscribe:\n"));
+            // Quoted: a tenant may be called `null`, `true` or `no`.
+            yaml.push_str(&format!("  \"{tenant}\":\n    subscribe:\n"));
             if patterns.is_empty() {
                 yaml.push_str("      []\n");
             }
@@ -101,6 +102,17 @@ proptest! {
         let bundle = PolicyBundle::from_yaml(&yaml).unwrap();
         let again = PolicyBundle::from_yaml(&bundle.to_yaml()).unwrap();
         prop_assert_eq!(again.digest(), bundle.digest());
+    }
+}
+
+#[test]
+fn tenants_named_like_yaml_keywords_survive_printing() {
+    for name in ["null", "true", "no", "yes", "off", "nan"] {
+        let yaml = format!("tenants:\n  \"{name}\":\n    subscribe:\n      - pattern: \"a.*\"\n");
+        let bundle = PolicyBundle::from_yaml(&yaml).unwrap();
+        assert!(bundle.tenants.contains_key(name), "{name}");
+        let again = PolicyBundle::from_yaml(&bundle.to_yaml()).unwrap();
+        assert_eq!(again.digest(), bundle.digest(), "{name}");
     }
 }
 

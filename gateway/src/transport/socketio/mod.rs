@@ -80,10 +80,8 @@ async fn handle(State(engine): State<Arc<Engine>>, request: Request) -> Response
                 ));
             }
             if let Some(sid) = &sid
-                && !engine.holds(sid)
+                && !engine.reaches(sid)
             {
-                // Another process holds it (or nobody): the client keeps
-                // polling, forwarded to the owner.
                 return text(Reply::error(400, 1, "Session ID unknown"));
             }
             let max = engine.config().max_payload + 64;

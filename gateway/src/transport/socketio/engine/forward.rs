@@ -19,13 +19,31 @@ const METHOD: &str = "Sio-Method";
 const SID: &str = "Sio-Sid";
 const STATUS: &str = "Sio-Status";
 
-/// Which polling request is forwarded.
+/// Which request is forwarded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Method {
-    /// Take what is queued.
+    /// A poll: take what is queued.
     Get,
-    /// Deliver packets.
+    /// A push: deliver packets.
     Post,
+    /// A relay answered the client's probe (see [`super::relay`]).
+    Upgrade,
+    /// The client completed the upgrade through the relay.
+    Switch,
+    /// The relay gave up before the switch.
+    Abort,
+}
+
+impl Method {
+    fn as_str(self) -> &'static str {
+        match self {
+            Method::Get => "GET",
+            Method::Post => "POST",
+            Method::Upgrade => "UPGRADE",
+            Method::Switch => "SWITCH",
+            Method::Abort => "ABORT",
+        }
+    }
 }
 
 /// Sends requests to other processes and serves theirs.
@@ -41,6 +59,16 @@ impl Forwarder {
             client,
             prefix: prefix.to_owned(),
         }
+    }
+
+    /// The NATS connection.
+    pub fn client(&self) -> &async_nats::Client {
+        &self.client
+    }
+
+    /// The subject prefix.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
     }
 
     fn subject(&self, owner: &str) -> String {
@@ -61,13 +89,7 @@ impl Forwarder {
             return Reply::unknown_sid();
         }
         let mut headers = HeaderMap::new();
-        headers.insert(
-            METHOD,
-            match method {
-                Method::Get => "GET",
-                Method::Post => "POST",
-            },
-        );
+        headers.insert(METHOD, method.as_str());
         headers.insert(SID, sid);
         let request = async_nats::Request::new()
             .payload(body)
@@ -96,6 +118,7 @@ impl Forwarder {
     /// Answer requests for `owner`'s sessions from `engine`.
     pub fn serve(&self, engine: Arc<Engine>, owner: String) {
         let client = self.client.clone();
+        let prefix = self.prefix.clone();
         let subject = self.subject(&owner);
         tokio::spawn(async move {
             let mut sub = match client.subscribe(subject.clone()).await {
@@ -112,6 +135,7 @@ impl Forwarder {
                 };
                 let engine = engine.clone();
                 let client = client.clone();
+                let prefix = prefix.clone();
                 tokio::spawn(async move {
                     let sid = headers
                         .get(SID)
@@ -119,10 +143,28 @@ impl Forwarder {
                         .unwrap_or_default();
                     // Only sessions held here: never forwarded again.
                     let local = engine.sessions.get(sid.as_str()).map(|s| s.clone());
+                    let verdict = |ok: bool| {
+                        if ok {
+                            Reply::ok("ok".into())
+                        } else {
+                            Reply::error(400, 3, "Bad request")
+                        }
+                    };
                     let answer = match (local, headers.get(METHOD).map(|v| v.as_str())) {
                         (Some(shared), Some("GET")) => engine.poll_local(shared).await,
                         (Some(shared), Some("POST")) => {
                             engine.push_local(&shared, &msg.payload).await
+                        }
+                        (Some(shared), Some("UPGRADE")) => verdict(super::relay::begin(
+                            &shared,
+                            engine.config.ping_interval + engine.config.ping_timeout,
+                        )),
+                        (Some(shared), Some("SWITCH")) => {
+                            verdict(super::relay::switch(shared, client.clone(), &prefix).await)
+                        }
+                        (Some(shared), Some("ABORT")) => {
+                            super::relay::abort(&shared);
+                            Reply::ok("ok".into())
                         }
                         _ => Reply::unknown_sid(),
                     };

@@ -17,6 +17,7 @@
 
 pub mod forward;
 pub mod packet;
+pub mod relay;
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
@@ -502,6 +503,14 @@ impl Engine {
             }
             Some(sid) => {
                 let Some(shared) = self.sessions.get(sid.as_str()).map(|s| s.clone()) else {
+                    // Held by another process: relay the upgrade to it.
+                    if let (Some(owner), Some(f)) = (Self::owner_of(&sid), self.forward.get())
+                        && owner != self.owner
+                    {
+                        let wait = self.config.ping_interval + self.config.ping_timeout;
+                        relay::relay(f, owner, &sid, socket, wait).await;
+                        return;
+                    }
                     let _ = socket.send(Message::Close(None)).await;
                     return;
                 };
@@ -761,6 +770,15 @@ impl Engine {
     /// Whether this process holds session `sid`.
     pub fn holds(&self, sid: &str) -> bool {
         self.sessions.contains_key(sid)
+    }
+
+    /// Whether this process holds session `sid`, or can relay its
+    /// upgrade to the process that does.
+    pub fn reaches(&self, sid: &str) -> bool {
+        self.holds(sid)
+            || (self.forward.get().is_some()
+                && relay::subject_safe(sid)
+                && Self::owner_of(sid).is_some_and(|o| o != self.owner))
     }
 
     /// A polling body over `maxPayload` ends its session (held here).
