@@ -9,6 +9,7 @@ import { mkdtempSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, dirname } from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { freePort, until } from './lib.mjs';
 import net from 'node:net';
 import assert from 'node:assert/strict';
 import { test, after } from 'node:test';
@@ -26,22 +27,6 @@ after(() => {
   for (const c of children) c.kill('SIGKILL');
 });
 
-export async function freePort() {
-  return new Promise((resolve) => {
-    const s = createServer();
-    s.listen(0, '127.0.0.1', () => { const p = s.address().port; s.close(() => resolve(p)); });
-  });
-}
-
-async function until(what, fn, ms = 15000) {
-  const end = Date.now() + ms;
-  for (;;) {
-    const v = await fn();
-    if (v) return v;
-    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 25));
-  }
-}
 
 const mint = (tenant, user, scope = 'subscribe') =>
   execFileSync(bin, ['token', '--tenant', tenant, '--scope', scope, '--user', user, '--secret', SECRET]).toString().trim();

@@ -77,11 +77,6 @@ impl SioSocket {
         }
     }
 
-    /// The Engine.IO session.
-    pub fn engine(&self) -> &EngineSocket {
-        &self.engine
-    }
-
     /// Whether `nsp` was joined.
     pub fn joined(&self, nsp: &str) -> bool {
         self.joined.iter().any(|n| n == nsp)
@@ -179,12 +174,6 @@ impl SioSocket {
         let mut p = Packet::new(Kind::ConnectError, nsp);
         p.data = Some(body);
         self.send_packet(&p, Vec::new());
-    }
-
-    /// Leave a namespace from the server's side.
-    pub fn disconnect(&mut self, nsp: &str) {
-        self.send_packet(&Packet::new(Kind::Disconnect, nsp), Vec::new());
-        self.joined.retain(|n| n != nsp);
     }
 
     /// Emit `event` with `args` (and binary attachments whose placeholders

@@ -146,6 +146,37 @@ impl Shared {
         ok
     }
 
+    /// A packet from the client, on any transport: messages and heartbeats
+    /// go to the session task, `close` ends the session, and a packet no
+    /// client sends ends it as a protocol error. `Err`: why it ends.
+    async fn receive(&self, packet: Packet) -> Result<(), Closed> {
+        match packet {
+            Packet::Close => Err(Closed::ByClient),
+            p @ (Packet::Message(_) | Packet::Pong(_) | Packet::Ping(_)) => {
+                if self.deliver(p).await {
+                    Ok(())
+                } else {
+                    Err(Closed::ByServer)
+                }
+            }
+            Packet::Noop => Ok(()),
+            Packet::Open(_) | Packet::Upgrade | Packet::Encoded(_) => Err(Closed::ByServer),
+        }
+    }
+
+    /// What a WebSocket writer waits for: everything queued, or why the
+    /// session ended.
+    async fn next_out(&self) -> Result<VecDeque<Packet>, Closed> {
+        self.wait(|st| {
+            if !st.queue.is_empty() {
+                Some(Ok(std::mem::take(&mut st.queue)))
+            } else {
+                st.closed.map(Err)
+            }
+        })
+        .await
+    }
+
     /// The next packet of the inbox, if any.
     fn take_inbox(&self) -> Option<Packet> {
         let mut st = self.lock();
@@ -287,11 +318,6 @@ impl Engine {
     /// The protocol's knobs.
     pub fn config(&self) -> &EngineConfig {
         &self.config
-    }
-
-    /// Sessions open on this process.
-    pub fn session_count(&self) -> usize {
-        self.sessions.len()
     }
 
     /// The process a session id names.
@@ -465,18 +491,14 @@ impl Engine {
             }
         };
         for p in packets {
-            match p {
-                Packet::Close => {
+            match shared.receive(p).await {
+                Ok(()) => {}
+                Err(Closed::ByClient) => {
                     shared.close(Closed::ByClient);
                     break;
                 }
-                Packet::Message(_) | Packet::Pong(_) | Packet::Ping(_) => {
-                    if !shared.deliver(p).await {
-                        return Reply::error(400, 3, "Bad request");
-                    }
-                }
-                Packet::Open(_) | Packet::Upgrade | Packet::Noop | Packet::Encoded(_) => {
-                    shared.close(Closed::ByServer);
+                Err(why) => {
+                    shared.close(why);
                     return Reply::error(400, 3, "Bad request: unexpected packet");
                 }
             }
@@ -560,13 +582,7 @@ impl Engine {
     async fn websocket_loop(&self, mut socket: WebSocket, shared: &Shared) {
         let max = self.config.max_payload;
         let outcome = loop {
-            let queued = shared.wait(|st| {
-                if !st.queue.is_empty() {
-                    Some(Ok(std::mem::take(&mut st.queue)))
-                } else {
-                    st.closed.map(Err)
-                }
-            });
+            let queued = shared.next_out();
             tokio::select! {
                 biased;
                 frame = socket.next() => {
@@ -577,15 +593,12 @@ impl Engine {
                         Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
                         Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break Closed::ByClient,
                     };
-                    match packet {
-                        Ok(Packet::Close) => break Closed::ByClient,
-                        Ok(p @ (Packet::Message(_) | Packet::Pong(_) | Packet::Ping(_))) => {
-                            if !shared.deliver(p).await {
-                                break Closed::ByServer;
-                            }
-                        }
-                        Ok(Packet::Noop) => {}
-                        Ok(Packet::Open(_) | Packet::Upgrade | Packet::Encoded(_)) | Err(_) => break Closed::ByServer,
+                    let received = match packet {
+                        Ok(p) => shared.receive(p).await,
+                        Err(_) => Err(Closed::ByServer),
+                    };
+                    if let Err(why) = received {
+                        break why;
                     }
                 }
                 out = queued => match out {

@@ -101,7 +101,8 @@ impl Packet {
         }
     }
 
-    /// The text form (binary messages excepted: see [`Packet::encode_polling`]).
+    /// The text form (binary messages as `b<base64>`, their polling form;
+    /// a WebSocket sends them as binary frames instead).
     pub fn encode_text(&self, out: &mut String) {
         match self {
             Packet::Open(d) => {
@@ -129,11 +130,6 @@ impl Packet {
             Packet::Noop => out.push('6'),
             Packet::Encoded(t) => out.push_str(t.as_str()),
         }
-    }
-
-    /// The polling form of one packet: binary messages as `b<base64>`.
-    pub fn encode_polling(&self, out: &mut String) {
-        self.encode_text(out);
     }
 
     /// How many bytes its polling form takes (close enough to bound a
@@ -169,7 +165,7 @@ pub fn encode_payload<'a>(packets: impl IntoIterator<Item = &'a Packet>) -> Stri
         if i > 0 {
             out.push(SEPARATOR);
         }
-        p.encode_polling(&mut out);
+        p.encode_text(&mut out);
     }
     out
 }

@@ -98,13 +98,7 @@ async fn owner_loop(
     out: String,
 ) {
     let outcome = loop {
-        let queued = shared.wait(|st| {
-            if !st.queue.is_empty() {
-                Some(Ok(std::mem::take(&mut st.queue)))
-            } else {
-                st.closed.map(Err)
-            }
-        });
+        let queued = shared.next_out();
         tokio::select! {
             biased;
             m = inbound.next() => {
@@ -114,23 +108,18 @@ async fn owner_loop(
                     break Closed::ByClient;
                 }
                 let packet = if headers.is_some_and(|h| h.get(BINARY).is_some()) {
-                    Ok(Packet::Message(Payload::Binary(m.payload)))
+                    Some(Packet::Message(Payload::Binary(m.payload)))
                 } else {
                     std::str::from_utf8(&m.payload)
-                        .map_err(|_| ())
-                        .and_then(|t| Packet::decode_text(t).map_err(|_| ()))
+                        .ok()
+                        .and_then(|t| Packet::decode_text(t).ok())
                 };
-                match packet {
-                    Ok(Packet::Close) => break Closed::ByClient,
-                    Ok(p @ (Packet::Message(_) | Packet::Pong(_) | Packet::Ping(_))) => {
-                        if !shared.deliver(p).await {
-                            break Closed::ByServer;
-                        }
-                    }
-                    Ok(Packet::Noop) => {}
-                    Ok(Packet::Open(_) | Packet::Upgrade | Packet::Encoded(_)) | Err(()) => {
-                        break Closed::ByServer;
-                    }
+                let received = match packet {
+                    Some(p) => shared.receive(p).await,
+                    None => Err(Closed::ByServer),
+                };
+                if let Err(why) = received {
+                    break why;
                 }
             }
             q = queued => match q {
