@@ -35,6 +35,7 @@ fn messages() -> Vec<(&'static str, ServerMessage)> {
             "subscription.confirmed",
             ServerMessage::SubscriptionConfirmed {
                 topics: vec!["deal.stage.*".into()],
+                cursor: None,
                 request_id: None,
             },
         ),
@@ -42,6 +43,7 @@ fn messages() -> Vec<(&'static str, ServerMessage)> {
             "subscription.confirmed with requestId",
             ServerMessage::SubscriptionConfirmed {
                 topics: vec!["deal.stage.*".into(), "contact.*".into()],
+                cursor: Some(cursor),
                 request_id: Some(json!(7)),
             },
         ),

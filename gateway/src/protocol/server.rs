@@ -47,6 +47,10 @@ pub enum ServerMessage {
     SubscriptionConfirmed {
         /// The patterns held (refused ones are not listed).
         topics: Vec<String>,
+        /// Extension: a position from which the connection misses nothing
+        /// it now holds (the last event it was sent, or where its
+        /// subscriptions began), for a client that has no cursor yet.
+        cursor: Option<Cursor>,
         /// Echoed `requestId`.
         request_id: Option<Value>,
     },
@@ -225,6 +229,11 @@ impl ServerMessage {
                 "region": region,
                 "expires_at": expires_at,
             }),
+            ServerMessage::SubscriptionConfirmed {
+                topics,
+                cursor: Some(cursor),
+                ..
+            } => json!({ "topics": topics, "cursor": cursor.to_string(), "timestamp": ts }),
             ServerMessage::SubscriptionConfirmed { topics, .. }
             | ServerMessage::UnsubscriptionConfirmed { topics, .. } => {
                 json!({ "topics": topics, "timestamp": ts })

@@ -292,7 +292,7 @@ impl Connection {
     }
 
     /// Where this client resumes without missing or repeating anything.
-    fn resume_cursor(&self) -> Cursor {
+    pub(super) fn resume_cursor(&self) -> Cursor {
         self.sent_up_to
             .unwrap_or_else(|| self.session.live_cursor())
     }

@@ -237,6 +237,7 @@ impl Connection {
             },
             Ok(p) => ServerMessage::SubscriptionConfirmed {
                 topics: vec![p.to_string()],
+                cursor: Some(self.resume_cursor()),
                 request_id: rid,
             },
             Err(e) => {
@@ -312,6 +313,7 @@ impl Connection {
         } else {
             ServerMessage::SubscriptionConfirmed {
                 topics: ok.iter().map(|p| p.as_str().to_owned()).collect(),
+                cursor: Some(self.resume_cursor()),
                 request_id: rid.clone(),
             }
         };
