@@ -35,6 +35,7 @@ pub fn app(node: Arc<Node>) -> Router {
     };
     Router::new()
         .merge(socketio)
+        .merge(crate::transport::console::router(&node))
         .route("/ws", get(ws::upgrade))
         .route("/ws/", get(ws::upgrade))
         .route("/api/realtime/poll/", get(longpoll::poll))

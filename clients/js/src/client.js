@@ -138,6 +138,8 @@ export class Client extends Emitter {
     this.stopped = true;
     this.reconnectNow = false;
     this.flushQueued = false;
+    /** an HTTP transport waits for its first topic */
+    this.awaitingTopics = false;
     /** @type {{userId?: string, connectionId?: string, region?: string, expiresAt?: number}} */
     this.connection = {};
     /** @type {Record<string, ReturnType<typeof setTimeout> | undefined>} */
@@ -245,6 +247,7 @@ export class Client extends Emitter {
 
   async attempt() {
     const generation = ++this.generation;
+    this.awaitingTopics = false;
     let token;
     try {
       token = await this.currentToken();
@@ -266,7 +269,8 @@ export class Client extends Emitter {
       // An HTTP stream needs topics: it opens with the first subscription.
       this.transport = null;
       this.open = false;
-      this.setState('connecting');
+      this.awaitingTopics = true;
+      this.tried.delete(name);
       return;
     }
     const o = this.options;
@@ -632,7 +636,7 @@ export class Client extends Emitter {
       if (fresh.length > 0) this.sendSubscribe(fresh, null);
       return;
     }
-    if (this.state === 'connecting' && !t && !this.timers.reconnect) {
+    if (this.awaitingTopics) {
       void this.attempt(); // an HTTP stream waiting for its first topic
       return;
     }

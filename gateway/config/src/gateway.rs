@@ -34,6 +34,8 @@ pub struct GatewayConfig {
     pub presence: PresenceConfig,
     /// The Socket.IO endpoint (`/socket.io/`, Engine.IO v4 / Socket.IO v5).
     pub socketio: SocketIoConfig,
+    /// The live console page (`/console/`).
+    pub console: ConsoleConfig,
     /// How long and how much history is kept.
     pub history: HistoryConfig,
     /// Seconds over which connections are told to reconnect on shutdown.
@@ -182,6 +184,7 @@ impl Default for GatewayConfig {
             heartbeat: HeartbeatConfig::default(),
             presence: PresenceConfig::default(),
             socketio: SocketIoConfig::default(),
+            console: ConsoleConfig::default(),
             history: HistoryConfig::default(),
             drain_seconds: 30,
             policy_file: None,
@@ -303,6 +306,42 @@ impl Default for PresenceConfig {
         Self {
             heartbeat_seconds: 5,
             timeout_seconds: 15,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+/// When the console is served.
+pub enum ConsoleMode {
+    /// Only in development mode (no token keys configured).
+    #[default]
+    Development,
+    /// Always (it holds no secret: it works with the token its user gives it).
+    On,
+    /// Never.
+    Off,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(default, deny_unknown_fields, rename_all = "snake_case")]
+/// The live console: a page at `/console/` that connects with a token,
+/// subscribes, shows events as they arrive, publishes test events and
+/// shows presence, built on the JavaScript SDK (served with it).
+pub struct ConsoleConfig {
+    /// `development` (default: served only when no token keys are
+    /// configured, where it can also mint development tokens), `on` or `off`.
+    pub enabled: ConsoleMode,
+}
+
+impl ConsoleConfig {
+    /// Whether the console is served, given whether the gateway runs in
+    /// development mode (no keys configured).
+    pub fn served(&self, development: bool) -> bool {
+        match self.enabled {
+            ConsoleMode::Development => development,
+            ConsoleMode::On => true,
+            ConsoleMode::Off => false,
         }
     }
 }

@@ -1,6 +1,7 @@
 //! The ways clients reach the gateway: WebSocket (native protocol), SSE and
 //! long-polling for subscribers, and the HTTP publish API for backends.
 
+pub mod console;
 pub mod longpoll;
 pub mod publish;
 pub mod snapshot;

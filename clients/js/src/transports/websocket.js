@@ -44,12 +44,12 @@ export function openWebSocket(ctx) {
       return; // the gateway only sends JSON; ignore anything else
     }
     if (!msg || typeof msg.type !== 'string') return;
+    if (msg.type === 'error' && msg.data) lastError = { code: String(msg.data.code), message: String(msg.data.message) };
+    ctx.onMessage(msg);
     if (msg.type === 'connection.established' && !opened) {
       opened = true;
       ctx.onOpen();
     }
-    if (msg.type === 'error' && msg.data) lastError = { code: String(msg.data.code), message: String(msg.data.message) };
-    ctx.onMessage(msg);
   };
   ws.onclose = (ev) => {
     end({ code: ev.code || 1006, reason: ev.reason || lastError?.message || '', opened, error: lastError });

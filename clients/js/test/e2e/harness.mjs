@@ -113,7 +113,7 @@ export async function publish(url, topic, data, { tenant = 'acme' } = {}) {
  */
 export async function proxy(backends) {
   const port = await freePort();
-  const state = { backends: [...backends], stall: /** @type {RegExp | null} */ (null), next: 0, sockets: new Set() };
+  const state = { backends: [...backends], stall: /** @type {RegExp | null} */ (null), next: 0, sockets: new Set(), pairs: new Set() };
   const server = net.createServer((client) => {
     state.sockets.add(client);
     client.on('close', () => state.sockets.delete(client));
@@ -137,6 +137,9 @@ export async function proxy(backends) {
           upstream.write(first);
           client.pipe(upstream);
           upstream.pipe(client);
+          const pair = { client, upstream };
+          state.pairs.add(pair);
+          upstream.on('close', () => state.pairs.delete(pair));
           upstream.on('close', () => client.destroy());
           client.on('close', () => upstream.destroy());
         });
@@ -154,6 +157,20 @@ export async function proxy(backends) {
     /** Stall new requests whose request line matches (null: none). */
     stall(re) {
       state.stall = re;
+    },
+    /** Set the backends new connections go to. */
+    setBackends(ports) {
+      state.backends = [...ports];
+    },
+    /** Freeze every open connection: bytes stop flowing both ways, nothing closes. */
+    freeze() {
+      for (const { client, upstream } of state.pairs) {
+        client.unpipe(upstream);
+        upstream.unpipe(client);
+        client.pause();
+        upstream.pause();
+      }
+      state.pairs.clear();
     },
     /** Cut every open connection (as a network failure would). */
     cut() {

@@ -1,0 +1,173 @@
+// The live console (/console/) in headless Chromium: built on the
+// JavaScript SDK, so this is also the SDK's browser test (WebSocket with
+// publish and presence, SSE and long-polling over fetch). Run by
+// ./tests/run.sh with `node --test`. UPDATE_SCREENSHOT=1 writes the
+// screenshot docs/console.png.
+import { spawn, execFileSync } from 'node:child_process';
+import { mkdtempSync, writeFileSync, copyFileSync, mkdirSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join, dirname } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import assert from 'node:assert/strict';
+import { test, after, before } from 'node:test';
+import { chromium } from 'playwright-core';
+import WebSocket from 'ws';
+import { freePort, until } from './lib.mjs';
+import { Client } from '../../clients/js/src/index.js';
+
+const here = dirname(fileURLToPath(import.meta.url));
+const bin = process.env.SWITCHBOARD_BIN || join(here, '../../target/debug/switchboard');
+const children = [];
+let browser;
+
+before(async () => {
+  browser = await chromium.launch({
+    executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
+    args: ['--headless', '--no-sandbox', '--disable-gpu', '--no-first-run', '--disable-background-networking', '--disable-sync'],
+  });
+});
+after(async () => {
+  await browser?.close();
+  for (const c of children) c.kill('SIGKILL');
+});
+
+async function gateway(config = '') {
+  const port = await freePort();
+  const admin = await freePort();
+  const dir = mkdtempSync(join(tmpdir(), 'sb-console-'));
+  const file = join(dir, 'gateway.yaml');
+  writeFileSync(file, `listen: 127.0.0.1:${port}\nadmin_listen: 127.0.0.1:${admin}\nregion: eu-west\n${config}`);
+  const env = { ...process.env, RUST_LOG: 'warn' };
+  delete env.SWITCHBOARD_HS256_SECRET;
+  const child = spawn(bin, ['--config', file], { env, stdio: ['ignore', 'inherit', 'inherit'] });
+  children.push(child);
+  await until('gateway ready', async () => (await fetch(`http://127.0.0.1:${admin}/readyz`).catch(() => null))?.ok);
+  return `http://127.0.0.1:${port}`;
+}
+
+// The development secret: the gateway accepts it only with no keys configured.
+const devEnv = { ...process.env };
+delete devEnv.SWITCHBOARD_HS256_SECRET;
+const devToken = (user, scope = 'subscribe,publish') =>
+  execFileSync(bin, ['token', '--tenant', 'demo', '--user', user, '--scope', scope], { env: devEnv }).toString().trim();
+
+async function publish(url, topic, data) {
+  const r = await fetch(`${url}/api/realtime/publish/`, {
+    method: 'POST',
+    headers: { 'content-type': 'application/json', authorization: `Bearer ${devToken('backend', 'publish')}` },
+    body: JSON.stringify({ event_type: topic, data }),
+  });
+  assert.equal(r.status, 201, await r.text());
+}
+
+async function openConsole(url, { transport = '' } = {}) {
+  const page = await browser.newPage({ viewport: { width: 1400, height: 900 } });
+  const errors = [];
+  page.on('pageerror', (e) => errors.push(String(e)));
+  page.on('console', (m) => m.type() === 'error' && errors.push(m.text()));
+  await page.goto(`${url}/console/`);
+  await page.waitForSelector('#dev:not([hidden])');
+  await page.fill('#dev-user', 'ada');
+  await page.click('#dev-mint');
+  await until('token minted', async () => (await page.inputValue('#token')).split('.').length === 3);
+  await page.selectOption('#transport-choice', transport);
+  await page.click('#connect');
+  // An HTTP stream opens with the first subscription.
+  if (!transport) await page.waitForSelector('#status.connected', { timeout: 15000 });
+  return { page, errors };
+}
+
+async function subscribeIn(page, pattern) {
+  await page.fill('#pattern', pattern);
+  await page.click('#subscribe-form button');
+  await page.waitForSelector(`li[data-pattern="${pattern}"] .state.subscribed`, { timeout: 15000 });
+}
+
+const rows = (page) => page.$$eval('#events tr', (trs) => trs.map((tr) => [...tr.children].map((td) => td.textContent)));
+
+test('the console: development token, subscribe, live events with metadata, publish, presence', async () => {
+  const url = await gateway();
+  const { page, errors } = await openConsole(url);
+  assert.equal(await page.textContent('#transport'), 'websocket');
+  assert.equal(await page.textContent('#user'), 'ada');
+  assert.equal(await page.textContent('#region'), 'eu-west');
+  await subscribeIn(page, 'deal.*');
+  await page.fill('#pattern', 'user:someone-else');
+  await page.click('#subscribe-form button');
+  await page.waitForSelector('li[data-pattern="user:someone-else"] .state.failed');
+  for (let i = 0; i < 3; i++) await publish(url, `deal.${i}`, { deal_id: i, stage: 'won' });
+  await publish(url, 'contact.1', { not: 'subscribed' });
+  await until('three rows', async () => (await rows(page)).length === 3);
+  const shown = await rows(page);
+  assert.deepEqual(shown.map((r) => r[2]), ['deal.2', 'deal.1', 'deal.0'], 'newest first, only what matches');
+  assert.equal(shown[0][3], 'eu-west');
+  assert.equal(shown[0][5], '{"deal_id":2,"stage":"won"}');
+  // Publishing from the page: acknowledged, and seen coming back.
+  await page.fill('#pub-topic', 'deal.chat');
+  await page.fill('#pub-type', 'note');
+  await page.click('#publish-form button');
+  await page.waitForSelector('#pub-result:has-text("stored:")');
+  await until('own event shown', async () => (await rows(page)).some((r) => r[2] === 'deal.chat' && r[4] === 'ada'));
+  // A refused publish says why.
+  await page.fill('#pub-topic', 'deal.*');
+  await page.click('#publish-form button');
+  await page.waitForSelector('#pub-result:has-text("invalid_topic")');
+  // Presence: the page joins, another client (the SDK in Node) joins too.
+  await page.fill('#presence-topic', 'presence:board');
+  await page.click('#presence-form button');
+  await page.waitForSelector('#presence .member:has-text("ada")');
+  const grace = new Client({ url, token: devToken('grace'), WebSocket });
+  grace.presence('presence:board', { info: { name: 'Grace' } });
+  grace.connect();
+  await page.waitForSelector('#presence .member:has-text("Grace")');
+  await page.fill('#filter', 'deal.1');
+  await until('filtered', async () => (await page.$$eval('#events tr:not([hidden])', (t) => t.length)) === 1);
+  await page.fill('#filter', '');
+  const shot = join(here, '../.work/console.png');
+  mkdirSync(dirname(shot), { recursive: true });
+  await page.screenshot({ path: shot });
+  if (process.env.UPDATE_SCREENSHOT) copyFileSync(shot, join(here, '../../docs/console.png'));
+  grace.logout();
+  await page.waitForSelector('#presence .member:has-text("Grace")', { state: 'detached' });
+  assert.deepEqual(errors, [], 'no error in the page');
+  await page.close();
+});
+
+test('the SDK in Chromium over SSE and long-polling (fetch streaming)', async () => {
+  const url = await gateway();
+  for (const transport of ['sse', 'longpoll']) {
+    const { page, errors } = await openConsole(url, { transport });
+    await subscribeIn(page, `${transport}.*`);
+    await page.waitForSelector('#status.connected');
+    assert.equal(await page.textContent('#transport'), transport);
+    for (let i = 0; i < 5; i++) await publish(url, `${transport}.x`, { i });
+    await until(`${transport}: five rows`, async () => (await rows(page)).length === 5);
+    assert.deepEqual((await rows(page)).map((r) => JSON.parse(r[5]).i), [4, 3, 2, 1, 0], 'in order, once');
+    // Publishing needs the WebSocket: the page says so.
+    await page.fill('#pub-topic', `${transport}.y`);
+    await page.click('#publish-form button');
+    await page.waitForSelector('#pub-result:has-text("unsupported_transport")');
+    assert.deepEqual(errors, []);
+    await page.close();
+  }
+});
+
+test('the console is off when keys are configured, unless enabled; then it mints nothing', async () => {
+  const keyed = await gateway('auth:\n  hs256_secret: a-real-secret\n');
+  assert.equal((await fetch(`${keyed}/console/`)).status, 404);
+  assert.equal((await fetch(`${keyed}/console/token`, { method: 'POST', body: '{}' })).status, 404);
+  const on = await gateway('auth:\n  hs256_secret: a-real-secret\nconsole:\n  enabled: on\n');
+  const page = await fetch(`${on}/console/`);
+  assert.equal(page.status, 200);
+  assert.match(page.headers.get('content-security-policy'), /script-src 'self'/);
+  assert.match(await page.text(), /Switchboard console/);
+  assert.equal((await fetch(`${on}/console/sdk/client.js`)).headers.get('content-type'), 'text/javascript; charset=utf-8');
+  assert.equal((await fetch(`${on}/console/token`, { method: 'POST', body: '{"tenant":"x","user":"y"}' })).status, 404, 'no development tokens with real keys');
+  assert.equal((await fetch(`${on}/console/../etc/passwd`)).status, 404);
+  const off = await gateway('console:\n  enabled: off\n');
+  assert.equal((await fetch(`${off}/console/`)).status, 404);
+  const dev = await gateway();
+  const bad = await fetch(`${dev}/console/token`, { method: 'POST', body: 'nope' });
+  assert.equal(bad.status, 400);
+  assert.equal((await bad.json()).error.code, 'malformed_body');
+});
