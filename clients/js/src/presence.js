@@ -28,6 +28,7 @@ export class Presence extends Emitter {
     super();
     /** @readonly */ this.topic = topic;
     this.info = info;
+    /** @internal */
     this.owner = owner;
     /** @type {Map<string, Member>} */
     this.members = new Map();

@@ -40,10 +40,17 @@ export class Subscription extends Emitter {
     this.state = 'subscribing';
     /** @type {SwitchboardError | null} why it failed */
     this.error = null;
+    /** @internal */
     this.owner = owner;
-    /** @type {Set<{push: (e: SwitchboardEvent) => void, end: (err?: Error) => void}>} */
+    /**
+     * @internal
+     * @type {Set<{push: (e: SwitchboardEvent) => void, end: (err?: Error) => void}>}
+     */
     this.iterators = new Set();
-    /** whether the current connection was asked for it (internal) */
+    /**
+     * @internal
+     * whether the current connection was asked for it (internal)
+     */
     this.requested = false;
   }
 
