@@ -3,6 +3,7 @@ speaking the seed protocol exactly as documented."""
 
 import asyncio
 import json
+import re
 import queue
 import subprocess
 import threading
@@ -35,9 +36,13 @@ def test_websocket_seed_flow(gateway):
             assert hello["data"]["server_time"].endswith("Z")
             await ws.send(json.dumps({"type": "subscribe", "topics": ["deal.stage.*", "timeline.object.created"]}))
             confirmed = await recv_json(ws)
+            # Seed 001's fields, plus the cursor extension (a position from
+            # which nothing is missed; the SDK keeps it until its first event).
             assert confirmed == {"type": "subscription.confirmed",
                                  "data": {"topics": ["deal.stage.*", "timeline.object.created"],
+                                          "cursor": confirmed["data"]["cursor"],
                                           "timestamp": confirmed["data"]["timestamp"]}}
+            assert re.fullmatch(r"[0-9a-f]+-\d+", confirmed["data"]["cursor"])
             sent = gateway.publish("123", "deal.stage.updated", {"deal_id": 456})
             event = await recv_json(ws)
             assert event["type"] == "event"
