@@ -171,3 +171,78 @@ test('the console is off when keys are configured, unless enabled; then it mints
   assert.equal(bad.status, 400);
   assert.equal((await bad.json()).error.code, 'malformed_body');
 });
+
+test('the SDK in Chromium, cluster mode: a gateway killed (SIGKILL) and another drained (SIGTERM) while events flow', async () => {
+  const h = await import('../../clients/js/test/e2e/harness.mjs');
+  try {
+    const nats = await h.natsServer();
+    const config = 'console:\n  enabled: on\n';
+    const a = await h.gateway({ nats, config });
+    const b = await h.gateway({ nats, config });
+    const lb = await h.proxy([a.port, b.port]);
+    const page = await browser.newPage();
+    const errors = [];
+    page.on('pageerror', (e) => errors.push(String(e)));
+    await page.goto(`${lb.url}/console/`);
+    // Six clients in the page, WebSocket and SSE, behind the balancer.
+    await page.evaluate(async ([tokens]) => {
+      const { Client } = await import('/console/sdk/index.js');
+      window.clients = tokens.map((token, i) => {
+        const c = new Client({ url: location.origin, token, backoff: { min: 100, max: 1000 }, transports: i % 3 === 2 ? ['sse'] : undefined });
+        c.seen = [];
+        c.gaps = 0;
+        c.on('event', (e) => c.seen.push(e.data.i));
+        c.on('gap', () => { c.gaps += 1; });
+        c.subscribe('orders.*');
+        c.connect();
+        return c;
+      });
+    }, [[0, 1, 2, 3, 4, 5].map((i) => h.mint({ user: `browser-${i}` }))]);
+    const state = () => page.evaluate(() => window.clients.map((c) => ({ seen: c.seen, gaps: c.gaps, reconnects: c.stats.reconnects, ok: c.state === 'connected' && c.subscriptions.every((s) => s.state === 'subscribed') })));
+    await until('all subscribed', async () => (await state()).every((c) => c.ok));
+    // The publisher retries through the balancer with idempotency keys.
+    let n = 0;
+    let stop = false;
+    const publishing = (async () => {
+      while (!stop) {
+        for (;;) {
+          const r = await fetch(`${lb.url}/api/realtime/publish/`, {
+            method: 'POST',
+            headers: { 'content-type': 'application/json', authorization: `Bearer ${h.mint({ user: 'backend', scope: 'publish' })}` },
+            body: JSON.stringify({ event_type: 'orders.eu', data: { i: n }, idempotency_key: `browser-${n}` }),
+            signal: AbortSignal.timeout(3000),
+          }).catch(() => null);
+          if (r && (r.status === 201 || r.status === 200)) break;
+          await new Promise((res) => setTimeout(res, 50));
+        }
+        n += 1;
+        await new Promise((res) => setTimeout(res, 10));
+      }
+    })();
+    await until('events flowing', async () => (await state()).every((c) => c.seen.length > 10));
+    a.child.kill('SIGKILL');
+    await a.exited;
+    const c = await h.gateway({ nats, config });
+    lb.setBackends([b.port, c.port]);
+    const afterKill = n;
+    await until('events after the kill', async () => n > afterKill + 50 && (await state()).every((s) => s.seen.length > afterKill));
+    b.child.kill('SIGTERM');
+    await b.exited;
+    const afterDrain = n;
+    await until('events after the drain', () => n > afterDrain + 50);
+    stop = true;
+    await publishing;
+    await until('every client has every event', async () => (await state()).every((s) => s.seen.length >= n), 30000);
+    const final = await state();
+    for (const [i, s] of final.entries()) {
+      assert.deepEqual(s.seen, [...Array(n).keys()], `browser client ${i}: exactly once, in order`);
+      assert.equal(s.gaps, 0);
+    }
+    assert.ok(final.every((s) => s.reconnects > 0), 'every client moved at least once (drain or kill)');
+    assert.deepEqual(errors, []);
+    await page.close();
+    lb.close();
+  } finally {
+    h.cleanup();
+  }
+});
