@@ -84,6 +84,8 @@ export function openSse(ctx) {
   const abort = new AbortController();
   let ended = false;
   let opened = false;
+  /** @type {{code: string, message: string} | undefined} */
+  let lastError;
   /** @type {ReturnType<typeof setTimeout> | undefined} */
   let idle;
   /** @param {import('./types.js').CloseInfo} info */
@@ -119,7 +121,12 @@ export function openSse(ctx) {
     ctx.onOpen();
     const parser = new SseParser((m) => {
       const msg = sseMessage(m);
-      if (msg) ctx.onMessage(msg);
+      if (!msg) return;
+      // The stream's last word before it ends (token_expired, forbidden).
+      if (msg.type === 'error' && msg.data && typeof msg.data.code === 'string') {
+        lastError = { code: msg.data.code, message: String(msg.data.message ?? '') };
+      }
+      ctx.onMessage(msg);
     });
     const reader = response.body.getReader();
     const decoder = new TextDecoder();
@@ -129,7 +136,9 @@ export function openSse(ctx) {
       watchdog();
       parser.push(decoder.decode(value, { stream: true }));
     }
-    end({ code: 1006, reason: 'the stream ended', opened });
+    if (lastError?.code === 'token_expired') end({ code: 4001, reason: lastError.message, opened, error: lastError });
+    else if (lastError?.code === 'forbidden') end({ code: 4003, reason: lastError.message, opened, error: lastError });
+    else end({ code: 1006, reason: 'the stream ended', opened });
   })().catch((err) => end({ code: 1006, reason: String(err?.message ?? err), opened }));
   return {
     name: 'sse',

@@ -160,6 +160,16 @@ test('tokens: refreshed before expiry on every transport, a rejected token asks 
   c.connect();
   await until('connected with the second token', () => c.state === 'connected');
   assert.deepEqual(closes, [4001]);
+  // SSE with a fixed token: at expiry the stream says token_expired and
+  // ends; the client reads that as a 4001 (not a network loss to retry).
+  const fixed = client(gw.url, { token: mint({ user: 'alice', ttl: 2 }), transports: ['sse'] });
+  const fixedCloses = [];
+  fixed.on('disconnected', (d) => fixedCloses.push(d.code));
+  fixed.subscribe('tick.*');
+  fixed.connect();
+  await until('expired and stopped', () => fixed.state === 'disconnected' && fixed.errors.length > 0, 10000);
+  assert.equal(fixedCloses[0], 4001, `closes: ${fixedCloses}`);
+  assert.equal(fixed.errors[0].code, 'token_expired');
   // A fixed token that is refused ends the session with an error.
   const bad = client(gw.url, { token: mint({ user: 'alice', secret: 'wrong' }) });
   bad.connect();
