@@ -24,6 +24,7 @@ pub mod hub;
 pub mod mailbox;
 pub mod metrics;
 pub mod node;
+pub mod overload;
 pub mod policy;
 pub mod presence;
 pub mod protocol;

@@ -74,6 +74,8 @@ pub struct Node {
     /// other gateways directly (Socket.IO forwarding and recovery); set
     /// once at start-up, unset in the embedded mode.
     pub cluster: std::sync::OnceLock<ClusterLink>,
+    /// Connect-rate limits and load shedding.
+    pub overload: Arc<crate::overload::Overload>,
     /// The tenant policy in force; changed only through `set_policy`.
     policy: watch::Sender<Arc<PolicyBundle>>,
     /// Set once a drain starts; only through `start_drain`.
@@ -187,6 +189,7 @@ impl Node {
         Arc::new(Self {
             presence: crate::presence::Presence::new(config.region.as_str().into()),
             cluster: std::sync::OnceLock::new(),
+            overload: Arc::new(crate::overload::Overload::new(&config.overload)),
             region: config.region.as_str().into(),
             config,
             verifier,

@@ -211,9 +211,13 @@ async fn serve_clients(
             tracing::debug!(error = %e, "cannot set TCP_NODELAY");
         }
     });
-    axum::serve(listener, app(node))
-        .with_graceful_shutdown(drained)
-        .await
+    node.overload.start();
+    axum::serve(
+        listener,
+        app(node).into_make_service_with_connect_info::<std::net::SocketAddr>(),
+    )
+    .with_graceful_shutdown(drained)
+    .await
 }
 
 /// Resolves on SIGTERM or Ctrl-C.

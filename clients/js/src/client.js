@@ -441,13 +441,14 @@ export class Client extends Emitter {
         this.schedule(0);
         return;
       default:
-        if (!info.opened && this.nextTransport()) {
+        if (transportFailed(info) && this.nextTransport()) {
           this.schedule(0); // fall back to the next transport at once
           return;
         }
         if (lived >= STABLE_MS) this.backoff.reset();
         this.tried.clear();
-        this.schedule(this.backoff.next());
+        // A gateway that said when to come back (Retry-After) is not asked sooner.
+        this.schedule(Math.max(this.backoff.next(), info.retryAfter ?? 0));
     }
   }
 
@@ -918,6 +919,17 @@ export class Client extends Emitter {
       this.scheduleRefresh(); // long-poll reads the token at every request
     }
   }
+}
+
+/**
+ * Whether a connection failed because the transport did not work (it never
+ * opened and the gateway said nothing: a proxy ate it, a timeout), as
+ * opposed to the gateway refusing it (1013, 4030, ...), which another
+ * transport would not change.
+ * @param {CloseInfo} info
+ */
+function transportFailed(info) {
+  return !info.opened && !info.error && [1002, 1006, 1015, 3000].includes(info.code);
 }
 
 /** @param {string} what */

@@ -33,7 +33,7 @@ export function closeAction(code) {
     case 1012:
       return 'now'; // the gateway drains: move to another at once
     default:
-      return 'backoff'; // 4002, 4008, 4029, 4030, 1006, ...
+      return 'backoff'; // 4002, 4008, 4029, 4030, 1013, 1006, ...
   }
 }
 
@@ -47,6 +47,7 @@ export function closeCodeForHttp(status, code) {
   if (status === 401) return 4001;
   if (code === 'forbidden') return 4003;
   if (code === 'draining') return 1012;
+  if (code === 'overloaded' || code === 'connect_rate_limited') return 1013;
   if (status === 429) return 4030;
   if (code === 'topic_not_allowed' || code === 'invalid_topic' || code === 'too_many_subscriptions') return 4400;
   return 1006;

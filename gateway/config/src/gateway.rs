@@ -36,6 +36,8 @@ pub struct GatewayConfig {
     pub socketio: SocketIoConfig,
     /// The live console page (`/console/`).
     pub console: ConsoleConfig,
+    /// Connect-rate limits and load shedding.
+    pub overload: OverloadConfig,
     /// How long and how much history is kept.
     pub history: HistoryConfig,
     /// Seconds over which connections are told to reconnect on shutdown.
@@ -185,6 +187,7 @@ impl Default for GatewayConfig {
             presence: PresenceConfig::default(),
             socketio: SocketIoConfig::default(),
             console: ConsoleConfig::default(),
+            overload: OverloadConfig::default(),
             history: HistoryConfig::default(),
             drain_seconds: 30,
             policy_file: None,
@@ -306,6 +309,48 @@ impl Default for PresenceConfig {
         Self {
             heartbeat_seconds: 5,
             timeout_seconds: 15,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(default, deny_unknown_fields, rename_all = "snake_case")]
+/// Protection against connection storms and saturation: new WebSocket and
+/// SSE connections are refused (WebSocket close 1013, HTTP 429/503 with
+/// `Retry-After`) rather than letting every open connection degrade.
+pub struct OverloadConfig {
+    /// New connections per second from one client address (0: no limit).
+    /// Clients behind one NAT share an address: size it for the largest
+    /// office, or leave it to the load balancer.
+    pub connects_per_second_per_address: u32,
+    /// New connections per second of one tenant (0: no limit). A tenant's
+    /// storm then cannot take the connect capacity others need.
+    pub connects_per_second_per_tenant: u32,
+    /// The connect buckets hold this many seconds of their rate: the burst
+    /// a quiet address or tenant may open at once.
+    pub connect_burst_seconds: u32,
+    /// New connections (and long-polls) are refused while the runtime's
+    /// scheduling delay is above this many milliseconds (0: never shed).
+    pub max_scheduler_lag_ms: u64,
+    /// The `Retry-After` (seconds) answered to refused HTTP requests;
+    /// refused clients are spread over one to two times it.
+    pub retry_after_seconds: u64,
+    /// A request header holding the client's address, set by the load
+    /// balancer in front (`x-real-ip`, or the first `x-forwarded-for`
+    /// entry). Unset: the TCP peer's address. Only set it behind a proxy
+    /// that overwrites the header, or clients choose their own address.
+    pub client_address_header: Option<String>,
+}
+
+impl Default for OverloadConfig {
+    fn default() -> Self {
+        Self {
+            connects_per_second_per_address: 0,
+            connects_per_second_per_tenant: 0,
+            connect_burst_seconds: 2,
+            max_scheduler_lag_ms: 1000,
+            retry_after_seconds: 5,
+            client_address_header: None,
         }
     }
 }

@@ -19,11 +19,14 @@ pub enum Close {
     MessageTooBig,
     /// The gateway is draining (deploy, scale-in): reconnect with your cursor. 1012.
     ServiceRestart,
+    /// Connect rate exceeded, or the process sheds load: try again later
+    /// (with backoff, possibly on another gateway). 1013.
+    TryAgainLater,
 }
 
 impl Close {
     /// Every close code.
-    pub const ALL: [Close; 8] = [
+    pub const ALL: [Close; 9] = [
         Close::Unauthorized,
         Close::Forbidden,
         Close::IdleTimeout,
@@ -32,6 +35,7 @@ impl Close {
         Close::TooManyConnections,
         Close::MessageTooBig,
         Close::ServiceRestart,
+        Close::TryAgainLater,
     ];
 
     /// The WebSocket close code.
@@ -45,6 +49,7 @@ impl Close {
             Close::TooManyConnections => 4030,
             Close::MessageTooBig => 1009,
             Close::ServiceRestart => 1012,
+            Close::TryAgainLater => 1013,
         }
     }
 
@@ -59,6 +64,7 @@ impl Close {
             Close::TooManyConnections => "too many connections",
             Close::MessageTooBig => "message too big",
             Close::ServiceRestart => "draining, reconnect",
+            Close::TryAgainLater => "try again later",
         }
     }
 
@@ -73,6 +79,7 @@ impl Close {
             Close::TooManyConnections => "too_many_connections",
             Close::MessageTooBig => "message_too_big",
             Close::ServiceRestart => "draining",
+            Close::TryAgainLater => "try_again_later",
         }
     }
 }

@@ -52,11 +52,17 @@ pub enum ErrorCode {
     BodyTooLarge,
     /// A publish batch with more events than allowed.
     BatchTooLarge,
+    /// New connections arrive faster than the source address's or the
+    /// tenant's connect rate allows: retry after `Retry-After`.
+    ConnectRateLimited,
+    /// The process is saturated and sheds new connections: retry after
+    /// `Retry-After` (possibly on another gateway).
+    Overloaded,
 }
 
 impl ErrorCode {
     /// Every code, for tests and docs.
-    pub const ALL: [ErrorCode; 22] = [
+    pub const ALL: [ErrorCode; 24] = [
         ErrorCode::MalformedMessage,
         ErrorCode::UnknownMessageType,
         ErrorCode::BinaryNotSupported,
@@ -79,6 +85,8 @@ impl ErrorCode {
         ErrorCode::MalformedBody,
         ErrorCode::BodyTooLarge,
         ErrorCode::BatchTooLarge,
+        ErrorCode::ConnectRateLimited,
+        ErrorCode::Overloaded,
     ];
 
     /// The code as it appears on the wire.
@@ -106,6 +114,8 @@ impl ErrorCode {
             ErrorCode::MalformedBody => "malformed_body",
             ErrorCode::BodyTooLarge => "body_too_large",
             ErrorCode::BatchTooLarge => "batch_too_large",
+            ErrorCode::ConnectRateLimited => "connect_rate_limited",
+            ErrorCode::Overloaded => "overloaded",
         }
     }
 
@@ -130,10 +140,13 @@ impl ErrorCode {
             ErrorCode::MessageTooLarge | ErrorCode::BodyTooLarge | ErrorCode::BatchTooLarge => {
                 StatusCode::PAYLOAD_TOO_LARGE
             }
-            ErrorCode::TooManyConnections => StatusCode::TOO_MANY_REQUESTS,
-            ErrorCode::BusUnavailable | ErrorCode::HistoryUnavailable | ErrorCode::Draining => {
-                StatusCode::SERVICE_UNAVAILABLE
+            ErrorCode::TooManyConnections | ErrorCode::ConnectRateLimited => {
+                StatusCode::TOO_MANY_REQUESTS
             }
+            ErrorCode::BusUnavailable
+            | ErrorCode::HistoryUnavailable
+            | ErrorCode::Draining
+            | ErrorCode::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 }

@@ -54,6 +54,9 @@ pub async fn poll(
     headers: HeaderMap,
 ) -> Response {
     node.metrics.longpoll_requests.inc();
+    if node.overload.saturated() {
+        return super::overload_response(&node, crate::overload::Refusal::Saturated);
+    }
     match poll_inner(&node, params, &headers).await {
         Ok(r) => r,
         Err(r) => {

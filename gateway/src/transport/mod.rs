@@ -80,6 +80,35 @@ pub fn body_rejected(r: axum::extract::rejection::BytesRejection) -> Response {
     error_response(code, r.body_text())
 }
 
+/// The TCP peer of a request, when the server recorded it (the client
+/// listener does; routers served without connect info give none).
+pub type Peer = Option<axum::Extension<axum::extract::ConnectInfo<std::net::SocketAddr>>>;
+
+/// The client's address: the configured header's, else the TCP peer's.
+pub fn client_address(node: &Node, headers: &HeaderMap, peer: &Peer) -> Option<std::net::IpAddr> {
+    let ip = peer.as_ref().map(|p| p.0.0.ip());
+    node.overload.client_address(headers, ip)
+}
+
+/// A new connection refused for its rate or for load, over HTTP: 429
+/// `connect_rate_limited` or 503 `overloaded`, with `Retry-After`.
+pub fn overload_response(node: &Node, refusal: crate::overload::Refusal) -> Response {
+    node.metrics
+        .connections_rejected
+        .get_or_create(&vec![("reason", refusal.label())])
+        .inc();
+    let code = match refusal {
+        crate::overload::Refusal::Saturated => ErrorCode::Overloaded,
+        _ => ErrorCode::ConnectRateLimited,
+    };
+    let mut response = error_response(code, refusal.message());
+    response.headers_mut().insert(
+        header::RETRY_AFTER,
+        axum::http::HeaderValue::from(node.overload.retry_after()),
+    );
+    response
+}
+
 /// A JSON error response with the code's status:
 /// `{"error": {"code", "message"}, "timestamp"}`.
 pub fn error_response(code: ErrorCode, message: impl ToString) -> Response {

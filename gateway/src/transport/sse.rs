@@ -85,7 +85,12 @@ pub async fn stream(
     State(node): State<Arc<Node>>,
     super::JsonQuery(params): super::JsonQuery<SseParams>,
     headers: HeaderMap,
+    peer: super::Peer,
 ) -> Response {
+    let address = super::client_address(&node, &headers, &peer);
+    if let Err(refusal) = node.overload.check_connect(address) {
+        return super::overload_response(&node, refusal);
+    }
     let principal = match super::authenticate(
         &node,
         &headers,
@@ -97,6 +102,9 @@ pub async fn stream(
         Ok(p) => p,
         Err(e) => return super::unauthorized(&node, "sse", &e),
     };
+    if let Err(refusal) = node.overload.check_tenant(&principal.tenant) {
+        return super::overload_response(&node, refusal);
+    }
     let session = match super::open_http_session(
         &node,
         &principal,

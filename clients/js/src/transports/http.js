@@ -30,5 +30,9 @@ export async function closeForResponse(response) {
   } catch {
     // not JSON: keep the status
   }
-  return { code: closeCodeForHttp(response.status, error.code), reason: error.message, opened: false, error };
+  /** @type {import('./types.js').CloseInfo} */
+  const info = { code: closeCodeForHttp(response.status, error.code), reason: error.message, opened: false, error };
+  const retryAfter = Number(response.headers.get('retry-after'));
+  if (Number.isFinite(retryAfter) && retryAfter > 0) info.retryAfter = Math.min(retryAfter, 300) * 1000;
+  return info;
 }

@@ -12,6 +12,7 @@
  * @property {string} reason
  * @property {boolean} opened whether the transport had opened
  * @property {{code: string, message: string, status?: number}} [error] the gateway's error, when it sent one
+ * @property {number} [retryAfter] ms the gateway asked to wait (`Retry-After`)
  */
 
 /**

@@ -93,7 +93,9 @@ test('close codes and HTTP errors map onto what the client does', () => {
   assert.equal(closeAction(4001), 'refresh');
   assert.equal(closeAction(4003), 'stop');
   assert.equal(closeAction(1012), 'now');
-  for (const c of [4002, 4008, 4029, 4030, 1006, 1009, 3000]) assert.equal(closeAction(c), 'backoff');
+  for (const c of [4002, 4008, 4029, 4030, 1013, 1006, 1009, 3000]) assert.equal(closeAction(c), 'backoff');
+  assert.equal(closeCodeForHttp(503, 'overloaded'), 1013);
+  assert.equal(closeCodeForHttp(429, 'connect_rate_limited'), 1013);
   assert.equal(closeCodeForHttp(401, 'token_expired'), 4001);
   assert.equal(closeCodeForHttp(403, 'forbidden'), 4003);
   assert.equal(closeCodeForHttp(403, 'topic_not_allowed'), 4400);

@@ -289,3 +289,21 @@ test('token refresh on WebSocket: auth.refresh before expiry; a refused refresh 
   assert.equal(n, 3, 'a new token for the new connection');
   client.logout();
 });
+
+test('a gateway refusal before open (1013, 4030) backs off on the same transport, it does not fall back', async () => {
+  const { client, attempts, last } = fakeClient({ backoff: { min: 100, max: 200 }, random: () => 0.9 });
+  client.subscribe('a.*');
+  client.connect();
+  await waitFor('attempt', () => attempts.length === 1);
+  const t0 = Date.now();
+  last().end({ code: 1013, reason: 'try again later' });
+  await waitFor('retry', () => attempts.length === 2, 2000);
+  assert.ok(Date.now() - t0 >= 80, 'after a backoff');
+  assert.equal(last().name, 'websocket');
+  last().end({ code: 1006, reason: 'refused', error: { code: 'overloaded', message: 'later' }, retryAfter: 300 });
+  const t1 = Date.now();
+  await waitFor('retry after Retry-After', () => attempts.length === 3, 2000);
+  assert.ok(Date.now() - t1 >= 280, `waited ${Date.now() - t1} ms`);
+  assert.equal(last().name, 'websocket');
+  client.logout();
+});

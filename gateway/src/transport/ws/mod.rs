@@ -95,6 +95,7 @@ pub async fn upgrade(
     State(node): State<Arc<Node>>,
     super::JsonQuery(params): super::JsonQuery<WsParams>,
     headers: HeaderMap,
+    peer: super::Peer,
     ws: WebSocketUpgrade,
 ) -> Response {
     if !origin_allowed(&node.config.allowed_origins, Origin::of(&headers)) {
@@ -118,13 +119,22 @@ pub async fn upgrade(
         Ok(r) => r,
         Err(why) => return super::error_response(ErrorCode::InvalidQuery, why),
     };
-    let auth = super::authenticate(
-        &node,
-        &headers,
-        params.token.as_deref(),
-        params.company_id.as_deref(),
-    )
-    .await;
+    // Browsers only see close codes: a refusal completes the upgrade, then
+    // closes with 1013. Checked before the token (no work for a storm).
+    let overloaded = node
+        .overload
+        .check_connect(super::client_address(&node, &headers, &peer))
+        .err();
+    let auth = match overloaded {
+        Some(refusal) => Err(refusal),
+        None => Ok(super::authenticate(
+            &node,
+            &headers,
+            params.token.as_deref(),
+            params.company_id.as_deref(),
+        )
+        .await),
+    };
     let max = node.config.limits.max_message_bytes as usize;
     ws.read_buffer_size(READ_BUFFER)
         .write_buffer_size(WRITE_BUFFER)
@@ -143,6 +153,20 @@ pub async fn upgrade(
                 span.record("trace_id", id);
             }
             async move {
+                let checked = auth.and_then(|a| match a {
+                    Ok(p) => node.overload.check_tenant(&p.tenant).map(|()| Ok(p)),
+                    Err(e) => Ok(Err(e)),
+                });
+                let auth = match checked {
+                    Ok(a) => a,
+                    Err(refusal) => {
+                        node.metrics
+                            .connections_rejected
+                            .get_or_create(&vec![("reason", refusal.label())])
+                            .inc();
+                        return reject(socket, Close::TryAgainLater, refusal.message()).await;
+                    }
+                };
                 let principal = match auth {
                     Ok(p) => p,
                     Err(e) => {
