@@ -196,6 +196,11 @@ async fn a_saturated_gateway_sheds_new_connections_and_keeps_serving_the_open_on
     assert!(r.headers().contains_key("retry-after"));
     let body: Value = r.json().await.unwrap();
     assert_eq!(body["error"]["code"], "overloaded");
+    // A new Socket.IO session too (503, which socket.io-client retries).
+    let r = reqwest::get(format!("{}/socket.io/?EIO=4&transport=polling", gw.http()))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
     // The open connection still gets its events.
     let id = publish_ok(&gw, "acme", "orders.eu", json!({})).await;
     assert_eq!(open.events(1).await[0]["event_id"], id);

@@ -66,8 +66,11 @@ pub fn engine(node: &Arc<Node>) -> Arc<super::engine::Engine> {
     });
     let engine = super::engine::Engine::new(config, accept);
     let weak = Arc::downgrade(node);
+    // New sessions are refused (503, which socket.io-client retries with
+    // its backoff) while draining and while the process sheds load.
     engine.set_gate(Box::new(move || {
-        weak.upgrade().is_some_and(|n| !n.draining())
+        weak.upgrade()
+            .is_some_and(|n| !n.draining() && !n.overload.saturated())
     }));
     if let Some(link) = node.cluster.get() {
         engine.attach_forwarding(link.client.clone(), &link.prefix);
