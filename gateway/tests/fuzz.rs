@@ -1,8 +1,8 @@
 //! Bounded fuzzing on the stable toolchain: generated hostile input for the
 //! client frame parser, the publish body, JWT headers and cursors. Nothing
-//! may panic, and the gateway must still serve afterwards. (Deeper runs
-//! with cargo-fuzz need a nightly toolchain, which this project does not
-//! require.)
+//! may panic, and the gateway must still serve afterwards. (Deeper,
+//! coverage-guided runs: the cargo-fuzz targets in `gateway/fuzz/`, which
+//! need a nightly toolchain.)
 
 mod common;
 
