@@ -208,7 +208,7 @@ impl Overload {
     }
 
     /// Whether new connections are shed now: the last measurement was over
-    /// the limit (within [`HOLD`]), or the monitor's tick is overdue by more
+    /// the limit (within the last second), or the monitor's tick is overdue by more
     /// than the limit (the runtime is stuck right now).
     pub fn saturated(&self) -> bool {
         let Some(max) = self.max_lag else {
