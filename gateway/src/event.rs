@@ -89,6 +89,9 @@ pub struct NewEvent {
     /// The user who published it from a client connection, stamped by the
     /// gateway (never taken from the client's body); `None` for backends.
     pub publisher: Option<String>,
+    /// The tenant is pinned to regions (policy `residency`): the event must
+    /// not be copied to other regions.
+    pub resident: bool,
 }
 
 impl NewEvent {
@@ -104,6 +107,7 @@ impl NewEvent {
             traceparent: None,
             message_type: None,
             publisher: None,
+            resident: false,
         }
     }
 }
@@ -113,8 +117,8 @@ impl NewEvent {
 pub enum EventKind {
     /// Published and stored in history: it has a cursor and can be replayed.
     Stored,
-    /// A presence notice (join, leave, sync): delivered live to the
-    /// subscribers of its topic, never stored, without a cursor.
+    /// A notice (presence join, leave, sync; `data.erased`): delivered
+    /// live to the subscribers of its topic, never stored, without a cursor.
     Presence,
 }
 
@@ -148,6 +152,9 @@ pub struct Event {
     pub message_type: Option<Box<str>>,
     /// The user who published it from a client connection.
     pub publisher: Option<Box<str>>,
+    /// `gdpr_context.data_subject_id`: whose personal data it carries
+    /// (what an erasure matches).
+    pub data_subject: Option<Box<str>>,
     /// Where `data` sits in `envelope` (to build the channel form from).
     data_at: (u32, u32),
     /// Seed 004's frame, built the first time a connection needs it.
@@ -204,6 +211,10 @@ impl Event {
         );
         let frame = format!(r#"{{"type":"event","data":{envelope}}}"#);
         Self {
+            data_subject: crate::data_protection::GdprContext::subject_of(
+                new.gdpr_context.as_ref(),
+            )
+            .map(Into::into),
             private_to: private_owner(&new.topic).map(Into::into),
             tenant: new.tenant,
             topic: new.topic,
@@ -249,7 +260,9 @@ impl Event {
             json_str(topic.as_str()),
         );
         Self {
-            private_to: None,
+            // A notice on a user's private channel is that user's alone.
+            private_to: private_owner(&topic).map(Into::into),
+            data_subject: None,
             tenant,
             topic,
             id: Cursor::FOREIGN,
@@ -331,6 +344,12 @@ impl Event {
                         id = self.id,
                     )
                 }
+                EventKind::Presence if self.message_type.as_deref() == Some(ERASED_NOTICE.0) => {
+                    format!(
+                        r#"42["data_erased",{{"roomId":{topic},"eventIds":{},"timestamp":{ms}}}]"#,
+                        self.envelope_field("event_ids"),
+                    )
+                }
                 EventKind::Presence => {
                     let kind = self
                         .message_type
@@ -347,6 +366,20 @@ impl Event {
             text.into()
         })
         .clone()
+    }
+}
+
+/// The message types of the notice sent when events were erased: native
+/// (`data.erased`) and seed 004 (`data:erased`).
+pub const ERASED_NOTICE: (&str, &str) = ("data.erased", "data:erased");
+
+impl Event {
+    /// A field of a notice's data object, as JSON text (`null` if absent).
+    fn envelope_field(&self, field: &str) -> String {
+        serde_json::from_str::<Value>(self.data_json())
+            .ok()
+            .and_then(|v| v.get(field).cloned())
+            .map_or_else(|| "null".into(), |v| v.to_string())
     }
 }
 

@@ -12,7 +12,7 @@ use std::sync::{Arc, RwLock};
 use dashmap::DashMap;
 use switchboard_config::Pattern;
 
-use crate::event::Event;
+use crate::event::{Event, EventKind};
 use crate::mailbox::{Mailbox, Offered};
 
 /// A connection's id within one process.
@@ -111,7 +111,11 @@ impl Hub {
     pub fn dispatch(&self, event: &Arc<Event>) -> Fanout {
         let index = self.index(&event.tenant);
         let subs = index.subs.read().unwrap_or_else(|e| e.into_inner());
-        index.last_seq.store(event.id.seq, Ordering::Release);
+        // A notice has no position in history: it must not move the seam
+        // between replay and live delivery.
+        if event.kind == EventKind::Stored {
+            index.last_seq.store(event.id.seq, Ordering::Release);
+        }
 
         let exact = subs.exact.get(event.topic.as_str());
         let mut wild = subs

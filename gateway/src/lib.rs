@@ -18,6 +18,8 @@
 pub mod auth;
 pub mod broker;
 pub mod cli;
+pub mod data_protection;
+pub mod erasure;
 pub mod event;
 pub mod fanout;
 pub mod hub;

@@ -124,6 +124,20 @@ pub enum PublishError {
         /// The tenant's limit in bytes.
         limit: u64,
     },
+    #[error("{0}")]
+    /// A `gdpr_context` that cannot be honoured.
+    InvalidGdprContext(#[from] crate::data_protection::GdprError),
+    #[error("the data subject's data was erased: publishing for it is blocked")]
+    /// The event's data subject was erased and is blocked.
+    SubjectErased,
+    #[error("tenant {tenant:?} may not store data in region {region:?} (policy residency)")]
+    /// The tenant is pinned to other regions.
+    NotResident {
+        /// The tenant.
+        tenant: String,
+        /// This gateway's region.
+        region: String,
+    },
     #[error(transparent)]
     /// The broker could not store it.
     Broker(#[from] BrokerError),
@@ -277,6 +291,13 @@ impl Node {
         let limits = self
             .limits(&principal.tenant)
             .map_err(|_| Close::Forbidden)?;
+        if !self
+            .policy
+            .borrow()
+            .resident_in(&principal.tenant, &self.region)
+        {
+            return Err(Close::NotResident);
+        }
         if self.connections.fetch_add(1, Ordering::AcqRel) >= self.config.limits.max_connections {
             self.connections.fetch_sub(1, Ordering::AcqRel);
             return Err(Close::TooManyConnections);
@@ -341,19 +362,40 @@ impl Node {
                 t.chars().take(80).collect(),
             ));
         }
-        let (limits, retention) = {
+        let gdpr = crate::data_protection::GdprContext::parse(req.gdpr_context.as_ref())?;
+        let (limits, retention, resident) = {
             let policy = self.policy.borrow();
             match &publisher {
                 None => policy.check_publish(&tenant, &topic)?,
                 Some(_) => policy.check_client_publish(&tenant, &topic)?,
             }
-            let retention = policy
-                .tenant(&tenant)
-                .ok()
-                .and_then(|p| p.history_retention_seconds)
-                .unwrap_or(self.config.history.retention_seconds);
-            (policy.limits(&tenant, &self.config.limits)?, retention)
+            if !policy.resident_in(&tenant, &self.region) {
+                return Err(PublishError::NotResident {
+                    tenant: tenant.to_string(),
+                    region: self.region.to_string(),
+                });
+            }
+            let tenant_policy = policy.tenant(&tenant).ok();
+            let retention = crate::data_protection::retention(
+                gdpr.retention_days,
+                tenant_policy.and_then(|p| p.max_retention_days),
+                tenant_policy.and_then(|p| p.history_retention_seconds),
+                self.config.history.retention_seconds,
+                self.config.data_protection.retention_day_seconds,
+            );
+            (
+                policy.limits(&tenant, &self.config.limits)?,
+                retention,
+                policy.pinned(&tenant),
+            )
         };
+        if let Some(subject) = &gdpr.data_subject
+            && self
+                .broker
+                .subject_blocked(&crate::data_protection::subject_key(&tenant, subject))
+        {
+            return Err(PublishError::SubjectErased);
+        }
         // The whole stored event counts, not only `data`: a large
         // gdpr_context or idempotency key is kept in history and fanned out
         // just the same.
@@ -399,8 +441,9 @@ impl Node {
                     traceparent,
                     message_type: req.message_type,
                     publisher,
+                    resident,
                 },
-                Duration::from_secs(retention),
+                retention,
             )
             .instrument(span.clone())
             .await?;

@@ -20,7 +20,7 @@ use tower_http::cors::{AllowOrigin, CorsLayer};
 use crate::metrics::ExpositionFormat;
 use crate::node::{Drain, Node};
 use crate::protocol::now_rfc3339;
-use crate::transport::{longpoll, publish, snapshot, sse, ws};
+use crate::transport::{erase, longpoll, publish, snapshot, sse, ws};
 
 /// The public router: WebSocket, SSE, long-poll, publish, health.
 pub fn app(node: Arc<Node>) -> Router {
@@ -47,6 +47,8 @@ pub fn app(node: Arc<Node>) -> Router {
         .route("/api/realtime/snapshot", get(snapshot::snapshot))
         .route("/api/realtime/publish/", post(publish::publish))
         .route("/api/realtime/publish", post(publish::publish))
+        .route("/api/realtime/erase/", post(erase::erase))
+        .route("/api/realtime/erase", post(erase::erase))
         .route("/api/realtime/health/", get(health))
         .route("/api/realtime/health", get(health))
         .layer(DefaultBodyLimit::max(body_limit))

@@ -50,6 +50,7 @@ pub async fn build(config: GatewayConfig) -> anyhow::Result<Arc<Node>> {
             broker
         }
         None => Arc::new(MemoryBroker::new(
+            config.region.as_str().into(),
             config.history.clone(),
             hub.clone(),
             metrics.clone(),
@@ -78,5 +79,6 @@ pub async fn build(config: GatewayConfig) -> anyhow::Result<Arc<Node>> {
     if let Some(path) = policy_file {
         tokio::spawn(crate::policy::watch_file(path, reload, node.clone()));
     }
+    tokio::spawn(node.clone().resume_erasures());
     Ok(node)
 }

@@ -40,6 +40,8 @@ pub struct GatewayConfig {
     pub overload: OverloadConfig,
     /// How long and how much history is kept.
     pub history: HistoryConfig,
+    /// Erasure by data subject, per-event retention and the audit trail.
+    pub data_protection: DataProtectionConfig,
     /// Seconds over which connections are told to reconnect on shutdown.
     pub drain_seconds: u64,
     /// The policy bundle file; without one every tenant may use every topic.
@@ -189,6 +191,7 @@ impl Default for GatewayConfig {
             console: ConsoleConfig::default(),
             overload: OverloadConfig::default(),
             history: HistoryConfig::default(),
+            data_protection: DataProtectionConfig::default(),
             drain_seconds: 30,
             policy_file: None,
             policy_reload_seconds: 2,
@@ -355,6 +358,43 @@ impl Default for OverloadConfig {
     }
 }
 
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(default, deny_unknown_fields, rename_all = "snake_case")]
+/// Data protection: who may erase a data subject's events, how long the
+/// subject stays blocked afterwards, where the audit trail goes, and how
+/// long a retention "day" is (see docs/data-protection.md).
+pub struct DataProtectionConfig {
+    /// The token scope that may call the erase API (besides `platform`).
+    pub erase_scope: String,
+    /// After an erasure, publishes for the subject are refused for this many
+    /// seconds (0: not blocked; an erase request may ask for another period).
+    pub block_seconds: u64,
+    /// Append one JSON line per erasure to this file (who, when, which
+    /// subject, counts; never the erased data). Audit records are also
+    /// logged (target `switchboard::audit`) and, in cluster mode, kept in
+    /// the erasure bucket.
+    pub audit_file: Option<PathBuf>,
+    /// Pause between two deletions of one erasure, in milliseconds: spreads
+    /// a large erasure's load on JetStream (0: none).
+    pub erase_pace_ms: u64,
+    /// Seconds in one day of `gdpr_context.retention_days` and of the
+    /// policy's `max_retention_days`: 86400. Lower it only in tests, to
+    /// watch retention act in seconds.
+    pub retention_day_seconds: u64,
+}
+
+impl Default for DataProtectionConfig {
+    fn default() -> Self {
+        Self {
+            erase_scope: "erase".into(),
+            block_seconds: 30 * 86400,
+            audit_file: None,
+            erase_pace_ms: 0,
+            retention_day_seconds: 86400,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 /// When the console is served.
@@ -510,6 +550,20 @@ impl GatewayConfig {
         let mut problems = Vec::new();
         if !valid_region(&self.region) {
             problems.push(format!("region {:?}: {REGION_RULE}", self.region));
+        }
+        if self.data_protection.retention_day_seconds == 0 {
+            problems.push("data_protection.retention_day_seconds must be at least 1".into());
+        }
+        if self.data_protection.erase_scope.is_empty()
+            || self
+                .data_protection
+                .erase_scope
+                .contains(char::is_whitespace)
+        {
+            problems.push(format!(
+                "data_protection.erase_scope {:?} must be one word",
+                self.data_protection.erase_scope
+            ));
         }
         if self.admin_listen.as_deref() == Some(self.listen.as_str()) {
             problems.push(format!(

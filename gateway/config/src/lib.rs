@@ -14,9 +14,9 @@ pub mod readiness;
 pub mod topic;
 
 pub use gateway::{
-    AuthConfig, ConsoleConfig, ConsoleMode, DEFAULT_ADMIN_LISTEN, GatewayConfig, HeartbeatConfig,
-    HistoryConfig, Limits, LogFormat, NatsConfig, NatsTls, OtlpProtocol, OverloadConfig,
-    PresenceConfig, REGION_RULE, TelemetryConfig, valid_region,
+    AuthConfig, ConsoleConfig, ConsoleMode, DEFAULT_ADMIN_LISTEN, DataProtectionConfig,
+    GatewayConfig, HeartbeatConfig, HistoryConfig, Limits, LogFormat, NatsConfig, NatsTls,
+    OtlpProtocol, OverloadConfig, PresenceConfig, REGION_RULE, TelemetryConfig, valid_region,
 };
 pub use policy::{InteractionClass, PatternRule, PolicyBundle, TenantLimits, TenantPolicy};
 pub use readiness::{Readiness, ReadyState};

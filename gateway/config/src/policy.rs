@@ -41,6 +41,13 @@ pub struct TenantPolicy {
     /// How long this tenant's events stay replayable, in seconds (at most
     /// the gateway's own retention).
     pub history_retention_seconds: Option<u64>,
+    /// The longest `gdpr_context.retention_days` an event of this tenant may
+    /// ask for; events asking for more (or nothing) are kept this long.
+    pub max_retention_days: Option<u32>,
+    /// Regions this tenant's data may live in (empty: any). Its events are
+    /// stored only in these regions' streams and never sourced to others;
+    /// publishing for it or connecting its clients elsewhere is refused.
+    pub residency: Vec<String>,
 }
 
 /// A pattern and the interaction class of the topics it names.
@@ -163,12 +170,26 @@ impl PolicyBundle {
 
     /// Check every tenant name and pattern; every problem is listed.
     pub fn validate(&self) -> Result<(), FormatError> {
-        let problems: Vec<String> = self
+        let mut problems: Vec<String> = self
             .tenants
             .keys()
             .filter(|t| !valid_tenant(t))
             .map(|t| format!("tenant {t:?} must be 1-128 characters of [A-Za-z0-9_.:-]"))
             .collect();
+        let named = self.tenants.iter().map(|(t, p)| (t.as_str(), p));
+        for (tenant, policy) in named.chain(self.default.iter().map(|p| ("(default)", p))) {
+            for region in policy.residency.iter().filter(|r| !crate::valid_region(r)) {
+                problems.push(format!(
+                    "tenant {tenant:?}: residency region {region:?}: {}",
+                    crate::gateway::REGION_RULE
+                ));
+            }
+            if policy.max_retention_days == Some(0) {
+                problems.push(format!(
+                    "tenant {tenant:?}: max_retention_days must be at least 1"
+                ));
+            }
+        }
         if problems.is_empty() {
             Ok(())
         } else {
@@ -177,6 +198,19 @@ impl PolicyBundle {
                 problems,
             })
         }
+    }
+
+    /// Whether `tenant`'s data may live in `region` (its policy's
+    /// `residency`; a tenant without one may live anywhere). A tenant
+    /// without a policy is not resident anywhere.
+    pub fn resident_in(&self, tenant: &str, region: &str) -> bool {
+        self.tenant(tenant)
+            .is_ok_and(|p| p.residency.is_empty() || p.residency.iter().any(|r| r == region))
+    }
+
+    /// Whether `tenant` is pinned to regions (its events must never leave them).
+    pub fn pinned(&self, tenant: &str) -> bool {
+        self.tenant(tenant).is_ok_and(|p| !p.residency.is_empty())
     }
 
     /// The policy that applies to `tenant`.

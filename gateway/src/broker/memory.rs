@@ -10,6 +10,7 @@ use dashmap::DashMap;
 use switchboard_config::{HistoryConfig, Pattern};
 
 use super::{Broker, BrokerError, Filter, GapReason, Latest, Published, ReadBatch};
+use crate::data_protection::{Blocklist, ErasureCounts};
 use crate::event::{Cursor, Event, NewEvent};
 use crate::hub::Hub;
 use crate::metrics::Metrics;
@@ -17,33 +18,62 @@ use crate::metrics::Metrics;
 /// The embedded broker: per-tenant history in this process, routed straight to its hub.
 pub struct MemoryBroker {
     epoch: u64,
+    region: Arc<str>,
     config: HistoryConfig,
     hub: Arc<Hub>,
     metrics: Arc<Metrics>,
     tenants: DashMap<Arc<str>, Arc<Mutex<TenantLog>>>,
+    blocked: Blocklist,
+}
+
+/// A stored event and when it stops being replayable.
+struct Stored {
+    expires: Instant,
+    event: Arc<Event>,
 }
 
 #[derive(Default)]
 struct TenantLog {
     /// Sequence of the newest event (0 when none yet).
     head: u64,
-    events: VecDeque<(Instant, Arc<Event>)>,
-    /// Sequence of the newest event ever purged.
+    /// Retained events, by sequence.
+    events: VecDeque<Stored>,
+    /// Sequence of the newest event ever purged from the front.
     purged: u64,
+    /// Events that expired while older ones were still retained (a shorter
+    /// `retention_days`), stripped of their data: a resume from before one
+    /// of them that would have delivered it is told `expired`.
+    tombstones: Vec<Arc<Event>>,
+    /// The earliest expiry among `events`.
+    next_expiry: Option<Instant>,
     dedup: HashMap<String, Arc<Event>>,
     dedup_order: VecDeque<(Instant, String)>,
 }
 
 impl TenantLog {
-    fn prune(&mut self, now: Instant, retention: Duration, max: usize, window: Duration) {
-        while let Some((at, ev)) = self.events.front() {
-            if self.events.len() > max || now.duration_since(*at) > retention {
-                self.purged = ev.id.seq;
+    fn prune(&mut self, now: Instant, max: usize, window: Duration) {
+        while let Some(front) = self.events.front() {
+            if self.events.len() > max || front.expires <= now {
+                self.purged = front.event.id.seq;
                 self.events.pop_front();
             } else {
                 break;
             }
         }
+        if self.next_expiry.is_some_and(|at| at <= now) {
+            let mut kept = VecDeque::with_capacity(self.events.len());
+            for s in self.events.drain(..) {
+                if s.expires <= now {
+                    self.tombstones.push(Arc::new(tombstone(&s.event)));
+                } else {
+                    kept.push_back(s);
+                }
+            }
+            self.events = kept;
+        }
+        self.next_expiry = self.events.iter().map(|s| s.expires).min();
+        let purged = self.purged;
+        self.tombstones.retain(|t| t.id.seq > purged);
         while let Some((at, _)) = self.dedup_order.front() {
             if now.duration_since(*at) <= window {
                 break;
@@ -53,12 +83,37 @@ impl TenantLog {
             }
         }
     }
+
+    /// Index of the first retained event after `seq`.
+    fn after(&self, seq: u64) -> usize {
+        self.events.partition_point(|s| s.event.id.seq <= seq)
+    }
+}
+
+/// What remains of an expired event: where it was, and on which topic.
+fn tombstone(e: &Event) -> Event {
+    Event::seal(
+        NewEvent::new(
+            e.tenant.clone(),
+            e.topic.clone(),
+            serde_json::Value::Null,
+            e.region.clone(),
+        ),
+        e.id,
+        time::OffsetDateTime::now_utc(),
+    )
 }
 
 impl MemoryBroker {
-    /// A broker keeping `config`'s history and routing into `hub`.
-    pub fn new(config: HistoryConfig, hub: Arc<Hub>, metrics: Arc<Metrics>) -> Self {
+    /// A broker of `region` keeping `config`'s history and routing into `hub`.
+    pub fn new(
+        region: Arc<str>,
+        config: HistoryConfig,
+        hub: Arc<Hub>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         Self {
+            region,
             // A fresh epoch per process: cursors from a previous run are
             // reported as unknown instead of pointing at unrelated events.
             epoch: rand::random::<u32>() as u64 | 1,
@@ -66,6 +121,7 @@ impl MemoryBroker {
             hub,
             metrics,
             tenants: DashMap::new(),
+            blocked: Blocklist::default(),
         }
     }
 
@@ -76,11 +132,10 @@ impl MemoryBroker {
         self.tenants.entry(tenant.clone()).or_default().clone()
     }
 
-    /// Drop what retention and the size bound no longer keep, before a read.
-    fn prune_for_read(&self, log: &mut TenantLog) {
+    /// Drop what retention and the size bound no longer keep.
+    fn prune(&self, log: &mut TenantLog) {
         log.prune(
             Instant::now(),
-            self.retention(),
             self.config.max_events_per_tenant,
             Duration::from_secs(self.config.dedup_window_seconds),
         );
@@ -95,18 +150,12 @@ impl MemoryBroker {
 impl Broker for MemoryBroker {
     async fn publish(&self, new: NewEvent, retention: Duration) -> Result<Published, BrokerError> {
         let log = self.log(&new.tenant);
-        let window = Duration::from_secs(self.config.dedup_window_seconds);
         let now = Instant::now();
         // The lock orders a tenant's events: sequence, store and fan-out
         // happen together, so connections see them in publish order. It is
         // never held across an await.
         let mut log = log.lock().unwrap_or_else(|e| e.into_inner());
-        log.prune(
-            now,
-            retention.min(self.retention()),
-            self.config.max_events_per_tenant,
-            window,
-        );
+        self.prune(&mut log);
         if let Some(key) = &new.idempotency_key
             && let Some(original) = log.dedup.get(key)
         {
@@ -126,11 +175,16 @@ impl Broker for MemoryBroker {
             log.dedup.insert(key.clone(), event.clone());
             log.dedup_order.push_back((now, key));
         }
-        log.events.push_back((now, event.clone()));
+        let expires = now + retention.min(self.retention());
+        log.next_expiry = Some(log.next_expiry.map_or(expires, |at| at.min(expires)));
+        log.events.push_back(Stored {
+            expires,
+            event: event.clone(),
+        });
         if log.events.len() > self.config.max_events_per_tenant
-            && let Some((_, old)) = log.events.pop_front()
+            && let Some(old) = log.events.pop_front()
         {
-            log.purged = old.id.seq;
+            log.purged = old.event.id.seq;
         }
         crate::fanout::route(&self.hub, &self.metrics, &event);
         Ok(Published {
@@ -149,21 +203,24 @@ impl Broker for MemoryBroker {
     ) -> Result<ReadBatch, BrokerError> {
         let log = self.log(tenant);
         let mut log = log.lock().unwrap_or_else(|e| e.into_inner());
-        self.prune_for_read(&mut log);
+        self.prune(&mut log);
         let (start, gap) = match after {
             None => (log.purged, None),
             Some(c) if c.epoch != self.epoch || c.seq > log.head => {
                 (log.purged, Some(GapReason::Unknown))
             }
             Some(c) if c.seq < log.purged => (log.purged, Some(GapReason::Expired)),
+            // An event after the cursor that this reader would have
+            // received expired already.
+            Some(c) if log.tombstones.iter().any(|t| t.id.seq > c.seq && filter(t)) => {
+                (c.seq, Some(GapReason::Expired))
+            }
             Some(c) => (c.seq, None),
         };
-        // Events are contiguous from `purged + 1` to `head`.
-        let skip = usize::try_from(start - log.purged).unwrap_or(usize::MAX);
         let mut events = Vec::new();
         let mut next = start;
         let mut more = false;
-        for (_, ev) in log.events.iter().skip(skip) {
+        for ev in log.events.range(log.after(start)..).map(|s| &s.event) {
             if events.len() == limit {
                 more = true;
                 break;
@@ -193,12 +250,12 @@ impl Broker for MemoryBroker {
     ) -> Result<Latest, BrokerError> {
         let log = self.log(tenant);
         let mut log = log.lock().unwrap_or_else(|e| e.into_inner());
-        self.prune_for_read(&mut log);
+        self.prune(&mut log);
         let kept: Vec<Arc<Event>> = log
             .events
             .iter()
-            .filter(|(_, e)| filter(e))
-            .map(|(_, e)| e.clone())
+            .filter(|s| filter(&s.event))
+            .map(|s| s.event.clone())
             .collect();
         Ok(super::newest_per_topic(kept, limit))
     }
@@ -226,6 +283,53 @@ impl Broker for MemoryBroker {
         Ok(registered_at)
     }
 
+    async fn erase(
+        &self,
+        tenant: &Arc<str>,
+        subject: &str,
+        _pace: Duration,
+    ) -> Result<ErasureCounts, BrokerError> {
+        let mut erased: Vec<Arc<Event>> = Vec::new();
+        let mut dedup_records = 0;
+        if let Some(log) = self.tenants.get(tenant).map(|l| l.clone()) {
+            let mut log = log.lock().unwrap_or_else(|e| e.into_inner());
+            let is_subject = |e: &Event| e.data_subject.as_deref() == Some(subject);
+            let mut kept = VecDeque::with_capacity(log.events.len());
+            for s in log.events.drain(..) {
+                if is_subject(&s.event) {
+                    erased.push(s.event);
+                } else {
+                    kept.push_back(s);
+                }
+            }
+            log.events = kept;
+            // Idempotency records of events already gone from history too.
+            let before = log.dedup.len();
+            log.dedup.retain(|_, e| !is_subject(e));
+            dedup_records = (before - log.dedup.len()) as u64;
+            log.next_expiry = log.events.iter().map(|s| s.expires).min();
+        }
+        for notice in super::erased_notices(tenant, &erased) {
+            self.hub.dispatch(&Arc::new(notice));
+        }
+        Ok(ErasureCounts {
+            regions: [(self.region.to_string(), erased.len() as u64)]
+                .into_iter()
+                .collect(),
+            dedup_records,
+            unreachable: Vec::new(),
+        })
+    }
+
+    async fn block_subject(&self, key: String, until_ms: i64) -> Result<(), BrokerError> {
+        self.blocked.set(key, until_ms);
+        Ok(())
+    }
+
+    fn subject_blocked(&self, key: &str) -> bool {
+        self.blocked.blocked(key)
+    }
+
     fn health(&self) -> (&'static str, bool) {
         ("event_bus", true)
     }
@@ -239,6 +343,7 @@ mod tests {
     fn broker(max: usize) -> MemoryBroker {
         let metrics = Arc::new(Metrics::default());
         MemoryBroker::new(
+            "r".into(),
             HistoryConfig {
                 max_events_per_tenant: max,
                 ..HistoryConfig::default()

@@ -12,6 +12,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use switchboard_config::{Pattern, Topic};
 
+use crate::data_protection::ErasureCounts;
 use crate::event::{Cursor, Event, NewEvent};
 
 /// Why the broker could not do what was asked.
@@ -164,6 +165,73 @@ pub trait Broker: Send + Sync + 'static {
     /// belong to replay.
     async fn live_from(&self, tenant: &Arc<str>, registered_at: u64) -> Result<u64, BrokerError>;
 
+    /// Remove every retained event of `tenant` whose data subject is
+    /// `subject` from history (every region's, in cluster mode) and from
+    /// the idempotency records, and send `data.erased` notices to the
+    /// connections subscribed to their topics. Idempotent: asking again
+    /// erases what is left. `pace` is a pause between deletions.
+    async fn erase(
+        &self,
+        tenant: &Arc<str>,
+        subject: &str,
+        pace: Duration,
+    ) -> Result<ErasureCounts, BrokerError>;
+
+    /// Refuse publishes for the subject with this
+    /// [`subject_key`](crate::data_protection::subject_key) until `until_ms`
+    /// (Unix ms; in the past: lift the block), on every gateway.
+    async fn block_subject(&self, key: String, until_ms: i64) -> Result<(), BrokerError>;
+
+    /// Whether publishes for this subject key are refused.
+    fn subject_blocked(&self, key: &str) -> bool;
+
+    /// Keep an erasure's record where every gateway finds it (cluster
+    /// mode; the embedded broker's history dies with its process, so it
+    /// keeps none).
+    async fn record_erasure(
+        &self,
+        _job: &crate::data_protection::ErasureJob,
+    ) -> Result<(), BrokerError> {
+        Ok(())
+    }
+
+    /// Erasures left running by a gateway that stopped (no heartbeat for
+    /// `stale`), each claimed by this gateway so that one resumes it.
+    async fn claim_stale_erasures(
+        &self,
+        _stale: Duration,
+    ) -> Vec<crate::data_protection::ErasureJob> {
+        Vec::new()
+    }
+
     /// Component name and whether it is healthy, for the health endpoint.
     fn health(&self) -> (&'static str, bool);
+}
+
+/// The `data.erased` notices for erased events: one per topic, listing the
+/// ids, for the connections subscribed to it.
+pub fn erased_notices(tenant: &Arc<str>, erased: &[Arc<Event>]) -> Vec<Event> {
+    let mut by_topic: std::collections::BTreeMap<&str, (&Event, Vec<String>)> =
+        std::collections::BTreeMap::new();
+    for e in erased {
+        by_topic
+            .entry(e.topic.as_str())
+            .or_insert_with(|| (e, Vec::new()))
+            .1
+            .push(e.id.to_string());
+    }
+    let now = time::OffsetDateTime::now_utc();
+    by_topic
+        .into_values()
+        .map(|(first, ids)| {
+            Event::notice(
+                tenant.clone(),
+                first.topic.clone(),
+                first.region.clone(),
+                crate::event::ERASED_NOTICE,
+                &serde_json::json!({ "event_ids": ids }),
+                now,
+            )
+        })
+        .collect()
 }

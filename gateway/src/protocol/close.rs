@@ -22,11 +22,15 @@ pub enum Close {
     /// Connect rate exceeded, or the process sheds load: try again later
     /// (with backoff, possibly on another gateway). 1013.
     TryAgainLater,
+    /// The tenant's data may not live in this gateway's region (policy
+    /// `residency`): connect in one of its regions; retrying here will not
+    /// help. 4013.
+    NotResident,
 }
 
 impl Close {
     /// Every close code.
-    pub const ALL: [Close; 9] = [
+    pub const ALL: [Close; 10] = [
         Close::Unauthorized,
         Close::Forbidden,
         Close::IdleTimeout,
@@ -36,6 +40,7 @@ impl Close {
         Close::MessageTooBig,
         Close::ServiceRestart,
         Close::TryAgainLater,
+        Close::NotResident,
     ];
 
     /// The WebSocket close code.
@@ -50,6 +55,7 @@ impl Close {
             Close::MessageTooBig => 1009,
             Close::ServiceRestart => 1012,
             Close::TryAgainLater => 1013,
+            Close::NotResident => 4013,
         }
     }
 
@@ -65,6 +71,7 @@ impl Close {
             Close::MessageTooBig => "message too big",
             Close::ServiceRestart => "draining, reconnect",
             Close::TryAgainLater => "try again later",
+            Close::NotResident => "tenant not resident in this region",
         }
     }
 
@@ -80,6 +87,7 @@ impl Close {
             Close::MessageTooBig => "message_too_big",
             Close::ServiceRestart => "draining",
             Close::TryAgainLater => "try_again_later",
+            Close::NotResident => "not_resident",
         }
     }
 }

@@ -58,11 +58,17 @@ pub enum ErrorCode {
     /// The process is saturated and sheds new connections: retry after
     /// `Retry-After` (possibly on another gateway).
     Overloaded,
+    /// The event names a data subject whose data was erased: publishing
+    /// for it is blocked for a while (see docs/data-protection.md).
+    DataSubjectErased,
+    /// The tenant's data may not live in this gateway's region (its
+    /// policy's `residency`): connect to or publish in one of its regions.
+    ResidencyViolation,
 }
 
 impl ErrorCode {
     /// Every code, for tests and docs.
-    pub const ALL: [ErrorCode; 24] = [
+    pub const ALL: [ErrorCode; 26] = [
         ErrorCode::MalformedMessage,
         ErrorCode::UnknownMessageType,
         ErrorCode::BinaryNotSupported,
@@ -87,6 +93,8 @@ impl ErrorCode {
         ErrorCode::BatchTooLarge,
         ErrorCode::ConnectRateLimited,
         ErrorCode::Overloaded,
+        ErrorCode::DataSubjectErased,
+        ErrorCode::ResidencyViolation,
     ];
 
     /// The code as it appears on the wire.
@@ -116,6 +124,8 @@ impl ErrorCode {
             ErrorCode::BatchTooLarge => "batch_too_large",
             ErrorCode::ConnectRateLimited => "connect_rate_limited",
             ErrorCode::Overloaded => "overloaded",
+            ErrorCode::DataSubjectErased => "data_subject_erased",
+            ErrorCode::ResidencyViolation => "residency_violation",
         }
     }
 
@@ -134,9 +144,11 @@ impl ErrorCode {
             ErrorCode::Unauthorized | ErrorCode::TokenExpired | ErrorCode::AuthRefreshFailed => {
                 StatusCode::UNAUTHORIZED
             }
-            ErrorCode::TopicNotAllowed | ErrorCode::Forbidden | ErrorCode::OriginNotAllowed => {
-                StatusCode::FORBIDDEN
-            }
+            ErrorCode::TopicNotAllowed
+            | ErrorCode::Forbidden
+            | ErrorCode::OriginNotAllowed
+            | ErrorCode::DataSubjectErased
+            | ErrorCode::ResidencyViolation => StatusCode::FORBIDDEN,
             ErrorCode::MessageTooLarge | ErrorCode::BodyTooLarge | ErrorCode::BatchTooLarge => {
                 StatusCode::PAYLOAD_TOO_LARGE
             }

@@ -2,6 +2,7 @@
 //! long-polling for subscribers, and the HTTP publish API for backends.
 
 pub mod console;
+pub mod erase;
 pub mod longpoll;
 pub mod publish;
 pub mod snapshot;
@@ -209,6 +210,7 @@ pub fn refusal_code(close: Close) -> ErrorCode {
     match close {
         Close::ServiceRestart => ErrorCode::Draining,
         Close::Forbidden => ErrorCode::Forbidden,
+        Close::NotResident => ErrorCode::ResidencyViolation,
         Close::Unauthorized => ErrorCode::Unauthorized,
         _ => ErrorCode::TooManyConnections,
     }

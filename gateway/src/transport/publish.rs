@@ -39,7 +39,10 @@ pub(crate) fn error_code(e: &PublishError) -> ErrorCode {
         PublishError::InvalidTenant(_)
         | PublishError::InvalidCompanyId(_)
         | PublishError::InvalidRegion(_)
-        | PublishError::InvalidMessageType(_) => ErrorCode::InvalidRequest,
+        | PublishError::InvalidMessageType(_)
+        | PublishError::InvalidGdprContext(_) => ErrorCode::InvalidRequest,
+        PublishError::SubjectErased => ErrorCode::DataSubjectErased,
+        PublishError::NotResident { .. } => ErrorCode::ResidencyViolation,
         PublishError::InvalidTopic(_) => ErrorCode::InvalidTopic,
         PublishError::TooLarge { .. } => ErrorCode::MessageTooLarge,
         PublishError::Broker(_) => ErrorCode::BusUnavailable,

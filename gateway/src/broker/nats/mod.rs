@@ -18,6 +18,7 @@
 //! this account may subscribe to a subject) and [`subject`] (the subject
 //! scheme).
 
+mod erasure;
 mod history;
 mod permissions;
 
@@ -116,6 +117,12 @@ pub struct NatsBroker {
     reads: tokio::sync::Semaphore,
     /// What this account may subscribe to, as last read from the server.
     permissions: Mutex<Option<Arc<SubscribePermissions>>>,
+    /// Every region (whose streams an erasure visits).
+    regions: Vec<String>,
+    /// The erasure bucket, once open.
+    erasures: std::sync::OnceLock<async_nats::jetstream::kv::Store>,
+    /// Blocked data subjects, as the erasure bucket says.
+    blocked: crate::data_protection::Blocklist,
 }
 
 /// History reads one gateway runs against JetStream at a time.
@@ -264,7 +271,16 @@ impl NatsBroker {
             info: Mutex::new(None),
             reads: tokio::sync::Semaphore::new(CONCURRENT_READS),
             permissions: Mutex::new(None),
+            regions: if config.regions.is_empty() {
+                vec![region.to_owned()]
+            } else {
+                config.regions.clone()
+            },
+            erasures: std::sync::OnceLock::new(),
+            blocked: crate::data_protection::Blocklist::default(),
         });
+        tokio::spawn(broker.clone().watch_erasures(config.stream_replicas));
+        tokio::spawn(erasure::forward_notices(broker.clone(), hub.clone()));
         tokio::spawn(region_stream::ensure_stream(
             broker.clone(),
             region_stream::stream_config(config, &broker.history, &broker.subjects, region),
@@ -308,13 +324,23 @@ impl NatsBroker {
 
 #[async_trait]
 impl Broker for NatsBroker {
-    async fn publish(&self, new: NewEvent, _retention: Duration) -> Result<Published, BrokerError> {
+    async fn publish(&self, new: NewEvent, retention: Duration) -> Result<Published, BrokerError> {
         let epoch = self.epoch()?;
-        let subject = self.subjects.event(&new.tenant, &new.topic);
+        let subject = self.subjects.event(&new.tenant, &new.topic, new.resident);
         let mut headers = HeaderMap::new();
         if let Some(key) = &new.idempotency_key {
-            // Per tenant: the same key from two tenants is two events.
-            headers.insert("Nats-Msg-Id", format!("{}:{key}", new.tenant).as_str());
+            // Per tenant: the same key from two tenants is two events. A
+            // hash, so the stream's dedup records hold no key a publisher
+            // may have built from personal data.
+            headers.insert(
+                "Nats-Msg-Id",
+                crate::data_protection::subject_key(&new.tenant, key).as_str(),
+            );
+        }
+        if retention < Duration::from_secs(self.history.retention_seconds) {
+            // Per-message TTL: JetStream removes it (in every region's
+            // stream, the header travels with sourced copies).
+            headers.insert("Nats-TTL", retention.as_secs().max(1).to_string().as_str());
         }
         if let Some(tp) = &new.traceparent {
             headers.insert("traceparent", tp.as_str());
@@ -423,6 +449,37 @@ impl Broker for NatsBroker {
 
     async fn unsubscribe(&self, tenant: &Arc<str>, pattern: &Pattern) {
         self.drop_interest(tenant, pattern).await;
+    }
+
+    async fn erase(
+        &self,
+        tenant: &Arc<str>,
+        subject: &str,
+        pace: Duration,
+    ) -> Result<crate::data_protection::ErasureCounts, BrokerError> {
+        Ok(self.erase_everywhere(tenant, subject, pace).await)
+    }
+
+    async fn block_subject(&self, key: String, until_ms: i64) -> Result<(), BrokerError> {
+        self.put_block(key, until_ms).await
+    }
+
+    fn subject_blocked(&self, key: &str) -> bool {
+        self.blocked.blocked(key)
+    }
+
+    async fn record_erasure(
+        &self,
+        job: &crate::data_protection::ErasureJob,
+    ) -> Result<(), BrokerError> {
+        self.put_job(job).await
+    }
+
+    async fn claim_stale_erasures(
+        &self,
+        stale: Duration,
+    ) -> Vec<crate::data_protection::ErasureJob> {
+        self.claim_stale(stale).await
     }
 
     fn health(&self) -> (&'static str, bool) {

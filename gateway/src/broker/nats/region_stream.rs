@@ -88,6 +88,7 @@ impl NatsBroker {
                 traceparent,
                 message_type: wire.message_type,
                 publisher: wire.publisher,
+                resident: false,
             },
             Cursor { epoch, seq },
             stored,
@@ -154,7 +155,10 @@ pub(super) fn stream_config(
     stream::Config {
         name: subjects.stream_name(region),
         description: Some(format!("Switchboard history of region {region}")),
-        subjects: vec![subjects.region_events(region)],
+        subjects: vec![
+            subjects.region_events(region),
+            subjects.resident_events(region),
+        ],
         sources: (!sources.is_empty()).then_some(sources),
         republish: Some(stream::Republish {
             source: ">".into(),
@@ -170,6 +174,8 @@ pub(super) fn stream_config(
         ),
         num_replicas: nats.stream_replicas,
         allow_direct: true,
+        // Events with a shorter retention than the stream's carry Nats-TTL.
+        allow_message_ttl: true,
         storage: stream::StorageType::File,
         placement: nats.placement_cluster.as_ref().map(|c| stream::Placement {
             cluster: Some(c.clone()),
@@ -242,7 +248,8 @@ mod tests {
         let subjects = Subjects::new("sb", "eu");
         let c = stream_config(&nats, &history, &subjects, "eu");
         assert_eq!(c.name, "SB_eu");
-        assert_eq!(c.subjects, ["sb.ev.eu.>"]);
+        assert_eq!(c.subjects, ["sb.ev.eu.>", "sb.ev.eu~local.>"]);
+        assert!(c.allow_message_ttl);
         let sources: Vec<(String, Option<String>)> = c
             .sources
             .unwrap()

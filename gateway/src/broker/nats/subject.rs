@@ -55,6 +55,10 @@ pub fn unescape_tenant(token: &str) -> Option<String> {
     String::from_utf8(out).ok()
 }
 
+/// The suffix of the origin token of a resident tenant's events (`~` is
+/// not allowed in region names, so it cannot collide with one).
+const RESIDENT: &str = "~local";
+
 /// The subjects of one gateway (prefix and region).
 #[derive(Debug, Clone)]
 pub struct Subjects {
@@ -76,14 +80,44 @@ impl Subjects {
         format!("{}_{region}", self.prefix.to_uppercase())
     }
 
+    /// The subject prefix.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// This gateway's region.
+    pub fn region(&self) -> &str {
+        &self.region
+    }
+
     /// Where an event of `tenant` on `topic` is published from this region.
-    pub fn event(&self, tenant: &str, topic: &Topic) -> String {
+    /// A `resident` tenant's (pinned to regions) carries the origin token
+    /// `<region>~local`, which no other region's stream sources.
+    pub fn event(&self, tenant: &str, topic: &Topic, resident: bool) -> String {
         format!(
-            "{}.ev.{}.{}.{topic}",
+            "{}.ev.{}{}.{}.{topic}",
             self.prefix,
             self.region,
+            if resident { RESIDENT } else { "" },
             escape_tenant(tenant)
         )
+    }
+
+    /// Events of resident tenants published in `region`: stored by its
+    /// stream, never sourced by another.
+    pub fn resident_events(&self, region: &str) -> String {
+        format!("{}.ev.{region}{RESIDENT}.>", self.prefix)
+    }
+
+    /// Where the `data.erased` notices for `region`'s connections of
+    /// `tenant` are sent.
+    pub fn erased_notices(&self, region: &str, tenant: &str) -> String {
+        format!("{}.erased.{region}.{}", self.prefix, escape_tenant(tenant))
+    }
+
+    /// Every `data.erased` notice for this region.
+    pub fn erased_notices_here(&self) -> String {
+        format!("{}.erased.{}.*", self.prefix, self.region)
     }
 
     /// Everything published from `region`.
@@ -132,6 +166,7 @@ impl Subjects {
     pub fn parse_event(&self, subject: &str) -> Option<(String, String, Topic)> {
         let rest = subject.strip_prefix(&self.prefix)?.strip_prefix(".ev.")?;
         let (origin, rest) = rest.split_once('.')?;
+        let origin = origin.strip_suffix(RESIDENT).unwrap_or(origin);
         let (tenant, topic) = rest.split_once('.')?;
         Some((
             origin.to_owned(),
@@ -164,12 +199,22 @@ mod tests {
     fn subjects_round_trip_and_interest_is_tenant_scoped() {
         let s = Subjects::new("sb", "eu");
         let topic = Topic::parse("deal.stage.updated").unwrap();
-        let subject = s.event("a.b", &topic);
+        let subject = s.event("a.b", &topic, false);
         assert_eq!(subject, "sb.ev.eu.a~2Eb.deal.stage.updated");
         assert_eq!(
             s.parse_event(&subject),
-            Some(("eu".into(), "a.b".into(), topic))
+            Some(("eu".into(), "a.b".into(), topic.clone()))
         );
+        // A resident tenant's events stay out of what other regions source
+        // (`sb.ev.eu.>`), yet parse the same and match every tenant filter.
+        let resident = s.event("acme", &topic, true);
+        assert_eq!(resident, "sb.ev.eu~local.acme.deal.stage.updated");
+        assert_eq!(
+            s.parse_event(&resident),
+            Some(("eu".into(), "acme".into(), topic))
+        );
+        assert_eq!(s.resident_events("eu"), "sb.ev.eu~local.>");
+        assert_eq!(s.tenant_history("acme"), "sb.ev.*.acme.>");
         let p = Pattern::parse("deal.*").unwrap();
         assert_eq!(s.live_interest("acme", &p), "sb.rp.eu.sb.ev.*.acme.deal.>");
         // The widest pattern of a tenant stays inside its tenant token.
