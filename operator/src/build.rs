@@ -14,9 +14,10 @@ use k8s_openapi::api::autoscaling::v2::{
 };
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource,
-    HTTPGetAction, KeyToPath, Lifecycle, LifecycleHandler, ObjectFieldSelector, PodSecurityContext,
-    PodSpec, PodTemplateSpec, Probe, SecretVolumeSource, SecurityContext, Service, ServiceAccount,
-    ServicePort, ServiceSpec, SleepAction, TopologySpreadConstraint, Volume, VolumeMount,
+    HTTPGetAction, KeyToPath, Lifecycle, LifecycleHandler, ObjectFieldSelector,
+    PersistentVolumeClaimVolumeSource, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
+    SecretVolumeSource, SecurityContext, Service, ServiceAccount, ServicePort, ServiceSpec,
+    SleepAction, TopologySpreadConstraint, Volume, VolumeMount,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -33,6 +34,7 @@ pub const CONFIG_KEY: &str = "switchboard.yaml";
 pub const POLICY_KEY: &str = "policy.yaml";
 const HS256_PATH: &str = "/var/run/switchboard/auth/hs256";
 const NATS_CREDS_PATH: &str = "/var/run/switchboard/nats/nats.creds";
+const AUDIT_DIR: &str = "/var/lib/switchboard/audit";
 /// Pod template annotation whose change rolls the pods: the hash of the
 /// gateway config (not of the policy bundle, which the gateway hot-reloads).
 pub const CONFIG_HASH: &str = "switchboard.dev/config-hash";
@@ -149,6 +151,17 @@ pub fn gateway_config(gw: &RealtimeGateway) -> GatewayConfig {
     if let Some(v) = l.publish_rate_per_minute {
         c.limits.messages_per_minute = v.max(1) as u32;
     }
+    if let Some(dp) = &spec.data_protection {
+        if let Some(scope) = &dp.erase_scope {
+            c.data_protection.erase_scope = scope.clone();
+        }
+        if let Some(b) = dp.block_seconds {
+            c.data_protection.block_seconds = b.max(0) as u64;
+        }
+        if dp.audit.volume_claim.is_some() {
+            c.data_protection.audit_file = Some(format!("{AUDIT_DIR}/audit.jsonl").into());
+        }
+    }
     if let Some(n) = &spec.nats {
         c.nats = Some(NatsConfig {
             urls: n.urls.clone(),
@@ -253,6 +266,25 @@ pub fn build(
         .and_then(|n| n.credentials_secret.as_ref())
     {
         secret_volume("nats-credentials", s, NATS_CREDS_PATH);
+    }
+    if let Some(claim) = spec
+        .data_protection
+        .as_ref()
+        .and_then(|d| d.audit.volume_claim.as_ref())
+    {
+        volumes.push(Volume {
+            name: "audit".into(),
+            persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+                claim_name: claim.clone(),
+                read_only: Some(false),
+            }),
+            ..Volume::default()
+        });
+        mounts.push(VolumeMount {
+            name: "audit".into(),
+            mount_path: AUDIT_DIR.into(),
+            ..VolumeMount::default()
+        });
     }
 
     let mut env = vec![EnvVar {

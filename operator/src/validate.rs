@@ -85,6 +85,9 @@ pub fn compile(policy: &TopicPolicy) -> Result<TenantPolicy, String> {
             spec.history_retention_seconds,
             "historyRetentionSeconds",
         )?,
+        max_retention_days: positive(spec.max_retention_days, "maxRetentionDays")?
+            .map(|n| n.min(u32::MAX as u64) as u32),
+        residency: spec.residency.clone(),
     })
 }
 
@@ -176,6 +179,8 @@ mod tests {
                 client_publish: vec![],
                 limits: PolicyLimits::default(),
                 history_retention_seconds: None,
+                max_retention_days: None,
+                residency: Vec::new(),
             },
         );
         p.metadata.creation_timestamp = Some(Time(

@@ -390,3 +390,53 @@ fn invalid_gateway_settings_are_reported_not_built() {
     gw.metadata.uid = None;
     assert!(build::build(&gw, &Default::default(), "img").is_err());
 }
+
+#[test]
+fn data_protection_settings_reach_the_gateway_and_the_pod() {
+    let mut gw = example_gateway();
+    gw.spec.data_protection = Some(crd::gateway::DataProtectionSpec {
+        erase_scope: Some("gdpr:erase".into()),
+        block_seconds: Some(3600),
+        audit: crd::gateway::AuditSpec {
+            volume_claim: Some("switchboard-audit".into()),
+        },
+    });
+    let mut policies = example_policies();
+    policies[0].spec.residency = vec!["eu".into()];
+    policies[0].spec.max_retention_days = Some(30);
+    let tenant = policies[0].spec.tenant.clone();
+    let (verdicts, bundle) = validate::judge(true, &policies);
+    assert!(verdicts.values().all(|v| v.is_accepted()), "{verdicts:?}");
+    let objects = build::build(&gw, &bundle, "img:1").unwrap();
+    let data = objects.config_map.data.clone().unwrap();
+    let config = GatewayConfig::from_yaml(&data[CONFIG_KEY]).unwrap();
+    assert_eq!(config.data_protection.erase_scope, "gdpr:erase");
+    assert_eq!(config.data_protection.block_seconds, 3600);
+    let audit = config.data_protection.audit_file.unwrap();
+    assert_eq!(audit.to_str(), Some("/var/lib/switchboard/audit/audit.jsonl"));
+    let pod = objects.deployment.spec.template.spec.clone().unwrap();
+    let volume = pod
+        .volumes
+        .unwrap()
+        .into_iter()
+        .find(|v| v.name == "audit")
+        .expect("the audit volume");
+    assert_eq!(
+        volume.persistent_volume_claim.unwrap().claim_name,
+        "switchboard-audit"
+    );
+    let mount = pod.containers[0]
+        .volume_mounts
+        .clone()
+        .unwrap()
+        .into_iter()
+        .find(|m| m.name == "audit")
+        .expect("the audit mount");
+    assert_eq!(Path::new(&mount.mount_path), audit.parent().unwrap());
+    assert_ne!(mount.read_only, Some(true), "the gateway appends to it");
+    let parsed = PolicyBundle::from_yaml(&data[POLICY_KEY]).unwrap();
+    let p = &parsed.tenants[&tenant];
+    assert_eq!(p.residency, ["eu"]);
+    assert_eq!(p.max_retention_days, Some(30));
+    assert!(parsed.resident_in(&tenant, "eu") && !parsed.resident_in(&tenant, "us"));
+}

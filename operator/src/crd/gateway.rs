@@ -82,6 +82,9 @@ pub struct RealtimeGatewaySpec {
     pub allowed_origins: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub telemetry: Option<TelemetrySpec>,
+    /// Erasure by data subject and its audit trail (docs/data-protection.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_protection: Option<DataProtectionSpec>,
     /// Seconds over which clients are told to reconnect when a pod stops (default 30).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(max = 86400))]
@@ -231,6 +234,38 @@ fn default_service_type() -> String {
 }
 fn default_port() -> i32 {
     80
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DataProtectionSpec {
+    /// The token scope that may call the erase API besides `platform` (default `erase`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 64), regex(pattern = r"^[A-Za-z0-9_.:-]+$"))]
+    pub erase_scope: Option<String>,
+    /// Seconds publishes for an erased data subject are refused (default 30 days; 0: none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 315_360_000))]
+    pub block_seconds: Option<i64>,
+    /// Where erasure audit records go.
+    #[serde(default)]
+    pub audit: AuditSpec,
+}
+
+/// The audit sink: the gateway's log (a JSON line with target
+/// `switchboard::audit`, for the cluster's log pipeline) always, and a file on
+/// a persistent volume claim when one is named (`ReadWriteMany`: every pod
+/// appends to `audit.jsonl` there).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AuditSpec {
+    /// A PersistentVolumeClaim (same namespace) mounted at `/var/lib/switchboard/audit`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+    )]
+    pub volume_claim: Option<String>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, KubeSchema)]

@@ -64,6 +64,20 @@ pub struct TopicPolicySpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub history_retention_seconds: Option<i64>,
+    /// The longest `gdpr_context.retention_days` an event may ask for; events
+    /// asking for more, or nothing, are kept this long.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 36500))]
+    pub max_retention_days: Option<i64>,
+    /// Regions this tenant's data may live in (empty: any). Its events are
+    /// stored only there and never sourced to other regions; its clients and
+    /// publishers are refused elsewhere.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(
+        length(max = 16),
+        inner(length(min = 1, max = 64), regex(pattern = r"^[A-Za-z0-9_-]+$"))
+    )]
+    pub residency: Vec<String>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
