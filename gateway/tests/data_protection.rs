@@ -134,6 +134,17 @@ async fn erasure_removes_a_subjects_events_notifies_holders_and_blocks_new_ones(
         "refusals erased nothing"
     );
 
+    // A long-poll waiting meanwhile answers with stored events only.
+    let waiting = {
+        let url = format!(
+            "{}/api/realtime/poll/?topics=orders.*&cursor={}&timeout=8",
+            gw.http(),
+            bob[2]
+        );
+        let t = token("acme", &[]);
+        tokio::spawn(async move { get_json(&url, Some(&t)).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await; // let it start waiting
     let (status, answer) = post(
         &gw,
         "/api/realtime/erase/",
@@ -192,7 +203,14 @@ async fn erasure_removes_a_subjects_events_notifies_holders_and_blocks_new_ones(
         (403, Some("data_subject_erased")),
         "{refused}"
     );
-    publish_for(&gw, "acme", "orders.created", "carol", 0).await;
+    let carol = publish_for(&gw, "acme", "orders.created", "carol", 0).await;
+    let (status, polled) = waiting.await.unwrap();
+    assert_eq!(status, 200, "{polled}");
+    assert_eq!(
+        ids(polled["events"].as_array().unwrap()),
+        [carol],
+        "{polled}"
+    );
     publish_for(&gw, "globex", "orders.created", "alice", 1).await;
 
     // Asking again is idempotent: nothing left to erase.

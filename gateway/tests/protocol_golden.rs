@@ -182,6 +182,7 @@ fn render() -> String {
             traceparent: None,
             message_type: None,
             publisher: None,
+            resident: false,
         },
         Cursor {
             epoch: 0x5f3a9c1e,
@@ -228,6 +229,20 @@ fn render() -> String {
         "\n# presence notice (seed 001 form, then seed 004's)\nws:  {}\nws:  {}\n",
         notice.frame,
         notice.channel_frame()
+    ));
+    let erased = Event::notice(
+        Arc::from("acme"),
+        Topic::parse("orders.created").unwrap(),
+        Arc::from("eu"),
+        switchboard_gateway::event::ERASED_NOTICE,
+        &json!({"event_ids": ["5f3a9c1e-43"]}),
+        at(),
+    );
+    out.push_str(&format!(
+        "\n# data.erased notice (seed 001 form, seed 004's, Socket.IO)\nws:  {}\nws:  {}\nsio: {}\n",
+        erased.frame,
+        erased.channel_frame(),
+        erased.socketio_packet()
     ));
     out
 }

@@ -413,7 +413,10 @@ fn data_protection_settings_reach_the_gateway_and_the_pod() {
     assert_eq!(config.data_protection.erase_scope, "gdpr:erase");
     assert_eq!(config.data_protection.block_seconds, 3600);
     let audit = config.data_protection.audit_file.unwrap();
-    assert_eq!(audit.to_str(), Some("/var/lib/switchboard/audit/audit.jsonl"));
+    assert_eq!(
+        audit.to_str(),
+        Some("/var/lib/switchboard/audit/audit.jsonl")
+    );
     let pod = objects.deployment.spec.template.spec.clone().unwrap();
     let volume = pod
         .volumes

@@ -141,6 +141,35 @@ test('seed 002 snippet: connected, rooms, events from the HTTP API, message and 
   }
 });
 
+test('an erased data subject: rooms that got its events receive data_erased with their ids', async () => {
+  const gw = await gateway();
+  for (const transports of [['polling'], ['websocket']]) {
+    const c = await client(gw.url, mint('acme', 'alice'), { transports });
+    await connected(c);
+    const erased = [];
+    c.socket.on('data_erased', (e) => erased.push(e));
+    await emitAck(c.socket, 'join_room', { roomId: 'orders.7' });
+    const subject = `person-${transports[0]}`;
+    const r = await fetch(`${gw.url}/api/realtime/publish/`, {
+      method: 'POST',
+      headers: { 'content-type': 'application/json', authorization: `Bearer ${mint('acme', 'backend', 'publish')}` },
+      body: JSON.stringify({ event_type: 'orders.7', data: { total: 1 }, gdpr_context: { data_subject_id: subject } }),
+    });
+    const id = (await r.json()).event_id;
+    await until('the event', () => c.got.message.some((m) => m.id === id));
+    const erase = await fetch(`${gw.url}/api/realtime/erase/`, {
+      method: 'POST',
+      headers: { 'content-type': 'application/json', authorization: `Bearer ${mint('acme', 'dpo', 'erase')}` },
+      body: JSON.stringify({ data_subject_id: subject }),
+    });
+    assert.equal(erase.status, 200, await erase.text());
+    await until(`data_erased over ${transports[0]}`, () => erased.length === 1);
+    assert.equal(erased[0].roomId, 'orders.7');
+    assert.deepEqual(erased[0].eventIds, [id]);
+    c.socket.disconnect();
+  }
+});
+
 test('bad tokens and unknown events are refused with clear errors', async () => {
   const gw = await gateway();
   const bad = await client(gw.url, 'not-a-jwt', { reconnection: false });

@@ -59,6 +59,7 @@ import { openLongPoll } from './transports/longpoll.js';
  * @property {{code: number, reason: string, error?: SwitchboardError}} disconnected
  * @property {SwitchboardEvent} event every event, also those of no Subscription (the user's channel)
  * @property {{reason: string, requested: string, message?: string}} gap
+ * @property {{topic: string, eventIds: string[]}} erased events the app may hold were erased (a data subject's right to be forgotten): drop its copies
  * @property {SwitchboardError} error
  */
 
@@ -424,7 +425,12 @@ export class Client extends Emitter {
     }
     switch (closeAction(info.code)) {
       case 'stop':
-        this.stop(error ?? new SwitchboardError('forbidden', info.reason || 'the gateway refused this tenant'));
+        this.stop(
+          error ??
+            (info.code === 4013
+              ? new SwitchboardError('residency_violation', info.reason || "this tenant's data may not live in this gateway's region")
+              : new SwitchboardError('forbidden', info.reason || 'the gateway refused this tenant')),
+        );
         return;
       case 'refresh':
         // A new token; without a way to get one the session is over.
@@ -581,6 +587,11 @@ export class Client extends Emitter {
           this.subs.get(topic)?.setState('failed', new SwitchboardError('revoked', String(data.reason ?? 'revoked by policy')));
         }
         break;
+      case 'data.erased': {
+        const ids = Array.isArray(data.data?.event_ids) ? data.data.event_ids.map(String) : [];
+        this.emit('erased', { topic: String(data.topic), eventIds: ids });
+        break;
+      }
       case 'presence.sync':
       case 'presence.join':
       case 'presence.leave':

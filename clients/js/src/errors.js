@@ -29,7 +29,8 @@ export function closeAction(code) {
     case 4001:
       return 'refresh'; // unauthorized: a new token, then reconnect
     case 4003:
-      return 'stop'; // forbidden: retrying cannot help
+    case 4013:
+      return 'stop'; // forbidden, or not resident in this region: retrying cannot help
     case 1012:
       return 'now'; // the gateway drains: move to another at once
     default:
@@ -46,6 +47,7 @@ export function closeAction(code) {
 export function closeCodeForHttp(status, code) {
   if (status === 401) return 4001;
   if (code === 'forbidden') return 4003;
+  if (code === 'residency_violation') return 4013;
   if (code === 'draining') return 1012;
   if (code === 'overloaded' || code === 'connect_rate_limited') return 1013;
   if (status === 429) return 4030;

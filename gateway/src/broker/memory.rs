@@ -364,6 +364,7 @@ mod tests {
             traceparent: None,
             message_type: None,
             publisher: None,
+            resident: false,
         }
     }
 

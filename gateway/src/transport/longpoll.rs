@@ -14,7 +14,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::event::{Cursor, Event};
+use crate::event::{Cursor, Event, EventKind};
 use crate::node::Node;
 use crate::protocol::{ErrorCode, now_rfc3339};
 use crate::session::ResumeSink;
@@ -119,14 +119,21 @@ async fn poll_inner(
         let wait = async {
             // A request that overflowed just answers with what it has: the
             // client's next poll resumes from the cursor.
-            if let Ok(first) = session.next_live().await {
+            // Notices (`data.erased`) are live-only messages of the
+            // streaming transports: an answer carries stored events only.
+            while let Ok(first) = session.next_live().await {
+                if first.kind != EventKind::Stored {
+                    continue;
+                }
                 events.push(first);
                 while events.len() < MAX_EVENTS {
                     match session.try_next_live() {
+                        Ok(Some(e)) if e.kind != EventKind::Stored => {}
                         Ok(Some(e)) => events.push(e),
                         _ => break,
                     }
                 }
+                break;
             }
         };
         tokio::select! {

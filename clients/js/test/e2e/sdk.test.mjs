@@ -92,6 +92,47 @@ test('subscriptions: states, idempotent subscribe, refusal, async iteration, uns
   assert.throws(() => c.subscribe('a..b'), (e) => e.code === 'invalid_pattern');
 });
 
+test('data protection: erased events are announced, a tenant pinned elsewhere stops the client', async () => {
+  const dir = (await import('node:fs')).mkdtempSync((await import('node:path')).join((await import('node:os')).tmpdir(), 'sb-sdk-dp-'));
+  const policy = `${dir}/policy.yaml`;
+  (await import('node:fs')).writeFileSync(
+    policy,
+    'tenants:\n  acme:\n    subscribe: [{pattern: ">"}]\n    publish: [{pattern: ">"}]\n  usco:\n    subscribe: [{pattern: ">"}]\n    residency: [us]\n',
+  );
+  const gw = await gateway({ config: `policy_file: ${policy}\n` });
+  for (const transport of ['websocket', 'sse']) {
+    const c = client(gw.url, { token: mint({ user: 'alice' }), transports: [transport] });
+    const erased = [];
+    c.on('erased', (e) => erased.push(e));
+    const sub = c.subscribe('orders.*');
+    c.connect();
+    await sub.ready();
+    const r = await fetch(`${gw.url}/api/realtime/publish/`, {
+      method: 'POST',
+      headers: { 'content-type': 'application/json', authorization: `Bearer ${mint({ user: 'backend', scope: 'publish' })}` },
+      body: JSON.stringify({ event_type: 'orders.created', data: { i: 0 }, gdpr_context: { data_subject_id: `subject-${transport}` } }),
+    });
+    const id = (await r.json()).event_id;
+    await until('the event', () => c.seen.some((e) => e.event_id === id));
+    const erase = await fetch(`${gw.url}/api/realtime/erase/`, {
+      method: 'POST',
+      headers: { 'content-type': 'application/json', authorization: `Bearer ${mint({ user: 'dpo', scope: 'erase' })}` },
+      body: JSON.stringify({ data_subject_id: `subject-${transport}` }),
+    });
+    assert.equal(erase.status, 200, await erase.text());
+    await until(`the erased notice over ${transport}`, () => erased.length === 1);
+    assert.deepEqual(erased[0], { topic: 'orders.created', eventIds: [id] });
+    c.logout();
+  }
+  for (const transport of ['websocket', 'sse', 'longpoll']) {
+    const c = client(gw.url, { token: mint({ tenant: 'usco', user: 'u' }), transports: [transport] });
+    c.subscribe('orders.*');
+    c.connect();
+    await until(`${transport} stops`, () => c.state === 'disconnected' && c.errors.length > 0);
+    assert.equal(c.errors[0].code, 'residency_violation', `${transport}: ${c.errors[0].message}`);
+  }
+});
+
 test('publish with acknowledgement, presence, rooms and a direct message', async () => {
   const gw = await gateway();
   const alice = client(gw.url, { token: mint({ user: 'alice' }) });

@@ -92,12 +92,14 @@ test('tokens: expiry read from the JWT, refresh ahead of it', () => {
 test('close codes and HTTP errors map onto what the client does', () => {
   assert.equal(closeAction(4001), 'refresh');
   assert.equal(closeAction(4003), 'stop');
+  assert.equal(closeAction(4013), 'stop', 'not resident here: another region must be used');
   assert.equal(closeAction(1012), 'now');
   for (const c of [4002, 4008, 4029, 4030, 1013, 1006, 1009, 3000]) assert.equal(closeAction(c), 'backoff');
   assert.equal(closeCodeForHttp(503, 'overloaded'), 1013);
   assert.equal(closeCodeForHttp(429, 'connect_rate_limited'), 1013);
   assert.equal(closeCodeForHttp(401, 'token_expired'), 4001);
   assert.equal(closeCodeForHttp(403, 'forbidden'), 4003);
+  assert.equal(closeCodeForHttp(403, 'residency_violation'), 4013);
   assert.equal(closeCodeForHttp(403, 'topic_not_allowed'), 4400);
   assert.equal(closeCodeForHttp(429, 'too_many_connections'), 4030);
   assert.equal(closeCodeForHttp(503, 'draining'), 1012);

@@ -46,7 +46,7 @@ impl NatsBroker {
             let created = tokio::time::timeout(
                 REQUEST_TIMEOUT,
                 self.js.create_key_value(kv::Config {
-                    bucket: bucket_name(&self.subjects.prefix()),
+                    bucket: bucket_name(self.subjects.prefix()),
                     description: "Switchboard erasure records and blocked data subjects".into(),
                     history: 1,
                     num_replicas: replicas,
