@@ -41,6 +41,8 @@ const BACKLOG_HIGH: usize = 512;
 const ONE_WRITE_EACH: usize = 4;
 /// Inbound packets buffered before a transport waits for the session task.
 const INBOUND: usize = 64;
+/// How long a poll arriving mid-upgrade waits for the upgrade to settle.
+const UPGRADE_SETTLE: Duration = Duration::from_millis(200);
 
 /// The protocol's knobs, announced in the handshake.
 #[derive(Debug, Clone)]
@@ -93,6 +95,11 @@ struct State {
     /// A polling GET is waiting.
     polling: bool,
     closed: Option<Closed>,
+    /// A ping is out and its pong is due by then. Kept here, not only in
+    /// the session task, so that a request arriving after the deadline
+    /// finds the session timed out even if the task's timer has not fired
+    /// yet (a loaded runtime): the answer does not depend on who runs first.
+    pong_due: Option<Instant>,
 }
 
 /// What the session task and the transports share.
@@ -110,6 +117,17 @@ impl Shared {
         // A panic while holding this lock cannot leave the state torn
         // (every change is one assignment); keep serving.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether the session ended, ending it first if its pong is overdue.
+    fn ended(&self) -> bool {
+        let st = self.lock();
+        if st.closed.is_none() && st.pong_due.is_some_and(|d| Instant::now() >= d) {
+            drop(st);
+            self.close(Closed::PingTimeout);
+            return true;
+        }
+        st.closed.is_some()
     }
 
     /// End the session (first reason wins) and wake everyone.
@@ -153,6 +171,9 @@ impl Shared {
         match packet {
             Packet::Close => Err(Closed::ByClient),
             p @ (Packet::Message(_) | Packet::Pong(_) | Packet::Ping(_)) => {
+                if matches!(p, Packet::Pong(_)) {
+                    self.lock().pong_due = None;
+                }
                 if self.deliver(p).await {
                     Ok(())
                 } else {
@@ -334,6 +355,7 @@ impl Engine {
                 inbox: VecDeque::new(),
                 transport,
                 polling: false,
+                pong_due: None,
                 closed: None,
             }),
             changed: Notify::new(),
@@ -412,21 +434,29 @@ impl Engine {
     }
 
     async fn poll_local(&self, shared: Arc<Shared>) -> Reply {
-        {
+        if shared.ended() {
+            return Reply::error(400, 3, "Bad request");
+        }
+        let upgrading = {
             let mut st = shared.lock();
             if st.closed.is_some() || st.transport == Transport::WebSocket {
                 return Reply::error(400, 3, "Bad request");
             }
             if st.transport == Transport::Upgrading {
-                return Reply::ok("6".into());
+                true
+            } else {
+                if st.polling {
+                    // Two polls at once: the protocol ends the session.
+                    drop(st);
+                    shared.close(Closed::ByServer);
+                    return Reply::error(400, 3, "Bad request");
+                }
+                st.polling = true;
+                false
             }
-            if st.polling {
-                // Two polls at once: the protocol ends the session.
-                drop(st);
-                shared.close(Closed::ByServer);
-                return Reply::error(400, 3, "Bad request");
-            }
-            st.polling = true;
+        };
+        if upgrading {
+            return self.poll_while_upgrading(&shared).await;
         }
         struct Polling<'a>(&'a Shared);
         impl Drop for Polling<'_> {
@@ -467,10 +497,32 @@ impl Engine {
         Reply::ok(answer)
     }
 
+    /// A poll that arrives while the session is being upgraded. The
+    /// client may already have sent the upgrade's last packet (`5`) on
+    /// the WebSocket, which this process has not read yet: give that a
+    /// moment, so the answer does not depend on which connection is served
+    /// first. Upgraded: 400, as for any poll after an upgrade; otherwise a
+    /// noop (a client pausing its polling waits for this poll to end
+    /// before it sends `5`, so the moment is all it costs).
+    async fn poll_while_upgrading(&self, shared: &Shared) -> Reply {
+        let settled = tokio::time::timeout(
+            UPGRADE_SETTLE,
+            shared.wait(|st| (st.transport != Transport::Upgrading).then_some(st.transport)),
+        )
+        .await;
+        match settled {
+            Ok(Transport::WebSocket) => Reply::error(400, 3, "Bad request"),
+            _ => Reply::ok("6".into()),
+        }
+    }
+
     async fn push_local(&self, shared: &Shared, body: &[u8]) -> Reply {
         {
             // While an upgrade is under way the client may still finish a
             // write it began over polling.
+            if shared.ended() {
+                return Reply::error(400, 3, "Bad request");
+            }
             let st = shared.lock();
             if st.closed.is_some() || st.transport == Transport::WebSocket {
                 return Reply::error(400, 3, "Bad request");
@@ -709,8 +761,10 @@ impl EngineSocket {
                         self.shared.close(Closed::PingTimeout);
                         return Err(Closed::PingTimeout);
                     }
+                    let due = Instant::now() + self.ping_timeout;
+                    self.shared.lock().pong_due = Some(due);
                     self.shared.push([Packet::Ping(String::new())]);
-                    self.pong_due = Some(Instant::now() + self.ping_timeout);
+                    self.pong_due = Some(due);
                 }
             }
         }
