@@ -459,3 +459,61 @@ async fn a_subscription_nats_refuses_is_an_error_not_a_confirmation() {
     let id = publish_retrying(&gw.http(), "acme", "deal.won", json!({})).await;
     assert_eq!(ids(&ok.events(1).await), [id]);
 }
+
+/// Right after two regions start, an event published in one reaches the
+/// other's connections within seconds, at one replica and at three (with
+/// one replica the first events used to wait ~40 s for JetStream to retry
+/// sourcing a stream that did not exist yet).
+async fn regions_exchange_events_right_after_start(replicas: usize) {
+    let dir = TempDir::new(&format!("regions-start-r{replicas}"));
+    let clusters = supercluster(&dir, &["eu", "us"]).await;
+    let (eu, us) = (&clusters[0], &clusters[1]);
+    // The defaults: no placement_cluster.
+    let yaml = |region: &str, c: &Cluster| nats_yaml(region, &c.urls(), &["eu", "us"], replicas);
+    let gw_eu = GatewayProc::start(&dir, "gw-eu", &yaml("eu", eu));
+    gw_eu.wait_ready().await;
+    // The second region comes up later: eu's stream has been trying to
+    // source a stream that did not exist yet.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let gw_us = GatewayProc::start(&dir, "gw-us", &yaml("us", us));
+    gw_us.wait_ready().await;
+    let mut in_eu = open_on(&gw_eu, "acme", "", &["x.*"]).await;
+    let mut in_us = open_on(&gw_us, "acme", "", &["x.*"]).await;
+    let started = tokio::time::Instant::now();
+    let from_us = publish_retrying(&gw_us.http(), "acme", "x.a", json!({"from": "us"})).await;
+    let from_eu = publish_retrying(&gw_eu.http(), "acme", "x.a", json!({"from": "eu"})).await;
+    // Each side: its own event, and the other region's, in time.
+    let budget = Duration::from_secs(10);
+    let got_eu = tokio::time::timeout(budget, in_eu.events(2))
+        .await
+        .unwrap_or_else(|_| panic!("r{replicas}: eu did not get both events within {budget:?}"));
+    let got_us = tokio::time::timeout(budget, in_us.events(2))
+        .await
+        .unwrap_or_else(|_| panic!("r{replicas}: us did not get both events within {budget:?}"));
+    let regions = |got: &[Value]| {
+        let mut r: Vec<String> = got
+            .iter()
+            .map(|e| e["metadata"]["region"].as_str().unwrap().to_owned())
+            .collect();
+        r.sort();
+        r
+    };
+    assert_eq!(regions(&got_eu), ["eu", "us"]);
+    assert_eq!(regions(&got_us), ["eu", "us"]);
+    assert!(ids(&got_us).contains(&from_us));
+    assert!(ids(&got_eu).contains(&from_eu));
+    eprintln!(
+        "r{replicas}: both regions had both events after {:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn regions_exchange_events_right_after_start_with_one_replica() {
+    regions_exchange_events_right_after_start(1).await;
+}
+
+#[tokio::test]
+async fn regions_exchange_events_right_after_start_with_three_replicas() {
+    regions_exchange_events_right_after_start(3).await;
+}

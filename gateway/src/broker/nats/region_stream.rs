@@ -185,13 +185,65 @@ pub(super) fn stream_config(
     }
 }
 
+/// Whether a stream definitely does not exist (not merely unreachable).
+async fn stream_missing(broker: &NatsBroker, name: &str) -> bool {
+    use async_nats::jetstream::ErrorCode;
+    use async_nats::jetstream::context::GetStreamErrorKind;
+    match tokio::time::timeout(REQUEST_TIMEOUT, broker.js.get_stream(name)).await {
+        Ok(Err(e)) => matches!(
+            e.kind(),
+            GetStreamErrorKind::JetStream(j) if j.error_code() == ErrorCode::STREAM_NOT_FOUND
+        ),
+        _ => false,
+    }
+}
+
+/// The sources to configure now: every other region's stream, except those
+/// that definitely do not exist yet and that the stream does not source
+/// already. JetStream retries a source whose stream is missing with a
+/// growing backoff (up to minutes), so a region started after this one
+/// would wait that long for its first events to be sourced; instead such a
+/// source is added the moment its stream appears ([`add_sources_later`]).
+async fn sources_now(
+    broker: &NatsBroker,
+    config: &stream::Config,
+) -> (Vec<stream::Source>, Vec<stream::Source>) {
+    let current: Vec<String> =
+        match tokio::time::timeout(REQUEST_TIMEOUT, broker.js.get_stream(&config.name)).await {
+            Ok(Ok(s)) => s
+                .cached_info()
+                .config
+                .sources
+                .iter()
+                .flatten()
+                .map(|s| s.name.clone())
+                .collect(),
+            _ => Vec::new(),
+        };
+    let mut now = Vec::new();
+    let mut later = Vec::new();
+    for source in config.sources.iter().flatten() {
+        if !current.contains(&source.name) && stream_missing(broker, &source.name).await {
+            later.push(source.clone());
+        } else {
+            now.push(source.clone());
+        }
+    }
+    (now, later)
+}
+
 /// Create or update the region's stream, retrying until NATS answers.
 pub(super) async fn ensure_stream(broker: Arc<NatsBroker>, config: stream::Config) {
     let mut delay = Duration::from_millis(100);
     loop {
+        let (now, later) = sources_now(&broker, &config).await;
+        let applied = stream::Config {
+            sources: (!now.is_empty()).then_some(now),
+            ..config.clone()
+        };
         let attempt = tokio::time::timeout(
             REQUEST_TIMEOUT,
-            broker.js.create_or_update_stream(config.clone()),
+            broker.js.create_or_update_stream(applied.clone()),
         )
         .await;
         match attempt {
@@ -203,6 +255,9 @@ pub(super) async fn ensure_stream(broker: Arc<NatsBroker>, config: stream::Confi
                 broker.note_head(info.state.last_sequence);
                 broker.state.stream_ready.store(true, Ordering::Release);
                 tracing::info!(stream = %config.name, last_sequence = info.state.last_sequence, "history stream ready");
+                if !later.is_empty() {
+                    tokio::spawn(add_sources_later(broker.clone(), applied, later));
+                }
                 return;
             }
             Ok(Err(e)) => {
@@ -212,6 +267,53 @@ pub(super) async fn ensure_stream(broker: Arc<NatsBroker>, config: stream::Confi
         }
         tokio::time::sleep(delay).await;
         delay = (delay * 2).min(Duration::from_secs(2));
+    }
+}
+
+/// Add each deferred source as soon as its region's stream exists.
+async fn add_sources_later(
+    broker: Arc<NatsBroker>,
+    mut config: stream::Config,
+    mut pending: Vec<stream::Source>,
+) {
+    let names: Vec<&str> = pending.iter().map(|s| s.name.as_str()).collect();
+    tracing::info!(stream = %config.name, waiting_for = ?names, "sourcing other regions once their streams exist");
+    while !pending.is_empty() {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let mut appeared = Vec::new();
+        let mut still = Vec::new();
+        for source in pending {
+            if stream_missing(&broker, &source.name).await {
+                still.push(source);
+            } else {
+                appeared.push(source);
+            }
+        }
+        pending = still;
+        if appeared.is_empty() {
+            continue;
+        }
+        let mut sources = config.sources.clone().unwrap_or_default();
+        sources.extend(appeared.iter().cloned());
+        let updated = stream::Config {
+            sources: Some(sources),
+            ..config.clone()
+        };
+        match tokio::time::timeout(REQUEST_TIMEOUT, broker.js.update_stream(updated.clone())).await
+        {
+            Ok(Ok(_)) => {
+                tracing::info!(stream = %config.name, added = ?appeared.iter().map(|s| &s.name).collect::<Vec<_>>(), "now sourcing");
+                config = updated;
+            }
+            failed => {
+                let why = match failed {
+                    Ok(Err(e)) => e.to_string(),
+                    _ => "timed out".into(),
+                };
+                tracing::warn!(stream = %config.name, error = %why, "cannot add sources yet; retrying");
+                pending.extend(appeared);
+            }
+        }
     }
 }
 
