@@ -122,6 +122,15 @@ pub enum EventKind {
     Presence,
 }
 
+/// Where an event was first stored, the same in every region's history.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Origin {
+    /// The region whose stream it was published into.
+    pub region: Box<str>,
+    /// Its sequence in that stream.
+    pub seq: u64,
+}
+
 /// A stored event, ready to deliver.
 #[derive(Debug)]
 pub struct Event {
@@ -155,6 +164,10 @@ pub struct Event {
     /// `gdpr_context.data_subject_id`: whose personal data it carries
     /// (what an erasure matches).
     pub data_subject: Option<Box<str>>,
+    /// Its identity across regions (cluster mode): the region whose stream
+    /// it was published into and its sequence there. `None` in embedded
+    /// mode, where there is one history.
+    pub origin: Option<Box<Origin>>,
     /// Where `data` sits in `envelope` (to build the channel form from).
     data_at: (u32, u32),
     /// Seed 004's frame, built the first time a connection needs it.
@@ -229,6 +242,7 @@ impl Event {
             message_type: new.message_type.map(Into::into),
             publisher: new.publisher.map(Into::into),
             data_at,
+            origin: None,
             channel_frame: OnceLock::new(),
             socketio_packet: OnceLock::new(),
         }
@@ -276,6 +290,7 @@ impl Event {
             message_type: Some(types.0.into()),
             publisher: None,
             data_at,
+            origin: None,
             channel_frame: OnceLock::from(Utf8Bytes::from(channel)),
             socketio_packet: OnceLock::new(),
         }

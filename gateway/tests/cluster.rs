@@ -517,3 +517,121 @@ async fn regions_exchange_events_right_after_start_with_one_replica() {
 async fn regions_exchange_events_right_after_start_with_three_replicas() {
     regions_exchange_events_right_after_start(3).await;
 }
+
+/// A client cut from eu resumes in us with its eu cursor while both
+/// regions publish: every event of both origins exactly once, each
+/// origin's in order (the cursor is translated by event identity: origin
+/// region and origin sequence, not by position).
+#[tokio::test]
+async fn a_client_failing_over_to_another_region_resumes_without_gap() {
+    let dir = TempDir::new("failover");
+    let clusters = supercluster(&dir, &["eu", "us"]).await;
+    let (eu, us) = (&clusters[0], &clusters[1]);
+    let yaml = |region: &str, c: &Cluster| {
+        format!(
+            "{}  placement_cluster: {region}\n",
+            nats_yaml(region, &c.urls(), &["eu", "us"], 1)
+        )
+    };
+    let gw_eu = GatewayProc::start(&dir, "gw-eu", &yaml("eu", eu));
+    let gw_us = GatewayProc::start(&dir, "gw-us", &yaml("us", us));
+    gw_eu.wait_ready().await;
+    gw_us.wait_ready().await;
+
+    // Events flow both ways before the test starts.
+    let mut watch_eu = open_on(&gw_eu, "acme", "", &["warm.*"]).await;
+    let mut watch_us = open_on(&gw_us, "acme", "", &["warm.*"]).await;
+    publish_retrying(&gw_us.http(), "acme", "warm.up", json!({})).await;
+    publish_retrying(&gw_eu.http(), "acme", "warm.up", json!({})).await;
+    tokio::time::timeout(Duration::from_secs(30), watch_eu.events(2))
+        .await
+        .expect("us events reach eu");
+    tokio::time::timeout(Duration::from_secs(30), watch_us.events(2))
+        .await
+        .expect("eu events reach us");
+
+    // Both regions publish 60 events each, interleaved in time.
+    const PER_REGION: i64 = 60;
+    let publishers: Vec<_> = [("eu", gw_eu.http()), ("us", gw_us.http())]
+        .into_iter()
+        .map(|(origin, base)| {
+            tokio::spawn(async move {
+                for n in 0..PER_REGION {
+                    publish_retrying(&base, "acme", "x.e", json!({"o": origin, "n": n})).await;
+                    tokio::time::sleep(Duration::from_millis(15)).await;
+                }
+            })
+        })
+        .collect();
+
+    let key = |e: &Value| {
+        (
+            e["data"]["o"].as_str().unwrap().to_owned(),
+            e["data"]["n"].as_i64().unwrap(),
+        )
+    };
+    // The client reads some events in eu, then its connection is cut.
+    let mut in_eu = open_on(&gw_eu, "acme", "", &["x.*"]).await;
+    let mut seen: Vec<(String, i64)> = Vec::new();
+    let mut cursor = String::new();
+    while seen.len() < 30 {
+        let e = tokio::time::timeout(Duration::from_secs(30), in_eu.events(1))
+            .await
+            .expect("events in eu")
+            .remove(0);
+        seen.push(key(&e));
+        cursor = e["event_id"].as_str().unwrap().to_owned();
+    }
+    drop(in_eu);
+    let first_seen = seen.clone();
+    // Events go on in both regions while it is away.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // It comes back in us with its eu cursor.
+    let mut in_us = open_on(&gw_us, "acme", &format!("&cursor={cursor}"), &["x.*"]).await;
+    for p in publishers {
+        p.await.unwrap();
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        // Everything published after the client first connected, from both
+        // origins, once.
+        let complete = ["eu", "us"].iter().all(|o| {
+            seen.iter()
+                .filter(|(origin, _)| origin == o)
+                .map(|(_, n)| *n)
+                .max()
+                == Some(PER_REGION - 1)
+        });
+        if complete {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not every event arrived after the failover: {seen:?}"
+        );
+        let Ok(m) = tokio::time::timeout(Duration::from_secs(1), in_us.recv()).await else {
+            continue;
+        };
+        assert_ne!(m["type"], "resume.gap", "the cursor was not honoured: {m}");
+        if m["type"] == "event" {
+            assert_eq!(m["data"]["event_type"], "x.e");
+            seen.push(key(&m["data"]));
+        }
+    }
+    in_us.expect_silence(Duration::from_millis(500)).await;
+    // No event twice, none missing, each origin's in its order.
+    for origin in ["eu", "us"] {
+        let ns: Vec<i64> = seen
+            .iter()
+            .filter(|(o, _)| o == origin)
+            .map(|(_, n)| *n)
+            .collect();
+        let from = ns[0];
+        let expected: Vec<i64> = (from..PER_REGION).collect();
+        assert_eq!(
+            ns, expected,
+            "{origin}: events lost, repeated or out of order (before the cut: {first_seen:?})"
+        );
+    }
+}

@@ -238,6 +238,7 @@ impl Broker for MemoryBroker {
                 seq: next,
             },
             more,
+            seen_elsewhere: None,
         })
     }
 

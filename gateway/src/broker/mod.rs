@@ -74,6 +74,31 @@ pub struct ReadBatch {
     pub next: Cursor,
     /// True when more events exist after `next`.
     pub more: bool,
+    /// Set when the cursor was issued in another region and translated:
+    /// what the client saw there, to be skipped wherever it turns up
+    /// (later pages, live delivery).
+    pub seen_elsewhere: Option<Arc<SeenElsewhere>>,
+}
+
+/// What a client saw in another region's history: per origin region, the
+/// newest origin sequence (events of one origin reach every region in
+/// their origin order, so this names a prefix of each origin's events).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SeenElsewhere {
+    /// (origin region, newest origin sequence seen).
+    pub per_origin: Vec<(Box<str>, u64)>,
+}
+
+impl SeenElsewhere {
+    /// Whether the client already saw `event`.
+    pub fn saw(&self, event: &Event) -> bool {
+        let Some(origin) = &event.origin else {
+            return false;
+        };
+        self.per_origin
+            .iter()
+            .any(|(region, seq)| *region == origin.region && origin.seq <= *seq)
+    }
 }
 
 /// The newest event per topic (a snapshot).

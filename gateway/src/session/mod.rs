@@ -104,6 +104,10 @@ pub struct Session {
     joined: Vec<Topic>,
     /// The largest `since`: later events are always delivered live.
     max_since: u64,
+    /// What the client saw in another region before it failed over here
+    /// (set by a resume from that region's cursor): never delivered again,
+    /// by replay or live.
+    seen_elsewhere: std::sync::OnceLock<Arc<crate::broker::SeenElsewhere>>,
 }
 
 impl Session {
@@ -126,6 +130,7 @@ impl Session {
             observed: Vec::new(),
             joined: Vec::new(),
             max_since: 0,
+            seen_elsewhere: std::sync::OnceLock::new(),
         }
     }
 
@@ -457,12 +462,23 @@ impl Session {
     /// replay (it can reach the queue live in cluster mode, while a new
     /// subscription was being set up).
     pub fn wants_live(&self, event: &Event) -> bool {
-        event.kind == EventKind::Presence
-            || event.id.seq > self.max_since
+        if event.kind == EventKind::Presence {
+            return true;
+        }
+        if self.saw_elsewhere(event) {
+            return false;
+        }
+        event.id.seq > self.max_since
             || self
                 .subs
                 .iter()
                 .any(|s| event.id.seq > s.since && s.pattern.matches(&event.topic))
+    }
+
+    /// Whether the client saw `event` in another region before failing
+    /// over here.
+    fn saw_elsewhere(&self, event: &Event) -> bool {
+        self.seen_elsewhere.get().is_some_and(|s| s.saw(event))
     }
 
     /// The next live event to deliver (cancel-safe); an error once the

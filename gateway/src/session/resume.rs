@@ -95,8 +95,9 @@ impl Session {
         };
         let subs = &self.subs;
         let mailbox = self.mailbox.clone();
+        let seen_elsewhere = &self.seen_elsewhere;
         let wanted = move |e: &Event| {
-            if !mailbox.may_receive(e) {
+            if !mailbox.may_receive(e) || seen_elsewhere.get().is_some_and(|s| s.saw(e)) {
                 return false;
             }
             let mut matched = false;
@@ -131,6 +132,11 @@ impl Session {
                 .broker
                 .read(&self.tenant, Some(after), &scope, &wanted, PAGE)
                 .await?;
+            if let Some(seen) = &batch.seen_elsewhere {
+                // Kept for the session: later pages and live delivery skip
+                // what the client saw in the other region too.
+                let _ = self.seen_elsewhere.set(seen.clone());
+            }
             if first {
                 first = false;
                 out.gap = batch.gap;

@@ -9,7 +9,6 @@ use async_nats::jetstream::{consumer, stream};
 use futures_util::StreamExt;
 use switchboard_config::Pattern;
 
-use super::region_stream::header_traceparent;
 use super::{NatsBroker, REQUEST_TIMEOUT, unavailable};
 use crate::broker::{BrokerError, Filter, Latest, ReadBatch};
 use crate::event::Cursor;
@@ -29,6 +28,7 @@ pub(super) async fn read_range(
         gap: None,
         next: after,
         more: false,
+        seen_elsewhere: None,
     };
     if after.seq >= until {
         return Ok(out);
@@ -156,6 +156,7 @@ pub(super) async fn read_latest(
         gap: None,
         next: Cursor { epoch: 0, seq: 0 },
         more: false,
+        seen_elsewhere: None,
     };
     // Read every subject's last message (bounded): `limit` applies to
     // topics after merging regions, not to subjects.
@@ -233,10 +234,7 @@ async fn fetch_range(
                 seq,
                 published,
                 &msg.payload,
-                msg.headers
-                    .as_ref()
-                    .and_then(|h| h.get("traceparent"))
-                    .map(|v| v.as_str().to_owned()),
+                msg.headers.as_ref(),
             ) && filter(&event)
             {
                 out.events.push(Arc::new(event));
@@ -307,7 +305,7 @@ async fn read_direct(
             msg.sequence,
             msg.time,
             &msg.payload,
-            header_traceparent(&msg.headers),
+            Some(&msg.headers),
         ) && filter(&event)
         {
             out.events.push(Arc::new(event));

@@ -19,6 +19,7 @@
 //! scheme).
 
 mod erasure;
+mod failover;
 mod history;
 mod permissions;
 
@@ -322,6 +323,39 @@ impl NatsBroker {
     }
 }
 
+impl NatsBroker {
+    /// The first page for a cursor translated from another region: from
+    /// the earliest event the client may not have seen, without those it
+    /// saw there.
+    async fn read_translated(
+        &self,
+        tenant: &Arc<str>,
+        scope: &[Pattern],
+        filter: Filter<'_>,
+        limit: usize,
+        plan: failover::Plan,
+    ) -> Result<ReadBatch, BrokerError> {
+        let epoch = self.epoch()?;
+        let seen = Arc::new(plan.seen);
+        let unseen = |e: &Event| !seen.saw(e) && filter(e);
+        let mut batch = read_range(
+            self,
+            Some(tenant),
+            scope,
+            Cursor {
+                epoch,
+                seq: plan.after,
+            },
+            &unseen,
+            limit,
+            plan.until,
+        )
+        .await?;
+        batch.seen_elsewhere = Some(seen);
+        Ok(batch)
+    }
+}
+
 #[async_trait]
 impl Broker for NatsBroker {
     async fn publish(&self, new: NewEvent, retention: Duration) -> Result<Published, BrokerError> {
@@ -372,7 +406,7 @@ impl Broker for NatsBroker {
                 duplicate: true,
             });
         }
-        let event = Event::seal(
+        let mut event = Event::seal(
             new,
             Cursor {
                 epoch,
@@ -380,6 +414,10 @@ impl Broker for NatsBroker {
             },
             time::OffsetDateTime::now_utc(),
         );
+        event.origin = Some(Box::new(crate::event::Origin {
+            region: self.subjects.region().into(),
+            seq: ack.sequence,
+        }));
         Ok(Published {
             event: Arc::new(event),
             duplicate: ack.duplicate,
@@ -400,6 +438,17 @@ impl Broker for NatsBroker {
         let oldest = state.first_sequence.saturating_sub(1);
         let (start, gap) = match after {
             None => (oldest, None),
+            Some(c) if c.epoch != epoch && c != Cursor::FOREIGN => {
+                match self.translate(tenant, c).await? {
+                    failover::Translation::Mapped(plan) => {
+                        return self
+                            .read_translated(tenant, scope, filter, limit, plan)
+                            .await;
+                    }
+                    failover::Translation::Expired => (oldest, Some(GapReason::Expired)),
+                    failover::Translation::Unknown => (oldest, Some(GapReason::Unknown)),
+                }
+            }
             Some(c) if c.epoch != epoch || c.seq > state.last_sequence => {
                 (oldest, Some(GapReason::Unknown))
             }

@@ -68,16 +68,28 @@ impl NatsBroker {
         seq: u64,
         stored: time::OffsetDateTime,
         payload: &[u8],
-        traceparent: Option<String>,
+        headers: Option<&HeaderMap>,
     ) -> Option<Event> {
         let epoch = self.state.epoch.load(Ordering::Acquire);
         let (origin, tenant, topic) = self.subjects.parse_event(subject)?;
+        let traceparent = headers.and_then(header_traceparent);
+        // Identity across regions: the origin region and the event's
+        // sequence in the origin's stream.
+        let origin_seq = if origin == self.subjects.region() {
+            Some(seq)
+        } else {
+            headers.and_then(super::failover::sourced_sequence)
+        };
+        let origin_id = origin_seq.map(|s| crate::event::Origin {
+            region: origin.as_str().into(),
+            seq: s,
+        });
         let wire: WireEvent = serde_json::from_slice(payload).ok()?;
         let region = wire
             .region
             .filter(|r| switchboard_config::valid_region(r))
             .unwrap_or(origin);
-        Some(Event::seal(
+        let mut event = Event::seal(
             NewEvent {
                 tenant: tenant.into(),
                 topic,
@@ -92,7 +104,9 @@ impl NatsBroker {
             },
             Cursor { epoch, seq },
             stored,
-        ))
+        );
+        event.origin = origin_id.map(Box::new);
+        Some(event)
     }
 
     /// Build an event from a republished message (headers carry the stored
@@ -111,8 +125,7 @@ impl NatsBroker {
                 .ok()
             })
             .unwrap_or_else(time::OffsetDateTime::now_utc);
-        let traceparent = headers.get("traceparent").map(|v| v.as_str().to_owned());
-        self.seal(subject, seq, stored, &msg.payload, traceparent)
+        self.seal(subject, seq, stored, &msg.payload, Some(headers))
     }
 
     pub(super) async fn get_stored(&self, seq: u64) -> Result<Option<Event>, BrokerError> {
@@ -127,7 +140,7 @@ impl NatsBroker {
             msg.sequence,
             msg.time,
             &msg.payload,
-            header_traceparent(&msg.headers),
+            Some(&msg.headers),
         ))
     }
 }
