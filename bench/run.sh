@@ -6,6 +6,9 @@
 #   ./bench/run.sh            # everything (~15 minutes on 2 cores)
 #   QUICK=1 ./bench/run.sh    # shorter runs, for trying the script
 #   TARGETS="switchboard nats" ./bench/run.sh   # a subset of targets
+#   ONLY="storm" ./bench/run.sh  # some scenario groups (fanout, embedded,
+#                                # presence, storm); the report then goes
+#                                # to target/bench/benchmarks.md, not docs/
 #
 # Targets: switchboard (one process, embedded broker), switchboard-cluster
 # (2 gateways + nats-server with JetStream), nats (nats-server's WebSocket
@@ -35,6 +38,8 @@ fi
 (cd bench/peers/socketio && npm ci --no-audit --no-fund --silent)
 
 targets=${TARGETS:-"switchboard switchboard-cluster switchboard-socketio nats socketio"}
+only=${ONLY:-}
+want() { [ -z "$only" ] || [[ " $only " == *" $1 "* ]]; }
 secs=10; ramp_secs=4; ramp_steps=24
 if [ -n "${QUICK:-}" ]; then secs=3; ramp_secs=2; ramp_steps=6; fi
 secret=bench-secret
@@ -114,7 +119,7 @@ record() { # scenario loadgen-args...
   "$lg" "${extra[@]}" "${urls[@]}" "${measure[@]}" --sources "$sources" --scenario "$scenario" "$@" | tee -a "$out/results.jsonl"
 }
 
-for t in $targets; do
+want fanout && for t in $targets; do
   start "$t"; record idle-10k --connections 10000 --topics 100; stop
   start "$t"; record fanout-5k-1topic --connections 5000 --topics 1 --rate 20 --seconds "$secs"; stop
   start "$t"; record fanout-10k-1000topics --connections 10000 --topics 1000 --rate 2000 --seconds "$secs"; stop
@@ -125,7 +130,7 @@ for t in $targets; do
     --seconds "$ramp_secs" --max-steps "$ramp_steps"; stop
 done
 
-case " $targets " in *" switchboard "*)
+want embedded && case " $targets " in *" switchboard "*)
   # As many idle connections as this machine's file-descriptor limit lets
   # one process hold (100k needs `ulimit -n` above 100k).
   max=$(( fd_limit - 500 )); [ "$max" -gt 100000 ] && max=100000
@@ -143,13 +148,13 @@ case " $targets " in *" switchboard "*)
 esac
 
 # Presence: 1,000 members join one topic at 200/s, then all leave.
-for t in switchboard switchboard-cluster; do
+want presence && for t in switchboard switchboard-cluster; do
   case " $targets " in *" $t "*)
     start "$t"; record presence-1k --mode presence --connections 1000 --rate 200; stop ;;
   esac
 done
 
-case " $targets " in *" switchboard-cluster "*)
+want storm && case " $targets " in *" switchboard-cluster "*)
   # Reconnect storm: 10k clients on gateway 0, which is killed (or drained);
   # they resume on gateway 1 from their last cursor while publishing goes on.
   # A shorter drain than the default 30 s keeps the run short; clients
@@ -165,5 +170,7 @@ case " $targets " in *" switchboard-cluster "*)
   ;;
 esac
 
-python3 bench/report.py "$out/results.jsonl" "$nats_bin" > docs/benchmarks.md
-echo "wrote docs/benchmarks.md" >&2
+report=docs/benchmarks.md
+[ -n "$only" ] && report="$out/benchmarks.md"
+python3 bench/report.py "$out/results.jsonl" "$nats_bin" > "$report"
+echo "wrote $report" >&2

@@ -354,6 +354,7 @@ async fn storm(run: Arc<Run>, pid: u32, connected: u64) -> anyhow::Result<serde_
         "seconds_until_all_resumed": all_resumed,
         "resumed": run.stats.resumed.load(Ordering::Relaxed) - resumed_before,
         "disconnects": run.stats.disconnects.load(Ordering::Relaxed),
+        "resume_ms": run.stats.resume_ms(),
     }))
 }
 
@@ -372,6 +373,9 @@ async fn subscriber(
     let mut cursor: Option<String> = None;
     let mut ready = Some(ready);
     let mut attempt = 0usize;
+    // When this subscriber noticed its connection was gone (storm mode),
+    // until it has replayed what it missed.
+    let mut disconnected_at: Option<Instant> = None;
     loop {
         let url_index = if args.mode == Mode::Storm {
             attempt.min(args.urls.len() - 1)
@@ -430,8 +434,15 @@ async fn subscriber(
             {
                 cursor = Some(c.to_owned());
             }
+            if let Some(at) = disconnected_at
+                && target::is_replay_complete(t)
+            {
+                run.stats.record_resume(at.elapsed().as_micros() as u64);
+                disconnected_at = None;
+            }
         }
         run.stats.disconnects.fetch_add(1, Ordering::Relaxed);
+        disconnected_at.get_or_insert_with(Instant::now);
         if args.mode != Mode::Storm {
             return;
         }

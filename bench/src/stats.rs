@@ -35,6 +35,9 @@ pub struct Stats {
     /// Subscriptions (re-)established after a disconnect.
     pub resumed: AtomicU64,
     pub disconnects: AtomicU64,
+    /// Per resumed subscriber: from noticing the disconnect to having
+    /// replayed what it missed (`replay.complete`), in µs.
+    resume_latency: Mutex<Histogram<u64>>,
 }
 
 impl Stats {
@@ -49,6 +52,7 @@ impl Stats {
             duplicates: AtomicU64::new(0),
             resumed: AtomicU64::new(0),
             disconnects: AtomicU64::new(0),
+            resume_latency: Mutex::new(histogram()),
         }
     }
 
@@ -70,6 +74,23 @@ impl Stats {
         h.saturating_record(latency);
     }
 
+    /// One subscriber caught up after a disconnect, `us` after noticing it.
+    pub fn record_resume(&self, us: u64) {
+        self.resume_latency
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .saturating_record(us.max(1));
+    }
+
+    /// Resume latency percentiles in milliseconds (with the count).
+    pub fn resume_ms(&self) -> serde_json::Value {
+        let h = self
+            .resume_latency
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        percentiles_ms(&h)
+    }
+
     pub fn delivered(&self, step: usize) -> u64 {
         self.steps[step].delivered.load(Ordering::Relaxed)
     }
@@ -81,17 +102,23 @@ impl Stats {
             let h = shard.lock().unwrap_or_else(|e| e.into_inner());
             let _ = all.add(&*h);
         }
-        if all.is_empty() {
-            return serde_json::Value::Null;
-        }
-        let ms = |v: u64| v as f64 / 1000.0;
-        serde_json::json!({
-            "p50": ms(all.value_at_quantile(0.5)),
-            "p99": ms(all.value_at_quantile(0.99)),
-            "p999": ms(all.value_at_quantile(0.999)),
-            "max": ms(all.max()),
-        })
+        percentiles_ms(&all)
     }
+}
+
+/// p50, p99, p99.9 and max of a µs histogram in ms (null when empty).
+fn percentiles_ms(h: &Histogram<u64>) -> serde_json::Value {
+    if h.is_empty() {
+        return serde_json::Value::Null;
+    }
+    let ms = |v: u64| v as f64 / 1000.0;
+    serde_json::json!({
+        "count": h.len(),
+        "p50": ms(h.value_at_quantile(0.5)),
+        "p99": ms(h.value_at_quantile(0.99)),
+        "p999": ms(h.value_at_quantile(0.999)),
+        "max": ms(h.max()),
+    })
 }
 
 /// A growable bitset of sequence numbers.

@@ -154,6 +154,11 @@ pub fn for_each_event(frame: &str, mut f: impl FnMut(u64, u64, u64)) {
     }
 }
 
+/// Whether a frame is Switchboard's `replay.complete` (a resume is done).
+pub fn is_replay_complete(frame: &str) -> bool {
+    frame.contains("\"type\":\"replay.complete\"")
+}
+
 /// The Switchboard cursor of the last event in a frame, to resume from.
 pub fn cursor_of(frame: &str) -> Option<&str> {
     let key = "\"cursor\":\"";

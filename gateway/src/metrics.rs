@@ -45,6 +45,10 @@ pub struct Metrics {
     pub errors: Family<Labels, Counter>,
     /// Resumes from a cursor, by outcome (`replayed`, `gap`).
     pub resumes: Family<Labels, Counter>,
+    /// History pages answered in cluster mode, by how: `own` (a JetStream
+    /// read of its own), `shared` (from a tenant's recent range read once
+    /// for resumes arriving together), `shared_read` (a read into it).
+    pub history_reads: Family<Labels, Counter>,
     /// Long-poll requests.
     pub longpoll_requests: Counter,
     /// Open SSE streams.
@@ -89,6 +93,7 @@ impl Metrics {
             events_dropped: Family::default(),
             errors: Family::default(),
             resumes: Family::default(),
+            history_reads: Family::default(),
             longpoll_requests: Counter::default(),
             sse_active: Gauge::default(),
             policy_reloads: Family::default(),
@@ -156,6 +161,11 @@ impl Metrics {
             "resume",
             "Cursor resumptions by outcome (replayed, gap)",
             m.resumes.clone(),
+        );
+        r.register(
+            "history_reads",
+            "History pages in cluster mode by path (own, shared, shared_read)",
+            m.history_reads.clone(),
         );
         r.register(
             "longpoll_requests",

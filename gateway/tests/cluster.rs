@@ -635,3 +635,75 @@ async fn a_client_failing_over_to_another_region_resumes_without_gap() {
         );
     }
 }
+
+/// Clients resuming together (a dead gateway's) are answered from one read
+/// of their tenant's recent history, not a JetStream read each, and each
+/// still gets exactly what it missed on its own topics.
+#[tokio::test]
+async fn resumes_arriving_together_share_one_history_read() {
+    let dir = TempDir::new("shared-resume");
+    let nats = single(&dir).await;
+    let gw = GatewayProc::start(&dir, "gw", &nats_yaml("local", &nats.urls(), &[], 1));
+    gw.wait_ready().await;
+    // 60 events over 6 topics; a cursor after each.
+    let mut cursors = Vec::new();
+    for i in 0..60 {
+        let topic = format!("r.t{}", i % 6);
+        cursors.push((
+            i,
+            publish_retrying(&gw.http(), "acme", &topic, json!({"i": i})).await,
+        ));
+    }
+    // Another tenant's events in between are never part of acme's replays.
+    publish_retrying(&gw.http(), "other", "r.t0", json!({"i": -1})).await;
+    let before = gw.metrics().await;
+    const CLIENTS: usize = 120;
+    let resumes: Vec<_> = (0..CLIENTS)
+        .map(|c| {
+            let (k, cursor) = cursors[(c * 7) % 50].clone();
+            let topic = format!("r.t{}", c % 6);
+            let url = gw.ws(&format!("token={}&cursor={cursor}", token("acme", &[])));
+            tokio::spawn(async move {
+                let mut client = Client::connect(&url).await;
+                client.recv_type("connection.established").await;
+                client.subscribe(&[topic.as_str()]).await;
+                let mut got = Vec::new();
+                loop {
+                    let m = client.recv().await;
+                    match m["type"].as_str() {
+                        Some("event") => got.push(m["data"]["data"]["i"].as_i64().unwrap()),
+                        Some("replay.complete") => break,
+                        Some("resume.gap") => panic!("gap: {m}"),
+                        _ => {}
+                    }
+                }
+                let expected: Vec<i64> =
+                    ((k + 1)..60).filter(|i| i % 6 == (c % 6) as i64).collect();
+                assert_eq!(got, expected, "client {c} after event {k} on {topic}");
+            })
+        })
+        .collect();
+    for r in resumes {
+        r.await.unwrap();
+    }
+    let after = gw.metrics().await;
+    let count = |text: &str, path: &str| {
+        metric(
+            text,
+            &format!("switchboard_history_reads_total{{path=\"{path}\"}}"),
+        )
+    };
+    let shared = count(&after, "shared") - count(&before, "shared");
+    let reads = count(&after, "shared_read") - count(&before, "shared_read");
+    let own = count(&after, "own") - count(&before, "own");
+    eprintln!("{CLIENTS} resumes: {shared} pages shared, {reads} JetStream reads, {own} own reads");
+    assert!(
+        shared >= CLIENTS as f64,
+        "every resume read the shared copy: {shared}"
+    );
+    assert_eq!(own, 0.0, "no resume read on its own");
+    assert!(
+        reads <= 12.0,
+        "{CLIENTS} resumes took {reads} JetStream reads (one each before)"
+    );
+}

@@ -202,6 +202,7 @@ impl NatsBroker {
         subject: &str,
         pace: Duration,
     ) -> Result<u64, BrokerError> {
+        self.tails.forget(tenant);
         let stream = tokio::time::timeout(
             REQUEST_TIMEOUT,
             self.js.get_stream(self.subjects.stream_name(region)),
@@ -284,6 +285,8 @@ impl NatsBroker {
                 tokio::time::sleep(pace).await;
             }
         }
+        // A copy read while the messages were being deleted may hold some.
+        self.tails.forget(tenant);
         if !erased.is_empty() {
             let notices = Notices {
                 tenant: tenant.to_string(),
@@ -322,6 +325,9 @@ pub(super) async fn forward_notices(broker: Arc<NatsBroker>, hub: Arc<Hub>) {
                         continue; // a tenant that does not match its subject
                     }
                     let tenant: Arc<str> = n.tenant.into();
+                    // Its recent history changed: no resume may be answered
+                    // from a copy read before.
+                    broker.tails.forget(&tenant);
                     let now = time::OffsetDateTime::now_utc();
                     for (topic, ids) in n.topics {
                         let Ok(topic) = switchboard_config::Topic::parse(&topic) else {

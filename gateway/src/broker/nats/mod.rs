@@ -22,6 +22,7 @@ mod erasure;
 mod failover;
 mod history;
 mod permissions;
+mod tail;
 
 use permissions::SubscribePermissions;
 mod region_stream;
@@ -124,6 +125,9 @@ pub struct NatsBroker {
     erasures: std::sync::OnceLock<async_nats::jetstream::kv::Store>,
     /// Blocked data subjects, as the erasure bucket says.
     blocked: crate::data_protection::Blocklist,
+    /// Tenants' recent history, read once for resumes arriving together.
+    tails: tail::Tails,
+    metrics: Arc<Metrics>,
 }
 
 /// History reads one gateway runs against JetStream at a time.
@@ -279,6 +283,8 @@ impl NatsBroker {
             },
             erasures: std::sync::OnceLock::new(),
             blocked: crate::data_protection::Blocklist::default(),
+            tails: tail::Tails::default(),
+            metrics: metrics.clone(),
         });
         tokio::spawn(broker.clone().watch_erasures(config.stream_replicas));
         tokio::spawn(erasure::forward_notices(broker.clone(), hub.clone()));
@@ -324,6 +330,13 @@ impl NatsBroker {
 }
 
 impl NatsBroker {
+    fn count_read(&self, path: &'static str) {
+        self.metrics
+            .history_reads
+            .get_or_create(&vec![("path", path)])
+            .inc();
+    }
+
     /// The first page for a cursor translated from another region: from
     /// the earliest event the client may not have seen, without those it
     /// saw there.
@@ -433,14 +446,15 @@ impl Broker for NatsBroker {
         limit: usize,
     ) -> Result<ReadBatch, BrokerError> {
         let epoch = self.epoch()?;
-        let _permit = self.reads.acquire().await.map_err(unavailable)?;
         let state = self.stream_state().await?;
         let oldest = state.first_sequence.saturating_sub(1);
         let (start, gap) = match after {
             None => (oldest, None),
             Some(c) if c.epoch != epoch && c != Cursor::FOREIGN => {
+                let _permit = self.reads.acquire().await.map_err(unavailable)?;
                 match self.translate(tenant, c).await? {
                     failover::Translation::Mapped(plan) => {
+                        self.count_read("own");
                         return self
                             .read_translated(tenant, scope, filter, limit, plan)
                             .await;
@@ -455,6 +469,19 @@ impl Broker for NatsBroker {
             Some(c) if c.seq < oldest => (oldest, Some(GapReason::Expired)),
             Some(c) => (c.seq, None),
         };
+        if gap.is_none()
+            && after.is_some()
+            && state.last_sequence.saturating_sub(start) <= tail::SPAN
+        {
+            // A recent cursor (the usual resume): answered from the
+            // tenant's recent range, read once for everyone resuming.
+            self.count_read("shared");
+            return self
+                .read_tail(tenant, epoch, start, state.last_sequence, filter, limit)
+                .await;
+        }
+        let _permit = self.reads.acquire().await.map_err(unavailable)?;
+        self.count_read("own");
         let mut batch = read_range(
             self,
             Some(tenant),

@@ -1,0 +1,184 @@
+//! A tenant's recent history, read once for the resumes that arrive
+//! together.
+//!
+//! When a gateway dies its clients resume on the others at once, each from a
+//! cursor a few seconds old. Read one by one, every resume is a JetStream
+//! consumer of its own (create, fetch, delete): 10,000 clients are 30,000
+//! JetStream API requests queued behind each other, and the last client
+//! waits seconds. Here the first resume of a tenant reads the tenant's
+//! recent range once; the resumes queued behind it are answered from that
+//! copy, which is extended (one read) when the stream's head has moved on.
+//!
+//! Bounds: only cursors at most [`SPAN`] positions behind the head take this
+//! path (older ones read their own range, filtered to their topics); a copy
+//! is used for at most [`FRESH`] after it was read; it is dropped when an
+//! erasure for its tenant runs here or is announced, and it never serves an
+//! event of a data subject blocked since (an erasure blocks its subject
+//! before it starts).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::NatsBroker;
+use super::history::read_range;
+use crate::broker::{BrokerError, Filter, ReadBatch};
+use crate::event::{Cursor, Event};
+
+/// Cursors at most this many stream positions behind the head are read
+/// through the shared copy.
+pub(super) const SPAN: u64 = 4096;
+
+/// How long a copy is used after it was read.
+const FRESH: Duration = Duration::from_secs(2);
+
+/// Copies kept before idle ones are swept.
+const SWEEP_ABOVE: usize = 64;
+
+/// Every tenant's shared copy.
+#[derive(Default)]
+pub(super) struct Tails {
+    tenants: std::sync::Mutex<HashMap<Arc<str>, Arc<tokio::sync::Mutex<Tail>>>>,
+}
+
+/// Every event of one tenant stored at positions `(from, to]`.
+#[derive(Default)]
+struct Tail {
+    epoch: u64,
+    from: u64,
+    to: u64,
+    events: Vec<Arc<Event>>,
+    read_at: Option<Instant>,
+}
+
+impl Tails {
+    fn of(&self, tenant: &Arc<str>) -> Arc<tokio::sync::Mutex<Tail>> {
+        let mut tenants = self.tenants.lock().unwrap_or_else(|e| e.into_inner());
+        if tenants.len() > SWEEP_ABOVE {
+            tenants.retain(|_, t| {
+                Arc::strong_count(t) > 1
+                    || t.try_lock()
+                        .is_ok_and(|t| t.read_at.is_some_and(|at| at.elapsed() < FRESH))
+            });
+        }
+        tenants.entry(tenant.clone()).or_default().clone()
+    }
+
+    /// Drop `tenant`'s copy (its history changed: an erasure).
+    pub(super) fn forget(&self, tenant: &str) {
+        self.tenants
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(tenant);
+    }
+}
+
+impl NatsBroker {
+    /// All of `tenant`'s events in `(after, until]`, one JetStream read.
+    async fn read_tenant(
+        &self,
+        tenant: &Arc<str>,
+        epoch: u64,
+        after: u64,
+        until: u64,
+    ) -> Result<ReadBatch, BrokerError> {
+        let _permit = self.reads.acquire().await.map_err(super::unavailable)?;
+        self.count_read("shared_read");
+        read_range(
+            self,
+            Some(tenant),
+            &[],
+            Cursor { epoch, seq: after },
+            &|_| true,
+            usize::MAX,
+            until,
+        )
+        .await
+    }
+
+    /// An event of a data subject whose erasure began after the copy was
+    /// read (the block is set before the erasure starts).
+    fn erased_meanwhile(&self, tenant: &str, e: &Event) -> bool {
+        e.data_subject.as_deref().is_some_and(|subject| {
+            self.blocked
+                .blocked(&crate::data_protection::subject_key(tenant, subject))
+        })
+    }
+
+    /// `tenant`'s events after `start` up to `until` that `filter` keeps (at
+    /// most `limit`), from the shared copy, reading into it what it lacks.
+    pub(super) async fn read_tail(
+        &self,
+        tenant: &Arc<str>,
+        epoch: u64,
+        start: u64,
+        until: u64,
+        filter: Filter<'_>,
+        limit: usize,
+    ) -> Result<ReadBatch, BrokerError> {
+        let tail = self.tails.of(tenant);
+        let mut t = tail.lock().await;
+        let fresh = t.epoch == epoch && t.read_at.is_some_and(|at| at.elapsed() < FRESH);
+        if !fresh || start > t.to {
+            *t = Tail {
+                epoch,
+                from: start,
+                to: start,
+                events: Vec::new(),
+                read_at: Some(Instant::now()),
+            };
+        }
+        if start < t.from {
+            // An older cursor than the copy's: read the part before it.
+            let older = self.read_tenant(tenant, epoch, start, t.from).await?;
+            if older.more {
+                // Not all of it in time: start the copy over from here.
+                *t = Tail {
+                    epoch,
+                    from: start,
+                    to: older.next.seq,
+                    events: older.events,
+                    read_at: Some(Instant::now()),
+                };
+            } else {
+                let newer = std::mem::replace(&mut t.events, older.events);
+                t.events.extend(newer);
+                t.from = start;
+            }
+        }
+        if t.to < until {
+            let newer = self.read_tenant(tenant, epoch, t.to, until).await?;
+            t.to = if newer.more { newer.next.seq } else { until };
+            t.events.extend(newer.events);
+        }
+        let to = t.to.min(until);
+        let first = t.events.partition_point(|e| e.id.seq <= start);
+        let mut out = ReadBatch {
+            events: Vec::new(),
+            gap: None,
+            next: Cursor { epoch, seq: to },
+            more: false,
+            seen_elsewhere: None,
+        };
+        for e in &t.events[first..] {
+            if e.id.seq > to {
+                break;
+            }
+            if out.events.len() >= limit {
+                out.more = true;
+                break;
+            }
+            out.next.seq = e.id.seq;
+            if !self.erased_meanwhile(tenant, e) && filter(e) {
+                out.events.push(e.clone());
+            }
+        }
+        if !out.more {
+            out.next.seq = to;
+            out.more = to < until;
+        }
+        Ok(out)
+    }
+}
