@@ -26,7 +26,8 @@ ulimit -n "$(ulimit -Hn)" || true
 fd_limit=$(ulimit -n)
 
 cargo build --release --locked -p switchboard-gateway -p switchboard-bench
-gw="$root/target/release/switchboard"
+# GATEWAY_BIN: another build of the gateway to measure (e.g. an older commit).
+gw=${GATEWAY_BIN:-"$root/target/release/switchboard"}
 lg="$root/target/release/loadgen"
 nats_bin=${NATS_SERVER_BIN:-}
 if [ -z "$nats_bin" ]; then

@@ -417,6 +417,13 @@ async fn subscriber(
             }
             None => {
                 run.stats.resumed.fetch_add(1, Ordering::Relaxed);
+                // Without a cursor there is nothing to replay: resumed once
+                // subscribed.
+                if cursor.is_none()
+                    && let Some(at) = disconnected_at.take()
+                {
+                    run.stats.record_resume(at.elapsed().as_micros() as u64);
+                }
             }
         }
         while let Some(Ok(m)) = ws.next().await {

@@ -477,7 +477,15 @@ impl Broker for NatsBroker {
             // tenant's recent range, read once for everyone resuming.
             self.count_read("shared");
             return self
-                .read_tail(tenant, epoch, start, state.last_sequence, filter, limit)
+                .read_tail(
+                    tenant,
+                    epoch,
+                    scope,
+                    start,
+                    state.last_sequence,
+                    filter,
+                    limit,
+                )
                 .await;
         }
         let _permit = self.reads.acquire().await.map_err(unavailable)?;

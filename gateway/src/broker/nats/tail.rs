@@ -20,6 +20,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use switchboard_config::Pattern;
 use tokio::time::Instant;
 
 use super::NatsBroker;
@@ -50,7 +51,69 @@ struct Tail {
     from: u64,
     to: u64,
     events: Vec<Arc<Event>>,
+    /// Indexes into `events` per topic: a resume of exact topics (the
+    /// common case) looks at its own topics' events only.
+    by_topic: HashMap<Box<str>, Vec<u32>>,
     read_at: Option<Instant>,
+}
+
+impl Tail {
+    fn new(epoch: u64, from: u64) -> Self {
+        Self {
+            epoch,
+            from,
+            to: from,
+            read_at: Some(Instant::now()),
+            ..Self::default()
+        }
+    }
+
+    /// Add newer events (in stream order).
+    fn append(&mut self, events: Vec<Arc<Event>>) {
+        for e in events {
+            let at = self.events.len() as u32;
+            self.by_topic
+                .entry(e.topic.as_str().into())
+                .or_default()
+                .push(at);
+            self.events.push(e);
+        }
+    }
+
+    /// Add older events (in stream order) before the ones held.
+    fn prepend(&mut self, events: Vec<Arc<Event>>) {
+        let newer = std::mem::take(&mut self.events);
+        self.by_topic.clear();
+        self.append(events);
+        self.append(newer);
+    }
+
+    /// Indexes of the events in `(start, to]` that `scope` may match, in
+    /// stream order: per topic when every pattern is an exact topic.
+    fn candidates(&self, scope: &[Pattern], start: u64, to: u64) -> Vec<u32> {
+        let in_range = |i: &u32| {
+            let seq = self.events[*i as usize].id.seq;
+            seq > start && seq <= to
+        };
+        if scope.is_empty() || !scope.iter().all(Pattern::is_exact) {
+            let first = self.events.partition_point(|e| e.id.seq <= start);
+            return (first as u32..self.events.len() as u32)
+                .take_while(in_range)
+                .collect();
+        }
+        let mut out: Vec<u32> = Vec::new();
+        for p in scope {
+            if let Some(list) = self.by_topic.get(p.as_str()) {
+                let first = list.partition_point(|i| self.events[*i as usize].id.seq <= start);
+                out.extend(list[first..].iter().copied().take_while(in_range));
+            }
+        }
+        if scope.len() > 1 {
+            out.sort_unstable();
+            out.dedup();
+        }
+        out
+    }
 }
 
 impl Tails {
@@ -113,6 +176,7 @@ impl NatsBroker {
         &self,
         tenant: &Arc<str>,
         epoch: u64,
+        scope: &[Pattern],
         start: u64,
         until: u64,
         filter: Filter<'_>,
@@ -122,39 +186,27 @@ impl NatsBroker {
         let mut t = tail.lock().await;
         let fresh = t.epoch == epoch && t.read_at.is_some_and(|at| at.elapsed() < FRESH);
         if !fresh || start > t.to {
-            *t = Tail {
-                epoch,
-                from: start,
-                to: start,
-                events: Vec::new(),
-                read_at: Some(Instant::now()),
-            };
+            *t = Tail::new(epoch, start);
         }
         if start < t.from {
             // An older cursor than the copy's: read the part before it.
             let older = self.read_tenant(tenant, epoch, start, t.from).await?;
             if older.more {
                 // Not all of it in time: start the copy over from here.
-                *t = Tail {
-                    epoch,
-                    from: start,
-                    to: older.next.seq,
-                    events: older.events,
-                    read_at: Some(Instant::now()),
-                };
+                *t = Tail::new(epoch, start);
+                t.to = older.next.seq;
+                t.append(older.events);
             } else {
-                let newer = std::mem::replace(&mut t.events, older.events);
-                t.events.extend(newer);
+                t.prepend(older.events);
                 t.from = start;
             }
         }
         if t.to < until {
             let newer = self.read_tenant(tenant, epoch, t.to, until).await?;
             t.to = if newer.more { newer.next.seq } else { until };
-            t.events.extend(newer.events);
+            t.append(newer.events);
         }
         let to = t.to.min(until);
-        let first = t.events.partition_point(|e| e.id.seq <= start);
         let mut out = ReadBatch {
             events: Vec::new(),
             gap: None,
@@ -162,10 +214,8 @@ impl NatsBroker {
             more: false,
             seen_elsewhere: None,
         };
-        for e in &t.events[first..] {
-            if e.id.seq > to {
-                break;
-            }
+        for i in t.candidates(scope, start, to) {
+            let e = &t.events[i as usize];
             if out.events.len() >= limit {
                 out.more = true;
                 break;
