@@ -175,13 +175,13 @@ impl NatsBroker {
     pub(super) async fn read_tail(
         &self,
         tenant: &Arc<str>,
-        epoch: u64,
         scope: &[Pattern],
         start: u64,
         until: u64,
         filter: Filter<'_>,
         limit: usize,
     ) -> Result<ReadBatch, BrokerError> {
+        let epoch = self.epoch()?;
         let tail = self.tails.of(tenant);
         let mut t = tail.lock().await;
         let fresh = t.epoch == epoch && t.read_at.is_some_and(|at| at.elapsed() < FRESH);
