@@ -477,15 +477,7 @@ impl Broker for NatsBroker {
             // tenant's recent range, read once for everyone resuming.
             self.count_read("shared");
             return self
-                .read_tail(
-                    tenant,
-                    epoch,
-                    scope,
-                    start,
-                    state.last_sequence,
-                    filter,
-                    limit,
-                )
+                .read_tail(tenant, scope, start, state.last_sequence, filter, limit)
                 .await;
         }
         let _permit = self.reads.acquire().await.map_err(unavailable)?;
