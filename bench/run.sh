@@ -7,7 +7,7 @@
 #   QUICK=1 ./bench/run.sh    # shorter runs, for trying the script
 #   TARGETS="switchboard nats" ./bench/run.sh   # a subset of targets
 #   ONLY="storm" ./bench/run.sh  # some scenario groups (fanout, embedded,
-#                                # presence, storm); the report then goes
+#                                # presence, storm, scaleout); the report goes
 #                                # to target/bench/benchmarks.md, not docs/
 #
 # Targets: switchboard (one process, embedded broker), switchboard-cluster
@@ -168,6 +168,54 @@ want storm && case " $targets " in *" switchboard-cluster "*)
       --publish-url "$publish_to" --connections 10000 --topics 100 --rate 200 --seconds "$secs"
     stop
   done
+  ;;
+esac
+
+want scaleout && case " $targets " in *" switchboard-cluster "*)
+  # Scale-out: 100,000 WebSockets held for 10 minutes by 6 gateway processes
+  # in cluster mode on one nats-server (one process may hold 20,000 files
+  # here, as a pod is sized in production), from 6 load generators over 16
+  # loopback addresses. Every second 1% of the clients drop their connection
+  # and resume on the next gateway from their cursor, while 60 events/s
+  # (100 subscribers each) are published: nothing may be lost or repeated.
+  # SCALEOUT_CONNECTIONS / SCALEOUT_SECONDS shorten it; QUICK=1 runs 12,000
+  # for 30 s.
+  sc_conns=${SCALEOUT_CONNECTIONS:-100000}; sc_secs=${SCALEOUT_SECONDS:-600}
+  [ -n "${QUICK:-}" ] && { sc_conns=12000; sc_secs=30; }
+  sc_gws=6; sc_lgs=6
+  pids=(); urls=(); measure=()
+  np=$(free_port); nm=$(free_port)
+  rm -rf "$out/js"; "$nats_bin" -a 127.0.0.1 -p "$np" -m "$nm" -js -sd "$out/js" >"$out/scaleout-nats.log" 2>&1 &
+  pids+=($!); wait_port "$np"; measure+=(--server-pid "${pids[0]}")
+  for g in $(seq 0 $((sc_gws - 1))); do
+    p=$(free_port)
+    start_gateway "$p" "$out/scaleout-gw$g.log" SWITCHBOARD_NATS_URL="nats://127.0.0.1:$np" SWITCHBOARD_REGION=bench
+    urls+=(--url "http://127.0.0.1:$p"); measure+=(--server-pid "${pids[-1]}")
+  done
+  sc_sources=$(seq -s, -f '127.0.0.%g' 1 16)
+  sc_parts=()
+  for k in $(seq 0 $((sc_lgs - 1))); do
+    "$lg" --target switchboard --label switchboard-cluster "${urls[@]}" "${measure[@]}" --sources "$sc_sources" \
+      --scenario scaleout-100k --mode churn --part "$k" --churn 0.01 --sample-every 60 \
+      --connections $((sc_conns / sc_lgs)) --topics 167 --rate 10 --seconds "$sc_secs" \
+      >"$out/scaleout-$k.json" 2>"$out/scaleout-$k.log" &
+    sc_parts+=($!)
+  done
+  echo "== scaleout-100k ($sc_conns connections, $sc_secs s)" >&2
+  varz_before=$(curl -sf "http://127.0.0.1:$nm/varz"); t0=$(date +%s.%N)
+  for p in "${sc_parts[@]}"; do wait "$p"; done
+  varz_after=$(curl -sf "http://127.0.0.1:$nm/varz"); t1=$(date +%s.%N)
+  cat "$out"/scaleout-*.json | tee -a "$out/results.jsonl"
+  # What crossed NATS meanwhile (events, republished copies, interest,
+  # history reads): messages and bytes per second, from nats-server.
+  python3 - "$t0" "$t1" <<PY | tee -a "$out/results.jsonl"
+import json, sys
+b, a = json.loads('''$varz_before'''), json.loads('''$varz_after''')
+secs = float(sys.argv[2]) - float(sys.argv[1])
+print(json.dumps({"scenario": "scaleout-100k-nats", "seconds": secs,
+                  **{k + "_per_second": (a[k] - b[k]) / secs for k in ("in_msgs", "out_msgs", "in_bytes", "out_bytes")}}))
+PY
+  stop
   ;;
 esac
 

@@ -10,7 +10,10 @@
 //! Modes: `fixed` (one rate), `ramp` (raise the rate step by step until p99
 //! passes 200 ms or anything is lost) and `storm` (the gateway the clients
 //! are on is killed or drained; they resume on another one from their last
-//! cursor) and `presence` (members join and leave one presence topic).
+//! cursor), `churn` (a share of the subscribers drops its connection every
+//! second and resumes on the next gateway from its cursor, while the rate
+//! goes on: the scale-out and soak scenario, run as several processes with
+//! `--part`) and `presence` (members join and leave one presence topic).
 
 mod presence;
 mod publisher;
@@ -39,6 +42,8 @@ enum Mode {
     Fixed,
     Ramp,
     Storm,
+    /// A share of the subscribers reconnects every second (see `churn`).
+    Churn,
     /// Members join and leave one presence topic (see `presence`).
     Presence,
 }
@@ -105,6 +110,17 @@ struct Args {
     handshakes: usize,
     #[arg(long, default_value = "")]
     scenario: String,
+    /// Churn: the share of subscribers that reconnect every second.
+    #[arg(long, default_value_t = 0.01)]
+    churn: f64,
+    /// Churn: seconds between server memory samples.
+    #[arg(long, default_value_t = 60)]
+    sample_every: u64,
+    /// This process's part of a run split over several load generators:
+    /// its topics are its own (`bench.p<part>.t<i>`), so each process
+    /// accounts for its own deliveries.
+    #[arg(long, default_value_t = 0)]
+    part: usize,
 }
 
 struct Run {
@@ -115,6 +131,21 @@ struct Run {
     subscribers: Vec<AtomicU64>,
     /// Next sequence number per topic (across steps).
     seqs: Vec<AtomicU64>,
+    /// Churn: tells subscriber i to drop its connection and resume.
+    churn: Vec<tokio::sync::Notify>,
+    /// Churn: reconnections done.
+    churned: AtomicU64,
+}
+
+impl Run {
+    /// The topic name of topic index `t`.
+    fn topic(&self, t: usize) -> String {
+        if self.args.mode == Mode::Churn {
+            format!("bench.p{}.t{t}", self.args.part)
+        } else {
+            format!("bench.t{t}")
+        }
+    }
 }
 
 #[tokio::main]
@@ -144,6 +175,14 @@ async fn main() -> anyhow::Result<()> {
         stats: Stats::new(),
         subscribers: (0..topics).map(|_| AtomicU64::new(0)).collect(),
         seqs: (0..topics).map(|_| AtomicU64::new(0)).collect(),
+        churn: if args.mode == Mode::Churn {
+            (0..args.connections)
+                .map(|_| tokio::sync::Notify::new())
+                .collect()
+        } else {
+            Vec::new()
+        },
+        churned: AtomicU64::new(0),
         args,
     });
     let args = &run.args;
@@ -217,6 +256,18 @@ async fn main() -> anyhow::Result<()> {
                     .fold(None::<f64>, |m, v| Some(m.map_or(v, |m| m.max(v))));
                 report["max_sustained_deliveries_per_second"] = json!(best);
             }
+            Mode::Churn => {
+                let churner = tokio::spawn(churn(run.clone()));
+                steps.push(step(&run, &publisher, 0, args.rate).await?);
+                churner.abort();
+                report["churn"] = json!({
+                    "share_per_second": args.churn,
+                    "reconnections": run.churned.load(Ordering::Relaxed),
+                    "resumed": run.stats.resumed.load(Ordering::Relaxed),
+                    "resume_ms": run.stats.resume_ms(),
+                    "part": args.part,
+                });
+            }
             Mode::Storm => {
                 let pid = args.kill_pid.context("storm mode needs --kill-pid")?;
                 let killer = tokio::spawn(storm(run.clone(), pid, connected));
@@ -266,6 +317,12 @@ async fn step(
     let accepted: Arc<Vec<AtomicU64>> = Arc::new((0..topics).map(|_| AtomicU64::new(0)).collect());
     let in_flight = Arc::new(tokio::sync::Semaphore::new(256));
     let mut sends = tokio::task::JoinSet::new();
+    // Churn: the servers' memory over the run (flat, or leaking?).
+    let mut samples = Vec::new();
+    let mut next_sample = (args.mode == Mode::Churn).then(|| {
+        samples.push(sample(run, started));
+        started + Duration::from_secs(args.sample_every.max(1))
+    });
     for n in 0..total {
         let due = started + Duration::from_secs_f64(n as f64 / rate);
         if let Some(wait) = due.checked_duration_since(Instant::now()) {
@@ -274,18 +331,25 @@ async fn step(
         let t = n as usize % topics;
         let seq = run.seqs[t].fetch_add(1, Ordering::Relaxed);
         let permit = in_flight.clone().acquire_owned().await?;
+        let topic = run.topic(t);
         let publisher = publisher.clone();
         let accepted = accepted.clone();
         // Each publish runs on its own, so it leaves at once (a send
         // waiting behind another would distort the latency).
         sends.spawn(async move {
             let body = target::payload(seq, k as u64, now_us());
-            if publisher.publish(&format!("bench.t{t}"), body).await {
+            if publisher.publish(&topic, body).await {
                 accepted[t].fetch_add(1, Ordering::Relaxed);
             }
             drop(permit);
         });
         while sends.try_join_next().is_some() {}
+        if let Some(at) = next_sample
+            && Instant::now() >= at
+        {
+            samples.push(sample(run, started));
+            next_sample = Some(at + Duration::from_secs(args.sample_every.max(1)));
+        }
     }
     while sends.join_next().await.is_some() {}
     publisher.flush().await;
@@ -297,7 +361,11 @@ async fn step(
         .map(|(a, s)| a.load(Ordering::Relaxed) * s.load(Ordering::Relaxed))
         .sum();
     // Wait for the deliveries: at most 10 s more (30 s in a storm).
-    let grace = if args.mode == Mode::Storm { 30 } else { 10 };
+    let grace = if matches!(args.mode, Mode::Storm | Mode::Churn) {
+        30
+    } else {
+        10
+    };
     let deadline = Instant::now() + Duration::from_secs(grace);
     while run.stats.delivered(k) < expected && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -322,7 +390,55 @@ async fn step(
         "sustained": lost == 0 && published == total && p99.is_some_and(|p| p <= args.max_p99_ms),
         "server_cpu_seconds": usage_before.zip(usage_after).map(|(b, a): (Usage, Usage)| a.cpu_seconds - b.cpu_seconds),
         "loadgen_cpu_seconds": stats::self_cpu() - self_before,
+        "samples": samples,
     }))
+}
+
+/// Each server process's RSS and CPU seconds, and this process's, at one
+/// moment of a run.
+fn sample(run: &Run, started: Instant) -> serde_json::Value {
+    let servers: Vec<serde_json::Value> = run
+        .args
+        .server_pids
+        .iter()
+        .map(|pid| {
+            let u = stats::usage_of(*pid).unwrap_or_default();
+            json!({"pid": pid, "rss_kib": u.rss_kib, "cpu_seconds": u.cpu_seconds})
+        })
+        .collect();
+    json!({
+        "at_seconds": started.elapsed().as_secs_f64(),
+        "servers": servers,
+        "loadgen_rss_kib": stats::usage_of(std::process::id()).map(|u| u.rss_kib),
+        "loadgen_cpu_seconds": stats::self_cpu(),
+        "resumed": run.stats.resumed.load(Ordering::Relaxed),
+    })
+}
+
+/// Every 100 ms, tell a tenth of the second's share of subscribers (picked
+/// at random) to drop their connection and resume.
+async fn churn(run: Arc<Run>) {
+    let n = run.churn.len();
+    if n == 0 {
+        return;
+    }
+    let per_tick = run.args.churn * n as f64 / 10.0;
+    let mut owed = 0.0;
+    let mut state: u64 = 0x9e37_79b9_7f4a_7c15 ^ run.args.part as u64;
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    loop {
+        tick.tick().await;
+        owed += per_tick;
+        while owed >= 1.0 {
+            owed -= 1.0;
+            // xorshift: enough to spread the picks.
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            run.churn[(state % n as u64) as usize].notify_one();
+            run.churned.fetch_add(1, Ordering::Relaxed);
+        }
+    }
 }
 
 /// Stop the gateway the subscribers are on, then time their resumption.
@@ -368,7 +484,7 @@ async fn subscriber(
 ) {
     let args = &run.args;
     let topic_index = i % run.seqs.len();
-    let topic = format!("bench.t{topic_index}");
+    let topic = run.topic(topic_index);
     let mut seen = Seen::default();
     let mut cursor: Option<String> = None;
     let mut ready = Some(ready);
@@ -377,10 +493,11 @@ async fn subscriber(
     // until it has replayed what it missed.
     let mut disconnected_at: Option<Instant> = None;
     loop {
-        let url_index = if args.mode == Mode::Storm {
-            attempt.min(args.urls.len() - 1)
-        } else {
-            i % args.urls.len()
+        let url_index = match args.mode {
+            Mode::Storm => attempt.min(args.urls.len() - 1),
+            // Churn: resume on the next gateway each time.
+            Mode::Churn => (i + attempt) % args.urls.len(),
+            _ => i % args.urls.len(),
         };
         let url = target::subscriber_url(
             args.target,
@@ -394,7 +511,21 @@ async fn subscriber(
             open(&url, source, args.target, &topic).await
         };
         let mut ws = match opened {
-            Ok(ws) => ws,
+            Ok((ws, began_at)) => {
+                // A client that has received nothing yet resumes from where
+                // its subscription began.
+                if cursor.is_none() {
+                    cursor = began_at;
+                }
+                ws
+            }
+            Err(_) if ready.is_some() && args.mode == Mode::Churn && attempt < 20 => {
+                // Churn runs start many processes at once: a first connect
+                // refused (1013 under load) is retried, as clients do.
+                attempt += 1;
+                tokio::time::sleep(Duration::from_millis(200 * attempt as u64)).await;
+                continue;
+            }
             Err(e) => {
                 if let Some(r) = ready.take() {
                     static REPORTED: AtomicU64 = AtomicU64::new(0);
@@ -426,7 +557,24 @@ async fn subscriber(
                 }
             }
         }
-        while let Some(Ok(m)) = ws.next().await {
+        let churned = async {
+            match run.churn.get(i) {
+                Some(n) => n.notified().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(churned);
+        loop {
+            let m = tokio::select! {
+                m = ws.next() => m,
+                () = &mut churned => {
+                    // Told to churn: leave as a client losing its network
+                    // would, then resume from the cursor.
+                    let _ = ws.close(None).await;
+                    break;
+                }
+            };
+            let Some(Ok(m)) = m else { break };
             let Some(t) = target::text(&m) else { continue };
             if let Some(reply) = target::keepalive_reply(args.target, t)
                 && ws.send(Message::Text(reply.into())).await.is_err()
@@ -436,7 +584,7 @@ async fn subscriber(
             target::for_each_event(t, |seq, step, sent| {
                 run.stats.record(i, &mut seen, seq, step, sent);
             });
-            if args.mode == Mode::Storm
+            if matches!(args.mode, Mode::Storm | Mode::Churn)
                 && let Some(c) = target::cursor_of(t)
             {
                 cursor = Some(c.to_owned());
@@ -450,16 +598,26 @@ async fn subscriber(
         }
         run.stats.disconnects.fetch_add(1, Ordering::Relaxed);
         disconnected_at.get_or_insert_with(Instant::now);
-        if args.mode != Mode::Storm {
-            return;
+        match args.mode {
+            Mode::Storm => {
+                attempt += 1;
+                // Clients spread their reconnects (0-500 ms), as real ones do.
+                tokio::time::sleep(Duration::from_millis((i as u64 * 7919) % 500)).await;
+            }
+            Mode::Churn => attempt += 1,
+            _ => return,
         }
-        attempt += 1;
-        // Clients spread their reconnects (0-500 ms), as real ones do.
-        tokio::time::sleep(Duration::from_millis((i as u64 * 7919) % 500)).await;
     }
 }
 
-async fn open(url: &str, source: IpAddr, kind: Kind, topic: &str) -> anyhow::Result<target::Ws> {
+/// Connect and subscribe; returns the socket and the cursor the
+/// subscription began at (Switchboard).
+async fn open(
+    url: &str,
+    source: IpAddr,
+    kind: Kind,
+    topic: &str,
+) -> anyhow::Result<(target::Ws, Option<String>)> {
     let uri: tokio_tungstenite::tungstenite::http::Uri = url.parse()?;
     let host = uri.host().context("url without host")?;
     let port = uri.port_u16().unwrap_or(80);
@@ -487,6 +645,6 @@ async fn open(url: &str, source: IpAddr, kind: Kind, topic: &str) -> anyhow::Res
     )
     .await
     .with_context(|| format!("websocket handshake with {url}"))?;
-    target::subscribe(kind, &mut ws, topic).await?;
-    Ok(ws)
+    let cursor = target::subscribe(kind, &mut ws, topic).await?;
+    Ok((ws, cursor))
 }

@@ -173,6 +173,11 @@ fn one(pid: u32) -> Option<Usage> {
     })
 }
 
+/// One process's usage.
+pub fn usage_of(pid: u32) -> Option<Usage> {
+    one(pid)
+}
+
 pub fn self_cpu() -> f64 {
     one(std::process::id()).map_or(0.0, |u| u.cpu_seconds)
 }

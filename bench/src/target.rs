@@ -54,8 +54,10 @@ pub fn subscriber_url(kind: Kind, base: &str, token: &str, cursor: Option<&str>)
 }
 
 /// After the WebSocket handshake: subscribe to `topic` and return once the
-/// server confirmed it (so a later publish is certain to reach us).
-pub async fn subscribe(kind: Kind, ws: &mut Ws, topic: &str) -> anyhow::Result<()> {
+/// server confirmed it (so a later publish is certain to reach us), with
+/// the cursor the confirmation carries (Switchboard: where the subscription
+/// began, the resume point of a client that has received nothing yet).
+pub async fn subscribe(kind: Kind, ws: &mut Ws, topic: &str) -> anyhow::Result<Option<String>> {
     let confirmed = |t: &str| match kind {
         Kind::Switchboard => t.contains("subscription.confirmed"),
         Kind::Nats => t.contains("PONG"),
@@ -90,15 +92,20 @@ pub async fn subscribe(kind: Kind, ws: &mut Ws, topic: &str) -> anyhow::Result<(
             ws.send(Message::Text(m.into())).await?;
         }
     }
-    expect(ws, confirmed).await
+    let frame = expect(ws, confirmed).await?;
+    Ok(match kind {
+        Kind::Switchboard => cursor_of(&frame).map(str::to_owned),
+        _ => None,
+    })
 }
 
-async fn expect(ws: &mut Ws, done: impl Fn(&str) -> bool) -> anyhow::Result<()> {
+/// Read until a frame `done` accepts; returns it.
+async fn expect(ws: &mut Ws, done: impl Fn(&str) -> bool) -> anyhow::Result<String> {
     let wait = async {
         while let Some(m) = ws.next().await {
             if let Some(t) = text(&m?) {
                 if done(t) {
-                    return Ok(());
+                    return Ok(t.to_owned());
                 }
                 if t.contains("\"type\":\"error\"") || t.starts_with("-ERR") || t.starts_with("44")
                 {
