@@ -231,7 +231,7 @@ if scale:
     p(f"{conns:,} WebSocket clients (of {sum(r.get('requested_connections', 0) for r in scale):,} requested) held "
       f"for {hold:,.0f} s by 6 gateway processes on one nats-server (one process may hold 20,000 open files "
       "here: scaled out as pods are), from 6 load-generator processes over 16 loopback addresses. Every second "
-      "1% of the clients drop their connection and resume on the next gateway from their cursor; 60 events/s "
+      f"{100 * (churn[0].get('share_per_second') or 0):g}% of the clients drop their connection and resume on the next gateway from their cursor; 60 events/s "
       "are published over 1,002 topics (about 100 subscribers each). Loss and duplicates are counted per "
       "client across its reconnections.\n")
     p("| connections | reconnections | resume p99 ms (worst process) | published | expected deliveries | lost | dup | "

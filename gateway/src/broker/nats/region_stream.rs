@@ -29,6 +29,11 @@ impl NatsBroker {
         }
     }
 
+    /// The newest stream sequence this process knows of.
+    pub(super) fn head_seq(&self) -> u64 {
+        self.state.head.load(Ordering::Acquire)
+    }
+
     pub(super) fn note_head(&self, seq: u64) {
         self.state.head.fetch_max(seq, Ordering::AcqRel);
     }

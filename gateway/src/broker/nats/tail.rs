@@ -202,8 +202,13 @@ impl NatsBroker {
             }
         }
         if t.to < until {
-            let newer = self.read_tenant(tenant, epoch, t.to, until).await?;
-            t.to = if newer.more { newer.next.seq } else { until };
+            // Read up to the newest position this gateway knows of, not
+            // only this caller's: the resumes queued behind this one (each
+            // with its own, a little newer, head) are then answered from
+            // the copy instead of each reading again.
+            let horizon = until.max(self.head_seq());
+            let newer = self.read_tenant(tenant, epoch, t.to, horizon).await?;
+            t.to = if newer.more { newer.next.seq } else { horizon };
             t.append(newer.events);
         }
         let to = t.to.min(until);
