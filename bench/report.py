@@ -78,7 +78,11 @@ p(f"- Switchboard {sh('git rev-parse --short HEAD')} ({sh('rustc --version')}), 
   f"nats-server {sh(nats_bin + ' --version').replace('nats-server: ', '')}, "
   f"Socket.IO {socketio_version()} "
   f"on Node {sh('node --version')}")
-p("- reproduce: `./tests/run.sh` once (installs nats-server), then `./bench/run.sh` (about 15 minutes)\n")
+if os.environ.get("BENCH_NOTE"):
+    # Results of more than one run merged into one report: say which.
+    p(f"- note: {os.environ['BENCH_NOTE']}")
+p("- reproduce: `./tests/run.sh` once (installs nats-server), then `./bench/run.sh` (about 30 minutes with the "
+  "10-minute scale-out; `ONLY=...` runs some groups)\n")
 
 p("Payloads are `{\"seq\":N,\"step\":K,\"sent\":µs}`: the load generator counts loss and duplicates per "
   "subscriber from `seq` and latency from `sent` (publish call to frame read, both in the load generator). "
