@@ -32,6 +32,10 @@ async fn stored(url: &str, region: &str, tenant: &str) -> Vec<(String, Value)> {
         .unwrap();
     let mut pending = reader.cached_info().num_pending;
     let mut out = Vec::new();
+    // Read every message the consumer counted: an empty batch (a busy
+    // server answering late) is tried again until a deadline, never taken
+    // for the end of the stream.
+    let deadline = tokio::time::Instant::now() + DEADLINE * 2;
     while pending > 0 {
         let mut batch = reader
             .fetch()
@@ -40,18 +44,17 @@ async fn stored(url: &str, region: &str, tenant: &str) -> Vec<(String, Value)> {
             .messages()
             .await
             .unwrap();
-        let mut got = 0;
         while let Some(Ok(m)) = batch.next().await {
-            got += 1;
             pending = m.info().unwrap().pending;
             out.push((
                 m.subject.to_string(),
                 serde_json::from_slice(&m.payload).unwrap(),
             ));
         }
-        if got == 0 {
-            break;
-        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{region}: {pending} stored messages of {tenant} not read in time"
+        );
     }
     let _ = stream.delete_consumer(&reader.cached_info().name).await;
     out
