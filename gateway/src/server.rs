@@ -20,11 +20,11 @@ use tower_http::cors::{AllowOrigin, CorsLayer};
 use crate::metrics::ExpositionFormat;
 use crate::node::{Drain, Node};
 use crate::protocol::now_rfc3339;
-use crate::transport::{erase, longpoll, publish, snapshot, sse, ws};
+use crate::transport::{erase, longpoll, publish, publish_stream, snapshot, sse, ws};
 
 /// The public router: WebSocket, SSE, long-poll, publish, health.
 pub fn app(node: Arc<Node>) -> Router {
-    let body_limit = (node.config.limits.max_message_bytes as usize).saturating_mul(4) + 64 * 1024;
+    let body_limit = crate::transport::max_publish_body(&node);
     let socketio = if node.config.socketio.enabled {
         crate::transport::socketio::router(
             crate::transport::socketio::gateway::engine(&node),
@@ -47,6 +47,7 @@ pub fn app(node: Arc<Node>) -> Router {
         .route("/api/realtime/snapshot", get(snapshot::snapshot))
         .route("/api/realtime/publish/", post(publish::publish))
         .route("/api/realtime/publish", post(publish::publish))
+        .route("/api/realtime/publish/stream", get(publish_stream::upgrade))
         .route("/api/realtime/erase/", post(erase::erase))
         .route("/api/realtime/erase", post(erase::erase))
         .route("/api/realtime/health/", get(health))

@@ -5,6 +5,7 @@ pub mod console;
 pub mod erase;
 pub mod longpoll;
 pub mod publish;
+pub mod publish_stream;
 pub mod snapshot;
 pub mod socketio;
 pub mod sse;
@@ -108,6 +109,11 @@ pub fn overload_response(node: &Node, refusal: crate::overload::Refusal) -> Resp
         axum::http::HeaderValue::from(node.overload.retry_after()),
     );
     response
+}
+
+/// The largest publish body (HTTP) or frame (stream): room for a batch.
+pub fn max_publish_body(node: &Node) -> usize {
+    (node.config.limits.max_message_bytes as usize).saturating_mul(4) + 64 * 1024
 }
 
 /// A JSON error response with the code's status:

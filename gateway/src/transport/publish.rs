@@ -14,6 +14,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 use tracing::Instrument;
 
+use crate::auth::Principal;
 use crate::broker::Published;
 use crate::node::{Node, PublishError, PublishRequest};
 use crate::protocol::ErrorCode;
@@ -21,7 +22,7 @@ use crate::protocol::ErrorCode;
 /// Most events in one batch.
 pub const MAX_BATCH: usize = 1000;
 
-fn published_json(p: &Published) -> Value {
+pub(crate) fn published_json(p: &Published) -> Value {
     json!({
         "event_id": p.event.id.to_string(),
         "cursor": p.event.id.to_string(),
@@ -100,52 +101,96 @@ async fn publish_inner(node: Arc<Node>, headers: HeaderMap, body: Bytes) -> Resp
             );
         }
     };
-    let batch = match body.get("events") {
-        Some(Value::Array(items)) => Some(items.clone()),
-        Some(_) => {
-            return super::error_response(ErrorCode::MalformedBody, "'events' must be a list");
+    match publish_value(&node, &principal, body).await {
+        Outcome::One(p) => {
+            let status = if p.duplicate {
+                StatusCode::OK
+            } else {
+                StatusCode::CREATED
+            };
+            (status, axum::Json(published_json(&p))).into_response()
         }
-        None => None,
-    };
-    match batch {
-        None => match one(&node, &principal, body).await {
-            Ok(p) => {
-                let status = if p.duplicate {
-                    StatusCode::OK
-                } else {
-                    StatusCode::CREATED
-                };
-                (status, axum::Json(published_json(&p))).into_response()
-            }
-            Err((code, message)) => {
-                node.metrics.error("publish");
-                super::error_response(code, message)
-            }
-        },
-        Some(items) if items.len() > MAX_BATCH => super::error_response(
-            ErrorCode::BatchTooLarge,
-            format!("a batch holds at most {MAX_BATCH} events"),
-        ),
-        Some(items) => {
-            // Each event stands alone: one refused event does not stop the rest.
-            let mut results = Vec::with_capacity(items.len());
-            for item in items {
-                results.push(match one(&node, &principal, item).await {
-                    Ok(p) => published_json(&p),
-                    Err((code, message)) => {
-                        node.metrics.error("publish");
-                        json!({ "error": { "code": code, "message": message, "status": code.status().as_u16() } })
-                    }
-                });
-            }
+        Outcome::Batch(results) => {
             (StatusCode::OK, axum::Json(json!({ "results": results }))).into_response()
         }
+        Outcome::Refused(code, message) => super::error_response(code, message),
     }
+}
+
+/// What one publish body (one event or a batch) came to.
+pub(crate) enum Outcome {
+    /// One event, published (or a duplicate of one).
+    One(Published),
+    /// A batch: one answer per event, in order (published or an error).
+    Batch(Vec<Value>),
+    /// Nothing was published.
+    Refused(ErrorCode, String),
+}
+
+/// Publish one body: an event or `{"events": [...]}`. A batch's events are
+/// fanned out as one burst (one wake-up per connection).
+pub(crate) async fn publish_value(node: &Node, principal: &Principal, body: Value) -> Outcome {
+    let items = match body {
+        Value::Object(mut fields) => match fields.remove("events") {
+            Some(Value::Array(items)) => items,
+            Some(_) => {
+                node.metrics.error("publish");
+                return Outcome::Refused(
+                    ErrorCode::MalformedBody,
+                    "'events' must be a list".into(),
+                );
+            }
+            None => {
+                return match one(node, principal, Value::Object(fields)).await {
+                    Ok(p) => Outcome::One(p),
+                    Err((code, message)) => {
+                        node.metrics.error("publish");
+                        Outcome::Refused(code, message)
+                    }
+                };
+            }
+        },
+        _ => {
+            node.metrics.error("publish");
+            return Outcome::Refused(
+                ErrorCode::MalformedBody,
+                "the body must be a JSON object".into(),
+            );
+        }
+    };
+    if items.len() > MAX_BATCH {
+        node.metrics.error("publish");
+        return Outcome::Refused(
+            ErrorCode::BatchTooLarge,
+            format!("a batch holds at most {MAX_BATCH} events"),
+        );
+    }
+    // Each event stands alone: one refused event does not stop the rest.
+    let results = crate::mailbox::hold_wakes(async {
+        let mut results = Vec::with_capacity(items.len());
+        for item in items {
+            results.push(match one(node, principal, item).await {
+                Ok(p) => published_json(&p),
+                Err((code, message)) => {
+                    node.metrics.error("publish");
+                    error_json(code, message)
+                }
+            });
+        }
+        results
+    })
+    .await;
+    Outcome::Batch(results)
+}
+
+/// A refused event's entry in a batch's results (and a stream's answer).
+pub(crate) fn error_json(code: ErrorCode, message: String) -> Value {
+    json!({ "error": { "code": code, "message": message, "status": code.status().as_u16() } })
 }
 
 async fn one(
     node: &Node,
-    principal: &crate::auth::Principal,
+    principal: &Principal,
     body: Value,
 ) -> Result<Published, (ErrorCode, String)> {
     let req: PublishRequest = serde_json::from_value(body)

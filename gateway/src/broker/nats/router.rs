@@ -16,6 +16,7 @@ use super::{Interest, Live, NO_CATCH_UP, NatsBroker, REQUEST_TIMEOUT};
 use crate::broker::{BrokerError, Filter};
 use crate::event::{Cursor, Event};
 use crate::hub::Hub;
+use crate::mailbox;
 use crate::metrics::Metrics;
 
 /// Remembers the newest sequence routed per (tenant, topic) for a while, so
@@ -67,57 +68,105 @@ pub(super) async fn route_to_hub(
         last: HashMap::new(),
         pruned: Instant::now(),
     };
-    while let Some(item) = rx.recv().await {
+    let mut next = rx.recv().await;
+    while let Some(item) = next.take() {
         match item {
             Live::Message(msg) => {
-                let Some(event) = broker.seal_republished(&msg) else {
-                    metrics.error("bus_message");
-                    tracing::warn!(subject = %msg.subject, "ignoring a malformed event from NATS");
-                    continue;
+                // The messages that arrived together are one burst: each
+                // connection is woken once for all of them.
+                let mut other = None;
+                mailbox::hold_wakes_sync(|| {
+                    route_message(&broker, &hub, &metrics, &mut order, &msg);
+                    for _ in 1..BURST {
+                        match rx.try_recv() {
+                            Ok(Live::Message(msg)) => {
+                                route_message(&broker, &hub, &metrics, &mut order, &msg)
+                            }
+                            Ok(item) => {
+                                other = Some(item);
+                                break;
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                });
+                next = match other {
+                    Some(item) => Some(item),
+                    None => rx.recv().await,
                 };
-                broker.note_head(event.id.seq);
-                if order.admit(&event) {
-                    let span = tracing::info_span!(
-                        "bus.receive",
-                        otel.kind = "consumer",
-                        event_type = %event.topic,
-                        event_id = %event.id,
-                        region = %event.region,
-                    );
-                    crate::telemetry::adopt(&span, event.traceparent.as_deref());
-                    let _entered = span.enter();
-                    crate::fanout::route(&hub, &metrics, &Arc::new(event));
-                }
+                continue;
             }
             Live::Reconnected => {
                 // Subscriptions were re-established by the client; what was
                 // stored while we were away is read back from the stream.
                 // Live messages wait in the channel meanwhile.
                 let from = broker.state.resume_from.load(Ordering::Acquire);
-                if from == NO_CATCH_UP {
-                    continue;
-                }
-                loop {
-                    match catch_up(&broker, from, &hub, &metrics, &mut order).await {
-                        Ok(()) => {
-                            let _ = broker.state.resume_from.compare_exchange(
-                                from,
-                                NO_CATCH_UP,
-                                Ordering::AcqRel,
-                                Ordering::Acquire,
-                            );
-                            break;
-                        }
-                        // Lost again: the next reconnect starts over.
-                        Err(_) if !broker.state.connected.load(Ordering::Acquire) => break,
-                        Err(e) => {
-                            tracing::warn!(error = %e, "catch-up after reconnect failed; retrying");
-                            tokio::time::sleep(Duration::from_millis(500)).await;
-                        }
-                    }
+                if from != NO_CATCH_UP {
+                    catch_up_until_done(&broker, from, &hub, &metrics, &mut order).await;
                 }
             }
         }
+        next = rx.recv().await;
+    }
+}
+
+/// Read back what was stored from `from` on, until it is routed or the
+/// connection is lost again (the next reconnect starts over).
+async fn catch_up_until_done(
+    broker: &NatsBroker,
+    from: u64,
+    hub: &Hub,
+    metrics: &Metrics,
+    order: &mut TopicOrder,
+) {
+    loop {
+        match catch_up(broker, from, hub, metrics, order).await {
+            Ok(()) => {
+                let _ = broker.state.resume_from.compare_exchange(
+                    from,
+                    NO_CATCH_UP,
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                );
+                return;
+            }
+            Err(_) if !broker.state.connected.load(Ordering::Acquire) => return,
+            Err(e) => {
+                tracing::warn!(error = %e, "catch-up after reconnect failed; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+}
+
+/// Most NATS messages routed as one burst.
+const BURST: usize = 256;
+
+/// Route one republished event into the hub (in its `bus.receive` span).
+fn route_message(
+    broker: &NatsBroker,
+    hub: &Hub,
+    metrics: &Metrics,
+    order: &mut TopicOrder,
+    msg: &async_nats::Message,
+) {
+    let Some(event) = broker.seal_republished(msg) else {
+        metrics.error("bus_message");
+        tracing::warn!(subject = %msg.subject, "ignoring a malformed event from NATS");
+        return;
+    };
+    broker.note_head(event.id.seq);
+    if order.admit(&event) {
+        let span = tracing::info_span!(
+            "bus.receive",
+            otel.kind = "consumer",
+            event_type = %event.topic,
+            event_id = %event.id,
+            region = %event.region,
+        );
+        crate::telemetry::adopt(&span, event.traceparent.as_deref());
+        let _entered = span.enter();
+        crate::fanout::route(hub, metrics, &Arc::new(event));
     }
 }
 

@@ -192,7 +192,7 @@ impl Connection {
                     match frame {
                         None => return None,
                         Some(Err(e)) => {
-                            if is_capacity_error(&e) {
+                            if super::is_capacity_error(&e) {
                                 node.metrics.error("message_too_big");
                                 Flow::Close(Close::MessageTooBig, None)
                             } else {
@@ -318,13 +318,4 @@ impl Connection {
         }
         self.socket.flush().await
     }
-}
-
-/// Did the read fail because a frame or message exceeded the size limit?
-fn is_capacity_error(e: &axum::Error) -> bool {
-    use tokio_tungstenite::tungstenite::Error;
-    matches!(
-        std::error::Error::source(e).and_then(|s| s.downcast_ref::<Error>()),
-        Some(Error::Capacity(_))
-    )
 }

@@ -32,6 +32,7 @@ use crate::node::Node;
 use crate::protocol::{Close, ErrorCode};
 use crate::session::Session;
 use connection::Connection;
+pub(crate) use timers::deadline_for_expiry;
 
 /// Read buffer per connection. Clients send small control messages; a
 /// larger frame grows the buffer for as long as it takes to read it.
@@ -229,4 +230,13 @@ async fn reject(mut socket: WebSocket, close: Close, detail: &str) {
             reason: reason.into(),
         })))
         .await;
+}
+
+/// Did the read fail because a frame or message exceeded the size limit?
+pub(crate) fn is_capacity_error(e: &axum::Error) -> bool {
+    use tokio_tungstenite::tungstenite::Error;
+    matches!(
+        std::error::Error::source(e).and_then(|s| s.downcast_ref::<Error>()),
+        Some(Error::Capacity(_))
+    )
 }
