@@ -133,14 +133,23 @@ done
 
 # Moderate fan-out, the common SaaS shape: 2,000 clients over 20 topics,
 # 100 subscribers per event, at 64k and 250k deliveries/s, then a ramp.
+# Switchboard is published to over its streaming publish WebSocket (the
+# path for high-rate backends; other targets ignore --publish-via).
 # Socket.IO is left out: it tops out far below the first rate.
 want moderate && for t in $targets; do
   [ "$t" = socketio ] && continue
-  start "$t"; record fanout-2k-20topics-64k --connections 2000 --topics 20 --rate 640 --seconds "$secs"; stop
-  start "$t"; record fanout-2k-20topics-250k --connections 2000 --topics 20 --rate 2500 --seconds "$secs"; stop
-  start "$t"; record ramp-2k-20topics --mode ramp --connections 2000 --topics 20 --rate 640 --factor 1.15 \
+  start "$t"; record fanout-2k-20topics-64k --publish-via stream --connections 2000 --topics 20 --rate 640 --seconds "$secs"; stop
+  start "$t"; record fanout-2k-20topics-250k --publish-via stream --connections 2000 --topics 20 --rate 2500 --seconds "$secs"; stop
+  start "$t"; record ramp-2k-20topics --publish-via stream --mode ramp --connections 2000 --topics 20 --rate 640 --factor 1.15 \
     --seconds "$ramp_secs" --max-steps "$ramp_steps"; stop
 done
+# The publish path: the same load published three ways.
+want moderate && case " $targets " in *" switchboard "*)
+  for via in http batch stream; do
+    start switchboard; record "publish-path-250k-$via" --publish-via "$via" --connections 2000 --topics 20 --rate 2500 --seconds "$secs"; stop
+  done
+  ;;
+esac
 
 want embedded && case " $targets " in *" switchboard "*)
   # As many idle connections as this machine's file-descriptor limit lets

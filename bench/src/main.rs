@@ -65,6 +65,9 @@ struct Args {
     /// Where the publisher publishes (default: the first --url).
     #[arg(long)]
     publish_url: Option<String>,
+    /// How Switchboard is published to (other targets have one way).
+    #[arg(long, value_enum, default_value = "http")]
+    publish_via: publisher::Via,
     /// HS256 secret of the gateway (tokens are minted here).
     #[arg(long, default_value = "bench-secret")]
     secret: String,
@@ -218,6 +221,7 @@ async fn main() -> anyhow::Result<()> {
     let mut report = json!({
         "target": args.label.clone().unwrap_or_else(|| format!("{:?}", args.target).to_lowercase()),
         "scenario": args.scenario,
+        "publish_via": format!("{:?}", args.publish_via).to_lowercase(),
         "mode": format!("{:?}", args.mode).to_lowercase(),
         "connections": connected,
         "requested_connections": args.connections,
@@ -234,7 +238,8 @@ async fn main() -> anyhow::Result<()> {
             .publish_url
             .clone()
             .unwrap_or_else(|| args.urls[0].clone());
-        let publisher = Publisher::connect(args.target, &publish_url, &run.token).await?;
+        let publisher =
+            Publisher::connect(args.target, args.publish_via, &publish_url, &run.token).await?;
         let mut steps = Vec::new();
         match args.mode {
             Mode::Fixed | Mode::Presence => steps.push(step(&run, &publisher, 0, args.rate).await?),
