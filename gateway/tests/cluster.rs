@@ -707,3 +707,70 @@ async fn resumes_arriving_together_share_one_history_read() {
         "{CLIENTS} resumes took {reads} JetStream reads (one each before)"
     );
 }
+
+#[tokio::test]
+async fn a_publish_stream_on_one_gateway_reaches_clients_of_another_in_order() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let dir = TempDir::new("stream");
+    let nats = single(&dir).await;
+    let yaml = nats_yaml("local", &nats.urls(), &[], 1);
+    let gw1 = GatewayProc::start(&dir, "gw1", &yaml);
+    let gw2 = GatewayProc::start(&dir, "gw2", &yaml);
+    gw1.wait_ready().await;
+    gw2.wait_ready().await;
+    let mut far = open_on(&gw2, "acme", "", &["order.*"]).await;
+    let mut near = open_on(&gw1, "acme", "", &["order.created"]).await;
+
+    let url = format!(
+        "{}/api/realtime/publish/stream?token={}",
+        gw1.http().replacen("http", "ws", 1),
+        token("acme", &["publish"])
+    );
+    let (mut stream, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    // All in flight at once: NATS hands gw2 the events in bursts.
+    const N: i64 = 300;
+    for i in 0..N {
+        let topic = if i % 2 == 0 {
+            "order.created"
+        } else {
+            "order.paid"
+        };
+        let frame = json!({"ref": i, "event_type": topic, "data": {"n": i}});
+        stream
+            .feed(Message::Text(frame.to_string().into()))
+            .await
+            .unwrap();
+    }
+    stream.flush().await.unwrap();
+    for i in 0..N {
+        let answer = tokio::time::timeout(DEADLINE, stream.next())
+            .await
+            .expect("answer before deadline")
+            .unwrap()
+            .unwrap();
+        let answer: Value = serde_json::from_str(answer.to_text().unwrap()).unwrap();
+        assert_eq!(answer["ref"], i, "{answer}");
+        assert!(answer["event_id"].is_string(), "{answer}");
+    }
+    let got: Vec<i64> = far
+        .events(N as usize)
+        .await
+        .iter()
+        .map(|e| e["data"]["n"].as_i64().unwrap())
+        .collect();
+    assert_eq!(
+        got,
+        (0..N).collect::<Vec<_>>(),
+        "every event once, in order"
+    );
+    let created: Vec<i64> = near
+        .events(N as usize / 2)
+        .await
+        .iter()
+        .map(|e| e["data"]["n"].as_i64().unwrap())
+        .collect();
+    assert_eq!(created, (0..N).step_by(2).collect::<Vec<_>>());
+    far.expect_silence(Duration::from_millis(300)).await;
+    near.expect_silence(Duration::from_millis(300)).await;
+}
