@@ -57,7 +57,22 @@ wait_port() { # port
   for _ in $(seq 200); do (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.05; done
   echo "port $1 not open" >&2; return 1
 }
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+# A free loopback port never handed out before in this run: the kernel may
+# offer a just-closed port again, and two servers given the same port (a
+# gateway's client and admin listeners, say) fail to start.
+: > "$out/ports"
+free_port() {
+  python3 - "$out/ports" <<'PY'
+import socket, sys
+used = set(open(sys.argv[1]).read().split())
+while True:
+    s = socket.socket(); s.bind(("127.0.0.1", 0)); port = str(s.getsockname()[1]); s.close()
+    if port not in used:
+        break
+open(sys.argv[1], "a").write(port + "\n")
+print(port)
+PY
+}
 
 start_gateway() { # port log [env...]
   local port=$1 log=$2 admin; shift 2
