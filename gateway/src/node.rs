@@ -345,6 +345,49 @@ impl Node {
             .await
     }
 
+    /// Publish several events on behalf of a verified publisher, in this
+    /// order, each standing alone: the results come back in the same
+    /// order. In cluster mode they are all in flight to JetStream at once.
+    pub async fn publish_many(
+        &self,
+        principal: &Principal,
+        reqs: Vec<PublishRequest>,
+    ) -> Vec<Result<Published, PublishError>> {
+        let mut results: Vec<Option<Result<Published, PublishError>>> = Vec::new();
+        let mut spans = Vec::new();
+        let mut events = Vec::new();
+        for req in reqs {
+            let prepared = if principal.has_scope(SCOPE_PUBLISH) {
+                resolve_tenant(principal, &req, principal.has_scope(SCOPE_PLATFORM))
+                    .and_then(|tenant| self.prepare(tenant, req, None))
+            } else {
+                Err(PublishError::NotPublisher)
+            };
+            match prepared {
+                Ok(p) => {
+                    events.push((p.event, p.retention));
+                    spans.push(p.span);
+                    results.push(None);
+                }
+                Err(e) => results.push(Some(Err(e))),
+            }
+        }
+        let mut stored = self.broker.publish_all(events).await.into_iter().zip(spans);
+        results
+            .into_iter()
+            .map(|r| match r {
+                Some(refused) => refused,
+                None => match stored.next() {
+                    Some((Ok(published), span)) => Ok(self.stored(published, &span)),
+                    Some((Err(e), _)) => Err(e.into()),
+                    None => Err(PublishError::Broker(BrokerError::Unavailable(
+                        "the broker answered fewer events than it was given".into(),
+                    ))),
+                },
+            })
+            .collect()
+    }
+
     /// Check, size and store an event of `tenant` (published by the client
     /// user `publisher`, or by a backend when `None`).
     async fn store(
@@ -353,6 +396,23 @@ impl Node {
         req: PublishRequest,
         publisher: Option<String>,
     ) -> Result<Published, PublishError> {
+        let p = self.prepare(tenant, req, publisher)?;
+        let published = self
+            .broker
+            .publish(p.event, p.retention)
+            .instrument(p.span.clone())
+            .await?;
+        Ok(self.stored(published, &p.span))
+    }
+
+    /// Check and size an event of `tenant` (published by the client user
+    /// `publisher`, or by a backend when `None`): what the broker stores.
+    fn prepare(
+        &self,
+        tenant: Arc<str>,
+        req: PublishRequest,
+        publisher: Option<String>,
+    ) -> Result<Prepared, PublishError> {
         let topic =
             Topic::parse(&req.event_type).map_err(|e| PublishError::InvalidTopic(e.to_string()))?;
         if let Some(t) = &req.message_type
@@ -428,25 +488,26 @@ impl Node {
             span.record("tenant", &*tenant);
         }
         let traceparent = crate::telemetry::traceparent(&span);
-        let published = self
-            .broker
-            .publish(
-                NewEvent {
-                    tenant,
-                    topic,
-                    data: req.data,
-                    region,
-                    idempotency_key: req.idempotency_key.filter(|k| !k.is_empty()),
-                    gdpr_context: req.gdpr_context,
-                    traceparent,
-                    message_type: req.message_type,
-                    publisher,
-                    resident,
-                },
-                retention,
-            )
-            .instrument(span.clone())
-            .await?;
+        Ok(Prepared {
+            event: NewEvent {
+                tenant,
+                topic,
+                data: req.data,
+                region,
+                idempotency_key: req.idempotency_key.filter(|k| !k.is_empty()),
+                gdpr_context: req.gdpr_context,
+                traceparent,
+                message_type: req.message_type,
+                publisher,
+                resident,
+            },
+            retention,
+            span,
+        })
+    }
+
+    /// Count and trace an event the broker stored.
+    fn stored(&self, published: Published, span: &tracing::Span) -> Published {
         span.record("event_id", tracing::field::display(&published.event.id));
         span.record("duplicate", published.duplicate);
         // Counted here, once for every broker (cluster mode counted none).
@@ -461,8 +522,15 @@ impl Node {
             duplicate = published.duplicate,
             "event published"
         );
-        Ok(published)
+        published
     }
+}
+
+/// An event checked and ready for the broker, with its `bus.publish` span.
+struct Prepared {
+    event: NewEvent,
+    retention: Duration,
+    span: tracing::Span,
 }
 
 /// Longest seed 004 message type accepted.

@@ -774,3 +774,111 @@ async fn a_publish_stream_on_one_gateway_reaches_clients_of_another_in_order() {
     far.expect_silence(Duration::from_millis(300)).await;
     near.expect_silence(Duration::from_millis(300)).await;
 }
+
+/// A burst of events costs one round trip to JetStream, not one per event:
+/// with 60 ms between the gateway and NATS, 100 events published one after
+/// another would take 6 s; the streaming publish (and a batch) has them all
+/// in flight at once.
+#[tokio::test]
+async fn a_burst_of_publishes_costs_one_round_trip_to_jetstream_not_one_per_event() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    const N: usize = 100;
+    const ONE_WAY: Duration = Duration::from_millis(30);
+    // Sequential publishing needs N round trips: 6 s. The bound leaves the
+    // pipelined path (a few round trips) ample room on a loaded machine.
+    const BOUND: Duration = Duration::from_secs(3);
+    let dir = TempDir::new("pipeline");
+    let nats = single(&dir).await;
+    let port = nats.servers[0]
+        .url()
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let far = LatencyProxy::start(port, ONE_WAY).await;
+    let yaml = nats_yaml("local", &[format!("nats://127.0.0.1:{}", far.port)], &[], 1);
+    let gw = GatewayProc::start(&dir, "gw", &yaml);
+    gw.wait_ready().await;
+    let mut client = open_on(&gw, "acme", "", &["order.*"]).await;
+
+    let url = format!(
+        "{}/api/realtime/publish/stream?token={}",
+        gw.http().replacen("http", "ws", 1),
+        token("acme", &["publish"])
+    );
+    let (mut stream, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    let started = tokio::time::Instant::now();
+    for i in 0..N {
+        let frame = json!({"ref": i, "event_type": "order.created", "data": {"n": i}});
+        stream
+            .feed(Message::Text(frame.to_string().into()))
+            .await
+            .unwrap();
+    }
+    stream.flush().await.unwrap();
+    for i in 0..N {
+        let answer = tokio::time::timeout(DEADLINE, stream.next())
+            .await
+            .expect("answer before deadline")
+            .unwrap()
+            .unwrap();
+        let answer: Value = serde_json::from_str(answer.to_text().unwrap()).unwrap();
+        assert_eq!(answer["ref"], i, "{answer}");
+        assert!(answer["event_id"].is_string(), "{answer}");
+    }
+    let streamed = started.elapsed();
+    assert!(
+        streamed < BOUND,
+        "{N} streamed events took {streamed:?} with {ONE_WAY:?} each way to NATS"
+    );
+
+    let started = tokio::time::Instant::now();
+    let events: Vec<Value> = (N..2 * N)
+        .map(|i| json!({"event_type": "order.created", "data": {"n": i}}))
+        .collect();
+    let r = reqwest::Client::new()
+        .post(format!("{}/api/realtime/publish/", gw.http()))
+        .bearer_auth(token("acme", &["publish"]))
+        .json(&json!({ "events": events }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let body: Value = r.json().await.unwrap();
+    let results = body["results"].as_array().unwrap();
+    assert_eq!(results.len(), N);
+    assert!(results.iter().all(|r| r["event_id"].is_string()), "{body}");
+    let batched = started.elapsed();
+    assert!(
+        batched < BOUND,
+        "a batch of {N} took {batched:?} with {ONE_WAY:?} each way to NATS"
+    );
+
+    // Stored and delivered in the order published.
+    let got: Vec<u64> = client
+        .events(2 * N)
+        .await
+        .iter()
+        .map(|e| e["data"]["n"].as_u64().unwrap())
+        .collect();
+    assert_eq!(got, (0..2 * N as u64).collect::<Vec<_>>());
+    let ids: Vec<u64> = results
+        .iter()
+        .map(|r| {
+            r["cursor"]
+                .as_str()
+                .unwrap()
+                .rsplit('-')
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap()
+        })
+        .collect();
+    assert!(
+        ids.windows(2).all(|w| w[0] < w[1]),
+        "cursors in publish order: {ids:?}"
+    );
+}

@@ -144,6 +144,21 @@ pub trait Broker: Send + Sync + 'static {
     async fn publish(&self, event: NewEvent, retention: Duration)
     -> Result<Published, BrokerError>;
 
+    /// Store several events, in this order, each standing alone (one
+    /// refused does not stop the rest); the results come back in the same
+    /// order. By default one after another; a broker that can have many
+    /// acknowledgements in flight (JetStream) sends them all first.
+    async fn publish_all(
+        &self,
+        events: Vec<(NewEvent, Duration)>,
+    ) -> Vec<Result<Published, BrokerError>> {
+        let mut results = Vec::with_capacity(events.len());
+        for (event, retention) in events {
+            results.push(self.publish(event, retention).await);
+        }
+        results
+    }
+
     /// History of one tenant after `after` (from the oldest retained event
     /// when `None`), keeping events for which `filter` is true. `scope`
     /// names the patterns the filter keeps (empty: unknown), so a broker

@@ -130,72 +130,129 @@ pub(crate) enum Outcome {
 /// Publish one body: an event or `{"events": [...]}`. A batch's events are
 /// fanned out as one burst (one wake-up per connection).
 pub(crate) async fn publish_value(node: &Node, principal: &Principal, body: Value) -> Outcome {
-    let items = match body {
-        Value::Object(mut fields) => match fields.remove("events") {
-            Some(Value::Array(items)) => items,
-            Some(_) => {
-                node.metrics.error("publish");
-                return Outcome::Refused(
-                    ErrorCode::MalformedBody,
-                    "'events' must be a list".into(),
-                );
-            }
-            None => {
-                return match one(node, principal, Value::Object(fields)).await {
-                    Ok(p) => Outcome::One(p),
-                    Err((code, message)) => {
-                        node.metrics.error("publish");
-                        Outcome::Refused(code, message)
-                    }
-                };
-            }
-        },
-        _ => {
-            node.metrics.error("publish");
-            return Outcome::Refused(
-                ErrorCode::MalformedBody,
-                "the body must be a JSON object".into(),
-            );
+    publish_values(node, principal, vec![body])
+        .await
+        .pop()
+        .unwrap_or_else(missing)
+}
+
+type Item<T> = Result<T, (ErrorCode, String)>;
+
+/// What one body holds: its events (each parsed or refused), or a refusal.
+enum Planned<T> {
+    One(Item<T>),
+    Batch(Vec<Item<T>>),
+    Refused(ErrorCode, String),
+}
+
+impl<T> Planned<T> {
+    fn map<U>(self, mut f: impl FnMut(Item<T>) -> Item<U>) -> Planned<U> {
+        match self {
+            Planned::One(item) => Planned::One(f(item)),
+            Planned::Batch(items) => Planned::Batch(items.into_iter().map(f).collect()),
+            Planned::Refused(code, message) => Planned::Refused(code, message),
         }
-    };
-    if items.len() > MAX_BATCH {
-        node.metrics.error("publish");
-        return Outcome::Refused(
-            ErrorCode::BatchTooLarge,
-            format!("a batch holds at most {MAX_BATCH} events"),
-        );
     }
+}
+
+fn missing() -> Outcome {
+    Outcome::Refused(
+        ErrorCode::BusUnavailable,
+        "no answer from the broker".into(),
+    )
+}
+
+/// Publish several bodies (each an event or a batch), one outcome per
+/// body, in order. Their events are handed to the broker together, in
+/// order (in cluster mode all in flight to JetStream at once), and fanned
+/// out as one burst (one wake-up per connection).
+pub(crate) async fn publish_values(
+    node: &Node,
+    principal: &Principal,
+    bodies: Vec<Value>,
+) -> Vec<Outcome> {
+    let mut requests = Vec::new();
+    let plans: Vec<Planned<()>> = bodies
+        .into_iter()
+        .map(|body| {
+            plan(body).map(|item| {
+                item.map(|req| {
+                    requests.push(req);
+                })
+            })
+        })
+        .collect();
+    let mut published = crate::mailbox::hold_wakes(node.publish_many(principal, requests))
+        .await
+        .into_iter();
     // Each event stands alone: one refused event does not stop the rest.
-    let results = crate::mailbox::hold_wakes(async {
-        let mut results = Vec::with_capacity(items.len());
-        for item in items {
-            results.push(match one(node, principal, item).await {
-                Ok(p) => published_json(&p),
-                Err((code, message)) => {
-                    node.metrics.error("publish");
-                    error_json(code, message)
-                }
-            });
-        }
-        results
-    })
-    .await;
-    Outcome::Batch(results)
+    let outcomes: Vec<Planned<Published>> = plans
+        .into_iter()
+        .map(|p| {
+            p.map(|item| {
+                item.and_then(|()| match published.next() {
+                    Some(Ok(p)) => Ok(p),
+                    Some(Err(e)) => Err((error_code(&e), e.to_string())),
+                    None => Err((
+                        ErrorCode::BusUnavailable,
+                        "no answer from the broker".into(),
+                    )),
+                })
+            })
+        })
+        .collect();
+    outcomes
+        .into_iter()
+        .map(|p| match p {
+            Planned::Refused(code, message) => {
+                node.metrics.error("publish");
+                Outcome::Refused(code, message)
+            }
+            Planned::One(Ok(p)) => Outcome::One(p),
+            Planned::One(Err((code, message))) => {
+                node.metrics.error("publish");
+                Outcome::Refused(code, message)
+            }
+            Planned::Batch(items) => Outcome::Batch(
+                items
+                    .into_iter()
+                    .map(|item| match item {
+                        Ok(p) => published_json(&p),
+                        Err((code, message)) => {
+                            node.metrics.error("publish");
+                            error_json(code, message)
+                        }
+                    })
+                    .collect(),
+            ),
+        })
+        .collect()
+}
+
+fn plan(body: Value) -> Planned<PublishRequest> {
+    match body {
+        Value::Object(mut fields) => match fields.remove("events") {
+            Some(Value::Array(items)) if items.len() > MAX_BATCH => Planned::Refused(
+                ErrorCode::BatchTooLarge,
+                format!("a batch holds at most {MAX_BATCH} events"),
+            ),
+            Some(Value::Array(items)) => Planned::Batch(items.into_iter().map(request).collect()),
+            Some(_) => Planned::Refused(ErrorCode::MalformedBody, "'events' must be a list".into()),
+            None => Planned::One(request(Value::Object(fields))),
+        },
+        _ => Planned::Refused(
+            ErrorCode::MalformedBody,
+            "the body must be a JSON object".into(),
+        ),
+    }
+}
+
+fn request(body: Value) -> Item<PublishRequest> {
+    serde_json::from_value(body)
+        .map_err(|e| (ErrorCode::MalformedBody, format!("invalid event: {e}")))
 }
 
 /// A refused event's entry in a batch's results (and a stream's answer).
 pub(crate) fn error_json(code: ErrorCode, message: String) -> Value {
     json!({ "error": { "code": code, "message": message, "status": code.status().as_u16() } })
-}
-
-async fn one(
-    node: &Node,
-    principal: &Principal,
-    body: Value,
-) -> Result<Published, (ErrorCode, String)> {
-    let req: PublishRequest = serde_json::from_value(body)
-        .map_err(|e| (ErrorCode::MalformedBody, format!("invalid event: {e}")))?;
-    node.publish(principal, req)
-        .await
-        .map_err(|e| (error_code(&e), e.to_string()))
 }

@@ -25,7 +25,7 @@ use serde_json::{Map, Value, json};
 use tokio::time::sleep_until;
 use tokio_stream::wrappers::WatchStream;
 
-use super::publish::{Outcome, error_json, publish_value, published_json};
+use super::publish::{Outcome, error_json, publish_values, published_json};
 use crate::auth::{Principal, SCOPE_PUBLISH};
 use crate::node::Node;
 use crate::protocol::{Close, ErrorCode};
@@ -143,15 +143,7 @@ async fn run(
             }
         }
         if !burst.is_empty() {
-            let answers = crate::mailbox::hold_wakes(async {
-                let mut answers = Vec::with_capacity(burst.len());
-                for body in burst {
-                    answers.push(answer(node, principal, body).await);
-                }
-                answers
-            })
-            .await;
-            for a in answers {
+            for a in answers(node, principal, burst).await {
                 if socket.feed(Message::Text(a.into())).await.is_err() {
                     return None;
                 }
@@ -172,37 +164,60 @@ enum Body {
     Binary(Vec<u8>),
 }
 
-/// Publish one frame's body and build its answer frame.
-async fn answer(node: &Node, principal: &Principal, body: Body) -> String {
-    let parsed: Result<Value, _> = match &body {
-        Body::Text(t) => serde_json::from_str(t),
-        Body::Binary(b) => serde_json::from_slice(b),
-    };
-    let mut value = match parsed {
-        Ok(v) => v,
-        Err(e) => {
-            node.metrics.error("publish");
-            let mut out = Map::new();
-            out.insert("ref".into(), Value::Null);
-            merge(
-                &mut out,
-                error_json(ErrorCode::MalformedBody, format!("frame is not JSON: {e}")),
-            );
-            return Value::Object(out).to_string();
+/// Publish a burst of frames (their events all in flight together, in
+/// order) and build one answer frame per frame.
+async fn answers(node: &Node, principal: &Principal, burst: Vec<Body>) -> Vec<String> {
+    let mut references = Vec::with_capacity(burst.len());
+    let mut bodies = Vec::with_capacity(burst.len());
+    for body in burst {
+        let parsed: Result<Value, _> = match &body {
+            Body::Text(t) => serde_json::from_str(t),
+            Body::Binary(b) => serde_json::from_slice(b),
+        };
+        match parsed {
+            Ok(mut value) => {
+                let reference = value
+                    .as_object_mut()
+                    .and_then(|o| o.remove("ref"))
+                    .unwrap_or(Value::Null);
+                references.push(Ok(reference));
+                bodies.push(value);
+            }
+            Err(e) => {
+                node.metrics.error("publish");
+                references.push(Err(format!("frame is not JSON: {e}")));
+            }
         }
-    };
-    let reference = value
-        .as_object_mut()
-        .and_then(|o| o.remove("ref"))
-        .unwrap_or(Value::Null);
-    let mut out = Map::new();
-    out.insert("ref".into(), reference);
-    match publish_value(node, principal, value).await {
-        Outcome::One(p) => merge(&mut out, published_json(&p)),
-        Outcome::Batch(results) => merge(&mut out, json!({ "results": results })),
-        Outcome::Refused(code, message) => merge(&mut out, error_json(code, message)),
     }
-    Value::Object(out).to_string()
+    let mut outcomes = publish_values(node, principal, bodies).await.into_iter();
+    references
+        .into_iter()
+        .map(|reference| {
+            let mut out = Map::new();
+            match reference {
+                Err(why) => {
+                    out.insert("ref".into(), Value::Null);
+                    merge(&mut out, error_json(ErrorCode::MalformedBody, why));
+                }
+                Ok(reference) => {
+                    out.insert("ref".into(), reference);
+                    merge(
+                        &mut out,
+                        match outcomes.next() {
+                            Some(Outcome::One(p)) => published_json(&p),
+                            Some(Outcome::Batch(results)) => json!({ "results": results }),
+                            Some(Outcome::Refused(code, message)) => error_json(code, message),
+                            None => error_json(
+                                ErrorCode::BusUnavailable,
+                                "no answer from the broker".into(),
+                            ),
+                        },
+                    );
+                }
+            }
+            Value::Object(out).to_string()
+        })
+        .collect()
 }
 
 fn merge(out: &mut Map<String, Value>, answer: Value) {

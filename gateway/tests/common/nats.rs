@@ -294,6 +294,70 @@ impl Proxy {
     }
 }
 
+/// A TCP forwarder that holds every chunk for `delay` in each direction:
+/// a link with latency (what lies between a gateway and NATS in another
+/// zone), bandwidth untouched, so what is pipelined stays pipelined.
+pub struct LatencyProxy {
+    pub port: u16,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl LatencyProxy {
+    pub async fn start(target: u16, delay: Duration) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let task = tokio::spawn(async move {
+            let mut links = tokio::task::JoinSet::new();
+            while let Ok((inbound, _)) = listener.accept().await {
+                let Ok(outbound) = TcpStream::connect(("127.0.0.1", target)).await else {
+                    continue;
+                };
+                let (ri, wi) = inbound.into_split();
+                let (ro, wo) = outbound.into_split();
+                links.spawn(delayed(ri, wo, delay));
+                links.spawn(delayed(ro, wi, delay));
+            }
+        });
+        Self { port, task }
+    }
+}
+
+/// Copy `from` to `to`, each chunk written `delay` after it was read.
+async fn delayed(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    delay: Duration,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>)>();
+    let writer = tokio::spawn(async move {
+        while let Some((due, chunk)) = rx.recv().await {
+            tokio::time::sleep_until(due).await;
+            if to.write_all(&chunk).await.is_err() {
+                return;
+            }
+        }
+    });
+    let mut buf = vec![0u8; 64 * 1024];
+    while let Ok(n) = from.read(&mut buf).await {
+        if n == 0
+            || tx
+                .send((tokio::time::Instant::now() + delay, buf[..n].to_vec()))
+                .is_err()
+        {
+            break;
+        }
+    }
+    drop(tx);
+    let _ = writer.await;
+}
+
+impl Drop for LatencyProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
 impl Drop for Proxy {
     fn drop(&mut self) {
         self.cut();

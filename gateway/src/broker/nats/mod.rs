@@ -369,10 +369,13 @@ impl NatsBroker {
     }
 }
 
-#[async_trait]
-impl Broker for NatsBroker {
-    async fn publish(&self, new: NewEvent, retention: Duration) -> Result<Published, BrokerError> {
-        let epoch = self.epoch()?;
+impl NatsBroker {
+    /// What is sent to JetStream for `new`: subject, headers and body.
+    fn outgoing(
+        &self,
+        new: &NewEvent,
+        retention: Duration,
+    ) -> Result<(String, HeaderMap, Vec<u8>), BrokerError> {
         let subject = self.subjects.event(&new.tenant, &new.topic, new.resident);
         let mut headers = HeaderMap::new();
         if let Some(key) = &new.idempotency_key {
@@ -401,15 +404,37 @@ impl Broker for NatsBroker {
             publisher: new.publisher.clone(),
         };
         let payload = serde_json::to_vec(&wire).map_err(unavailable)?;
-        let ack = tokio::time::timeout(REQUEST_TIMEOUT, async {
+        Ok((subject, headers, payload))
+    }
+
+    /// Hand `new` to the NATS connection (in call order); the returned
+    /// future is JetStream's acknowledgement.
+    async fn send(
+        &self,
+        new: &NewEvent,
+        retention: Duration,
+    ) -> Result<(u64, jetstream::context::PublishAckFuture), BrokerError> {
+        let epoch = self.epoch()?;
+        let (subject, headers, payload) = self.outgoing(new, retention)?;
+        let ack = tokio::time::timeout(
+            REQUEST_TIMEOUT,
             self.js
-                .publish_with_headers(subject, headers, payload.into())
-                .await?
-                .await
-        })
+                .publish_with_headers(subject, headers, payload.into()),
+        )
         .await
         .map_err(unavailable)?
         .map_err(unavailable)?;
+        Ok((epoch, ack))
+    }
+
+    /// The stored event, once JetStream acknowledged it (the original one
+    /// for a repeated idempotency key).
+    async fn stored(
+        &self,
+        new: NewEvent,
+        epoch: u64,
+        ack: jetstream::publish::PublishAck,
+    ) -> Result<Published, BrokerError> {
         self.note_head(ack.sequence);
         if ack.duplicate
             && let Some(original) = self.get_stored(ack.sequence).await?
@@ -435,6 +460,46 @@ impl Broker for NatsBroker {
             event: Arc::new(event),
             duplicate: ack.duplicate,
         })
+    }
+}
+
+#[async_trait]
+impl Broker for NatsBroker {
+    async fn publish(&self, new: NewEvent, retention: Duration) -> Result<Published, BrokerError> {
+        let deadline = tokio::time::Instant::now() + REQUEST_TIMEOUT;
+        let (epoch, ack) = self.send(&new, retention).await?;
+        let ack = tokio::time::timeout_at(deadline, ack)
+            .await
+            .map_err(unavailable)?
+            .map_err(unavailable)?;
+        self.stored(new, epoch, ack).await
+    }
+
+    /// All sent before any acknowledgement is awaited: one round trip to
+    /// JetStream for the lot instead of one per event. The NATS connection
+    /// keeps the order they are sent in, so the stream stores them in it.
+    async fn publish_all(
+        &self,
+        events: Vec<(NewEvent, Duration)>,
+    ) -> Vec<Result<Published, BrokerError>> {
+        let mut in_flight = Vec::with_capacity(events.len());
+        for (new, retention) in events {
+            let sent = self.send(&new, retention).await;
+            in_flight.push((new, sent));
+        }
+        let deadline = tokio::time::Instant::now() + REQUEST_TIMEOUT;
+        let mut results = Vec::with_capacity(in_flight.len());
+        for (new, sent) in in_flight {
+            results.push(match sent {
+                Err(e) => Err(e),
+                Ok((epoch, ack)) => match tokio::time::timeout_at(deadline, ack).await {
+                    Ok(Ok(ack)) => self.stored(new, epoch, ack).await,
+                    Ok(Err(e)) => Err(unavailable(e)),
+                    Err(e) => Err(unavailable(e)),
+                },
+            });
+        }
+        results
     }
 
     async fn read(
