@@ -203,6 +203,31 @@ fanout_table("fanout-5k-1topic", "One topic, 5,000 clients, 20 publishes/s (100k
 fanout_table("fanout-10k-1000topics", "1,000 topics, 10,000 clients, 2,000 publishes/s",
              "Ten subscribers per topic; the publish path and routing dominate.")
 
+def ramp_table(scenario, loadgen_cpu):
+    """One row per target: the highest sustained step of its ramp and the first failing one."""
+    cols = " | loadgen CPU s in that step" if loadgen_cpu else ""
+    p(f"| target | max sustained deliveries/s | server CPU s in that step{cols} | steps run | first failing step |")
+    p("| --- | ---: | ---: |" + (" ---: |" if loadgen_cpu else "") + " ---: | --- |")
+    for t in present:
+        r = get(t, scenario)
+        if not r:
+            continue
+        steps = r.get("steps") or []
+        ok = [s for s in steps if s.get("sustained")]
+        top = max(ok, key=lambda s: s["deliveries_per_second"]) if ok else None
+        fail = next((s for s in steps if not s.get("sustained")), None)
+        why = "–"
+        if fail:
+            why = (f"{fail['rate']:.0f} pub/s: {fail['deliveries_per_second']:,.0f}/s, "
+                   f"p99 {fmt(lat(fail, 'p99'), 0)} ms, {fail['lost']:,} lost")
+        cells = [fmt(top['deliveries_per_second'], 0) if top else '–',
+                 fmt(top.get('server_cpu_seconds')) if top else '–']
+        if loadgen_cpu:
+            cells.append(fmt(top.get('loadgen_cpu_seconds')) if top else '–')
+        p(f"| {NAMES[t]} | {' | '.join(cells)} | {len(steps)} | {why} |")
+    p("")
+
+
 def moderate_tables():
     if not any(r.get("scenario", "").startswith("fanout-2k-20topics") for r in rows):
         return
@@ -222,24 +247,7 @@ def moderate_tables():
                   f"{fmt(r.get('loadgen_cpu_seconds'))} | {fmt(cpu_per_delivery(r), 2)} |")
     p("")
     p("Ramp at this fan-out (from 640 publishes/s, +15% per step, same rules as the one-topic ramp below):\n")
-    p("| target | max sustained deliveries/s | server CPU s in that step | loadgen CPU s in that step | steps run | first failing step |")
-    p("| --- | ---: | ---: | ---: | ---: | --- |")
-    for t in present:
-        r = get(t, "ramp-2k-20topics")
-        if not r:
-            continue
-        steps = r.get("steps") or []
-        ok = [s for s in steps if s.get("sustained")]
-        top = max(ok, key=lambda s: s["deliveries_per_second"]) if ok else None
-        fail = next((s for s in steps if not s.get("sustained")), None)
-        why = "–"
-        if fail:
-            why = (f"{fail['rate']:.0f} pub/s: {fail['deliveries_per_second']:,.0f}/s, "
-                   f"p99 {fmt(lat(fail, 'p99'), 0)} ms, {fail['lost']:,} lost")
-        p(f"| {NAMES[t]} | {fmt(top['deliveries_per_second'], 0) if top else '–'} | "
-          f"{fmt(top.get('server_cpu_seconds')) if top else '–'} | {fmt(top.get('loadgen_cpu_seconds')) if top else '–'} | "
-          f"{len(steps)} | {why} |")
-    p("")
+    ramp_table("ramp-2k-20topics", loadgen_cpu=True)
     p("A '–' means no step failed: every step up to the last kept p99 under 200 ms and lost nothing. Where the "
       "deliveries then stop rising below what the step asked (the last step asks about 15,900 publishes/s, "
       "1.59M deliveries/s), the limit is what the one load-generator process could publish and read beside "
@@ -267,23 +275,7 @@ moderate_tables()
 p("## Maximum sustained fan-out (ramp)\n")
 p("2,000 clients on one topic; the publish rate rises by 15% per step until a step's p99 passes 200 ms or "
   "anything is lost (a slow consumer cut off counts as loss). Highest sustained step:\n")
-p("| target | max sustained deliveries/s | server CPU s in that step | steps run | first failing step |")
-p("| --- | ---: | ---: | ---: | --- |")
-for t in present:
-    r = get(t, "ramp-2k-1topic")
-    if not r:
-        continue
-    steps = r.get("steps") or []
-    ok = [s for s in steps if s.get("sustained")]
-    top = max(ok, key=lambda s: s["deliveries_per_second"]) if ok else None
-    fail = next((s for s in steps if not s.get("sustained")), None)
-    why = "–"
-    if fail:
-        why = (f"{fail['rate']:.0f} pub/s: {fail['deliveries_per_second']:,.0f}/s, "
-               f"p99 {fmt(lat(fail, 'p99'), 0)} ms, {fail['lost']:,} lost")
-    p(f"| {NAMES[t]} | {fmt(top['deliveries_per_second'], 0) if top else '–'} | "
-      f"{fmt(top.get('server_cpu_seconds')) if top else '–'} | {len(steps)} | {why} |")
-p("")
+ramp_table("ramp-2k-1topic", loadgen_cpu=False)
 
 storms = [r for r in rows if r.get("scenario", "").startswith("storm")]
 if storms:

@@ -326,11 +326,22 @@ impl Node {
         principal: &Principal,
         req: PublishRequest,
     ) -> Result<Published, PublishError> {
+        let event = self.backend_event(principal, req)?;
+        self.store(event).await
+    }
+
+    /// Check a backend's event: the publisher's scope, the tenant it may
+    /// publish to, then everything `prepare` checks.
+    fn backend_event(
+        &self,
+        principal: &Principal,
+        req: PublishRequest,
+    ) -> Result<Prepared, PublishError> {
         if !principal.has_scope(SCOPE_PUBLISH) {
             return Err(PublishError::NotPublisher);
         }
         let tenant = resolve_tenant(principal, &req, principal.has_scope(SCOPE_PLATFORM))?;
-        self.store(tenant, req, None).await
+        self.prepare(tenant, req, None)
     }
 
     /// Publish from a client connection: on the principal's own tenant,
@@ -341,8 +352,8 @@ impl Node {
         req: PublishRequest,
     ) -> Result<Published, PublishError> {
         let tenant = resolve_tenant(principal, &req, false)?;
-        self.store(tenant, req, Some(principal.user.to_string()))
-            .await
+        let event = self.prepare(tenant, req, Some(principal.user.to_string()))?;
+        self.store(event).await
     }
 
     /// Publish several events on behalf of a verified publisher, in this
@@ -357,13 +368,7 @@ impl Node {
         let mut spans = Vec::new();
         let mut events = Vec::new();
         for req in reqs {
-            let prepared = if principal.has_scope(SCOPE_PUBLISH) {
-                resolve_tenant(principal, &req, principal.has_scope(SCOPE_PLATFORM))
-                    .and_then(|tenant| self.prepare(tenant, req, None))
-            } else {
-                Err(PublishError::NotPublisher)
-            };
-            match prepared {
+            match self.backend_event(principal, req) {
                 Ok(p) => {
                     events.push((p.event, p.retention));
                     spans.push(p.span);
@@ -388,15 +393,8 @@ impl Node {
             .collect()
     }
 
-    /// Check, size and store an event of `tenant` (published by the client
-    /// user `publisher`, or by a backend when `None`).
-    async fn store(
-        &self,
-        tenant: Arc<str>,
-        req: PublishRequest,
-        publisher: Option<String>,
-    ) -> Result<Published, PublishError> {
-        let p = self.prepare(tenant, req, publisher)?;
+    /// Store a checked event.
+    async fn store(&self, p: Prepared) -> Result<Published, PublishError> {
         let published = self
             .broker
             .publish(p.event, p.retention)

@@ -38,6 +38,16 @@ async fn publish_retrying(base: &str, tenant: &str, topic: &str, data: Value) ->
     }
 }
 
+/// A streaming publish connection to `gw` with an acme publisher's token.
+async fn publish_stream(gw: &GatewayProc) -> PublishStream {
+    PublishStream::open(
+        &gw.http().replacen("http", "ws", 1),
+        Some(&token("acme", &["publish"])),
+    )
+    .await
+    .expect("publisher token opens a stream")
+}
+
 async fn open_on(gw: &GatewayProc, tenant: &str, query: &str, topics: &[&str]) -> Client {
     let mut c = Client::connect(&gw.ws(&format!("token={}{query}", token(tenant, &[])))).await;
     c.recv_type("connection.established").await;
@@ -710,8 +720,6 @@ async fn resumes_arriving_together_share_one_history_read() {
 
 #[tokio::test]
 async fn a_publish_stream_on_one_gateway_reaches_clients_of_another_in_order() {
-    use futures_util::{SinkExt, StreamExt};
-    use tokio_tungstenite::tungstenite::Message;
     let dir = TempDir::new("stream");
     let nats = single(&dir).await;
     let yaml = nats_yaml("local", &nats.urls(), &[], 1);
@@ -722,12 +730,7 @@ async fn a_publish_stream_on_one_gateway_reaches_clients_of_another_in_order() {
     let mut far = open_on(&gw2, "acme", "", &["order.*"]).await;
     let mut near = open_on(&gw1, "acme", "", &["order.created"]).await;
 
-    let url = format!(
-        "{}/api/realtime/publish/stream?token={}",
-        gw1.http().replacen("http", "ws", 1),
-        token("acme", &["publish"])
-    );
-    let (mut stream, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    let mut stream = publish_stream(&gw1).await;
     // All in flight at once: NATS hands gw2 the events in bursts.
     const N: i64 = 300;
     for i in 0..N {
@@ -736,23 +739,12 @@ async fn a_publish_stream_on_one_gateway_reaches_clients_of_another_in_order() {
         } else {
             "order.paid"
         };
-        let frame = json!({"ref": i, "event_type": topic, "data": {"n": i}});
         stream
-            .feed(Message::Text(frame.to_string().into()))
-            .await
-            .unwrap();
+            .feed(&json!({"ref": i, "event_type": topic, "data": {"n": i}}))
+            .await;
     }
-    stream.flush().await.unwrap();
-    for i in 0..N {
-        let answer = tokio::time::timeout(DEADLINE, stream.next())
-            .await
-            .expect("answer before deadline")
-            .unwrap()
-            .unwrap();
-        let answer: Value = serde_json::from_str(answer.to_text().unwrap()).unwrap();
-        assert_eq!(answer["ref"], i, "{answer}");
-        assert!(answer["event_id"].is_string(), "{answer}");
-    }
+    stream.flush().await;
+    stream.expect_published(N as usize).await;
     let got: Vec<i64> = far
         .events(N as usize)
         .await
@@ -781,8 +773,6 @@ async fn a_publish_stream_on_one_gateway_reaches_clients_of_another_in_order() {
 /// in flight at once.
 #[tokio::test]
 async fn a_burst_of_publishes_costs_one_round_trip_to_jetstream_not_one_per_event() {
-    use futures_util::{SinkExt, StreamExt};
-    use tokio_tungstenite::tungstenite::Message;
     const N: usize = 100;
     const ONE_WAY: Duration = Duration::from_millis(30);
     // Sequential publishing needs N round trips: 6 s. The bound leaves the
@@ -803,31 +793,15 @@ async fn a_burst_of_publishes_costs_one_round_trip_to_jetstream_not_one_per_even
     gw.wait_ready().await;
     let mut client = open_on(&gw, "acme", "", &["order.*"]).await;
 
-    let url = format!(
-        "{}/api/realtime/publish/stream?token={}",
-        gw.http().replacen("http", "ws", 1),
-        token("acme", &["publish"])
-    );
-    let (mut stream, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    let mut stream = publish_stream(&gw).await;
     let started = tokio::time::Instant::now();
     for i in 0..N {
-        let frame = json!({"ref": i, "event_type": "order.created", "data": {"n": i}});
         stream
-            .feed(Message::Text(frame.to_string().into()))
-            .await
-            .unwrap();
+            .feed(&json!({"ref": i, "event_type": "order.created", "data": {"n": i}}))
+            .await;
     }
-    stream.flush().await.unwrap();
-    for i in 0..N {
-        let answer = tokio::time::timeout(DEADLINE, stream.next())
-            .await
-            .expect("answer before deadline")
-            .unwrap()
-            .unwrap();
-        let answer: Value = serde_json::from_str(answer.to_text().unwrap()).unwrap();
-        assert_eq!(answer["ref"], i, "{answer}");
-        assert!(answer["event_id"].is_string(), "{answer}");
-    }
+    stream.flush().await;
+    stream.expect_published(N).await;
     let streamed = started.elapsed();
     assert!(
         streamed < BOUND,

@@ -6,62 +6,14 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Client, DEADLINE, Gateway, token, token_ttl};
-use futures_util::{SinkExt, StreamExt};
+use common::{Client, Gateway, PublishStream, token, token_ttl};
+use futures_util::SinkExt;
 use serde_json::{Value, json};
-use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
-type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
-
-fn stream_url(gw: &Gateway) -> String {
-    format!("ws://{}/api/realtime/publish/stream", gw.addr)
-}
-
-/// Open a stream with the token as `Authorization: Bearer`; the HTTP
-/// status when the upgrade is refused.
-async fn open(gw: &Gateway, token: Option<&str>) -> Result<Ws, u16> {
-    let mut req = stream_url(gw).into_client_request().unwrap();
-    if let Some(t) = token {
-        req.headers_mut()
-            .insert("authorization", format!("Bearer {t}").parse().unwrap());
-    }
-    match tokio_tungstenite::connect_async(req).await {
-        Ok((ws, _)) => Ok(ws),
-        Err(tokio_tungstenite::tungstenite::Error::Http(r)) => Err(r.status().as_u16()),
-        Err(e) => panic!("unexpected connect error: {e}"),
-    }
-}
-
-async fn next_text(ws: &mut Ws) -> Value {
-    loop {
-        let msg = tokio::time::timeout(DEADLINE, ws.next())
-            .await
-            .expect("answer before deadline")
-            .expect("stream open")
-            .expect("no websocket error");
-        match msg {
-            Message::Text(t) => return serde_json::from_str(&t).unwrap(),
-            Message::Close(f) => panic!("unexpected close: {f:?}"),
-            _ => {}
-        }
-    }
-}
-
-async fn close_code(ws: &mut Ws) -> u16 {
-    loop {
-        match tokio::time::timeout(DEADLINE, ws.next())
-            .await
-            .expect("close before deadline")
-        {
-            Some(Ok(Message::Close(Some(f)))) => return f.code.into(),
-            Some(Ok(Message::Close(None))) | None => panic!("closed without a code"),
-            Some(Ok(_)) => {}
-            Some(Err(e)) => panic!("websocket error before the close frame: {e}"),
-        }
-    }
+/// Open a stream on `gw` with the token as `Authorization: Bearer`.
+async fn open(gw: &Gateway, token: Option<&str>) -> Result<PublishStream, u16> {
+    PublishStream::open(&format!("ws://{}", gw.addr), token).await
 }
 
 #[tokio::test]
@@ -77,10 +29,7 @@ async fn many_frames_in_flight_are_published_in_order_with_one_answer_each() {
     const N: usize = 400;
     for i in 0..N {
         let frame = json!({ "ref": i, "event_type": "deal.updated", "data": { "n": i } });
-        stream
-            .feed(Message::Text(frame.to_string().into()))
-            .await
-            .unwrap();
+        stream.feed(&frame).await;
     }
     let extra = [
         // A batch in one frame.
@@ -94,28 +43,23 @@ async fn many_frames_in_flight_are_published_in_order_with_one_answer_each() {
         json!({ "ref": "bad-topic", "event_type": "a..b", "data": {} }),
     ];
     for frame in &extra {
-        stream
-            .feed(Message::Text(frame.to_string().into()))
-            .await
-            .unwrap();
+        stream.feed(frame).await;
     }
     stream
+        .ws
         .feed(Message::Text("{not json".into()))
         .await
         .unwrap();
     // A duplicate by idempotency key.
     for r in ["dup-1", "dup-2"] {
         let frame = json!({ "ref": r, "event_type": "deal.updated", "idempotency_key": "k1", "data": { "n": -1 } });
-        stream
-            .feed(Message::Text(frame.to_string().into()))
-            .await
-            .unwrap();
+        stream.feed(&frame).await;
     }
-    stream.flush().await.unwrap();
+    stream.flush().await;
 
     let mut last_seq = 0u64;
     for i in 0..N {
-        let a = next_text(&mut stream).await;
+        let a = stream.answer().await;
         assert_eq!(a["ref"], json!(i), "answers come in frame order: {a}");
         assert_eq!(a["duplicate"], false, "{a}");
         let seq: u64 = a["cursor"]
@@ -129,24 +73,24 @@ async fn many_frames_in_flight_are_published_in_order_with_one_answer_each() {
         assert!(seq > last_seq, "stored in frame order: {a}");
         last_seq = seq;
     }
-    let batch = next_text(&mut stream).await;
+    let batch = stream.answer().await;
     assert_eq!(batch["ref"], "batch");
     let results = batch["results"].as_array().unwrap();
     assert_eq!(results.len(), 3, "{batch}");
     assert!(results[0]["event_id"].is_string() && results[2]["event_id"].is_string());
     assert_eq!(results[1]["error"]["code"], "invalid_topic", "{batch}");
 
-    let other = next_text(&mut stream).await;
+    let other = stream.answer().await;
     assert_eq!(other["ref"], "other-tenant");
     assert_eq!(other["error"]["status"], 403, "{other}");
-    let bad = next_text(&mut stream).await;
+    let bad = stream.answer().await;
     assert_eq!(bad["ref"], "bad-topic");
     assert_eq!(bad["error"]["code"], "invalid_topic", "{bad}");
-    let garbage = next_text(&mut stream).await;
+    let garbage = stream.answer().await;
     assert_eq!(garbage["ref"], Value::Null);
     assert_eq!(garbage["error"]["code"], "malformed_body", "{garbage}");
-    let d1 = next_text(&mut stream).await;
-    let d2 = next_text(&mut stream).await;
+    let d1 = stream.answer().await;
+    let d2 = stream.answer().await;
     assert_eq!(
         (d1["ref"].as_str(), d1["duplicate"].as_bool()),
         (Some("dup-1"), Some(false))
@@ -180,18 +124,18 @@ async fn a_stream_needs_a_publisher_token() {
         "a subscriber's token may not publish"
     );
     // `?token=` for clients that cannot set headers.
-    let url = format!("{}?token={}", stream_url(&gw), token("acme", &["publish"]));
-    let (mut ws, _) = tokio_tungstenite::connect_async(url)
+    let url = format!(
+        "ws://{}/api/realtime/publish/stream?token={}",
+        gw.addr,
+        token("acme", &["publish"])
+    );
+    let (ws, _) = tokio_tungstenite::connect_async(url)
         .await
         .expect("query token");
-    ws.send(Message::Text(
-        json!({"ref": 1, "event_type": "x", "data": 1})
-            .to_string()
-            .into(),
-    ))
-    .await
-    .unwrap();
-    assert!(next_text(&mut ws).await["event_id"].is_string());
+    let mut ws = PublishStream { ws };
+    ws.send(&json!({"ref": 1, "event_type": "x", "data": 1}))
+        .await;
+    assert!(ws.answer().await["event_id"].is_string());
 }
 
 #[tokio::test]
@@ -216,11 +160,8 @@ async fn a_tenant_cannot_publish_into_another_through_a_stream() {
     ] {
         let mut frame = body;
         frame["ref"] = json!(r);
-        stream
-            .send(Message::Text(frame.to_string().into()))
-            .await
-            .unwrap();
-        let a = next_text(&mut stream).await;
+        stream.send(&frame).await;
+        let a = stream.answer().await;
         assert_eq!(a["ref"], r);
         let error = if r == "batch" {
             &a["results"][0]["error"]
@@ -241,34 +182,25 @@ async fn an_oversized_frame_closes_the_stream_with_1009_and_what_came_before_is_
     sub.subscribe(&["x"]).await;
     let mut stream = open(&gw, Some(&token("acme", &["publish"]))).await.unwrap();
     stream
-        .send(Message::Text(
-            json!({"ref": 1, "event_type": "x", "data": 1})
-                .to_string()
-                .into(),
-        ))
-        .await
-        .unwrap();
-    assert!(next_text(&mut stream).await["event_id"].is_string());
+        .send(&json!({"ref": 1, "event_type": "x", "data": 1}))
+        .await;
+    assert!(stream.answer().await["event_id"].is_string());
     let huge = "x".repeat(super_limit(1024));
     let _ = stream
+        .ws
         .send(Message::Text(
             json!({"event_type": "x", "data": huge}).to_string().into(),
         ))
         .await;
-    assert_eq!(close_code(&mut stream).await, 1009);
+    assert_eq!(stream.close_code().await, 1009);
     assert_eq!(sub.events(1).await[0]["data"], 1);
     sub.expect_silence(Duration::from_millis(300)).await;
     // The gateway serves on.
     let mut again = open(&gw, Some(&token("acme", &["publish"]))).await.unwrap();
     again
-        .send(Message::Text(
-            json!({"ref": 2, "event_type": "x", "data": 2})
-                .to_string()
-                .into(),
-        ))
-        .await
-        .unwrap();
-    assert_eq!(next_text(&mut again).await["ref"], 2);
+        .send(&json!({"ref": 2, "event_type": "x", "data": 2}))
+        .await;
+    assert_eq!(again.answer().await["ref"], 2);
 }
 
 /// More than the stream's frame limit (the HTTP body limit: four events
@@ -284,7 +216,7 @@ async fn a_stream_closes_with_4001_when_its_token_expires_and_1012_on_drain() {
         .await
         .unwrap();
     let mut long = open(&gw, Some(&token("acme", &["publish"]))).await.unwrap();
-    assert_eq!(close_code(&mut short).await, 4001);
+    assert_eq!(short.close_code().await, 4001);
     gw.trigger_drain();
-    assert_eq!(close_code(&mut long).await, 1012);
+    assert_eq!(long.close_code().await, 1012);
 }

@@ -204,8 +204,103 @@ pub async fn get_json(url: &str, token: Option<&str>) -> (u16, Value) {
     (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
 }
 
+/// A client-side WebSocket.
+pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// The next text message of `ws` as JSON, skipping pings; panics on close
+/// or when `wait` passes.
+pub async fn next_text(ws: &mut Ws, wait: Duration) -> Value {
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        let msg = tokio::time::timeout_at(deadline, ws.next())
+            .await
+            .expect("message before deadline")
+            .expect("stream open")
+            .expect("no websocket error");
+        match msg {
+            Message::Text(t) => return serde_json::from_str(&t).unwrap(),
+            Message::Close(f) => panic!("unexpected close: {f:?}"),
+            _ => {}
+        }
+    }
+}
+
+/// A streaming publish connection (`/api/realtime/publish/stream`).
+pub struct PublishStream {
+    pub ws: Ws,
+}
+
+impl PublishStream {
+    /// Open one on `base` (`ws://host:port`) with the token as
+    /// `Authorization: Bearer`; the HTTP status when the upgrade is refused.
+    pub async fn open(base: &str, token: Option<&str>) -> Result<Self, u16> {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        let mut req = format!("{base}/api/realtime/publish/stream")
+            .into_client_request()
+            .unwrap();
+        if let Some(t) = token {
+            req.headers_mut()
+                .insert("authorization", format!("Bearer {t}").parse().unwrap());
+        }
+        match tokio_tungstenite::connect_async(req).await {
+            Ok((ws, _)) => Ok(Self { ws }),
+            Err(tokio_tungstenite::tungstenite::Error::Http(r)) => Err(r.status().as_u16()),
+            Err(e) => panic!("unexpected connect error: {e}"),
+        }
+    }
+
+    /// Queue a frame without flushing (frames in flight together).
+    pub async fn feed(&mut self, frame: &Value) {
+        self.ws
+            .feed(Message::Text(frame.to_string().into()))
+            .await
+            .unwrap();
+    }
+
+    /// Send every frame queued by `feed`.
+    pub async fn flush(&mut self) {
+        self.ws.flush().await.unwrap();
+    }
+
+    /// Send one frame.
+    pub async fn send(&mut self, frame: &Value) {
+        self.feed(frame).await;
+        self.flush().await;
+    }
+
+    /// The next answer; panics on close or deadline.
+    pub async fn answer(&mut self) -> Value {
+        next_text(&mut self.ws, DEADLINE).await
+    }
+
+    /// The answers to `n` frames with `ref`s 0..n: in that order, each a
+    /// published event.
+    pub async fn expect_published(&mut self, n: usize) {
+        for i in 0..n {
+            let a = self.answer().await;
+            assert_eq!(a["ref"], i, "answers come in frame order: {a}");
+            assert!(a["event_id"].is_string(), "{a}");
+        }
+    }
+
+    /// The code of the close frame the gateway sends.
+    pub async fn close_code(&mut self) -> u16 {
+        loop {
+            match tokio::time::timeout(DEADLINE, self.ws.next())
+                .await
+                .expect("close before deadline")
+            {
+                Some(Ok(Message::Close(Some(f)))) => return f.code.into(),
+                Some(Ok(Message::Close(None))) | None => panic!("closed without a code"),
+                Some(Ok(_)) => {}
+                Some(Err(e)) => panic!("websocket error before the close frame: {e}"),
+            }
+        }
+    }
+}
+
 pub struct Client {
-    pub ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    pub ws: Ws,
 }
 
 impl Client {
@@ -243,19 +338,7 @@ impl Client {
 
     /// `recv` with another deadline than the default.
     pub async fn recv_within(&mut self, wait: Duration) -> Value {
-        let deadline = tokio::time::Instant::now() + wait;
-        loop {
-            let msg = tokio::time::timeout_at(deadline, self.ws.next())
-                .await
-                .expect("message before deadline")
-                .expect("stream open")
-                .expect("no websocket error");
-            match msg {
-                Message::Text(t) => return serde_json::from_str(&t).unwrap(),
-                Message::Close(f) => panic!("unexpected close: {f:?}"),
-                _ => {}
-            }
-        }
+        next_text(&mut self.ws, wait).await
     }
 
     /// Skip messages until one of `kind` arrives.
