@@ -37,6 +37,9 @@ struct Notices {
     topics: BTreeMap<String, Vec<String>>,
 }
 
+/// Tries of one region's erasure in one pass before it counts as unreachable.
+const ERASE_ATTEMPTS: u32 = 3;
+
 impl NatsBroker {
     /// Create (or open) the erasure bucket, then keep the block list in
     /// step with it. Retries until NATS answers.
@@ -180,12 +183,24 @@ impl NatsBroker {
         for pass in 0..2 {
             let mut unreachable = Vec::new();
             for region in &self.regions {
-                match self.erase_in(region, tenant, subject, pace).await {
-                    Ok(n) => *counts.regions.entry(region.clone()).or_default() += n,
-                    Err(e) => {
-                        tracing::warn!(region, pass, error = %e, "cannot erase in this region's stream");
-                        unreachable.push(region.clone());
+                // A transient failure (a request lost between clusters) is
+                // tried again before the region is reported unreachable.
+                let mut attempt = 0;
+                loop {
+                    attempt += 1;
+                    match self.erase_in(region, tenant, subject, pace).await {
+                        Ok(n) => *counts.regions.entry(region.clone()).or_default() += n,
+                        Err(e) if attempt < ERASE_ATTEMPTS => {
+                            tracing::info!(region, pass, attempt, error = %e, "erasing in this region's stream failed; trying again");
+                            tokio::time::sleep(Duration::from_millis(200 * attempt as u64)).await;
+                            continue;
+                        }
+                        Err(e) => {
+                            tracing::warn!(region, pass, error = %e, "cannot erase in this region's stream");
+                            unreachable.push(region.clone());
+                        }
                     }
+                    break;
                 }
             }
             counts.unreachable = unreachable;
