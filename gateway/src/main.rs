@@ -36,6 +36,10 @@ struct ServeArgs {
     /// the config file (default 0.0.0.0:9090); `off` turns it off.
     #[arg(long, env = "SWITCHBOARD_ADMIN_LISTEN")]
     admin_listen: Option<String>,
+    /// Accept queue of the client listener, overriding the config file
+    /// (default 4096).
+    #[arg(long, env = "SWITCHBOARD_LISTEN_BACKLOG")]
+    listen_backlog: Option<u32>,
     /// Region name, overriding the config file.
     #[arg(long, env = "SWITCHBOARD_REGION")]
     region: Option<String>,
@@ -159,6 +163,9 @@ fn load_config(args: &ServeArgs) -> anyhow::Result<GatewayConfig> {
     if let Some(v) = &args.allowed_origins {
         config.allowed_origins = v.clone();
     }
+    if let Some(v) = args.listen_backlog {
+        config.listen_backlog = v;
+    }
     if let Some(v) = args.drain_seconds {
         config.drain_seconds = v;
     }
@@ -180,13 +187,13 @@ fn load_config(args: &ServeArgs) -> anyhow::Result<GatewayConfig> {
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let config = load_config(&args)?;
     let telemetry = switchboard_gateway::telemetry::init(&config)?;
-    let listener = tokio::net::TcpListener::bind(&config.listen)
+    let listener = server::bind(&config.listen, config.listen_backlog)
         .await
         .with_context(|| format!("binding {}", config.listen))?;
     let addr = listener.local_addr()?;
     let admin = match &config.admin_listen {
         Some(a) => Some(
-            tokio::net::TcpListener::bind(a)
+            server::bind(a, config.listen_backlog)
                 .await
                 .with_context(|| format!("binding the admin listener {a}"))?,
         ),

@@ -155,6 +155,36 @@ async fn metrics(State(node): State<Arc<Node>>, headers: header::HeaderMap) -> R
         .into_response()
 }
 
+/// Listen on `address` (`host:port`, the first address it resolves to)
+/// with room for `backlog` connections the kernel has completed but the
+/// gateway has not yet accepted. The standard library's listeners use 128:
+/// a reconnect storm (a gateway's clients all arriving at another) fills
+/// that in a moment, and every handshake past it is dropped and retried by
+/// the client's kernel a second or more later.
+pub async fn bind(address: &str, backlog: u32) -> std::io::Result<tokio::net::TcpListener> {
+    let mut last = None;
+    for addr in tokio::net::lookup_host(address).await? {
+        let socket = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        // As the standard library does: a restarted gateway may listen again
+        // while its previous connections are in TIME_WAIT.
+        socket.set_reuseaddr(true)?;
+        match socket.bind(addr) {
+            Ok(()) => return socket.listen(backlog),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("{address} resolves to no address"),
+        )
+    }))
+}
+
 /// Serve until `stop` resolves, then drain: readiness turns false, new
 /// connections are refused, open ones are told to reconnect spread over the
 /// drain period, and the server returns once they are gone (or a grace

@@ -223,3 +223,68 @@ async fn a_saturated_gateway_sheds_new_connections_and_keeps_serving_the_open_on
         ) >= 2.0
     );
 }
+
+/// A burst of connections arriving while the gateway is not accepting (a
+/// stalled moment, as when a dead gateway's clients all arrive at once)
+/// waits in the kernel's accept queue and is served, instead of having its
+/// handshakes dropped past the first 128 and retried by the clients a second
+/// or more later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_connections_waits_in_the_accept_queue_while_the_gateway_is_busy() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const BURST: usize = 1000;
+    let dir = common::nats::TempDir::new("backlog");
+    let gw = common::nats::GatewayProc::start(&dir, "gw", "");
+    gw.wait_ready().await;
+    let pid = gw.pid().expect("running").to_string();
+    let signal = |sig: &str| {
+        let sent = std::process::Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .expect("kill");
+        assert!(sent.success(), "kill {sig}");
+    };
+    // Stopped, the gateway accepts nothing: only the kernel answers.
+    signal("-STOP");
+    let address = format!("127.0.0.1:{}", gw.port);
+    let connects = (0..BURST).map(|_| {
+        let address = address.clone();
+        async move {
+            tokio::time::timeout(
+                Duration::from_millis(800),
+                tokio::net::TcpStream::connect(address),
+            )
+            .await
+        }
+    });
+    let results = futures_util::future::join_all(connects).await;
+    signal("-CONT");
+    let mut streams = Vec::new();
+    for r in results {
+        if let Ok(Ok(s)) = r {
+            streams.push(s);
+        }
+    }
+    assert_eq!(
+        streams.len(),
+        BURST,
+        "only {} of {BURST} connections completed their handshake within 800 ms while the gateway was busy",
+        streams.len()
+    );
+    // Resumed, the gateway serves every one of them.
+    let served = streams.into_iter().map(|mut s| async move {
+        s.write_all(b"GET /api/realtime/health/ HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n")
+            .await?;
+        let mut answer = Vec::new();
+        s.read_to_end(&mut answer).await?;
+        Ok::<bool, std::io::Error>(answer.starts_with(b"HTTP/1.1 200"))
+    });
+    let answers = tokio::time::timeout(
+        Duration::from_secs(20),
+        futures_util::future::join_all(served),
+    )
+    .await
+    .expect("every queued connection answered");
+    let ok = answers.iter().filter(|a| matches!(a, Ok(true))).count();
+    assert_eq!(ok, BURST, "{ok} of {BURST} queued connections were served");
+}

@@ -18,6 +18,12 @@ pub struct GatewayConfig {
     /// `/readyz`. Kept off the client port so that whoever reaches the load
     /// balancer cannot read metrics. `null` turns it off.
     pub admin_listen: Option<String>,
+    /// Connections the kernel completes and queues for the client listener
+    /// while the gateway is busy accepting others (the `listen(2)` backlog;
+    /// Linux caps it at `net.core.somaxconn`, 4096 by default). When a
+    /// reconnect storm overflows this queue, the kernel drops handshakes
+    /// and the clients retry only after a second or more; 1-65535.
+    pub listen_backlog: u32,
     /// Region this gateway runs in; stamped on events published through it.
     pub region: String,
     /// Origins allowed for browsers (CORS and the WebSocket `Origin` check).
@@ -181,6 +187,7 @@ impl Default for GatewayConfig {
         Self {
             listen: "0.0.0.0:8000".into(),
             admin_listen: Some(DEFAULT_ADMIN_LISTEN.into()),
+            listen_backlog: 4096,
             region: "local".into(),
             allowed_origins: vec!["*".into()],
             auth: AuthConfig::default(),
@@ -621,6 +628,9 @@ impl GatewayConfig {
                     .into(),
             );
         }
+        if self.listen_backlog == 0 || self.listen_backlog > 65_535 {
+            problems.push("listen_backlog must be 1-65535".into());
+        }
         if self.history.max_events_per_tenant == 0 {
             problems.push("history.max_events_per_tenant must be at least 1".into());
         }
@@ -700,5 +710,11 @@ mod tests {
             err.contains("region") && err.contains("outbound_queue"),
             "{err}"
         );
+        for backlog in [0, 65_536] {
+            let err = GatewayConfig::from_yaml(&format!("listen_backlog: {backlog}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("listen_backlog must be 1-65535"), "{err}");
+        }
     }
 }
