@@ -270,6 +270,7 @@ async fn main() -> anyhow::Result<()> {
                     "reconnections": run.churned.load(Ordering::Relaxed),
                     "resumed": run.stats.resumed.load(Ordering::Relaxed),
                     "resume_ms": run.stats.resume_ms(),
+                    "reconnect_phases_ms": run.stats.reconnect_phases_ms(),
                     "part": args.part,
                 });
             }
@@ -463,12 +464,17 @@ async fn storm(run: Arc<Run>, pid: u32, connected: u64) -> anyhow::Result<serde_
     );
     let deadline = at + Duration::from_secs(120);
     let mut all_resumed = None;
+    const TICK: Duration = Duration::from_millis(10);
     while Instant::now() < deadline {
         if run.stats.resumed.load(Ordering::Relaxed) - resumed_before >= connected {
             all_resumed = Some(at.elapsed().as_secs_f64());
             break;
         }
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        // How late this process runs its timers while the clients resume:
+        // their reconnect delays and reads wait the same.
+        let due = Instant::now() + TICK;
+        tokio::time::sleep_until(due.into()).await;
+        run.stats.record_timer_lag(due.elapsed().as_micros() as u64);
     }
     Ok(json!({
         "signal": args.kill_signal,
@@ -476,6 +482,8 @@ async fn storm(run: Arc<Run>, pid: u32, connected: u64) -> anyhow::Result<serde_
         "resumed": run.stats.resumed.load(Ordering::Relaxed) - resumed_before,
         "disconnects": run.stats.disconnects.load(Ordering::Relaxed),
         "resume_ms": run.stats.resume_ms(),
+        "reconnect_phases_ms": run.stats.reconnect_phases_ms(),
+        "loadgen_timer_lag_ms": run.stats.timer_lag_ms(),
     }))
 }
 
@@ -516,7 +524,10 @@ async fn subscriber(
             open(&url, source, args.target, &topic).await
         };
         let mut ws = match opened {
-            Ok((ws, began_at)) => {
+            Ok((ws, began_at, phases)) => {
+                if ready.is_none() {
+                    run.stats.record_reconnect(phases);
+                }
                 // A client that has received nothing yet resumes from where
                 // its subscription began.
                 if cursor.is_none() {
@@ -615,14 +626,14 @@ async fn subscriber(
     }
 }
 
-/// Connect and subscribe; returns the socket and the cursor the
-/// subscription began at (Switchboard).
+/// Connect and subscribe; returns the socket, the cursor the
+/// subscription began at (Switchboard) and how long each step took.
 async fn open(
     url: &str,
     source: IpAddr,
     kind: Kind,
     topic: &str,
-) -> anyhow::Result<(target::Ws, Option<String>)> {
+) -> anyhow::Result<(target::Ws, Option<String>, stats::ConnectPhases)> {
     let uri: tokio_tungstenite::tungstenite::http::Uri = url.parse()?;
     let host = uri.host().context("url without host")?;
     let port = uri.port_u16().unwrap_or(80);
@@ -638,11 +649,13 @@ async fn open(
     // Ports in TIME_WAIT from earlier runs may be bound again.
     socket.set_reuseaddr(true)?;
     socket.bind((source, 0).into())?;
+    let began = Instant::now();
     let stream = socket
         .connect(addr)
         .await
         .with_context(|| format!("connect {addr}"))?;
     stream.set_nodelay(true)?;
+    let connected = Instant::now();
     let (mut ws, _) = tokio_tungstenite::client_async_with_config(
         url,
         tokio_tungstenite::MaybeTlsStream::Plain(stream),
@@ -650,6 +663,12 @@ async fn open(
     )
     .await
     .with_context(|| format!("websocket handshake with {url}"))?;
+    let upgraded = Instant::now();
     let cursor = target::subscribe(kind, &mut ws, topic).await?;
-    Ok((ws, cursor))
+    let phases = stats::ConnectPhases {
+        tcp: connected - began,
+        handshake: upgraded - connected,
+        subscribed: upgraded.elapsed(),
+    };
+    Ok((ws, cursor, phases))
 }

@@ -38,6 +38,20 @@ pub struct Stats {
     /// Per resumed subscriber: from noticing the disconnect to having
     /// replayed what it missed (`replay.complete`), in µs.
     resume_latency: Mutex<Histogram<u64>>,
+    /// Per reconnect, in µs: TCP connect, WebSocket handshake, subscribe
+    /// until confirmed.
+    reconnect_phases: [Mutex<Histogram<u64>>; 3],
+    /// How late this process ran a 10 ms timer while clients were
+    /// resuming, in µs: the load generator's own share of their latency.
+    timer_lag: Mutex<Histogram<u64>>,
+}
+
+/// How long one connect took, phase by phase.
+#[derive(Clone, Copy)]
+pub struct ConnectPhases {
+    pub tcp: std::time::Duration,
+    pub handshake: std::time::Duration,
+    pub subscribed: std::time::Duration,
 }
 
 impl Stats {
@@ -53,6 +67,8 @@ impl Stats {
             resumed: AtomicU64::new(0),
             disconnects: AtomicU64::new(0),
             resume_latency: Mutex::new(histogram()),
+            reconnect_phases: std::array::from_fn(|_| Mutex::new(histogram())),
+            timer_lag: Mutex::new(histogram()),
         }
     }
 
@@ -80,6 +96,45 @@ impl Stats {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .saturating_record(us.max(1));
+    }
+
+    /// The phases of one reconnect.
+    pub fn record_reconnect(&self, phases: ConnectPhases) {
+        for (h, d) in
+            self.reconnect_phases
+                .iter()
+                .zip([phases.tcp, phases.handshake, phases.subscribed])
+        {
+            h.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .saturating_record((d.as_micros() as u64).max(1));
+        }
+    }
+
+    /// A timer of this process ran `us` late.
+    pub fn record_timer_lag(&self, us: u64) {
+        self.timer_lag
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .saturating_record(us.max(1));
+    }
+
+    /// Reconnect phase percentiles in milliseconds.
+    pub fn reconnect_phases_ms(&self) -> serde_json::Value {
+        let [tcp, handshake, subscribed] = &self.reconnect_phases;
+        let ms = |h: &Mutex<Histogram<u64>>| {
+            percentiles_ms(&h.lock().unwrap_or_else(|e| e.into_inner()))
+        };
+        serde_json::json!({
+            "tcp_connect": ms(tcp),
+            "websocket_handshake": ms(handshake),
+            "subscribed": ms(subscribed),
+        })
+    }
+
+    /// Timer lag percentiles in milliseconds.
+    pub fn timer_lag_ms(&self) -> serde_json::Value {
+        percentiles_ms(&self.timer_lag.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
     /// Resume latency percentiles in milliseconds (with the count).
