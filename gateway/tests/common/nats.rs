@@ -100,7 +100,10 @@ impl TempDir {
 
 impl Drop for TempDir {
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+        // SB_KEEP_TEMP=1 keeps the processes' configs and logs to read.
+        if std::env::var_os("SB_KEEP_TEMP").is_none() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
     }
 }
 

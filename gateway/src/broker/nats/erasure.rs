@@ -242,50 +242,12 @@ impl NatsBroker {
         .map_err(unavailable)?
         .map_err(unavailable)?;
         let mut found: Vec<(u64, Event)> = Vec::new();
-        let mut pending = reader.cached_info().num_pending;
-        while pending > 0 {
-            let mut batch = reader
-                .fetch()
-                .max_messages(512)
-                .expires(Duration::from_secs(2))
-                .messages()
-                .await
-                .map_err(unavailable)?;
-            let mut got = 0;
-            while let Some(msg) = tokio::time::timeout(REQUEST_TIMEOUT, batch.next())
-                .await
-                .map_err(unavailable)?
-            {
-                let msg = msg.map_err(unavailable)?;
-                got += 1;
-                let Ok(info) = msg.info() else { continue };
-                let (seq, left) = (info.stream_sequence, info.pending);
-                pending = left;
-                let Ok(wire) = serde_json::from_slice::<WireEvent>(&msg.payload) else {
-                    continue;
-                };
-                if GdprContext::subject_of(wire.gdpr_context.as_ref()).as_deref() != Some(subject) {
-                    continue;
-                }
-                if let Some((_, _, topic)) = self.subjects.parse_event(&msg.subject) {
-                    let stub = NewEvent::new(
-                        tenant.clone(),
-                        topic,
-                        serde_json::Value::Null,
-                        region.into(),
-                    );
-                    found.push((
-                        seq,
-                        Event::seal(stub, Cursor { epoch, seq }, time::OffsetDateTime::now_utc()),
-                    ));
-                }
-            }
-            if got == 0 {
-                break;
-            }
-        }
+        let read = self
+            .read_subject_events(&reader, region, tenant, subject, epoch, &mut found)
+            .await;
         let name = reader.cached_info().name.clone();
         let _ = tokio::time::timeout(REQUEST_TIMEOUT, stream.delete_consumer(&name)).await;
+        read?;
         let mut erased = Vec::new();
         for (seq, stub) in found {
             // Secure delete: the stored message is overwritten, not only
@@ -319,6 +281,77 @@ impl NatsBroker {
                 .await;
         }
         Ok(erased.len() as u64)
+    }
+}
+
+impl NatsBroker {
+    /// Read every stored event of `tenant` through `reader` (a consumer on
+    /// `region`'s stream) and keep the positions of `subject`'s.
+    async fn read_subject_events(
+        &self,
+        reader: &consumer::Consumer<consumer::pull::Config>,
+        region: &str,
+        tenant: &Arc<str>,
+        subject: &str,
+        epoch: u64,
+        found: &mut Vec<(u64, Event)>,
+    ) -> Result<(), BrokerError> {
+        let mut pending = reader.cached_info().num_pending;
+        let mut refused = 0;
+        'pull: while pending > 0 {
+            let mut batch = reader
+                .fetch()
+                .max_messages(512)
+                .expires(Duration::from_secs(2))
+                .messages()
+                .await
+                .map_err(unavailable)?;
+            let mut got = 0;
+            while let Some(msg) = tokio::time::timeout(REQUEST_TIMEOUT, batch.next())
+                .await
+                .map_err(unavailable)?
+            {
+                let msg = match msg {
+                    Ok(m) => m,
+                    // The consumer lives in `region`'s cluster, maybe not
+                    // reachable from here yet (see `pull_again_after`).
+                    Err(e) => match super::history::pull_again_after(got, &mut refused) {
+                        Some(wait) => {
+                            tracing::debug!(region, attempt = refused, error = %e, "pull refused; pulling again");
+                            tokio::time::sleep(wait).await;
+                            continue 'pull;
+                        }
+                        None => return Err(unavailable(e)),
+                    },
+                };
+                got += 1;
+                let Ok(info) = msg.info() else { continue };
+                let (seq, left) = (info.stream_sequence, info.pending);
+                pending = left;
+                let Ok(wire) = serde_json::from_slice::<WireEvent>(&msg.payload) else {
+                    continue;
+                };
+                if GdprContext::subject_of(wire.gdpr_context.as_ref()).as_deref() != Some(subject) {
+                    continue;
+                }
+                if let Some((_, _, topic)) = self.subjects.parse_event(&msg.subject) {
+                    let stub = NewEvent::new(
+                        tenant.clone(),
+                        topic,
+                        serde_json::Value::Null,
+                        region.into(),
+                    );
+                    found.push((
+                        seq,
+                        Event::seal(stub, Cursor { epoch, seq }, time::OffsetDateTime::now_utc()),
+                    ));
+                }
+            }
+            if got == 0 {
+                break;
+            }
+        }
+        Ok(())
     }
 }
 

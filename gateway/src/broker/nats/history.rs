@@ -200,7 +200,8 @@ async fn fetch_range(
 ) -> Result<(), BrokerError> {
     const BATCH: usize = 256;
     let deadline = tokio::time::Instant::now() + REQUEST_TIMEOUT;
-    loop {
+    let mut refused = 0;
+    'pull: loop {
         let mut messages =
             tokio::time::timeout_at(deadline, consumer.fetch().max_messages(BATCH).messages())
                 .await
@@ -211,7 +212,14 @@ async fn fetch_range(
             let next = tokio::time::timeout_at(deadline, messages.next()).await;
             let msg = match next {
                 Ok(Some(Ok(m))) => m,
-                Ok(Some(Err(e))) => return Err(unavailable(e)),
+                Ok(Some(Err(e))) => match pull_again_after(got, &mut refused) {
+                    Some(wait) => {
+                        tracing::debug!(attempt = refused, error = %e, "pull refused; pulling again");
+                        tokio::time::sleep(wait).await;
+                        continue 'pull;
+                    }
+                    None => return Err(unavailable(e)),
+                },
                 Ok(None) => break,
                 // Slow (an overloaded server): hand over what arrived and
                 // let the caller continue from there; nothing at all is an
@@ -252,6 +260,23 @@ async fn fetch_range(
             return Ok(());
         }
     }
+}
+
+/// Pulls refused before any message arrived that are tried again (about a
+/// second of waiting in all).
+const PULL_RETRIES: u32 = 6;
+
+/// Whether a failed pull of a consumer just created is tried again, and
+/// after how long. Until the consumer's interest has spread to the server
+/// this gateway talks to (across the link between clusters when the stream
+/// is another region's, or between the nodes of a cluster), its pull is
+/// answered "no responders" (503). A pull that delivered nothing (`got`
+/// is 0) can be repeated without losing or repeating anything.
+pub(super) fn pull_again_after(got: usize, refused: &mut u32) -> Option<Duration> {
+    (got == 0 && *refused < PULL_RETRIES).then(|| {
+        *refused += 1;
+        Duration::from_millis(50 * u64::from(*refused))
+    })
 }
 
 /// Patterns NATS accepts together as consumer filters: one pattern, or a
@@ -324,6 +349,22 @@ mod tests {
 
     fn patterns(p: &[&str]) -> Vec<Pattern> {
         p.iter().map(|s| Pattern::parse(s).unwrap()).collect()
+    }
+
+    #[test]
+    fn a_refused_pull_is_repeated_only_when_it_delivered_nothing_and_a_bounded_number_of_times() {
+        let mut refused = 0;
+        let waits: Vec<Duration> =
+            std::iter::from_fn(|| pull_again_after(0, &mut refused)).collect();
+        assert_eq!(waits.len(), PULL_RETRIES as usize);
+        assert!(waits.windows(2).all(|w| w[0] < w[1]), "{waits:?}");
+        assert!(waits.iter().sum::<Duration>() <= Duration::from_millis(1100));
+        let mut refused = 0;
+        assert_eq!(
+            pull_again_after(1, &mut refused),
+            None,
+            "a pull that delivered messages"
+        );
     }
 
     #[test]
