@@ -856,3 +856,56 @@ async fn a_burst_of_publishes_costs_one_round_trip_to_jetstream_not_one_per_even
         "cursors in publish order: {ids:?}"
     );
 }
+
+/// What a client's resume costs JetStream's API (the requests every
+/// gateway of a region sends to the same meta leader): a storm multiplies
+/// it by the clients resuming.
+#[tokio::test]
+async fn a_lone_resume_costs_few_jetstream_api_requests() {
+    let dir = TempDir::new("resume-api");
+    let nats = single(&dir).await;
+    let gw = GatewayProc::start(&dir, "gw", &nats_yaml("local", &nats.urls(), &[], 1));
+    gw.wait_ready().await;
+    // Tenants of their own: no resume finds another's shared copy.
+    const TENANTS: [&str; 3] = ["t1", "t2", "t3"];
+    let mut cursors = Vec::new();
+    for tenant in TENANTS {
+        let mut ids = Vec::new();
+        for i in 0..6 {
+            ids.push(publish_retrying(&gw.http(), tenant, "r.t0", json!({"i": i})).await);
+        }
+        cursors.push(ids[2].clone());
+    }
+    let server = &nats.servers[0];
+    let api_total = || async {
+        server.monitor("jsz").await["api"]["total"]
+            .as_u64()
+            .unwrap()
+    };
+    let mut costs = Vec::new();
+    for (tenant, cursor) in TENANTS.iter().zip(&cursors) {
+        let before = api_total().await;
+        let mut client = open_on(&gw, tenant, &format!("&cursor={cursor}"), &["r.t0"]).await;
+        let mut got = Vec::new();
+        loop {
+            let m = client.recv().await;
+            match m["type"].as_str() {
+                Some("event") => got.push(m["data"]["data"]["i"].as_i64().unwrap()),
+                Some("replay.complete") => break,
+                Some("resume.gap") => panic!("gap: {m}"),
+                _ => {}
+            }
+        }
+        assert_eq!(got, vec![3, 4, 5], "{tenant}");
+        costs.push(api_total().await - before);
+    }
+    eprintln!("JetStream API requests per resume: {costs:?}");
+    // The stream's state for the live seam and again for the history
+    // range, one consumer created and deleted (the delete may land after
+    // the replay). Asking for the stream's information before each request
+    // (a handle on it needs none) made it 8 or 9.
+    assert!(
+        costs.iter().all(|&c| c <= 5),
+        "a resume took {costs:?} JetStream API requests"
+    );
+}

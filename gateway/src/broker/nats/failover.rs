@@ -175,7 +175,12 @@ impl NatsBroker {
 
     /// Wait (briefly) until this region's stream holds every event the
     /// client saw from each other origin: sourcing runs a little behind.
-    async fn wait_for_sources(&self, ours: &stream::Stream, tenant: &str, seen: &[(String, u64)]) {
+    async fn wait_for_sources(
+        &self,
+        ours: &stream::Stream<()>,
+        tenant: &str,
+        seen: &[(String, u64)],
+    ) {
         let deadline = tokio::time::Instant::now() + CATCH_UP;
         for (origin, v) in seen {
             if origin == self.subjects.region() || *v == 0 {
@@ -211,8 +216,8 @@ impl NatsBroker {
 }
 
 /// The first message on `subject` at or after `from`.
-async fn next_for(
-    stream: &stream::Stream,
+async fn next_for<I>(
+    stream: &stream::Stream<I>,
     subject: &str,
     from: u64,
 ) -> Result<Option<StreamMessage>, BrokerError> {
@@ -234,7 +239,11 @@ async fn next_for(
 type Probe = Option<(u64, Option<u64>)>;
 
 /// Probe `subject` in `stream` (the searches' one request).
-async fn probe(stream: &stream::Stream, subject: &str, from: u64) -> Result<Probe, BrokerError> {
+async fn probe<I>(
+    stream: &stream::Stream<I>,
+    subject: &str,
+    from: u64,
+) -> Result<Probe, BrokerError> {
     Ok(next_for(stream, subject, from)
         .await?
         .map(|m| (m.sequence, sourced_sequence(&m.headers))))

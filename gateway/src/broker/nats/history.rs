@@ -84,7 +84,7 @@ pub(super) async fn read_range(
 /// own topics, not its whole tenant's history.
 async fn create_reader(
     broker: &NatsBroker,
-    stream: &stream::Stream,
+    stream: &stream::Stream<()>,
     tenant: Option<&str>,
     scope: &[Pattern],
     filter_subject: &str,
@@ -300,7 +300,7 @@ pub(super) fn disjoint(scope: &[Pattern]) -> bool {
 /// History read one message at a time with direct gets (no consumer).
 async fn read_direct(
     broker: &NatsBroker,
-    stream: &stream::Stream,
+    stream: &stream::Stream<()>,
     subject: &str,
     mut out: ReadBatch,
     filter: Filter<'_>,

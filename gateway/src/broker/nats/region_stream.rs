@@ -38,10 +38,14 @@ impl NatsBroker {
         self.state.head.fetch_max(seq, Ordering::AcqRel);
     }
 
-    pub(super) async fn stream(&self) -> Result<stream::Stream, BrokerError> {
-        tokio::time::timeout(REQUEST_TIMEOUT, self.js.get_stream(&self.stream_name))
+    /// A handle on the region's stream, without asking NATS for its
+    /// information: consumers, direct gets and deletes need only its name,
+    /// and every request a resume saves is one fewer for JetStream's API
+    /// during a reconnect storm.
+    pub(super) async fn stream(&self) -> Result<stream::Stream<()>, BrokerError> {
+        self.js
+            .get_stream_no_info(&self.stream_name)
             .await
-            .map_err(unavailable)?
             .map_err(unavailable)
     }
 
