@@ -39,6 +39,21 @@ async fn publish_retrying(base: &str, tenant: &str, topic: &str, data: Value) ->
 }
 
 /// A streaming publish connection to `gw` with an acme publisher's token.
+/// The `i` of every event a resuming client gets until `replay.complete`
+/// (a `resume.gap` fails the test).
+async fn replayed(client: &mut Client) -> Vec<i64> {
+    let mut got = Vec::new();
+    loop {
+        let m = client.recv().await;
+        match m["type"].as_str() {
+            Some("event") => got.push(m["data"]["data"]["i"].as_i64().unwrap()),
+            Some("replay.complete") => return got,
+            Some("resume.gap") => panic!("gap: {m}"),
+            _ => {}
+        }
+    }
+}
+
 async fn publish_stream(gw: &GatewayProc) -> PublishStream {
     PublishStream::open(
         &gw.http().replacen("http", "ws", 1),
@@ -677,16 +692,7 @@ async fn resumes_arriving_together_share_one_history_read() {
                 let mut client = Client::connect(&url).await;
                 client.recv_type("connection.established").await;
                 client.subscribe(&[topic.as_str()]).await;
-                let mut got = Vec::new();
-                loop {
-                    let m = client.recv().await;
-                    match m["type"].as_str() {
-                        Some("event") => got.push(m["data"]["data"]["i"].as_i64().unwrap()),
-                        Some("replay.complete") => break,
-                        Some("resume.gap") => panic!("gap: {m}"),
-                        _ => {}
-                    }
-                }
+                let got = replayed(&mut client).await;
                 let expected: Vec<i64> =
                     ((k + 1)..60).filter(|i| i % 6 == (c % 6) as i64).collect();
                 assert_eq!(got, expected, "client {c} after event {k} on {topic}");
@@ -886,16 +892,7 @@ async fn a_lone_resume_costs_few_jetstream_api_requests() {
     for (tenant, cursor) in TENANTS.iter().zip(&cursors) {
         let before = api_total().await;
         let mut client = open_on(&gw, tenant, &format!("&cursor={cursor}"), &["r.t0"]).await;
-        let mut got = Vec::new();
-        loop {
-            let m = client.recv().await;
-            match m["type"].as_str() {
-                Some("event") => got.push(m["data"]["data"]["i"].as_i64().unwrap()),
-                Some("replay.complete") => break,
-                Some("resume.gap") => panic!("gap: {m}"),
-                _ => {}
-            }
-        }
+        let got = replayed(&mut client).await;
         assert_eq!(got, vec![3, 4, 5], "{tenant}");
         costs.push(api_total().await - before);
     }
