@@ -1,6 +1,8 @@
 // The live console (/console/) in headless Chromium: built on the
 // JavaScript SDK, so this is also the SDK's browser test (WebSocket with
-// publish and presence, SSE and long-polling over fetch). Run by
+// publish and presence, SSE and long-polling over fetch, a stalling network
+// forcing the fallbacks while tokens expire and are refreshed, gateways
+// killed and drained in cluster mode). Run by
 // ./tests/run.sh with `node --test`. UPDATE_SCREENSHOT=1 writes the
 // screenshot docs/console.png.
 import { spawn, execFileSync } from 'node:child_process';
@@ -243,6 +245,87 @@ test('the SDK in Chromium, cluster mode: a gateway killed (SIGKILL) and another 
     await page.close();
     lb.close();
   } finally {
+    h.cleanup();
+  }
+});
+
+test('the SDK in Chromium: a stalling network forces SSE, then long-poll, while tokens expire and are refreshed; nothing lost or repeated', async () => {
+  const h = await import('../../clients/js/test/e2e/harness.mjs');
+  let lb;
+  let stop = false;
+  try {
+    const gw = await h.gateway({ config: 'console:\n  enabled: on\nheartbeat:\n  sse_keepalive_seconds: 1\n' });
+    lb = await h.proxy([gw.port]);
+    const page = await browser.newPage();
+    const errors = [];
+    page.on('pageerror', (e) => errors.push(String(e)));
+    // Tokens live 4 s: the run lasts several lifetimes, on every transport.
+    let issued = 0;
+    await page.exposeFunction('mintToken', () => {
+      issued += 1;
+      return h.mint({ user: 'alice', ttl: 4 });
+    });
+    await page.goto(`${lb.url}/console/`);
+    await page.evaluate(async () => {
+      const { Client } = await import('/console/sdk/index.js');
+      const c = new Client({
+        url: location.origin,
+        getToken: () => window.mintToken(),
+        backoff: { min: 100, max: 1000 },
+        openTimeout: 1000,
+        idleTimeout: 2500,
+        pingInterval: 500,
+        pollTimeout: 2,
+      });
+      window.probe = { seen: [], gaps: 0, transports: [], closes: [] };
+      c.on('event', (e) => window.probe.seen.push(e.data.i));
+      c.on('gap', () => { window.probe.gaps += 1; });
+      c.on('connected', ({ transport }) => window.probe.transports.push(transport));
+      c.on('disconnected', ({ code }) => window.probe.closes.push(code));
+      c.subscribe('stream.*');
+      c.connect();
+      window.client = c;
+    });
+    const probe = () => page.evaluate(() => window.probe);
+    await until('subscribed over WebSocket', async () => (await probe()).transports[0] === 'websocket');
+    let n = 0;
+    const publishing = (async () => {
+      while (!stop) {
+        await h.publish(gw.url, 'stream.a', { i: n });
+        n += 1;
+        await new Promise((r) => setTimeout(r, 20));
+      }
+    })();
+    const seenCount = async () => (await probe()).seen.length;
+    await until('events over WebSocket', async () => (await seenCount()) > 20);
+    // WebSocket upgrades are swallowed from now on and the live one
+    // freezes (no close: only the client's watchdog can tell).
+    lb.stall(/^GET \/ws/);
+    lb.freeze();
+    await until('moved to SSE', async () => (await probe()).transports.at(-1) === 'sse', 20000);
+    const atSse = await seenCount();
+    await until('events over SSE across a token lifetime', async () => (await seenCount()) > atSse + 200, 30000);
+    lb.stall(/^GET \/(ws|api\/realtime\/sse)/);
+    lb.freeze();
+    await until('moved to long-poll', async () => (await probe()).transports.at(-1) === 'longpoll', 20000);
+    const atPoll = await seenCount();
+    await until('events over long-poll across a token lifetime', async () => (await seenCount()) > atPoll + 200, 30000);
+    stop = true;
+    await publishing;
+    await until('every event', async () => (await seenCount()) >= n, 20000);
+    const final = await probe();
+    assert.deepEqual(final.seen, [...Array(n).keys()], 'exactly once, in order, across three transports');
+    assert.equal(final.gaps, 0);
+    assert.deepEqual(final.transports.slice(0, 1), ['websocket']);
+    assert.ok(final.transports.includes('sse') && final.transports.at(-1) === 'longpoll', `transports: ${final.transports}`);
+    assert.ok(!final.closes.includes(4001), `a token expired instead of being refreshed: closes ${final.closes}`);
+    assert.ok(issued >= 4, `getToken called ${issued} times over the run`);
+    await page.evaluate(() => window.client.logout());
+    assert.deepEqual(errors, []);
+    await page.close();
+  } finally {
+    stop = true;
+    lb?.close();
     h.cleanup();
   }
 });
