@@ -287,29 +287,35 @@ if storms:
     p("Resume latency: per client, from noticing the disconnect to `replay.complete` on gateway 1 (it includes "
       "the client's own reconnect delay, spread over 0-500 ms as real clients do). Event latency: publish to "
       "delivery, over the whole run (events published while a client was away count from their publish).\n")
-    p("| stop | clients resumed | seconds until all reconnected | resume p50 ms | resume p99 ms | resume max ms | "
+    p("| stop | clients resumed | seconds until all reconnected | seconds until all replayed | resume p50 ms | "
+      "resume p99 ms | resume max ms | resumes timed | "
       "expected deliveries | lost | dup | event p99 ms | event max ms | server CPU s | load generator CPU s |")
-    p("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    p("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in storms:
         s = r.get("storm") or {}
         rl = s.get("resume_ms") or {}
-        p(f"| {s.get('signal')} | {s.get('resumed', 0):,} | {fmt(s.get('seconds_until_all_resumed'), 2)} | "
-          f"{fmt(rl.get('p50'))} | {fmt(rl.get('p99'))} | {fmt(rl.get('max'))} | "
+        reconnected = s.get("seconds_until_all_reconnected", s.get("seconds_until_all_resumed"))
+        p(f"| {s.get('signal')} | {s.get('resumed', 0):,} | {fmt(reconnected, 2)} | "
+          f"{fmt(s.get('seconds_until_all_resumed'), 2) if 'seconds_until_all_reconnected' in s else 'not measured'} | "
+          f"{fmt(rl.get('p50'))} | {fmt(rl.get('p99'))} | {fmt(rl.get('max'))} | {rl.get('count', 0):,} | "
           f"{r.get('expected_deliveries', 0):,} | {r.get('lost', 0):,} | {r.get('duplicates', 0):,} | "
           f"{fmt(lat(r, 'p99'))} | {fmt(lat(r, 'max'))} | {fmt(r.get('server_cpu_seconds'))} | "
           f"{fmt(r.get('loadgen_cpu_seconds'))} |")
-    p("\nWhere a reconnect's time goes (p50 / p99 ms, per reconnect after the stop): the TCP connect, the "
-      "WebSocket handshake, and the subscribe until confirmed (the resume's history read and replay follow it). "
+    p("\nWhere a reconnect's time goes (p50 / p99 ms, per reconnect after the stop): the wait from noticing the "
+      "disconnect until the reconnect began (the client's own delay of 0-500 ms, and how late the load generator "
+      "ran it), the TCP connect, the WebSocket handshake, the subscribe until confirmed, and from the "
+      "confirmation until `replay.complete` (the history read and replay). "
       "The load generator shares the 2 cores with the servers: how late its own 10 ms timer ran while the "
       "clients resumed is its share of their latency (a client's reconnect delay and its reads wait as long).\n")
-    p("| stop | TCP connect | WebSocket handshake | subscribed | load generator timer lag |")
-    p("| --- | ---: | ---: | ---: | ---: |")
+    p("| stop | reconnect wait | TCP connect | WebSocket handshake | subscribed | replayed | load generator timer lag |")
+    p("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in storms:
         s = r.get("storm") or {}
         ph = s.get("reconnect_phases_ms") or {}
         both = lambda h: f"{fmt((h or {}).get('p50'))} / {fmt((h or {}).get('p99'))}"
-        p(f"| {s.get('signal')} | {both(ph.get('tcp_connect'))} | {both(ph.get('websocket_handshake'))} | "
-          f"{both(ph.get('subscribed'))} | {both(s.get('loadgen_timer_lag_ms'))} |")
+        p(f"| {s.get('signal')} | {both(ph.get('reconnect_wait'))} | {both(ph.get('tcp_connect'))} | "
+          f"{both(ph.get('websocket_handshake'))} | {both(ph.get('subscribed'))} | {both(ph.get('replayed'))} | "
+          f"{both(s.get('loadgen_timer_lag_ms'))} |")
     p("\nThe embedded mode keeps history in the process: clients of a killed embedded gateway resume with a "
       "`resume.gap`; durable resume is what cluster mode is for.\n")
 
@@ -415,9 +421,10 @@ p("- Cluster resume: a recent cursor (the storm's case) is answered from the ten
   "once from JetStream and shared by every resume arriving within 2 s (indexed per topic; extended by one "
   "read when the head moves); older cursors read their own range with an ephemeral in-memory consumer "
   "filtered to the client's topics (create, one no-wait fetch, delete), at most 32 at once per gateway; "
-  "concurrent stream-info requests are shared. In the storm the gateway is then no longer the limit: what "
-  "remains is 10,000 WebSocket handshakes on 2 cores shared with the load generator (the first connect of "
-  "the same 10,000 clients takes about as long).")
+  "concurrent stream-info requests are shared. In the storm the largest part of a slow resume is the wait "
+  "before it began: the client's own delay (0-500 ms) run late by a load generator that shares the 2 cores "
+  "with the servers (see the phases above); the rest is 10,000 WebSocket handshakes, subscribes and "
+  "replays on those cores.")
 p("- Profiles: `./bench/profile.sh` (perf during a fan-out, heaptrack for what idle connections hold). "
   "At moderate fan-out (paced publishes, each connection getting an event every few tens of milliseconds) "
   "every delivery is its own `sendto`: about two thirds of the server's time is the kernel's TCP path on "

@@ -452,6 +452,7 @@ async fn storm(run: Arc<Run>, pid: u32, connected: u64) -> anyhow::Result<serde_
     let args = &run.args;
     tokio::time::sleep(Duration::from_secs(args.kill_after)).await;
     let resumed_before = run.stats.resumed.load(Ordering::Relaxed);
+    let timed_before = run.stats.resumes_timed();
     let at = Instant::now();
     let status = tokio::process::Command::new("kill")
         .args(["-s", &args.kill_signal, &pid.to_string()])
@@ -463,10 +464,18 @@ async fn storm(run: Arc<Run>, pid: u32, connected: u64) -> anyhow::Result<serde_
         args.kill_signal
     );
     let deadline = at + Duration::from_secs(120);
+    let mut all_reconnected = None;
     let mut all_resumed = None;
     const TICK: Duration = Duration::from_millis(10);
     while Instant::now() < deadline {
-        if run.stats.resumed.load(Ordering::Relaxed) - resumed_before >= connected {
+        if all_reconnected.is_none()
+            && run.stats.resumed.load(Ordering::Relaxed) - resumed_before >= connected
+        {
+            all_reconnected = Some(at.elapsed().as_secs_f64());
+        }
+        // Resumed means replayed: every client's resume is timed until its
+        // replay completed, not only until it subscribed again.
+        if run.stats.resumes_timed() - timed_before >= connected {
             all_resumed = Some(at.elapsed().as_secs_f64());
             break;
         }
@@ -478,6 +487,7 @@ async fn storm(run: Arc<Run>, pid: u32, connected: u64) -> anyhow::Result<serde_
     }
     Ok(json!({
         "signal": args.kill_signal,
+        "seconds_until_all_reconnected": all_reconnected,
         "seconds_until_all_resumed": all_resumed,
         "resumed": run.stats.resumed.load(Ordering::Relaxed) - resumed_before,
         "disconnects": run.stats.disconnects.load(Ordering::Relaxed),
@@ -519,14 +529,19 @@ async fn subscriber(
             cursor.as_deref(),
         );
         let source = args.sources[i % args.sources.len()];
+        let attempt_began = Instant::now();
         let opened = {
             let _permit = handshakes.acquire().await;
             open(&url, source, args.target, &topic).await
         };
+        let subscribed_at = Instant::now();
         let mut ws = match opened {
             Ok((ws, began_at, phases)) => {
                 if ready.is_none() {
                     run.stats.record_reconnect(phases);
+                }
+                if let Some(at) = disconnected_at {
+                    run.stats.record_reconnect_wait(attempt_began - at);
                 }
                 // A client that has received nothing yet resumes from where
                 // its subscription began.
@@ -609,6 +624,7 @@ async fn subscriber(
                 && target::is_replay_complete(t)
             {
                 run.stats.record_resume(at.elapsed().as_micros() as u64);
+                run.stats.record_replay(subscribed_at.elapsed());
                 disconnected_at = None;
             }
         }

@@ -40,7 +40,7 @@ pub struct Stats {
     resume_latency: Mutex<Histogram<u64>>,
     /// Per reconnect, in µs: TCP connect, WebSocket handshake, subscribe
     /// until confirmed.
-    reconnect_phases: [Mutex<Histogram<u64>>; 3],
+    reconnect_phases: [Mutex<Histogram<u64>>; 5],
     /// How late this process ran a 10 ms timer while clients were
     /// resuming, in µs: the load generator's own share of their latency.
     timer_lag: Mutex<Histogram<u64>>,
@@ -111,6 +111,23 @@ impl Stats {
         }
     }
 
+    /// From noticing a disconnect until the reconnect began (the client's
+    /// own delay, plus however late this process ran it).
+    pub fn record_reconnect_wait(&self, d: std::time::Duration) {
+        self.reconnect_phases[3]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .saturating_record((d.as_micros() as u64).max(1));
+    }
+
+    /// From the subscription's confirmation until `replay.complete`.
+    pub fn record_replay(&self, d: std::time::Duration) {
+        self.reconnect_phases[4]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .saturating_record((d.as_micros() as u64).max(1));
+    }
+
     /// A timer of this process ran `us` late.
     pub fn record_timer_lag(&self, us: u64) {
         self.timer_lag
@@ -121,7 +138,7 @@ impl Stats {
 
     /// Reconnect phase percentiles in milliseconds.
     pub fn reconnect_phases_ms(&self) -> serde_json::Value {
-        let [tcp, handshake, subscribed] = &self.reconnect_phases;
+        let [tcp, handshake, subscribed, waited, replayed] = &self.reconnect_phases;
         let ms = |h: &Mutex<Histogram<u64>>| {
             percentiles_ms(&h.lock().unwrap_or_else(|e| e.into_inner()))
         };
@@ -129,6 +146,8 @@ impl Stats {
             "tcp_connect": ms(tcp),
             "websocket_handshake": ms(handshake),
             "subscribed": ms(subscribed),
+            "reconnect_wait": ms(waited),
+            "replayed": ms(replayed),
         })
     }
 
@@ -138,6 +157,14 @@ impl Stats {
     }
 
     /// Resume latency percentiles in milliseconds (with the count).
+    /// How many resumes were timed (each until its replay completed).
+    pub fn resumes_timed(&self) -> u64 {
+        self.resume_latency
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .len()
+    }
+
     pub fn resume_ms(&self) -> serde_json::Value {
         let h = self
             .resume_latency
