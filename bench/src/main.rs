@@ -529,6 +529,8 @@ async fn subscriber(
             cursor.as_deref(),
         );
         let source = args.sources[i % args.sources.len()];
+        // When this attempt began (after the client's delay): the
+        // successful one starts the resume as the cluster serves it.
         let attempt_began = Instant::now();
         let opened = {
             let _permit = handshakes.acquire().await;
@@ -585,6 +587,7 @@ async fn subscriber(
                     && let Some(at) = disconnected_at.take()
                 {
                     run.stats.record_resume(at.elapsed().as_micros() as u64);
+                    run.stats.record_served(attempt_began.elapsed());
                 }
             }
         }
@@ -625,6 +628,7 @@ async fn subscriber(
             {
                 run.stats.record_resume(at.elapsed().as_micros() as u64);
                 run.stats.record_replay(subscribed_at.elapsed());
+                run.stats.record_served(attempt_began.elapsed());
                 disconnected_at = None;
             }
         }

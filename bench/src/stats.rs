@@ -40,7 +40,7 @@ pub struct Stats {
     resume_latency: Mutex<Histogram<u64>>,
     /// Per reconnect, in µs: TCP connect, WebSocket handshake, subscribe
     /// until confirmed.
-    reconnect_phases: [Mutex<Histogram<u64>>; 5],
+    reconnect_phases: [Mutex<Histogram<u64>>; 6],
     /// How late this process ran a 10 ms timer while clients were
     /// resuming, in µs: the load generator's own share of their latency.
     timer_lag: Mutex<Histogram<u64>>,
@@ -128,6 +128,15 @@ impl Stats {
             .saturating_record((d.as_micros() as u64).max(1));
     }
 
+    /// From the reconnect's start (TCP connect) until `replay.complete`:
+    /// the resume as the cluster served it, without the client's own delay.
+    pub fn record_served(&self, d: std::time::Duration) {
+        self.reconnect_phases[5]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .saturating_record((d.as_micros() as u64).max(1));
+    }
+
     /// A timer of this process ran `us` late.
     pub fn record_timer_lag(&self, us: u64) {
         self.timer_lag
@@ -138,7 +147,7 @@ impl Stats {
 
     /// Reconnect phase percentiles in milliseconds.
     pub fn reconnect_phases_ms(&self) -> serde_json::Value {
-        let [tcp, handshake, subscribed, waited, replayed] = &self.reconnect_phases;
+        let [tcp, handshake, subscribed, waited, replayed, served] = &self.reconnect_phases;
         let ms = |h: &Mutex<Histogram<u64>>| {
             percentiles_ms(&h.lock().unwrap_or_else(|e| e.into_inner()))
         };
@@ -148,6 +157,7 @@ impl Stats {
             "subscribed": ms(subscribed),
             "reconnect_wait": ms(waited),
             "replayed": ms(replayed),
+            "served": ms(served),
         })
     }
 
