@@ -2,7 +2,7 @@
 // JavaScript SDK, so this is also the SDK's browser test (WebSocket with
 // publish and presence, SSE and long-polling over fetch, a stalling network
 // forcing the fallbacks while tokens expire and are refreshed, gateways
-// killed and drained in cluster mode). Run by
+// killed and drained in cluster mode, tabs sharing one connection). Run by
 // ./tests/run.sh with `node --test`. UPDATE_SCREENSHOT=1 writes the
 // screenshot docs/console.png.
 import { spawn, execFileSync } from 'node:child_process';
@@ -326,6 +326,67 @@ test('the SDK in Chromium: a stalling network forces SSE, then long-poll, while 
   } finally {
     stop = true;
     lb?.close();
+    h.cleanup();
+  }
+});
+
+test('the SDK in Chromium: tabs of an origin share one connection; the leading tab closes, another takes over; nothing lost or repeated', async () => {
+  const h = await import('../../clients/js/test/e2e/harness.mjs');
+  let stop = false;
+  const context = await browser.newContext();
+  try {
+    const gw = await h.gateway({ config: 'console:\n  enabled: on\n' });
+    await context.exposeFunction('mintToken', () => h.mint({ user: 'alice', scope: 'subscribe,publish' }));
+    const open = async () => {
+      const page = await context.newPage();
+      const errors = [];
+      page.on('pageerror', (e) => errors.push(String(e)));
+      await page.goto(`${gw.url}/console/`);
+      await page.evaluate(async () => {
+        const { SharedClient } = await import('/console/sdk/index.js');
+        const tab = new SharedClient({ url: location.origin, getToken: () => window.mintToken(), backoff: { min: 100, max: 1000 }, heartbeat: 500 });
+        window.tab = tab;
+        window.seen = [];
+        tab.subscribe('orders.*', { onEvent: (e) => window.seen.push(e.data.i) });
+        tab.connect();
+      });
+      return { page, errors };
+    };
+    const tabs = [await open(), await open(), await open()];
+    const view = (t) => t.page.evaluate(() => ({ leader: window.tab.isLeader, subscribed: window.tab.subscriptions.every((s) => s.state === 'subscribed'), seen: window.seen }));
+    await until('every tab subscribed', async () => (await Promise.all(tabs.map(view))).every((v) => v.subscribed), 20000);
+    const leaders = (await Promise.all(tabs.map(view))).map((v) => v.leader);
+    assert.deepEqual(leaders, [true, false, false], 'the first tab leads');
+    assert.equal(await h.metric(gw.admin, 'switchboard_websocket_connected_total'), 1, 'three tabs, one WebSocket');
+    // A follower publishes through the leader's connection.
+    const ack = await tabs[2].page.evaluate(() => window.tab.publish('orders.eu', { i: -1 }));
+    assert.equal(ack.duplicate, false);
+    let n = 0;
+    const publishing = (async () => {
+      while (!stop) {
+        await h.publish(gw.url, 'orders.eu', { i: n });
+        n += 1;
+        await new Promise((r) => setTimeout(r, 10));
+      }
+    })();
+    await until('events flowing', async () => (await view(tabs[1])).seen.length > 20);
+    // The leading tab closes (its lock is released by the browser).
+    await tabs[0].page.close();
+    const rest = tabs.slice(1);
+    await until('another tab leads', async () => (await Promise.all(rest.map(view))).some((v) => v.leader), 20000);
+    const atHandover = n;
+    await until('events after the handover', () => n > atHandover + 30);
+    stop = true;
+    await publishing;
+    await until('every event in the remaining tabs', async () => (await Promise.all(rest.map(view))).every((v) => v.seen.length === n + 1), 20000);
+    for (const t of rest) {
+      assert.deepEqual((await view(t)).seen, [-1, ...Array(n).keys()], 'exactly once, in order, across the handover');
+      assert.deepEqual(t.errors, []);
+    }
+    assert.equal(await h.metric(gw.admin, 'switchboard_websocket_connected_total'), 2, 'one WebSocket per leader');
+  } finally {
+    stop = true;
+    await context.close();
     h.cleanup();
   }
 });

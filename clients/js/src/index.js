@@ -2,6 +2,7 @@
 // (WebSocket, falling back to Server-Sent Events and long-polling) that
 // resumes by cursor and never delivers an event twice.
 export { Client } from './client.js';
+export { SharedClient } from './shared.js';
 export { Subscription } from './subscription.js';
 export { Presence } from './presence.js';
 export { SwitchboardError } from './errors.js';
@@ -9,4 +10,4 @@ export { Backoff } from './backoff.js';
 export { matches, patternError } from './pattern.js';
 
 /** The package version (kept equal to package.json by the tests). */
-export const VERSION = '0.1.0';
+export const VERSION = '0.2.0';

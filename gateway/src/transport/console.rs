@@ -70,6 +70,7 @@ const ASSETS: &[Asset] = &[
     sdk!("errors.js"),
     sdk!("pattern.js"),
     sdk!("presence.js"),
+    sdk!("shared.js"),
     sdk!("subscription.js"),
     sdk!("token.js"),
     sdk!("transports/types.js"),

@@ -74,7 +74,7 @@ export async function gateway({ nats, config = '', region = 'eu' } = {}) {
   child.on('exit', () => children.delete(child));
   const url = `http://127.0.0.1:${port}`;
   await until('gateway ready', async () => (await fetch(`http://127.0.0.1:${admin}/readyz`).catch(() => null))?.ok);
-  return { url, port, child, exited: new Promise((r) => child.once('exit', r)) };
+  return { url, port, admin: `http://127.0.0.1:${admin}`, child, exited: new Promise((r) => child.once('exit', r)) };
 }
 
 /** A nats-server with JetStream on a free port. */
@@ -179,6 +179,41 @@ export async function proxy(backends) {
     close() {
       for (const s of state.sockets) s.destroy();
       server.close();
+    },
+  };
+}
+
+/** A metric's value from a gateway's admin endpoint (0 when absent). */
+export async function metric(admin, name) {
+  const text = await (await fetch(`${admin}/metrics`)).text();
+  const line = text.split('\n').find((l) => l.startsWith(`${name} `));
+  return line ? Number(line.split(' ')[1]) : 0;
+}
+
+/**
+ * An in-process stand-in for the Web Locks API (`navigator.locks`, which
+ * Node does not have): one holder per name, the others wait in order.
+ */
+export function lockManager() {
+  /** @type {Map<string, Array<() => void>>} */
+  const queues = new Map();
+  return {
+    request(name, callback) {
+      return new Promise((resolve) => {
+        const queue = queues.get(name) ?? [];
+        queues.set(name, queue);
+        const run = async () => {
+          try {
+            await callback();
+          } finally {
+            queue.shift();
+            resolve();
+            queue[0]?.();
+          }
+        };
+        queue.push(run);
+        if (queue.length === 1) run();
+      });
     },
   };
 }

@@ -6,8 +6,8 @@
 import assert from 'node:assert/strict';
 import { after, test } from 'node:test';
 import WebSocket from 'ws';
-import { Client } from '../../src/index.js';
-import { cleanup, gateway, mint, natsServer, proxy, publish, until } from './harness.mjs';
+import { Client, SharedClient } from '../../src/index.js';
+import { cleanup, gateway, lockManager, metric, mint, natsServer, proxy, publish, until } from './harness.mjs';
 
 after(cleanup);
 const clients = [];
@@ -297,4 +297,61 @@ test('cluster: a gateway killed (SIGKILL) and another drained (SIGTERM) while ev
   const moved = many.filter((c) => c.stats.reconnects > 0).length;
   assert.ok(moved >= many.length / 2, `clients reconnected: ${moved}`);
   lb.close();
+});
+
+test('tabs: one connection shared by the tabs of an origin; the leader leaves, another takes over; nothing lost or repeated', async () => {
+  const gw = await gateway();
+  const locks = lockManager();
+  const tabs = [];
+  const tab = (patterns) => {
+    const t = new SharedClient({ url: gw.url, WebSocket, backoff: { min: 100, max: 1000 }, getToken: () => mint({ user: 'alice', scope: 'subscribe,publish' }), locks, heartbeat: 500 });
+    t.seen = new Map();
+    for (const p of patterns) {
+      t.subscribe(p, { onEvent: (e) => t.seen.set(p, [...(t.seen.get(p) ?? []), e.data.i]) });
+    }
+    t.connect();
+    tabs.push(t);
+    return t;
+  };
+  const a = tab(['orders.*']);
+  await until('the first tab leads and is subscribed', () => a.isLeader && a.subscriptions.every((s) => s.state === 'subscribed'));
+  const b = tab(['orders.*', 'invoices.*']);
+  const c = tab(['invoices.*']);
+  await until('every tab subscribed', () => tabs.every((t) => t.subscriptions.every((s) => s.state === 'subscribed')));
+  assert.deepEqual(tabs.map((t) => t.isLeader), [true, false, false]);
+  assert.equal(await metric(gw.admin, 'switchboard_websocket_connected_total'), 1, 'three tabs, one connection');
+  // A follower publishes through the leader.
+  const ack = await c.publish('invoices.eu', { i: -1 });
+  assert.equal(ack.duplicate, false);
+  let n = 0;
+  let stop = false;
+  after(() => {
+    stop = true;
+    for (const t of tabs) t.logout();
+  });
+  const publishing = (async () => {
+    while (!stop) {
+      await publish(gw.url, 'orders.eu', { i: n });
+      await publish(gw.url, 'invoices.eu', { i: n });
+      n += 1;
+      await new Promise((r) => setTimeout(r, 10));
+    }
+  })();
+  await until('events flowing', () => (b.seen.get('orders.*') ?? []).length > 20);
+  // The leader's tab closes: another takes the lock and connects, resuming
+  // from the last event the tabs saw.
+  a.logout();
+  await until('a new leader', () => b.isLeader || c.isLeader);
+  const atHandover = n;
+  await until('events after the handover', () => n > atHandover + 30);
+  stop = true;
+  await publishing;
+  await until('every event in the remaining tabs', () => (b.seen.get('orders.*') ?? []).length === n && (b.seen.get('invoices.*') ?? []).length === n + 1 && (c.seen.get('invoices.*') ?? []).length === n + 1);
+  const all = [...Array(n).keys()];
+  assert.deepEqual(b.seen.get('orders.*'), all, 'tab b, orders: exactly once, in order');
+  assert.deepEqual(b.seen.get('invoices.*'), [-1, ...all], 'tab b, invoices');
+  assert.deepEqual(c.seen.get('invoices.*'), [-1, ...all], 'tab c, invoices');
+  assert.equal(c.seen.get('orders.*'), undefined, 'a tab gets only what it subscribed to');
+  assert.equal(await metric(gw.admin, 'switchboard_websocket_connected_total'), 2, 'one connection per leader');
+  for (const t of tabs) t.logout();
 });

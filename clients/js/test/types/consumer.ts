@@ -43,3 +43,14 @@ client.attempt();
 // @ts-expect-error transports are named
 new Client({ url: 'x', transports: ['carrier-pigeon'] });
 client.connect();
+
+// One connection shared by the tabs of an origin.
+import { SharedClient } from '@switchboard/client';
+const tab = new SharedClient({ url: 'https://realtime.example.com', getToken: async () => 'jwt' });
+tab.on('role', ({ leader }) => {
+  const l: boolean = leader;
+  void l;
+});
+const shared: Subscription = tab.subscribe('deal.*', { onEvent: (e) => console.log(e.event_id) });
+void shared;
+void tab.publish('chat.1', { text: 'hi' }).then((a) => a.event_id);
