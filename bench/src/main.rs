@@ -543,7 +543,8 @@ async fn subscriber(
                     run.stats.record_reconnect(phases);
                 }
                 if let Some(at) = disconnected_at {
-                    run.stats.record_reconnect_wait(attempt_began - at);
+                    run.stats
+                        .record_phase(stats::Phase::Wait, attempt_began - at);
                 }
                 // A client that has received nothing yet resumes from where
                 // its subscription began.
@@ -587,7 +588,8 @@ async fn subscriber(
                     && let Some(at) = disconnected_at.take()
                 {
                     run.stats.record_resume(at.elapsed().as_micros() as u64);
-                    run.stats.record_served(attempt_began.elapsed());
+                    run.stats
+                        .record_phase(stats::Phase::Served, attempt_began.elapsed());
                 }
             }
         }
@@ -627,8 +629,10 @@ async fn subscriber(
                 && target::is_replay_complete(t)
             {
                 run.stats.record_resume(at.elapsed().as_micros() as u64);
-                run.stats.record_replay(subscribed_at.elapsed());
-                run.stats.record_served(attempt_began.elapsed());
+                run.stats
+                    .record_phase(stats::Phase::Replay, subscribed_at.elapsed());
+                run.stats
+                    .record_phase(stats::Phase::Served, attempt_began.elapsed());
                 disconnected_at = None;
             }
         }

@@ -46,6 +46,25 @@ pub struct Stats {
     timer_lag: Mutex<Histogram<u64>>,
 }
 
+/// The parts of a reconnect the storm report breaks out.
+#[derive(Clone, Copy)]
+pub enum Phase {
+    /// The TCP connect.
+    Tcp,
+    /// The WebSocket handshake.
+    Handshake,
+    /// The subscribe until confirmed.
+    Subscribed,
+    /// From noticing a disconnect until the reconnect began (the client's
+    /// own delay, plus however late this process ran it).
+    Wait,
+    /// From the subscription's confirmation until `replay.complete`.
+    Replay,
+    /// From the reconnect's start (TCP connect) until `replay.complete`:
+    /// the resume as the cluster served it, without the client's own delay.
+    Served,
+}
+
 /// How long one connect took, phase by phase.
 #[derive(Clone, Copy)]
 pub struct ConnectPhases {
@@ -100,38 +119,14 @@ impl Stats {
 
     /// The phases of one reconnect.
     pub fn record_reconnect(&self, phases: ConnectPhases) {
-        for (h, d) in
-            self.reconnect_phases
-                .iter()
-                .zip([phases.tcp, phases.handshake, phases.subscribed])
-        {
-            h.lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .saturating_record((d.as_micros() as u64).max(1));
-        }
+        self.record_phase(Phase::Tcp, phases.tcp);
+        self.record_phase(Phase::Handshake, phases.handshake);
+        self.record_phase(Phase::Subscribed, phases.subscribed);
     }
 
-    /// From noticing a disconnect until the reconnect began (the client's
-    /// own delay, plus however late this process ran it).
-    pub fn record_reconnect_wait(&self, d: std::time::Duration) {
-        self.reconnect_phases[3]
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .saturating_record((d.as_micros() as u64).max(1));
-    }
-
-    /// From the subscription's confirmation until `replay.complete`.
-    pub fn record_replay(&self, d: std::time::Duration) {
-        self.reconnect_phases[4]
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .saturating_record((d.as_micros() as u64).max(1));
-    }
-
-    /// From the reconnect's start (TCP connect) until `replay.complete`:
-    /// the resume as the cluster served it, without the client's own delay.
-    pub fn record_served(&self, d: std::time::Duration) {
-        self.reconnect_phases[5]
+    /// How long one part of a reconnect took.
+    pub fn record_phase(&self, phase: Phase, d: std::time::Duration) {
+        self.reconnect_phases[phase as usize]
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .saturating_record((d.as_micros() as u64).max(1));
