@@ -320,6 +320,13 @@ test('tabs: one connection shared by the tabs of an origin; the leader leaves, a
   await until('every tab subscribed', () => tabs.every((t) => t.subscriptions.every((s) => s.state === 'subscribed')));
   assert.deepEqual(tabs.map((t) => t.isLeader), [true, false, false]);
   assert.equal(await metric(gw.admin, 'switchboard_websocket_connected_total'), 1, 'three tabs, one connection');
+  // A tab holding a pattern no other tab holds leaves: the leader drops it.
+  const d = tab(['shipments.*']);
+  await until('the fourth tab subscribed', () => d.subscriptions.every((s) => s.state === 'subscribed'));
+  assert.equal(await metric(gw.admin, 'switchboard_subscriptions_active'), 3, 'the union of the tabs\' patterns');
+  d.logout();
+  await until('its pattern dropped', async () => (await metric(gw.admin, 'switchboard_subscriptions_active')) === 2);
+  tabs.pop();
   // A follower publishes through the leader.
   const ack = await c.publish('invoices.eu', { i: -1 });
   assert.equal(ack.duplicate, false);
