@@ -34,6 +34,13 @@ pub trait ResumeSink: Send {
     fn page_done(&mut self) -> impl Future<Output = bool> + Send {
         async { true }
     }
+
+    /// The replay's last page was handed over. By default as any page; a
+    /// sink whose caller writes (and flushes) an answer right after the
+    /// replay may leave the flush to it: one write for the whole resume.
+    fn replay_done(&mut self) -> impl Future<Output = bool> + Send {
+        self.page_done()
+    }
 }
 
 /// What a resume did.
@@ -162,17 +169,18 @@ impl Session {
                 out.sent += 1;
                 out.last = Some(event.id);
             }
-            if !sink.page_done().await {
-                out.stopped = true;
+            if !batch.more || batch.next.seq >= until || batch.next == after {
+                out.stopped = !sink.replay_done().await;
                 return Ok(out);
             }
-            if !batch.more || batch.next.seq >= until || batch.next == after {
+            if !sink.page_done().await {
+                out.stopped = true;
                 return Ok(out);
             }
             after = batch.next;
         }
         // Stopped inside a page: hand over what it sent.
-        out.stopped = !sink.page_done().await;
+        out.stopped = !sink.replay_done().await;
         Ok(out)
     }
 }

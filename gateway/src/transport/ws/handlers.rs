@@ -73,6 +73,14 @@ impl ResumeSink for SocketSink<'_> {
         self.unflushed = 0;
         self.socket.flush().await.is_ok()
     }
+
+    /// The caller answers right after the replay (`replay.complete`, or an
+    /// error) and that write flushes what is queued: the confirmation, the
+    /// replay and the answer leave in one write.
+    async fn replay_done(&mut self) -> bool {
+        self.unflushed = 0;
+        true
+    }
 }
 
 impl Connection {
@@ -317,12 +325,26 @@ impl Connection {
                 request_id: rid.clone(),
             }
         };
-        let flow = self.reply(confirm).await;
-        if !matches!(flow, Flow::Continue) {
-            return flow;
-        }
         let new: Vec<Pattern> = ok.into_iter().filter(|p| !before.contains(p)).collect();
-        match explicit.or_else(|| self.pending_cursor.take()) {
+        let resume_from = explicit.or_else(|| self.pending_cursor.take());
+        if let (Some(_), false) = (resume_from, new.is_empty()) {
+            // A replay follows: the confirmation leaves with it, in one
+            // write (the replay's answer flushes).
+            if self
+                .socket
+                .feed(Message::Text(confirm.frame().into()))
+                .await
+                .is_err()
+            {
+                return Flow::Gone;
+            }
+        } else {
+            let flow = self.reply(confirm).await;
+            if !matches!(flow, Flow::Continue) {
+                return flow;
+            }
+        }
+        match resume_from {
             Some(cursor) if !new.is_empty() => self.replay(cursor, Some(&new), rid).await,
             None if req.snapshot && !new.is_empty() => self.send_snapshot(&new, rid).await,
             _ => Flow::Continue,
