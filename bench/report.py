@@ -304,7 +304,9 @@ if storms:
     p("\nWhere a reconnect's time goes (p50 / p99 ms, per reconnect after the stop): the wait from noticing the "
       "disconnect until the reconnect began (the client's own delay of 0-500 ms, and how late the load generator "
       "ran it), the TCP connect, the WebSocket handshake, the subscribe until confirmed, and from the "
-      "confirmation until `replay.complete` (the history read and replay); last, the resume as the cluster "
+      "confirmation until `replay.complete` (the history read and replay; the gateway writes the confirmation "
+      "together with its replay, so for a resume the subscribe phase holds the read and this one is about 0); "
+      "last, the resume as the cluster "
       "served it: from the start of the reconnect that succeeded until `replay.complete`, without the wait. "
       "The load generator shares the 2 cores with the servers: how late its own 10 ms timer ran while the "
       "clients resumed is its share of their latency (a client's reconnect delay and its reads wait as long).\n")
