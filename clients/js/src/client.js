@@ -12,7 +12,7 @@ import { Backoff } from './backoff.js';
 import { RecentIds } from './dedup.js';
 import { Emitter } from './emitter.js';
 import { SwitchboardError, closeAction, REFUSED_PATTERN } from './errors.js';
-import { matches, patternError } from './pattern.js';
+import { matches, requirePattern } from './pattern.js';
 import { Presence } from './presence.js';
 import { Subscription } from './subscription.js';
 import { refreshDelay, tokenExpiry } from './token.js';
@@ -686,8 +686,7 @@ export class Client extends Emitter {
    * @returns {Subscription}
    */
   subscribe(pattern, options = {}) {
-    const invalid = patternError(pattern);
-    if (invalid) throw new SwitchboardError('invalid_pattern', `invalid pattern ${JSON.stringify(pattern)}: ${invalid}`);
+    requirePattern(pattern);
     let sub = this.subs.get(pattern);
     if (!sub) {
       sub = new Subscription(pattern, {
@@ -787,8 +786,7 @@ export class Client extends Emitter {
    * @returns {Presence}
    */
   presence(topic, options = {}) {
-    const invalid = patternError(topic);
-    if (invalid) throw new SwitchboardError('invalid_pattern', `invalid topic ${JSON.stringify(topic)}: ${invalid}`);
+    requirePattern(topic, 'topic');
     let p = this.presences.get(topic);
     if (p && options.info === undefined) return p;
     if (!p) {

@@ -6,6 +6,8 @@
 // exactly one token; a trailing `*` or `>` matches one or more; `*` alone
 // matches every topic (see docs/protocol.md, "Topics and patterns").
 
+import { SwitchboardError } from './errors.js';
+
 /**
  * True when `pattern` matches `topic`.
  * @param {string} pattern
@@ -47,4 +49,15 @@ export function patternError(pattern) {
     if (tok !== '*' && tok !== '>' && !TOKEN.test(tok)) return `token ${JSON.stringify(tok)} has a character outside [A-Za-z0-9_:/-]`;
   }
   return null;
+}
+
+/**
+ * Throw the SDK's `invalid_pattern` error unless `pattern` can be a
+ * subscription (see `patternError`).
+ * @param {string} pattern
+ * @param {string} [what] how the message names it (default `pattern`)
+ */
+export function requirePattern(pattern, what = 'pattern') {
+  const invalid = patternError(pattern);
+  if (invalid) throw new SwitchboardError('invalid_pattern', `invalid ${what} ${JSON.stringify(pattern)}: ${invalid}`);
 }

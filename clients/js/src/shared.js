@@ -13,7 +13,7 @@ import { Client } from './client.js';
 import { RecentIds } from './dedup.js';
 import { Emitter } from './emitter.js';
 import { SwitchboardError } from './errors.js';
-import { matches, patternError } from './pattern.js';
+import { matches, patternError, requirePattern } from './pattern.js';
 import { Subscription } from './subscription.js';
 
 /** @typedef {import('./subscription.js').SwitchboardEvent} SwitchboardEvent */
@@ -185,8 +185,7 @@ export class SharedClient extends Emitter {
    * @returns {Subscription}
    */
   subscribe(pattern, options = {}) {
-    const invalid = patternError(pattern);
-    if (invalid) throw new SwitchboardError('invalid_pattern', `invalid pattern ${JSON.stringify(pattern)}: ${invalid}`);
+    requirePattern(pattern);
     let sub = this.subs.get(pattern);
     if (!sub) {
       sub = new Subscription(pattern, {

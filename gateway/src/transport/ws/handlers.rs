@@ -326,29 +326,29 @@ impl Connection {
             }
         };
         let new: Vec<Pattern> = ok.into_iter().filter(|p| !before.contains(p)).collect();
-        let resume_from = explicit.or_else(|| self.pending_cursor.take());
-        if let (Some(_), false) = (resume_from, new.is_empty()) {
-            // A replay follows: the confirmation leaves with it, in one
-            // write (the replay's answer flushes).
-            if self
-                .socket
-                .feed(Message::Text(confirm.frame().into()))
-                .await
-                .is_err()
-            {
-                return Flow::Gone;
-            }
-        } else {
+        let resume_from = explicit
+            .or_else(|| self.pending_cursor.take())
+            .filter(|_| !new.is_empty());
+        let Some(cursor) = resume_from else {
             let flow = self.reply(confirm).await;
-            if !matches!(flow, Flow::Continue) {
-                return flow;
-            }
+            return match flow {
+                Flow::Continue if req.snapshot && !new.is_empty() => {
+                    self.send_snapshot(&new, rid).await
+                }
+                flow => flow,
+            };
+        };
+        // A replay follows: the confirmation leaves with it, in one write
+        // (the replay's answer flushes).
+        if self
+            .socket
+            .feed(Message::Text(confirm.frame().into()))
+            .await
+            .is_err()
+        {
+            return Flow::Gone;
         }
-        match resume_from {
-            Some(cursor) if !new.is_empty() => self.replay(cursor, Some(&new), rid).await,
-            None if req.snapshot && !new.is_empty() => self.send_snapshot(&new, rid).await,
-            _ => Flow::Continue,
-        }
+        self.replay(cursor, Some(&new), rid).await
     }
 
     /// The newest retained event of each topic `new` matches, before any
