@@ -407,8 +407,9 @@ p("- One serialization per event: the WebSocket frame is built once when the eve
   "(reference-counted bytes) by every connection; no per-connection JSON.")
 p("- Per connection: a mailbox (a lock-protected `VecDeque`, allocating nothing while empty, capacity given "
   "back after a burst) instead of a channel; one task whose state stays small (request handlers and the "
-  "goodbye path are boxed, so idle connections do not carry them); one timer for heartbeat, idle, token "
-  "expiry and drain; one watch for policy and drain; a 128-byte read buffer; writes batched up to 8 KiB "
+  "goodbye path are boxed, so idle connections do not carry them; a unit test keeps the task in jemalloc's "
+  "1,280-byte size class); one timer for heartbeat, idle, token expiry and drain; policy changes and the "
+  "drain signalled through the mailbox, not a watch per connection; a 128-byte read buffer; writes batched up to 8 KiB "
   "per syscall, sent at once (TCP_NODELAY: Nagle's algorithm would hold small frames back "
   "waiting for ACKs); jemalloc.")
 p("- Fan-out reads the tenant's subscription index under a read lock once per event, then pushes to each "

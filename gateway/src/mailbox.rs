@@ -95,6 +95,18 @@ pub struct Overflowed;
 struct Queue {
     events: VecDeque<Arc<Event>>,
     overflowed: bool,
+    /// The policy or the drain state changed since the connection last
+    /// looked (see [`Mailbox::signal_control`]).
+    control: bool,
+}
+
+/// What woke a connection that waits with [`Mailbox::take_or_control`].
+#[derive(Debug)]
+pub enum Wake {
+    /// The next queued event.
+    Event(Arc<Event>),
+    /// The policy or the drain state changed: re-check them.
+    Control,
 }
 
 #[derive(Debug)]
@@ -192,17 +204,54 @@ impl Mailbox {
         .await
     }
 
-    /// Resolves once the connection has overflowed.
-    pub async fn kicked(&self) {
+    /// Wait for the next event or a control signal, whichever comes first
+    /// (a signal first when both are there: a revoked subscription stops
+    /// before more of its events are written). Cancel-safe.
+    pub async fn take_or_control(&self) -> Result<Wake, Overflowed> {
         poll_fn(|cx| {
             self.waker.register(cx.waker());
-            if self.overflowed() {
-                Poll::Ready(())
-            } else {
-                Poll::Pending
+            let mut q = self.lock();
+            if q.overflowed {
+                return Poll::Ready(Err(Overflowed));
+            }
+            if std::mem::take(&mut q.control) {
+                return Poll::Ready(Ok(Wake::Control));
+            }
+            match q.events.pop_front() {
+                Some(event) => {
+                    if q.events.is_empty() && q.events.capacity() > KEEP_CAPACITY {
+                        q.events.shrink_to(KEEP_CAPACITY);
+                    }
+                    Poll::Ready(Ok(Wake::Event(event)))
+                }
+                None => Poll::Pending,
             }
         })
         .await
+    }
+
+    /// The policy or the drain state changed: wake the connection so it
+    /// re-checks them. Connections are signalled through their mailbox
+    /// rather than each holding a watch of their own: nothing more to keep
+    /// per connection, and nothing more to poll on every delivery.
+    pub fn signal_control(&self) {
+        self.lock().control = true;
+        self.waker.wake();
+    }
+
+    /// Ready once the connection has overflowed (wakes `cx` then).
+    pub fn poll_kicked(&self, cx: &mut std::task::Context<'_>) -> Poll<()> {
+        self.waker.register(cx.waker());
+        if self.overflowed() {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    }
+
+    /// Resolves once the connection has overflowed.
+    pub async fn kicked(&self) {
+        poll_fn(|cx| self.poll_kicked(cx)).await
     }
 }
 
@@ -312,6 +361,37 @@ mod tests {
         fn wake(self: Arc<Self>) {
             self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         }
+    }
+
+    #[tokio::test]
+    async fn a_control_signal_wakes_a_waiting_connection_once_and_comes_first() {
+        let m = Arc::new(Mailbox::new(4, None, "u".into()));
+        let waiter = tokio::spawn({
+            let m = m.clone();
+            async move { m.take_or_control().await }
+        });
+        tokio::task::yield_now().await;
+        m.signal_control();
+        let woke = tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
+            .await
+            .expect("a signal wakes the connection")
+            .unwrap();
+        assert!(matches!(woke, Ok(Wake::Control)));
+
+        // Queued before the signal, delivered after it; signals coalesce.
+        m.offer(&event(1));
+        m.signal_control();
+        m.signal_control();
+        assert!(matches!(m.take_or_control().await, Ok(Wake::Control)));
+        assert!(matches!(m.take_or_control().await, Ok(Wake::Event(e)) if e.id.seq == 1));
+        assert!(m.try_take().unwrap().is_none(), "one signal, one event");
+
+        // An overflow wins over both.
+        m.signal_control();
+        for seq in 2..8 {
+            m.offer(&event(seq));
+        }
+        assert!(matches!(m.take_or_control().await, Err(Overflowed)));
     }
 
     #[test]

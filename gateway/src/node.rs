@@ -2,8 +2,8 @@
 //! subscriptions), the broker (storage and routing), the verifier, the live
 //! policy, the metrics and the drain state, and it admits connections.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use dashmap::DashMap;
@@ -81,9 +81,14 @@ pub struct Node {
     /// Set once a drain starts; only through `start_drain`.
     drain: watch::Sender<Option<Drain>>,
     /// Ticks whenever the policy or the drain state changed: one watch a
-    /// WebSocket connection keeps instead of two. Private with the two
+    /// Socket.IO connection or a publish stream keeps instead of two. Private with the two
     /// above, so no change can skip the tick.
     control: watch::Sender<()>,
+    /// The WebSocket connections' mailboxes, signalled with the tick
+    /// instead of each connection keeping a watch (see
+    /// [`Mailbox::signal_control`](crate::mailbox::Mailbox::signal_control));
+    /// an entry leaves with its connection's [`Admission`].
+    control_targets: DashMap<ConnId, Weak<crate::mailbox::Mailbox>>,
     next_conn: AtomicU64,
     connections: AtomicU64,
     tenant_connections: DashMap<Arc<str>, u64>,
@@ -181,9 +186,17 @@ pub struct Admission {
     pub id: ConnId,
 }
 
+impl Admission {
+    /// The tenant whose slot this is.
+    pub fn tenant(&self) -> &Arc<str> {
+        &self.tenant
+    }
+}
+
 impl Drop for Admission {
     fn drop(&mut self) {
         self.node.connections.fetch_sub(1, Ordering::AcqRel);
+        self.node.control_targets.remove(&self.id);
         if let Some(mut n) = self.node.tenant_connections.get_mut(&self.tenant) {
             *n = n.saturating_sub(1);
         }
@@ -213,6 +226,7 @@ impl Node {
             policy: watch::channel(Arc::new(policy)).0,
             drain: watch::channel(None).0,
             control: watch::channel(()).0,
+            control_targets: DashMap::new(),
             next_conn: AtomicU64::new(1),
             connections: AtomicU64::new(0),
             tenant_connections: DashMap::new(),
@@ -244,17 +258,34 @@ impl Node {
         self.control.subscribe()
     }
 
+    /// Signal `mailbox` (connection `id`) on every policy change and when
+    /// a drain starts, until the connection's admission is dropped. Call
+    /// it before reading the policy and the drain state: no change can
+    /// then fall between the read and the first signal.
+    pub fn signal_control_to(&self, id: ConnId, mailbox: &Arc<crate::mailbox::Mailbox>) {
+        self.control_targets.insert(id, Arc::downgrade(mailbox));
+    }
+
     /// Put a new policy in force; every connection re-checks its
     /// subscriptions.
     pub fn set_policy(&self, policy: PolicyBundle) {
         self.policy.send_replace(Arc::new(policy));
-        self.control.send_replace(());
+        self.tick_control();
     }
 
     /// Start draining: connections leave at spread-out times within it.
     pub fn start_drain(&self, drain: Drain) {
         self.drain.send_replace(Some(drain));
+        self.tick_control();
+    }
+
+    fn tick_control(&self) {
         self.control.send_replace(());
+        for target in &self.control_targets {
+            if let Some(mailbox) = target.value().upgrade() {
+                mailbox.signal_control();
+            }
+        }
     }
 
     /// A fresh connection id.
@@ -566,5 +597,51 @@ fn resolve_tenant(
             Ok(t.into())
         }
         Some(t) => Err(PublishError::WrongTenant(t)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mailbox::{Mailbox, Wake};
+
+    #[tokio::test]
+    async fn control_reaches_a_connection_until_its_admission_is_dropped() {
+        let mut config = GatewayConfig::default();
+        config.auth.hs256_secret = Some("s".repeat(32));
+        let node = crate::startup::build(config)
+            .await
+            .expect("an embedded node");
+        let principal = Principal {
+            tenant: "acme".into(),
+            user: "u1".into(),
+            scopes: Vec::new(),
+            expires_at: u64::MAX,
+        };
+        let admission = node.admit(&principal).expect("admitted");
+        let mailbox = Arc::new(Mailbox::new(8, None, "u1".into()));
+        node.signal_control_to(admission.id, &mailbox);
+
+        node.start_drain(Drain {
+            started: tokio::time::Instant::now(),
+            period: std::time::Duration::from_secs(30),
+        });
+        assert!(matches!(mailbox.take_or_control().await, Ok(Wake::Control)));
+
+        // The connection's slot is given back: it is signalled no more, and
+        // the node keeps nothing of it.
+        drop(admission);
+        assert!(node.control_targets.is_empty());
+        node.start_drain(Drain {
+            started: tokio::time::Instant::now(),
+            period: std::time::Duration::from_secs(30),
+        });
+        assert!(mailbox.try_take().unwrap().is_none());
+        let woke = tokio::time::timeout(
+            std::time::Duration::from_millis(50),
+            mailbox.take_or_control(),
+        )
+        .await;
+        assert!(woke.is_err(), "no signal after the admission was dropped");
     }
 }

@@ -17,7 +17,7 @@ use switchboard_config::{Pattern, Topic};
 
 use crate::auth::Principal;
 use crate::event::{Cursor, Event, EventKind, USER_CHANNEL_PREFIX};
-use crate::mailbox::{Mailbox, Overflowed};
+use crate::mailbox::{Mailbox, Overflowed, Wake};
 use crate::node::{Admission, Node};
 use crate::protocol::ErrorCode;
 
@@ -87,8 +87,6 @@ pub struct Session {
     pub node: Arc<Node>,
     /// Its connection slot.
     pub admission: Admission,
-    /// The verified tenant.
-    pub tenant: Arc<str>,
     /// Where the hub queues its live events.
     pub mailbox: Arc<Mailbox>,
     /// Subscribed patterns with their `since` sequence.
@@ -122,7 +120,6 @@ impl Session {
         Self {
             node,
             admission,
-            tenant: principal.tenant.clone(),
             mailbox: Arc::new(Mailbox::new(queue, region, principal.user.as_str().into())),
             subs: Vec::new(),
             any_channel_form: false,
@@ -150,6 +147,11 @@ impl Session {
         }
         let (ok, _) = self.subscribe_as(&[own], Form::Native, true, true).await;
         !ok.is_empty()
+    }
+
+    /// The verified tenant.
+    pub fn tenant(&self) -> &Arc<str> {
+        self.admission.tenant()
     }
 
     /// The user the session belongs to.
@@ -205,7 +207,7 @@ impl Session {
         implicit: bool,
         observe: bool,
     ) -> (Vec<Pattern>, Vec<SubscribeError>) {
-        let max = match self.node.limits(&self.tenant) {
+        let max = match self.node.limits(self.tenant()) {
             Ok(l) => l.max_subscriptions_per_connection,
             Err(d) => {
                 return (
@@ -257,13 +259,13 @@ impl Session {
             }
             // Upstream first: a subscription the broker cannot serve is
             // refused, never confirmed.
-            if let Err(e) = self.node.broker.subscribe(&self.tenant, &pattern).await {
+            if let Err(e) = self.node.broker.subscribe(self.tenant(), &pattern).await {
                 tracing::warn!(pattern = %pattern, error = %e, "subscription refused by the broker");
                 errors.push(SubscribeError::Unavailable(e.to_string()));
                 continue;
             }
             let registered_at = self.node.hub.register(
-                &self.tenant,
+                self.tenant(),
                 self.admission.id,
                 &pattern,
                 self.mailbox.clone(),
@@ -271,15 +273,15 @@ impl Session {
             let since = match self
                 .node
                 .broker
-                .live_from(&self.tenant, registered_at)
+                .live_from(self.tenant(), registered_at)
                 .await
             {
                 Ok(s) => s,
                 Err(e) => {
                     self.node
                         .hub
-                        .unregister(&self.tenant, self.admission.id, &pattern);
-                    self.node.broker.unsubscribe(&self.tenant, &pattern).await;
+                        .unregister(self.tenant(), self.admission.id, &pattern);
+                    self.node.broker.unsubscribe(self.tenant(), &pattern).await;
                     errors.push(SubscribeError::Unavailable(e.to_string()));
                     continue;
                 }
@@ -304,7 +306,7 @@ impl Session {
     }
 
     fn key(&self, topic: &Topic) -> crate::presence::Key {
-        (self.tenant.clone(), topic.clone())
+        (self.tenant().clone(), topic.clone())
     }
 
     /// A presence topic subscribed exactly starts the presence notices.
@@ -315,12 +317,12 @@ impl Session {
         let Ok(topic) = Topic::parse(pattern.as_str()) else {
             return;
         };
-        if !self.node.policy().is_presence(&self.tenant, &topic) {
+        if !self.node.policy().is_presence(self.tenant(), &topic) {
             return;
         }
         let cap = self
             .node
-            .limits(&self.tenant)
+            .limits(self.tenant())
             .map_or(self.node.config.limits.max_presence_members, |l| {
                 l.max_presence_members
             });
@@ -343,7 +345,7 @@ impl Session {
     ) -> Result<Pattern, SubscribeError> {
         let topic = Topic::parse(raw)
             .map_err(|e| SubscribeError::Invalid(raw.chars().take(300).collect(), e.to_string()))?;
-        if !self.node.policy().is_presence(&self.tenant, &topic) {
+        if !self.node.policy().is_presence(self.tenant(), &topic) {
             return Err(SubscribeError::NotPresence(topic.to_string()));
         }
         if let Some(info) = &info {
@@ -426,7 +428,7 @@ impl Session {
         match pattern.literal_prefix().and_then(private_owner_token) {
             Some(owner) if owner == self.user() => Ok(()),
             Some(_) => Err(Denied::NotAllowed(pattern.to_string())),
-            None => self.node.policy().check_subscribe(&self.tenant, pattern),
+            None => self.node.policy().check_subscribe(self.tenant(), pattern),
         }
     }
 
@@ -453,8 +455,8 @@ impl Session {
         }
         self.node
             .hub
-            .unregister(&self.tenant, self.admission.id, pattern);
-        self.node.broker.unsubscribe(&self.tenant, pattern).await;
+            .unregister(self.tenant(), self.admission.id, pattern);
+        self.node.broker.unsubscribe(self.tenant(), pattern).await;
     }
 
     /// Should this event, taken from the live queue, be delivered? An event
@@ -492,6 +494,17 @@ impl Session {
         }
     }
 
+    /// [`Session::next_live`], or a control signal (the policy or the
+    /// drain state changed), whichever comes first.
+    pub async fn next_live_or_control(&self) -> Result<Wake, Overflowed> {
+        loop {
+            match self.mailbox.take_or_control().await? {
+                Wake::Event(event) if !self.wants_live(&event) => {}
+                wake => return Ok(wake),
+            }
+        }
+    }
+
     /// The next live event already queued, without waiting.
     pub fn try_next_live(&self) -> Result<Option<Arc<Event>>, Overflowed> {
         while let Some(event) = self.mailbox.try_take()? {
@@ -519,7 +532,7 @@ impl Session {
     /// The cursor a client can resume from when it has seen nothing yet:
     /// everything after it will reach it.
     pub fn live_cursor(&self) -> Cursor {
-        let head = self.node.broker.head(&self.tenant);
+        let head = self.node.broker.head(self.tenant());
         let since = self.subs.iter().map(|s| s.since).min().unwrap_or(head.seq);
         Cursor {
             epoch: head.epoch,
@@ -547,15 +560,12 @@ impl Drop for Session {
         // leaves the hub and presence at once, and gives its broker
         // interest back.
         let conn = self.admission.id;
-        for topic in self.joined.drain(..) {
-            self.node
-                .presence
-                .leave(&(self.tenant.clone(), topic), conn);
+        let tenant = self.tenant().clone();
+        for topic in std::mem::take(&mut self.joined) {
+            self.node.presence.leave(&(tenant.clone(), topic), conn);
         }
-        for topic in self.observed.drain(..) {
-            self.node
-                .presence
-                .unobserve(&(self.tenant.clone(), topic), conn);
+        for topic in std::mem::take(&mut self.observed) {
+            self.node.presence.unobserve(&(tenant.clone(), topic), conn);
         }
         let subs: Vec<Sub> = self.subs.drain(..).collect();
         if subs.is_empty() {
@@ -567,11 +577,10 @@ impl Drop for Session {
             }
             self.node
                 .hub
-                .unregister(&self.tenant, self.admission.id, &s.pattern);
+                .unregister(&tenant, self.admission.id, &s.pattern);
         }
         let patterns: Vec<Pattern> = subs.into_iter().map(|s| s.pattern).collect();
         let broker = self.node.broker.clone();
-        let tenant = self.tenant.clone();
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(async move {
                 for p in &patterns {

@@ -137,7 +137,7 @@ impl Session {
             let batch = self
                 .node
                 .broker
-                .read(&self.tenant, Some(after), &scope, &wanted, PAGE)
+                .read(self.tenant(), Some(after), &scope, &wanted, PAGE)
                 .await?;
             if let Some(seen) = &batch.seen_elsewhere {
                 // Kept for the session: later pages and live delivery skip
@@ -212,7 +212,7 @@ impl Session {
         };
         self.node
             .broker
-            .latest(&self.tenant, &scope, &wanted, limit)
+            .latest(self.tenant(), &scope, &wanted, limit)
             .await
     }
 }

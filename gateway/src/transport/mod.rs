@@ -237,7 +237,7 @@ pub enum PolicyChange {
 
 /// Re-check a subscriber against the policy now in force.
 pub async fn policy_changed(session: &mut Session) -> PolicyChange {
-    if session.node.limits(&session.tenant).is_err() {
+    if session.node.limits(session.tenant()).is_err() {
         return PolicyChange::TenantRemoved(ServerMessage::SubscriptionRevoked {
             topics: session.patterns().map(|p| p.as_str().to_owned()).collect(),
             reason: TENANT_REMOVED.into(),

@@ -1,18 +1,20 @@
 //! One WebSocket connection: its state, the loop that serves it, the
 //! batched writer and the goodbye.
 
+use std::future::poll_fn;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use futures_util::{SinkExt, StreamExt};
 use tokio::time::{Instant, sleep_until};
-use tokio_stream::wrappers::WatchStream;
 use tracing::Instrument;
 
 use super::timers::{Deadlines, RateLimit, deadline_for_expiry};
 use crate::auth::Principal;
 use crate::event::Cursor;
+use crate::mailbox::Wake;
 use crate::protocol::{Close, ErrorCode, ReconnectReason, ServerMessage};
 use crate::session::Session;
 
@@ -132,15 +134,15 @@ impl Connection {
     /// client left.
     async fn serve(&mut self) -> Option<(Close, Option<String>)> {
         let node = self.session.node.clone();
-        let mailbox = self.session.mailbox.clone();
         let mut clock = Deadlines::new(
             &node.config.heartbeat,
             deadline_for_expiry(self.principal.expires_at),
         );
         let timer = sleep_until(clock.next());
         tokio::pin!(timer);
-        // Policy changes and the drain arrive as ticks of one watch.
-        let mut control = WatchStream::from_changes(node.control());
+        // Policy changes and the drain arrive as signals in the mailbox;
+        // asked for before both are read, so none is missed.
+        node.signal_control_to(self.session.admission.id, &self.session.mailbox);
         let mut policy_seen = node.policy();
         // A drain already under way counts.
         if clock.arm_drain(node.drain_state(), self.session.admission.id) {
@@ -156,9 +158,9 @@ impl Connection {
             expires_at: self.principal.expires_at,
         }
         .frame();
-        if self
-            .socket
-            .send(Message::Text(established.into()))
+        // Boxed, like the subscription below: the state of a send would
+        // otherwise be reserved in every idle connection's task.
+        if Box::pin(self.socket.send(Message::Text(established.into())))
             .await
             .is_err()
         {
@@ -166,29 +168,37 @@ impl Connection {
         }
         // Every connection receives its user's private channel (direct
         // messages), without asking and beyond its subscription limit.
-        self.session.subscribe_own_channel().await;
+        // Boxed: its state would otherwise be reserved in every idle
+        // connection's task (it is larger than the loop's).
+        Box::pin(self.session.subscribe_own_channel()).await;
 
         loop {
             let flow = tokio::select! {
                 biased;
-                event = self.session.next_live() => match event {
-                    Ok(first) => {
-                        // Write a batch; a blocked write loses to the kick.
-                        let kicked = tokio::select! {
-                            biased;
-                            () = mailbox.kicked() => true,
-                            r = self.write_batch(first) => {
-                                if r.is_err() { return None; }
-                                false
-                            }
-                        };
-                        if kicked { Flow::Close(Close::SlowConsumer, None) } else { Flow::Continue }
+                wake = self.session.next_live_or_control() => match wake {
+                    Ok(Wake::Control) => {
+                        if clock.arm_drain(node.drain_state(), self.session.admission.id) {
+                            timer.as_mut().reset(clock.next());
+                        }
+                        let policy = node.policy();
+                        if Arc::ptr_eq(&policy, &policy_seen) {
+                            Flow::Continue
+                        } else {
+                            policy_seen = policy;
+                            let span = self.span.clone();
+                            Box::pin(self.on_policy_change().instrument(span)).await
+                        }
                     }
+                    Ok(Wake::Event(first)) => match self.write_batch(first).await {
+                        Ok(()) => Flow::Continue,
+                        Err(WriteStop::Kicked) => Flow::Close(Close::SlowConsumer, None),
+                        Err(WriteStop::Socket) => return None,
+                    },
                     Err(_overflowed) => Flow::Close(Close::SlowConsumer, None),
                 },
                 frame = self.socket.next() => {
                     // The timer is not moved: when it fires early it re-arms.
-                    clock.idle = Instant::now() + clock.idle_timeout;
+                    clock.heard_from_client(Instant::now());
                     match frame {
                         None => return None,
                         Some(Err(e)) => {
@@ -217,19 +227,6 @@ impl Connection {
                     let flow = Box::pin(self.on_timer(&mut clock).instrument(span)).await;
                     timer.as_mut().reset(clock.next());
                     flow
-                }
-                Some(()) = control.next() => {
-                    if clock.arm_drain(node.drain_state(), self.session.admission.id) {
-                        timer.as_mut().reset(clock.next());
-                    }
-                    let policy = node.policy();
-                    if Arc::ptr_eq(&policy, &policy_seen) {
-                        Flow::Continue
-                    } else {
-                        policy_seen = policy;
-                        let span = self.span.clone();
-                        Box::pin(self.on_policy_change().instrument(span)).await
-                    }
                 }
             };
             match flow {
@@ -264,7 +261,7 @@ impl Connection {
             return Flow::Close(Close::IdleTimeout, None);
         }
         if now >= clock.ping {
-            clock.ping = now + clock.ping_interval;
+            clock.ping = now + clock.ping_interval();
             if self
                 .socket
                 .send(Message::Ping(Default::default()))
@@ -299,23 +296,76 @@ impl Connection {
 
     /// Write `first` and whatever else is queued (up to a batch), then
     /// flush: a busy connection gets many events per syscall.
-    async fn write_batch(&mut self, first: Arc<crate::event::Event>) -> Result<(), axum::Error> {
-        self.socket
-            .feed(Message::Text(self.session.frame_for(&first)))
-            .await?;
-        self.note_sent(first.id);
+    async fn write_batch(&mut self, first: Arc<crate::event::Event>) -> Result<(), WriteStop> {
+        self.feed_event(&first).await?;
         for _ in 1..WRITE_BATCH {
             match self.session.try_next_live() {
-                Ok(Some(ev)) => {
-                    self.socket
-                        .feed(Message::Text(self.session.frame_for(&ev)))
-                        .await?;
-                    self.note_sent(ev.id);
-                }
+                Ok(Some(ev)) => self.feed_event(&ev).await?,
                 // An overflow is seen by the next turn of the loop.
                 _ => break,
             }
         }
-        self.socket.flush().await
+        self.unless_kicked(|socket, cx| socket.poll_flush_unpin(cx))
+            .await
+    }
+
+    /// Queue one event's frame for the next flush. The frame is made once
+    /// the socket can take it, so no frame waits in the task's state (which
+    /// every connection reserves).
+    async fn feed_event(&mut self, event: &crate::event::Event) -> Result<(), WriteStop> {
+        self.unless_kicked(|socket, cx| socket.poll_ready_unpin(cx))
+            .await?;
+        self.socket
+            .start_send_unpin(Message::Text(self.session.frame_for(event)))
+            .map_err(|_| WriteStop::Socket)?;
+        self.note_sent(event.id);
+        Ok(())
+    }
+
+    /// A write on the socket, unless the connection is kicked as a slow
+    /// consumer first: a blocked write loses to the kick.
+    fn unless_kicked(
+        &mut self,
+        mut write: impl FnMut(&mut WebSocket, &mut Context<'_>) -> Poll<Result<(), axum::Error>>,
+    ) -> impl Future<Output = Result<(), WriteStop>> {
+        poll_fn(move |cx| {
+            if self.session.mailbox.poll_kicked(cx).is_ready() {
+                return Poll::Ready(Err(WriteStop::Kicked));
+            }
+            write(&mut self.socket, cx).map_err(|_| WriteStop::Socket)
+        })
+    }
+}
+
+/// Why a batch was not written.
+#[derive(Debug)]
+enum WriteStop {
+    /// The connection overflowed its queue: close it as a slow consumer.
+    Kicked,
+    /// The client is gone.
+    Socket,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn returned_size<A, F>(_: fn(A) -> F) -> usize {
+        std::mem::size_of::<F>()
+    }
+
+    /// Every open connection keeps one task: tokio's task cell (this
+    /// future plus 104 bytes of header, scheduler, id and trailer, rounded
+    /// up to 128) must stay in jemalloc's 1,280-byte size class; at 1,177
+    /// bytes of future it takes 1,536 (docs/benchmarks.md, memory per
+    /// connection). A field added to `Connection`, or a large future
+    /// awaited inline in `serve`, shows here first: box what is rare.
+    #[test]
+    fn an_idle_connection_task_stays_in_its_size_class() {
+        let future = returned_size(Connection::run);
+        assert!(
+            future <= 1176,
+            "the connection's task state grew to {future} bytes (at most 1,176)"
+        );
     }
 }

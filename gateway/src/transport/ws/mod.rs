@@ -2,12 +2,14 @@
 //! state machine of the native protocol.
 //!
 //! One task per connection `select!`s over: the mailbox (events from the hub,
-//! written in batches; also the slow-consumer verdict), frames from the
-//! client, one timer (heartbeat, idle timeout, token expiry and drain
-//! deadline share it), policy changes and drain. Everything it waits on
-//! lives across loop turns, so a delivery costs one wake-up and one poll of
-//! each; the rarely used request handlers are boxed so they do not inflate
-//! the state every idle connection keeps (see docs/benchmarks.md).
+//! written in batches; also the slow-consumer verdict and the signal that
+//! the policy or the drain state changed), frames from the client, and one
+//! timer (heartbeat, idle timeout, token expiry and drain deadline share
+//! it). Everything it waits on lives across loop turns, so a delivery costs
+//! one wake-up and one poll of each; the rarely used request handlers and
+//! the one-off steps of the start are boxed so they do not inflate the
+//! state every idle connection keeps (a test holds the task to its size
+//! class; see docs/benchmarks.md).
 
 //!
 //! The module: upgrade, parameters and the Origin check here;

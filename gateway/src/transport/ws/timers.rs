@@ -5,29 +5,33 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-/// Allows `messages_per_minute` with bursts of a tenth of that.
+/// Allows `messages_per_minute` with bursts of a tenth of that (at least
+/// ten). Kept small: every connection holds one.
 pub(crate) struct RateLimit {
-    tokens: f64,
-    capacity: f64,
-    per_sec: f64,
+    tokens: f32,
+    per_minute: u32,
     at: Instant,
 }
 
 impl RateLimit {
     pub(crate) fn new(per_minute: u32) -> Self {
-        let capacity = (f64::from(per_minute) / 10.0).max(10.0);
-        Self {
-            tokens: capacity,
-            capacity,
-            per_sec: f64::from(per_minute) / 60.0,
+        let mut limit = Self {
+            tokens: 0.0,
+            per_minute,
             at: Instant::now(),
-        }
+        };
+        limit.tokens = limit.capacity();
+        limit
+    }
+    fn capacity(&self) -> f32 {
+        (self.per_minute as f32 / 10.0).max(10.0)
     }
     pub(crate) fn allow(&mut self) -> bool {
         let now = Instant::now();
-        let elapsed = now.duration_since(self.at).as_secs_f64();
+        let elapsed = now.duration_since(self.at).as_secs_f32();
         self.at = now;
-        self.tokens = (self.tokens + elapsed * self.per_sec).min(self.capacity);
+        let per_sec = self.per_minute as f32 / 60.0;
+        self.tokens = (self.tokens + elapsed * per_sec).min(self.capacity());
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
             true
@@ -44,27 +48,40 @@ pub(super) fn unix_now() -> u64 {
 /// The deadlines one connection keeps; a single timer waits for the nearest.
 pub(super) struct Deadlines {
     pub(super) ping: Instant,
-    pub(super) ping_interval: Duration,
     /// Closed when the client has sent nothing (not even a pong) until then.
     pub(super) idle: Instant,
-    pub(super) idle_timeout: Duration,
     pub(super) expiry: Instant,
     pub(super) drain: Option<Instant>,
+    /// The heartbeat's intervals in seconds (every connection keeps them:
+    /// small).
+    ping_every: u32,
+    idle_after: u32,
 }
 
 impl Deadlines {
     pub(super) fn new(hb: &switchboard_config::gateway::HeartbeatConfig, expiry: Instant) -> Self {
         let now = Instant::now();
-        let ping_interval = Duration::from_secs(hb.ping_interval_seconds);
-        let idle_timeout = Duration::from_secs(hb.idle_timeout_seconds);
-        Self {
-            ping: now + ping_interval,
-            ping_interval,
-            idle: now + idle_timeout,
-            idle_timeout,
+        let secs = |s: u64| u32::try_from(s).unwrap_or(u32::MAX);
+        let mut clock = Self {
+            ping: now,
+            idle: now,
             expiry,
             drain: None,
-        }
+            ping_every: secs(hb.ping_interval_seconds),
+            idle_after: secs(hb.idle_timeout_seconds),
+        };
+        clock.ping = now + clock.ping_interval();
+        clock.heard_from_client(now);
+        clock
+    }
+
+    pub(super) fn ping_interval(&self) -> Duration {
+        Duration::from_secs(self.ping_every.into())
+    }
+
+    /// The client sent something at `now`: the idle deadline moves.
+    pub(super) fn heard_from_client(&mut self, now: Instant) {
+        self.idle = now + Duration::from_secs(self.idle_after.into());
     }
 
     /// Take the drain's deadline for this connection, once; true when it
