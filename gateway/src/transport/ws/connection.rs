@@ -323,16 +323,21 @@ impl Connection {
     }
 
     /// A write on the socket, unless the connection is kicked as a slow
-    /// consumer first: a blocked write loses to the kick.
+    /// consumer while it is blocked: a blocked write loses to the kick. The
+    /// kick is only looked at when the write must wait (an overflow while
+    /// writes go through is seen by the loop's next turn), so a delivery
+    /// costs no extra lock or waker registration.
     fn unless_kicked(
         &mut self,
         mut write: impl FnMut(&mut WebSocket, &mut Context<'_>) -> Poll<Result<(), axum::Error>>,
     ) -> impl Future<Output = Result<(), WriteStop>> {
-        poll_fn(move |cx| {
-            if self.session.mailbox.poll_kicked(cx).is_ready() {
-                return Poll::Ready(Err(WriteStop::Kicked));
-            }
-            write(&mut self.socket, cx).map_err(|_| WriteStop::Socket)
+        poll_fn(move |cx| match write(&mut self.socket, cx) {
+            Poll::Ready(done) => Poll::Ready(done.map_err(|_| WriteStop::Socket)),
+            Poll::Pending => self
+                .session
+                .mailbox
+                .poll_kicked(cx)
+                .map(|()| Err(WriteStop::Kicked)),
         })
     }
 }
