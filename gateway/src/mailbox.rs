@@ -248,11 +248,6 @@ impl Mailbox {
             Poll::Pending
         }
     }
-
-    /// Resolves once the connection has overflowed.
-    pub async fn kicked(&self) {
-        poll_fn(|cx| self.poll_kicked(cx)).await
-    }
 }
 
 #[cfg(test)]
@@ -289,7 +284,7 @@ mod tests {
 
         let kicked = tokio::spawn({
             let m = m.clone();
-            async move { m.kicked().await }
+            async move { poll_fn(|cx| m.poll_kicked(cx)).await }
         });
         m.offer(&event(8));
         m.offer(&event(9));
