@@ -100,6 +100,18 @@ struct Queue {
     control: bool,
 }
 
+impl Queue {
+    /// The oldest event; the capacity a burst left is given back once the
+    /// queue is empty.
+    fn pop(&mut self) -> Option<Arc<Event>> {
+        let event = self.events.pop_front();
+        if self.events.is_empty() && self.events.capacity() > KEEP_CAPACITY {
+            self.events.shrink_to(KEEP_CAPACITY);
+        }
+        event
+    }
+}
+
 /// What woke a connection that waits with [`Mailbox::take_or_control`].
 #[derive(Debug)]
 pub enum Wake {
@@ -182,11 +194,7 @@ impl Mailbox {
         if q.overflowed {
             return Err(Overflowed);
         }
-        let event = q.events.pop_front();
-        if q.events.is_empty() && q.events.capacity() > KEEP_CAPACITY {
-            q.events.shrink_to(KEEP_CAPACITY);
-        }
-        Ok(event)
+        Ok(q.pop())
     }
 
     /// Wait for the next event (cancel-safe: nothing is taken unless it is
@@ -217,13 +225,8 @@ impl Mailbox {
             if std::mem::take(&mut q.control) {
                 return Poll::Ready(Ok(Wake::Control));
             }
-            match q.events.pop_front() {
-                Some(event) => {
-                    if q.events.is_empty() && q.events.capacity() > KEEP_CAPACITY {
-                        q.events.shrink_to(KEEP_CAPACITY);
-                    }
-                    Poll::Ready(Ok(Wake::Event(event)))
-                }
+            match q.pop() {
+                Some(event) => Poll::Ready(Ok(Wake::Event(event))),
                 None => Poll::Pending,
             }
         })

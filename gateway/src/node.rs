@@ -81,8 +81,8 @@ pub struct Node {
     /// Set once a drain starts; only through `start_drain`.
     drain: watch::Sender<Option<Drain>>,
     /// Ticks whenever the policy or the drain state changed: one watch a
-    /// Socket.IO connection or a publish stream keeps instead of two. Private with the two
-    /// above, so no change can skip the tick.
+    /// Socket.IO connection or a publish stream keeps instead of two.
+    /// Private with the two above, so no change can skip the tick.
     control: watch::Sender<()>,
     /// The WebSocket connections' mailboxes, signalled with the tick
     /// instead of each connection keeping a watch (see
