@@ -11,16 +11,28 @@ use futures_util::{SinkExt, StreamExt};
 use serde_json::Value;
 use switchboard_gateway::transport::socketio::engine::{Accept, Engine, EngineConfig};
 use switchboard_gateway::transport::socketio::router;
+use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Message;
 
 const DEADLINE: Duration = Duration::from_secs(10);
 
 async fn echo_server() -> String {
-    let accept: Accept = Box::new(|mut socket, _| {
+    echo_engine().await.0
+}
+
+/// The echo endpoint, its engine, and a channel that names each session
+/// whose task has ended (its socket dropped).
+async fn echo_engine() -> (String, Arc<Engine>, mpsc::UnboundedReceiver<String>) {
+    let (ended_tx, ended) = mpsc::unbounded_channel();
+    let accept: Accept = Box::new(move |mut socket, _| {
+        let ended_tx = ended_tx.clone();
         tokio::spawn(async move {
             while let Ok(m) = socket.recv().await {
                 socket.send([m]);
             }
+            let sid = socket.sid().to_owned();
+            drop(socket);
+            let _ = ended_tx.send(sid);
         });
     });
     let engine: Arc<Engine> = Engine::new(
@@ -31,11 +43,11 @@ async fn echo_server() -> String {
         },
         accept,
     );
-    let app: axum::Router = router(engine, "/engine.io");
+    let app: axum::Router = router(engine.clone(), "/engine.io");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, app).await });
-    format!("127.0.0.1:{}", addr.port())
+    (format!("127.0.0.1:{}", addr.port()), engine, ended)
 }
 
 fn polling(addr: &str, sid: Option<&str>) -> String {
@@ -134,4 +146,60 @@ async fn a_malformed_packet_ends_the_session_on_either_transport() {
             Some(Ok(other)) => panic!("unexpected {other:?}"),
         }
     }
+}
+
+/// The official suite's "should forcefully close the session" sends the
+/// poll and the `1` at once. Whichever the server serves first, the poll
+/// is answered 200 with a noop (as engine.io does: a close that finds no
+/// poll waiting leaves one noop for the next), and the poll after it 400.
+#[tokio::test]
+async fn a_close_that_beats_the_poll_still_answers_that_poll_with_a_noop() {
+    let (addr, engine, mut ended) = echo_engine().await;
+    let sid = open(&addr).await;
+    assert_eq!(post(&addr, &sid, "1").await, (200, "ok".into()));
+    // The session's task has ended and dropped its socket before the
+    // late poll arrives: the noop must not depend on that race either.
+    let gone = tokio::time::timeout(DEADLINE, ended.recv())
+        .await
+        .expect("the session task ended");
+    assert_eq!(gone.as_deref(), Some(sid.as_str()));
+    assert_eq!(get(&addr, &sid).await, (200, "6".into()));
+    assert_eq!(get(&addr, &sid).await.0, 400, "only one late poll");
+
+    // Nobody comes for the noop: the session leaves the table all the same.
+    let sid = open(&addr).await;
+    assert_eq!(post(&addr, &sid, "1").await, (200, "ok".into()));
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while engine.holds(&sid) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "a closed session was never removed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(get(&addr, &sid).await.0, 400);
+}
+
+/// The other order: the poll is parked when the `1` arrives, gets the
+/// noop, and no second noop is left over.
+#[tokio::test]
+async fn a_close_that_finds_the_poll_waiting_answers_it_once() {
+    let (addr, engine, _ended) = echo_engine().await;
+    let sid = open(&addr).await;
+    let parked = {
+        let (addr, sid) = (addr.clone(), sid.clone());
+        tokio::spawn(async move { get(&addr, &sid).await })
+    };
+    // The poll is parked once the session is marked as polled.
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while !engine.polled(&sid) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the poll never parked"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(post(&addr, &sid, "1").await, (200, "ok".into()));
+    assert_eq!(parked.await.unwrap(), (200, "6".into()));
+    assert_eq!(get(&addr, &sid).await.0, 400);
 }

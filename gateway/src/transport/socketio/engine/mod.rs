@@ -95,6 +95,11 @@ struct State {
     /// A polling GET is waiting.
     polling: bool,
     closed: Option<Closed>,
+    /// The client closed a polling session while no poll was waiting: the
+    /// next poll still gets the noop that poll would have got (the client
+    /// may have sent both at once and they can be served in either order,
+    /// as engine.io does), and the one after it 400.
+    farewell: bool,
     /// A ping is out and its pong is due by then. Kept here, not only in
     /// the session task, so that a request arriving after the deadline
     /// finds the session timed out even if the task's timer has not fired
@@ -135,11 +140,22 @@ impl Shared {
         let mut st = self.lock();
         if st.closed.is_none() {
             st.closed = Some(why);
+            st.farewell =
+                why == Closed::ByClient && st.transport == Transport::Polling && !st.polling;
         }
         drop(st);
         self.changed.notify_waiters();
         // The session task learns it too.
         self.inbox_ready.notify_one();
+    }
+
+    /// Takes the noop owed to the poll after a client's close, if any.
+    fn take_farewell(&self) -> bool {
+        let taken = std::mem::take(&mut self.lock().farewell);
+        if taken {
+            self.changed.notify_waiters();
+        }
+        taken
     }
 
     /// Hand a client's packet to the session task, waiting while the inbox
@@ -355,6 +371,7 @@ impl Engine {
                 inbox: VecDeque::new(),
                 transport,
                 polling: false,
+                farewell: false,
                 pong_due: None,
                 closed: None,
             }),
@@ -434,6 +451,9 @@ impl Engine {
     }
 
     async fn poll_local(&self, shared: Arc<Shared>) -> Reply {
+        if shared.take_farewell() {
+            return Reply::ok("6".into());
+        }
         if shared.ended() {
             return Reply::error(400, 3, "Bad request");
         }
@@ -827,9 +847,24 @@ impl EngineHandle {
 impl Drop for EngineSocket {
     fn drop(&mut self) {
         self.shared.close(Closed::ByServer);
-        if let Some(engine) = self.engine.upgrade() {
-            engine.sessions.remove(&self.shared.sid);
+        let Some(engine) = self.engine.upgrade() else {
+            return;
+        };
+        // A noop still owed to a poll keeps the session findable until
+        // that poll comes, for at most a ping timeout.
+        if self.shared.lock().farewell
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            let shared = self.shared.clone();
+            let grace = self.ping_timeout;
+            runtime.spawn(async move {
+                let owed = shared.wait(|st| (!st.farewell).then_some(()));
+                let _ = tokio::time::timeout(grace, owed).await;
+                engine.sessions.remove(&shared.sid);
+            });
+            return;
         }
+        engine.sessions.remove(&self.shared.sid);
     }
 }
 
@@ -837,6 +872,11 @@ impl Engine {
     /// Whether this process holds session `sid`.
     pub fn holds(&self, sid: &str) -> bool {
         self.sessions.contains_key(sid)
+    }
+
+    /// Whether a polling GET of session `sid` is waiting here.
+    pub fn polled(&self, sid: &str) -> bool {
+        self.sessions.get(sid).is_some_and(|s| s.lock().polling)
     }
 
     /// Whether this process holds session `sid`, or can relay its
