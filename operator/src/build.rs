@@ -16,8 +16,8 @@ use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource,
     HTTPGetAction, KeyToPath, Lifecycle, LifecycleHandler, ObjectFieldSelector,
     PersistentVolumeClaimVolumeSource, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
-    SecretVolumeSource, SecurityContext, Service, ServiceAccount, ServicePort, ServiceSpec,
-    SleepAction, TopologySpreadConstraint, Volume, VolumeMount,
+    ResourceRequirements, SecretVolumeSource, SecurityContext, Service, ServiceAccount,
+    ServicePort, ServiceSpec, SleepAction, TopologySpreadConstraint, Volume, VolumeMount,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -321,6 +321,14 @@ pub fn build(
         env.push(EnvVar {
             name: "OTEL_SERVICE_NAME".into(),
             value: Some("switchboard-gateway".into()),
+            ..EnvVar::default()
+        });
+    }
+
+    if let Some(threads) = worker_threads(spec.resources.as_ref()) {
+        env.push(EnvVar {
+            name: "TOKIO_WORKER_THREADS".into(),
+            value: Some(threads.to_string()),
             ..EnvVar::default()
         });
     }
@@ -657,4 +665,46 @@ impl Objects {
         }
         out
     }
+}
+
+/// The gateway's worker threads when its CPU request alone says what it may
+/// use: the request rounded up (at least one), with no CPU limit set.
+///
+/// A limit sets the container's CPU quota, which the runtime reads itself;
+/// without one the runtime starts a worker per core of the node, and several
+/// gateway pods on one node then run more busy threads than it has cores
+/// (measured in `docs/benchmarks.md`: two gateways of two workers each on two
+/// cores deliver about two thirds of what two of one worker each do).
+pub fn worker_threads(resources: Option<&ResourceRequirements>) -> Option<u32> {
+    let resources = resources?;
+    if resources
+        .limits
+        .as_ref()
+        .is_some_and(|l| l.contains_key("cpu"))
+    {
+        return None;
+    }
+    let request = resources.requests.as_ref()?.get("cpu")?;
+    let millicores = cpu_millicores(&request.0)?;
+    Some(u32::try_from(millicores.div_ceil(1000)).ok()?.max(1))
+}
+
+/// A CPU quantity in millicores: `500m`, `1`, `1.5`, `2000m`. Other forms
+/// (exponents, binary suffixes, which nobody writes for CPU) give `None`.
+fn cpu_millicores(quantity: &str) -> Option<u64> {
+    let q = quantity.trim();
+    if let Some(milli) = q.strip_suffix('m') {
+        return milli.parse::<u64>().ok();
+    }
+    let (whole, fraction) = q.split_once('.').unwrap_or((q, ""));
+    if fraction.len() > 3 || !fraction.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let whole: u64 = if whole.is_empty() {
+        0
+    } else {
+        whole.parse().ok()?
+    };
+    let fraction: u64 = format!("{fraction:0<3}").parse().ok()?;
+    whole.checked_mul(1000)?.checked_add(fraction)
 }

@@ -443,3 +443,61 @@ fn data_protection_settings_reach_the_gateway_and_the_pod() {
     assert_eq!(p.max_retention_days, Some(30));
     assert!(parsed.resident_in(&tenant, "eu") && !parsed.resident_in(&tenant, "us"));
 }
+
+/// The gateway container's `TOKIO_WORKER_THREADS`, if the operator set one.
+fn worker_threads_env(gw: &RealtimeGateway) -> Option<String> {
+    let o = build::build(gw, &Default::default(), "img:1").unwrap();
+    let pod = o.deployment.spec.template.spec.unwrap();
+    pod.containers[0]
+        .env
+        .iter()
+        .flatten()
+        .find(|e| e.name == "TOKIO_WORKER_THREADS")
+        .map(|e| e.value.clone().unwrap())
+}
+
+#[test]
+fn worker_threads_follow_the_cpu_request_when_no_cpu_limit_bounds_them() {
+    let with = |resources: serde_json::Value| {
+        let mut gw = example_gateway();
+        gw.spec.resources = serde_json::from_value(resources).unwrap();
+        worker_threads_env(&gw)
+    };
+    // The example asks for 500m and limits memory only: one worker, not one
+    // per core of whatever node the pod lands on.
+    assert_eq!(worker_threads_env(&example_gateway()).as_deref(), Some("1"));
+    assert_eq!(
+        with(serde_json::json!({"requests": {"cpu": "2500m"}})).as_deref(),
+        Some("3")
+    );
+    assert_eq!(
+        with(serde_json::json!({"requests": {"cpu": "2"}})).as_deref(),
+        Some("2")
+    );
+    assert_eq!(
+        with(serde_json::json!({"requests": {"cpu": "1.25"}})).as_deref(),
+        Some("2")
+    );
+    // A CPU limit is a quota the runtime reads itself.
+    assert_eq!(
+        with(serde_json::json!({"requests": {"cpu": "1"}, "limits": {"cpu": "4"}})),
+        None
+    );
+    // Nothing requested, or a form this does not read: the runtime decides.
+    assert_eq!(
+        with(serde_json::json!({"requests": {"memory": "1Gi"}})),
+        None
+    );
+    assert_eq!(with(serde_json::json!({"requests": {"cpu": "1e3"}})), None);
+    assert_eq!(
+        worker_threads_env(
+            &serde_json::from_value(serde_json::json!({
+                "apiVersion": "switchboard.dev/v1alpha1", "kind": "RealtimeGateway",
+                "metadata": {"name": "mini", "namespace": "default", "uid": "uid-2"},
+                "spec": {"region": "local"}
+            }))
+            .unwrap()
+        ),
+        None
+    );
+}
