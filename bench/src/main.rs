@@ -453,6 +453,11 @@ async fn storm(run: Arc<Run>, pid: u32, connected: u64) -> anyhow::Result<serde_
     tokio::time::sleep(Duration::from_secs(args.kill_after)).await;
     let resumed_before = run.stats.resumed.load(Ordering::Relaxed);
     let timed_before = run.stats.resumes_timed();
+    // The CPU the storm costs: from the stop until every client replayed,
+    // the servers (the survivor and nats-server) and this process apart.
+    let usage_at_kill = stats::usage(&args.server_pids);
+    let self_at_kill = stats::self_cpu();
+    let mut storm_cpu = None;
     let at = Instant::now();
     let status = tokio::process::Command::new("kill")
         .args(["-s", &args.kill_signal, &pid.to_string()])
@@ -477,6 +482,12 @@ async fn storm(run: Arc<Run>, pid: u32, connected: u64) -> anyhow::Result<serde_
         // replay completed, not only until it subscribed again.
         if run.stats.resumes_timed() - timed_before >= connected {
             all_resumed = Some(at.elapsed().as_secs_f64());
+            storm_cpu = Some((
+                usage_at_kill
+                    .zip(stats::usage(&args.server_pids))
+                    .map(|(b, a): (Usage, Usage)| a.cpu_seconds - b.cpu_seconds),
+                stats::self_cpu() - self_at_kill,
+            ));
             break;
         }
         // How late this process runs its timers while the clients resume:
@@ -494,6 +505,13 @@ async fn storm(run: Arc<Run>, pid: u32, connected: u64) -> anyhow::Result<serde_
         "resume_ms": run.stats.resume_ms(),
         "reconnect_phases_ms": run.stats.reconnect_phases_ms(),
         "loadgen_timer_lag_ms": run.stats.timer_lag_ms(),
+        // CPU from the stop until every client replayed (only when all
+        // did), and the servers' share per resumed client.
+        "server_cpu_seconds_until_resumed": storm_cpu.and_then(|(s, _)| s),
+        "loadgen_cpu_seconds_until_resumed": storm_cpu.map(|(_, l)| l),
+        "server_cpu_us_per_resume": storm_cpu
+            .and_then(|(s, _)| s)
+            .map(|s| s * 1e6 / connected.max(1) as f64),
     }))
 }
 
