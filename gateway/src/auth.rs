@@ -61,8 +61,8 @@ pub enum AuthError {
 pub struct Principal {
     /// The tenant the token belongs to.
     pub tenant: Arc<str>,
-    /// The token's subject.
-    pub user: String,
+    /// The token's subject (shared with the connection's mailbox).
+    pub user: Arc<str>,
     /// Scopes granted (`publish`, `platform`).
     pub scopes: Vec<String>,
     /// Unix seconds.
@@ -322,7 +322,7 @@ impl Verifier {
             .ok_or(AuthError::Malformed)?;
         Ok(Principal {
             tenant: tenant.into(),
-            user,
+            user: user.into(),
             scopes,
             expires_at,
         })

@@ -59,6 +59,16 @@ impl Hub {
         self.tenants.entry(tenant.clone()).or_default().clone()
     }
 
+    /// The hub's own copy of a tenant's name, when it has one: every
+    /// connection of the tenant then shares one allocation instead of
+    /// keeping its own (`tenant` itself otherwise).
+    pub fn shared_tenant(&self, tenant: Arc<str>) -> Arc<str> {
+        match self.tenants.get(&tenant) {
+            Some(entry) => entry.key().clone(),
+            None => tenant,
+        }
+    }
+
     /// Add a subscription; returns the sequence of the last event dispatched
     /// for the tenant (every later matching event reaches the subscriber).
     pub fn register(
@@ -206,6 +216,25 @@ mod tests {
         );
         assert_eq!(hub.last_seq(&a), 1);
         assert_eq!(hub.last_seq(&b), 0);
+    }
+
+    #[test]
+    fn connections_of_a_tenant_share_the_hubs_copy_of_its_name() {
+        let hub = Hub::default();
+        let first: Arc<str> = "acme".into();
+        let (s, _r) = sub(1);
+        hub.register(&first, 1, &Pattern::parse("x").unwrap(), s);
+        let later = hub.shared_tenant("acme".into());
+        assert!(
+            Arc::ptr_eq(&later, &first),
+            "a second copy of the name is kept"
+        );
+        // A tenant the hub does not know keeps its own, and the hub's
+        // copies never cross tenants.
+        let other: Arc<str> = "globex".into();
+        let kept = hub.shared_tenant(other.clone());
+        assert!(Arc::ptr_eq(&kept, &other));
+        assert_eq!(&*hub.shared_tenant("acmf".into()), "acmf");
     }
 
     #[test]

@@ -87,7 +87,7 @@ async fn hs256_and_claims() {
         .await
         .unwrap();
     assert_eq!(&*p.tenant, "acme");
-    assert_eq!(p.user, "u1");
+    assert_eq!(&*p.user, "u1");
     assert!(p.has_scope("publish"));
     assert!(matches!(
         v.verify(&hs(b"wrong", &claims(json!({})))).await,

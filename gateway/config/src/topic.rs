@@ -104,10 +104,10 @@ impl fmt::Display for Topic {
     }
 }
 
-/// One token of a pattern.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-enum Token {
-    Literal(String),
+/// One token of a pattern, read from its text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Token<'a> {
+    Literal(&'a str),
     /// `*` not in last position: exactly one token.
     One,
     /// `*` or `>` in last position: one or more tokens.
@@ -115,10 +115,13 @@ enum Token {
 }
 
 /// A subscription pattern such as `deal.*.updated` or `activity.*`.
+///
+/// Only its text is kept (checked by `parse`); the tokens are read from it
+/// when needed. Every subscription of every connection holds one, so the
+/// text is its whole cost: one small allocation, no token list beside it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Pattern {
-    text: String,
-    tokens: Vec<Token>,
+    text: Box<str>,
 }
 
 impl Pattern {
@@ -126,25 +129,34 @@ impl Pattern {
     pub fn parse(s: &str) -> Result<Self, TopicError> {
         let raw: Vec<&str> = split_checked(s)?.collect();
         let last = raw.len() - 1;
-        let mut tokens = Vec::with_capacity(raw.len());
         for (i, token) in raw.iter().enumerate() {
-            let parsed = match *token {
+            match *token {
                 "" => return Err(TopicError::EmptyToken),
-                "*" if i == last => Token::Rest,
-                "*" => Token::One,
-                ">" if i == last => Token::Rest,
+                "*" => {}
+                ">" if i == last => {}
                 ">" => return Err(TopicError::TailNotLast),
                 t if t.contains(['*', '>']) => {
                     return Err(TopicError::PartialWildcard(t.to_owned()));
                 }
                 t if !plain_token(t) => return Err(TopicError::BadCharacter(t.to_owned())),
-                t => Token::Literal(t.to_owned()),
-            };
-            tokens.push(parsed);
+                _ => {}
+            }
         }
-        Ok(Self {
-            text: s.to_owned(),
-            tokens,
+        Ok(Self { text: s.into() })
+    }
+
+    /// Its tokens, in order (the text was checked when it was parsed).
+    fn tokens(&self) -> impl Iterator<Item = Token<'_>> + Clone {
+        let mut parts = self.text.split('.').peekable();
+        std::iter::from_fn(move || {
+            let token = parts.next()?;
+            let last = parts.peek().is_none();
+            Some(match token {
+                "*" if last => Token::Rest,
+                "*" => Token::One,
+                ">" => Token::Rest,
+                literal => Token::Literal(literal),
+            })
         })
     }
 
@@ -155,7 +167,7 @@ impl Pattern {
 
     /// The first token when it is literal (`deal` in `deal.*`; none for `*.x`).
     pub fn literal_prefix(&self) -> Option<&str> {
-        match self.tokens.first() {
+        match self.tokens().next() {
             Some(Token::Literal(t)) => Some(t),
             _ => None,
         }
@@ -163,13 +175,21 @@ impl Pattern {
 
     /// True when the pattern has no wildcard, i.e. names exactly one topic.
     pub fn is_exact(&self) -> bool {
-        self.tokens.iter().all(|t| matches!(t, Token::Literal(_)))
+        !self.text.contains(['*', '>'])
     }
 
     /// Does this pattern match the topic?
     pub fn matches(&self, topic: &Topic) -> bool {
+        // The usual case on the delivery path: an exact pattern (a topic
+        // never contains a wildcard, so equal text is a match).
+        if *self.text == *topic.as_str() {
+            return true;
+        }
+        if !self.text.contains(['*', '>']) {
+            return false;
+        }
         let mut topic_tokens = topic.tokens();
-        for token in &self.tokens {
+        for token in self.tokens() {
             match token {
                 Token::Rest => return topic_tokens.next().is_some(),
                 Token::One => {
@@ -178,7 +198,7 @@ impl Pattern {
                     }
                 }
                 Token::Literal(lit) => {
-                    if topic_tokens.next() != Some(lit.as_str()) {
+                    if topic_tokens.next() != Some(lit) {
                         return false;
                     }
                 }
@@ -190,8 +210,8 @@ impl Pattern {
     /// Is every topic this pattern matches also matched by `outer`?
     /// Used to check a subscription against a policy allowlist.
     pub fn is_covered_by(&self, outer: &Pattern) -> bool {
-        let mut inner = self.tokens.iter();
-        for o in &outer.tokens {
+        let mut inner = self.tokens();
+        for o in outer.tokens() {
             let Some(i) = inner.next() else {
                 return false;
             };
@@ -209,7 +229,7 @@ impl Pattern {
     /// Could one topic match both patterns? (Containment either way implies
     /// it, but so does `*.captured` against `payment.>`.)
     pub fn overlaps(&self, other: &Pattern) -> bool {
-        fn go(a: &[Token], b: &[Token]) -> bool {
+        fn go(a: &[Token<'_>], b: &[Token<'_>]) -> bool {
             match (a.split_first(), b.split_first()) {
                 (None, None) => true,
                 // One or more tokens: whatever the other still needs.
@@ -224,16 +244,17 @@ impl Pattern {
                 }
             }
         }
-        go(&self.tokens, &other.tokens)
+        let a: Vec<Token<'_>> = self.tokens().collect();
+        let b: Vec<Token<'_>> = other.tokens().collect();
+        go(&a, &b)
     }
 
     /// The NATS-style form of this pattern (`*` for one token, `>` for the rest).
     pub fn to_nats(&self) -> String {
         let parts: Vec<&str> = self
-            .tokens
-            .iter()
+            .tokens()
             .map(|t| match t {
-                Token::Literal(l) => l.as_str(),
+                Token::Literal(l) => l,
                 Token::One => "*",
                 Token::Rest => ">",
             })

@@ -65,6 +65,19 @@ proptest! {
     }
 
     #[test]
+    fn what_a_pattern_says_of_itself_agrees_with_its_tokens(p in pattern_tokens()) {
+        let pattern = Pattern::parse(&p.join(".")).unwrap();
+        let wild = |t: &String| t == "*" || t == ">";
+        prop_assert_eq!(pattern.is_exact(), !p.iter().any(wild));
+        prop_assert_eq!(pattern.literal_prefix(), p.first().filter(|t| !wild(t)).map(String::as_str));
+        let mut nats = p.clone();
+        if let Some(last) = nats.last_mut() && last == "*" {
+            *last = ">".into();
+        }
+        prop_assert_eq!(pattern.to_nats(), nats.join("."));
+    }
+
+    #[test]
     fn what_parses_prints_back_as_given(s in "[a-z*>:_.-]{0,40}") {
         if let Ok(p) = Pattern::parse(&s) {
             prop_assert_eq!(p.as_str(), s.as_str());

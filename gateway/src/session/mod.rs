@@ -120,7 +120,7 @@ impl Session {
         Self {
             node,
             admission,
-            mailbox: Arc::new(Mailbox::new(queue, region, principal.user.as_str().into())),
+            mailbox: Arc::new(Mailbox::new(queue, region, principal.user.clone())),
             subs: Vec::new(),
             any_channel_form: false,
             observes_presence: true,

@@ -44,8 +44,9 @@ pub async fn authenticate(
     company_id: Option<&str>,
 ) -> Result<Principal, AuthError> {
     let token = bearer(headers, query_token).ok_or(AuthError::Missing)?;
-    let principal = node.verifier.verify(token).await?;
+    let mut principal = node.verifier.verify(token).await?;
     crate::auth::check_company(&principal, company_id)?;
+    principal.tenant = node.hub.shared_tenant(principal.tenant);
     Ok(principal)
 }
 
