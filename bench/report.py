@@ -459,7 +459,7 @@ p("- Per connection: a mailbox (a lock-protected `VecDeque`, allocating nothing 
   "1,280-byte size class); one timer for heartbeat, idle, token expiry and drain; policy changes and the "
   "drain signalled through the mailbox, not a watch per connection; a 128-byte read buffer; writes batched up to 8 KiB "
   "per syscall, sent at once (TCP_NODELAY: Nagle's algorithm would hold small frames back "
-  "waiting for ACKs); jemalloc.")
+  "waiting for ACKs); a subscription holds its pattern's text only; the connections of a tenant share one copy of its name; jemalloc.")
 p("- Fan-out reads the tenant's subscription index under a read lock once per event, then pushes to each "
   "mailbox; a full mailbox cuts that one slow consumer off (close 4008) and never blocks the others. "
   "Events that arrive together (the frames of a publish stream read in one go, an HTTP batch, the NATS "
