@@ -336,8 +336,9 @@ if storms:
     p("\nThe CPU a storm costs, from the stop until every client replayed (gateway 1 and nats-server; the "
       "load generator apart, as it runs on the same 2 cores): this is the budget a p99 under 1 s must fit in. "
       "Two cores give 2 CPU seconds a second; when the servers' and the load generator's CPU for the storm "
-      "together come near that, the clients queue for the cores, whatever either side does with them. A drain (TERM) spreads its clients "
-      "over the drain period, so most of its CPU there is live deliveries, not resumes.\n")
+      "together come near that, the clients queue for the cores, whatever either side does with them. "
+      "A drain (TERM) spreads its clients over the drain period, so most of its CPU there is live "
+      "deliveries, not resumes.\n")
     p("| stop | seconds until all replayed | server CPU s | server CPU µs per resumed client | "
       "load generator CPU s | load generator CPU µs per client | both, CPU s per second of the storm |")
     p("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
