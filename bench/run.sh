@@ -167,6 +167,17 @@ want moderate && for t in $targets; do
   start "$t"; record ramp-2k-20topics --publish-via stream --mode ramp --connections 2000 --topics 20 --rate 640 --factor 1.15 \
     --seconds "$ramp_secs" --max-steps "$ramp_steps"; stop
 done
+# The same moderate loads with a write delay of 100 ms (docs/configuration.md):
+# events that follow a write within 100 ms are written together.
+want moderate && case " $targets " in *" switchboard "*)
+  printf 'websocket:\n  write_delay_ms: 100\n' > "$out/write-delay.yaml"
+  for load in 64k:640 250k:2500; do
+    start switchboard SWITCHBOARD_CONFIG="$out/write-delay.yaml"
+    record "fanout-2k-20topics-${load%%:*}-delay100" --publish-via stream --connections 2000 --topics 20 --rate "${load##*:}" --seconds "$secs"
+    stop
+  done
+  ;;
+esac
 # The publish path: the same load published three ways.
 want moderate && case " $targets " in *" switchboard "*)
   for via in http batch stream; do

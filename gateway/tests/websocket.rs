@@ -555,3 +555,69 @@ async fn many_refused_patterns_in_one_frame_get_a_bounded_answer() {
         frame.len()
     );
 }
+
+/// Events, and when each arrived, for `gw` with one subscriber: a first
+/// event on a quiet connection, then two more published right after it.
+async fn arrivals_after_a_first_event(
+    gw: &Gateway,
+) -> (std::time::Instant, Vec<(String, std::time::Instant)>) {
+    let mut c = Client::open(gw, "acme").await;
+    c.subscribe(&["burst.>"]).await;
+    let start = std::time::Instant::now();
+    let mut published = Vec::new();
+    let mut got = Vec::new();
+    published.push(publish_ok(gw, "acme", "burst.one", json!({})).await);
+    let first = c.events(1).await;
+    got.push((
+        first[0]["event_id"].as_str().unwrap().to_owned(),
+        std::time::Instant::now(),
+    ));
+    for topic in ["burst.two", "burst.three"] {
+        published.push(publish_ok(gw, "acme", topic, json!({})).await);
+    }
+    for e in c.events(2).await {
+        got.push((
+            e["event_id"].as_str().unwrap().to_owned(),
+            std::time::Instant::now(),
+        ));
+    }
+    let ids: Vec<&str> = got.iter().map(|(id, _)| id.as_str()).collect();
+    assert_eq!(ids, published, "every event, once, in order");
+    (start, got)
+}
+
+#[tokio::test]
+async fn a_write_delay_gathers_what_follows_a_write_and_loses_nothing() {
+    let delay = Duration::from_millis(1000);
+    let mut cfg = config();
+    cfg.websocket.write_delay_ms = delay.as_millis() as u64;
+    let gw = Gateway::start(cfg).await;
+    let (start, got) = arrivals_after_a_first_event(&gw).await;
+    // A quiet connection's first event is not held.
+    assert!(
+        got[0].1 - start < delay,
+        "the first event waited {:?}",
+        got[0].1 - start
+    );
+    // What follows within the delay is held until a delay after that
+    // write (which happened after `start`), then written together.
+    assert!(
+        got[1].1 - start >= delay,
+        "the second event was not held: {:?}",
+        got[1].1 - start
+    );
+    assert!(
+        got[2].1 - got[1].1 < Duration::from_millis(200),
+        "the held events came apart: {:?}",
+        got[2].1 - got[1].1
+    );
+
+    // Without a delay (the default), the same events are written at once.
+    let gw = Gateway::default().await;
+    let (start, got) = arrivals_after_a_first_event(&gw).await;
+    assert!(
+        got[2].1 - start < delay,
+        "without a write delay the events waited {:?}",
+        got[2].1 - start
+    );
+}

@@ -130,6 +130,9 @@ pub fn gateway_config(gw: &RealtimeGateway) -> GatewayConfig {
     if let Some(d) = spec.drain_seconds {
         c.drain_seconds = d.into();
     }
+    if let Some(ms) = spec.write_delay_millis {
+        c.websocket.write_delay_ms = ms.into();
+    }
     let auth = &spec.auth;
     c.auth.issuer = auth.issuer.clone();
     c.auth.audiences = auth.audiences.clone();

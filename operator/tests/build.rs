@@ -501,3 +501,14 @@ fn worker_threads_follow_the_cpu_request_when_no_cpu_limit_bounds_them() {
         None
     );
 }
+
+#[test]
+fn the_write_delay_reaches_the_gateway_config() {
+    let mut gw = example_gateway();
+    assert_eq!(build::gateway_config(&gw).websocket.write_delay_ms, 0);
+    gw.spec.write_delay_millis = Some(100);
+    let config = build::gateway_config(&gw);
+    assert_eq!(config.websocket.write_delay_ms, 100);
+    // What the gateway reads back is valid.
+    switchboard_config::GatewayConfig::from_yaml(&config.to_yaml()).unwrap();
+}

@@ -11,7 +11,7 @@ use futures_util::{SinkExt, StreamExt};
 use tokio::time::{Instant, sleep_until};
 use tracing::Instrument;
 
-use super::timers::{Deadlines, RateLimit, deadline_for_expiry};
+use super::timers::{Deadlines, RateLimit, Write, deadline_for_expiry};
 use crate::auth::Principal;
 use crate::event::Cursor;
 use crate::mailbox::Wake;
@@ -20,6 +20,10 @@ use crate::session::Session;
 
 /// Events written per flush.
 const WRITE_BATCH: usize = 64;
+
+/// The most events a write delay's flush takes from the queue (the rest
+/// go out on the loop's next turns, at once).
+const HELD_BATCH: usize = 1024;
 
 pub(super) enum Flow {
     Continue,
@@ -175,7 +179,9 @@ impl Connection {
         loop {
             let flow = tokio::select! {
                 biased;
-                wake = self.session.next_live_or_control() => match wake {
+                // While a write delay holds events back, the queue is left
+                // alone (no wake-up per event) until the flush takes it.
+                wake = self.session.next_live_or_control(), if !clock.holding => match wake {
                     Ok(Wake::Control) => {
                         if clock.arm_drain(node.drain_state(), self.session.admission.id) {
                             timer.as_mut().reset(clock.next());
@@ -189,16 +195,27 @@ impl Connection {
                             Box::pin(self.on_policy_change().instrument(span)).await
                         }
                     }
-                    Ok(Wake::Event(first)) => match self.write_batch(first).await {
-                        Ok(()) => Flow::Continue,
-                        Err(WriteStop::Kicked) => Flow::Close(Close::SlowConsumer, None),
-                        Err(WriteStop::Socket) => return None,
-                    },
+                    Ok(Wake::Event(first)) => {
+                        let delay = node.config.websocket.write_delay_ms;
+                        let written = match clock.write_or_hold(Instant::now(), delay) {
+                            Write::Now => self.write_queued(Some(first), WRITE_BATCH).await,
+                            // Written with the flush, when the delay ends.
+                            Write::Hold => {
+                                timer.as_mut().reset(clock.next());
+                                self.feed_event(&first).await
+                            }
+                        };
+                        match written {
+                            Ok(()) => Flow::Continue,
+                            Err(WriteStop::Kicked) => Flow::Close(Close::SlowConsumer, None),
+                            Err(WriteStop::Socket) => return None,
+                        }
+                    }
                     Err(_overflowed) => Flow::Close(Close::SlowConsumer, None),
                 },
                 frame = self.socket.next() => {
                     // The timer is not moved: when it fires early it re-arms.
-                    clock.heard_from_client(Instant::now());
+                    clock.heard_from_client(Instant::now(), &node.config.heartbeat);
                     match frame {
                         None => return None,
                         Some(Err(e)) => {
@@ -223,8 +240,20 @@ impl Connection {
                     }
                 }
                 () = &mut timer => {
-                    let span = self.span.clone();
-                    let flow = Box::pin(self.on_timer(&mut clock).instrument(span)).await;
+                    let flushed = if clock.take_flush(Instant::now(), node.config.websocket.write_delay_ms) {
+                        self.write_queued(None, HELD_BATCH).await
+                    } else {
+                        Ok(())
+                    };
+                    let flow = match flushed {
+                        Err(WriteStop::Kicked) => Flow::Close(Close::SlowConsumer, None),
+                        Err(WriteStop::Socket) => return None,
+                        Ok(()) if clock.others_due(Instant::now()) => {
+                            let span = self.span.clone();
+                            Box::pin(self.on_timer(&mut clock).instrument(span)).await
+                        }
+                        Ok(()) => Flow::Continue,
+                    };
                     timer.as_mut().reset(clock.next());
                     flow
                 }
@@ -261,7 +290,8 @@ impl Connection {
             return Flow::Close(Close::IdleTimeout, None);
         }
         if now >= clock.ping {
-            clock.ping = now + clock.ping_interval();
+            let every = self.session.node.config.heartbeat.ping_interval_seconds;
+            clock.ping = now + Duration::from_secs(every);
             if self
                 .socket
                 .send(Message::Ping(Default::default()))
@@ -294,11 +324,18 @@ impl Connection {
             .unwrap_or_else(|| self.session.live_cursor())
     }
 
-    /// Write `first` and whatever else is queued (up to a batch), then
-    /// flush: a busy connection gets many events per syscall.
-    async fn write_batch(&mut self, first: Arc<crate::event::Event>) -> Result<(), WriteStop> {
-        self.feed_event(&first).await?;
-        for _ in 1..WRITE_BATCH {
+    /// Write `first` and whatever else is queued (up to `limit` events),
+    /// then flush: a busy connection gets many events per syscall. Events
+    /// a write delay held back go out with them.
+    async fn write_queued(
+        &mut self,
+        first: Option<Arc<crate::event::Event>>,
+        limit: usize,
+    ) -> Result<(), WriteStop> {
+        if let Some(first) = first {
+            self.feed_event(&first).await?;
+        }
+        for _ in 1..limit {
             match self.session.try_next_live() {
                 Ok(Some(ev)) => self.feed_event(&ev).await?,
                 // An overflow is seen by the next turn of the loop.

@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use switchboard_config::gateway::HeartbeatConfig;
 use tokio::time::Instant;
 
 /// Allows `messages_per_minute` with bursts of a tenth of that (at least
@@ -52,36 +53,35 @@ pub(super) struct Deadlines {
     pub(super) idle: Instant,
     pub(super) expiry: Instant,
     pub(super) drain: Option<Instant>,
-    /// The heartbeat's intervals in seconds (every connection keeps them:
-    /// small).
-    ping_every: u32,
-    idle_after: u32,
+    /// With a write delay: until when events are held back, a delay after
+    /// the last write.
+    quiet_until: Option<Instant>,
+    /// Events are held back: the timer waits for `quiet_until` to write
+    /// them, and the queue is left alone until then.
+    pub(super) holding: bool,
 }
 
 impl Deadlines {
-    pub(super) fn new(hb: &switchboard_config::gateway::HeartbeatConfig, expiry: Instant) -> Self {
+    pub(super) fn new(hb: &HeartbeatConfig, expiry: Instant) -> Self {
         let now = Instant::now();
-        let secs = |s: u64| u32::try_from(s).unwrap_or(u32::MAX);
         let mut clock = Self {
             ping: now,
             idle: now,
             expiry,
             drain: None,
-            ping_every: secs(hb.ping_interval_seconds),
-            idle_after: secs(hb.idle_timeout_seconds),
+            quiet_until: None,
+            holding: false,
         };
-        clock.ping = now + clock.ping_interval();
-        clock.heard_from_client(now);
+        clock.ping = now + Duration::from_secs(hb.ping_interval_seconds);
+        clock.heard_from_client(now, hb);
         clock
     }
 
-    pub(super) fn ping_interval(&self) -> Duration {
-        Duration::from_secs(self.ping_every.into())
-    }
-
-    /// The client sent something at `now`: the idle deadline moves.
-    pub(super) fn heard_from_client(&mut self, now: Instant) {
-        self.idle = now + Duration::from_secs(self.idle_after.into());
+    /// The client sent something at `now`: the idle deadline moves. The
+    /// heartbeat's intervals are not kept here (every connection's state
+    /// holds this clock).
+    pub(super) fn heard_from_client(&mut self, now: Instant, hb: &HeartbeatConfig) {
+        self.idle = now + Duration::from_secs(hb.idle_timeout_seconds);
     }
 
     /// Take the drain's deadline for this connection, once; true when it
@@ -100,10 +100,64 @@ impl Deadlines {
         }
     }
 
-    pub(super) fn next(&self) -> Instant {
+    /// An event is to be written at `now`, with a write delay of
+    /// `delay_ms` (not kept here: every connection's state holds this
+    /// clock). Like Nagle's algorithm: a connection that wrote nothing in
+    /// the last delay writes at once; one that did holds the event back
+    /// until a delay after its last write, gathering the ones that follow
+    /// into the same write. A connection receiving fewer events a second
+    /// than the delay's inverse never waits.
+    pub(super) fn write_or_hold(&mut self, now: Instant, delay_ms: u64) -> Write {
+        if delay_ms == 0 {
+            return Write::Now;
+        }
+        match self.quiet_until {
+            Some(until) if now < until => {
+                self.holding = true;
+                Write::Hold
+            }
+            _ => {
+                self.quiet_until = Some(now + Duration::from_millis(delay_ms));
+                Write::Now
+            }
+        }
+    }
+
+    /// True (once) when events held back are due at `now`; the next write
+    /// then waits another delay.
+    pub(super) fn take_flush(&mut self, now: Instant, delay_ms: u64) -> bool {
+        let due = self.holding && self.quiet_until.is_some_and(|until| now >= until);
+        if due {
+            self.holding = false;
+            self.quiet_until = Some(now + Duration::from_millis(delay_ms));
+        }
+        due
+    }
+
+    /// Whether a deadline other than the flush has passed.
+    pub(super) fn others_due(&self, now: Instant) -> bool {
+        now >= self.next_other()
+    }
+
+    fn next_other(&self) -> Instant {
         let soonest = self.ping.min(self.idle).min(self.expiry);
         self.drain.map_or(soonest, |d| d.min(soonest))
     }
+
+    pub(super) fn next(&self) -> Instant {
+        let soonest = self.next_other();
+        match self.quiet_until {
+            Some(until) if self.holding => until.min(soonest),
+            _ => soonest,
+        }
+    }
+}
+
+/// Whether an event is written at once or held back for a write delay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Write {
+    Now,
+    Hold,
 }
 
 /// When a token with this `exp` expires; capped at a year so an absurd
@@ -116,7 +170,6 @@ pub(crate) fn deadline_for_expiry(exp: u64) -> Instant {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use switchboard_config::gateway::HeartbeatConfig;
 
     #[tokio::test(start_paused = true)]
     async fn the_rate_limit_allows_a_burst_of_a_tenth_then_refills() {
@@ -159,6 +212,39 @@ mod tests {
         assert!(!d.arm_drain(Some(later), 7), "armed once");
         assert_eq!(d.drain, Some(now));
         assert!(!Deadlines::new(&hb, now).arm_drain(None, 7));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_write_delay_holds_only_what_follows_a_write_within_the_delay() {
+        let ms = Duration::from_millis;
+        let hb = HeartbeatConfig::default();
+        let now = Instant::now();
+        let ping = now + Duration::from_secs(30);
+        let mut d = Deadlines::new(&hb, now + Duration::from_secs(3600));
+        assert_eq!(d.write_or_hold(now, 0), Write::Now, "no delay");
+        assert_eq!(d.write_or_hold(now, 0), Write::Now);
+        assert_eq!(d.next(), ping);
+        // A quiet connection writes at once, and is then quiet for 20 ms.
+        assert_eq!(d.write_or_hold(now, 20), Write::Now);
+        assert_eq!(d.next(), ping, "nothing held: no flush to wait for");
+        assert!(!d.take_flush(now + ms(25), 20), "nothing to flush");
+        // Within the 20 ms, events are held until they end.
+        assert_eq!(d.write_or_hold(now + ms(8), 20), Write::Hold);
+        assert_eq!(d.write_or_hold(now + ms(16), 20), Write::Hold);
+        assert!(d.holding);
+        assert_eq!(d.next(), now + ms(20), "the flush is the nearest deadline");
+        assert!(!d.take_flush(now + ms(19), 20), "not yet");
+        assert!(!d.others_due(now + ms(20)));
+        assert!(d.take_flush(now + ms(20), 20));
+        assert!(!d.take_flush(now + ms(20), 20), "taken once");
+        assert_eq!(d.next(), ping, "back to the ping");
+        // The flush was a write: what follows within 20 ms of it waits.
+        assert_eq!(d.write_or_hold(now + ms(30), 20), Write::Hold);
+        assert_eq!(d.next(), now + ms(40));
+        assert!(d.take_flush(now + ms(40), 20));
+        // An event more than a delay after the last write goes at once.
+        assert_eq!(d.write_or_hold(now + ms(61), 20), Write::Now);
+        assert!(!d.holding);
     }
 
     #[tokio::test(start_paused = true)]
