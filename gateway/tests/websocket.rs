@@ -556,12 +556,16 @@ async fn many_refused_patterns_in_one_frame_get_a_bounded_answer() {
     );
 }
 
-/// Events, and when each arrived, for `gw` with one subscriber: a first
-/// event on a quiet connection, then two more published right after it.
+/// Events, and when each arrived, for `gw` with one subscriber (connected
+/// with `query` added): a first event on a quiet connection, then two more
+/// published right after it.
 async fn arrivals_after_a_first_event(
     gw: &Gateway,
+    query: &str,
 ) -> (std::time::Instant, Vec<(String, std::time::Instant)>) {
-    let mut c = Client::open(gw, "acme").await;
+    let mut c =
+        Client::connect(&gw.ws(&format!("token={}{query}", token("acme", &["subscribe"])))).await;
+    assert_eq!(c.recv().await["type"], "connection.established");
     c.subscribe(&["burst.>"]).await;
     let start = std::time::Instant::now();
     let mut published = Vec::new();
@@ -592,7 +596,8 @@ async fn a_write_delay_gathers_what_follows_a_write_and_loses_nothing() {
     let mut cfg = config();
     cfg.websocket.write_delay_ms = delay.as_millis() as u64;
     let gw = Gateway::start(cfg).await;
-    let (start, got) = arrivals_after_a_first_event(&gw).await;
+    // The gateway's delay is a floor: a client asking for none still waits.
+    let (start, got) = arrivals_after_a_first_event(&gw, "&write_delay_ms=0").await;
     // A quiet connection's first event is not held.
     assert!(
         got[0].1 - start < delay,
@@ -614,10 +619,37 @@ async fn a_write_delay_gathers_what_follows_a_write_and_loses_nothing() {
 
     // Without a delay (the default), the same events are written at once.
     let gw = Gateway::default().await;
-    let (start, got) = arrivals_after_a_first_event(&gw).await;
+    let (start, got) = arrivals_after_a_first_event(&gw, "").await;
     assert!(
         got[2].1 - start < delay,
         "without a write delay the events waited {:?}",
         got[2].1 - start
     );
+    // A client may ask for a delay itself (`?write_delay_ms=`).
+    let (start, got) = arrivals_after_a_first_event(&gw, "&write_delay_ms=1000").await;
+    assert!(
+        got[1].1 - start >= delay,
+        "the client's delay was not kept: {:?}",
+        got[1].1 - start
+    );
+    // Up to a second; anything else refuses the upgrade with the JSON
+    // error shape.
+    for bad in ["1001", "-1", "soon", "70000"] {
+        let refused = tokio_tungstenite::connect_async(gw.ws(&format!(
+            "token={}&write_delay_ms={bad}",
+            token("acme", &["subscribe"])
+        )))
+        .await
+        .expect_err("no upgrade");
+        let tokio_tungstenite::tungstenite::Error::Http(r) = refused else {
+            panic!("{bad}: {refused}")
+        };
+        let body: serde_json::Value =
+            serde_json::from_slice(r.body().as_deref().unwrap_or_default()).unwrap_or_default();
+        assert_eq!(
+            (r.status().as_u16(), body["error"]["code"].as_str()),
+            (400, Some("invalid_query")),
+            "{bad}: {body}"
+        );
+    }
 }

@@ -45,6 +45,7 @@ import { openLongPoll } from './transports/longpoll.js';
  * @property {string} [cursor] resume after this event id (e.g. persisted by the app)
  * @property {string} [companyId] sent as `company_id` (must be the token's tenant)
  * @property {string} [region] only events from this region
+ * @property {number} [writeDelay] WebSocket only: ms the gateway may hold events that follow one it wrote, to send them together (0-1000; less CPU on both sides for busy feeds, up to this much latency; default 0, or the gateway's own delay if longer)
  * @property {number} [dedupWindow] event ids remembered to drop repeats (default 2048)
  * @property {typeof globalThis.WebSocket} [WebSocket] a WebSocket implementation (Node < 22: the `ws` package)
  * @property {typeof globalThis.fetch} [fetch] a fetch implementation
@@ -336,6 +337,7 @@ export class Client extends Emitter {
     const query = {};
     if (o.companyId) query.company_id = o.companyId;
     if (o.region) query.region = o.region;
+    if (name === 'websocket' && o.writeDelay) query.write_delay_ms = String(o.writeDelay);
     const openTimeout = o.openTimeout ?? 5000;
     /** @type {TransportContext} */
     const ctx = {

@@ -193,6 +193,23 @@ test('transports: tried in order on failure to open, the one that worked remembe
   forced.client.logout();
 });
 
+test('writeDelay is asked of the WebSocket only', async () => {
+  const { client, attempts, last } = fakeClient({ writeDelay: 100, region: 'eu', openTimeout: 30 });
+  client.subscribe('a.*');
+  client.connect();
+  await waitFor('websocket tried', () => attempts.length === 1);
+  assert.deepEqual(last().ctx.query, { region: 'eu', write_delay_ms: '100' });
+  await waitFor('sse tried', () => attempts.length === 2, 1000);
+  assert.equal(last().name, 'sse');
+  assert.deepEqual(last().ctx.query, { region: 'eu' }, 'SSE and long-poll have no write delay');
+  client.logout();
+  const plain = fakeClient();
+  plain.client.connect();
+  await waitFor('websocket tried', () => plain.attempts.length === 1);
+  assert.deepEqual(plain.last().ctx.query, {});
+  plain.client.logout();
+});
+
 test('an HTTP stream reopens from the cursor when subscriptions change; a refused pattern is dropped', async () => {
   const { client, attempts, last } = fakeClient({ transports: ['sse'] });
   client.connect();

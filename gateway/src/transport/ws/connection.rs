@@ -17,6 +17,7 @@ use crate::event::Cursor;
 use crate::mailbox::Wake;
 use crate::protocol::{Close, ErrorCode, ReconnectReason, ServerMessage};
 use crate::session::Session;
+use switchboard_config::gateway::MAX_WRITE_DELAY_MS;
 
 /// Events written per flush.
 const WRITE_BATCH: usize = 64;
@@ -46,7 +47,12 @@ pub(super) struct Connection {
     /// `ws.connection`, entered while a handler runs.
     pub(super) span: tracing::Span,
     pub(super) rate: RateLimit,
-    pub(super) max_bytes: usize,
+    /// The largest message the client may send (u32: every connection
+    /// keeps it; a larger limit is read as 4 GiB).
+    pub(super) max_bytes: u32,
+    /// Milliseconds events that follow a write are held, to be written
+    /// together (0: at once); at most 1,000.
+    write_delay_ms: u16,
 }
 
 impl Connection {
@@ -64,15 +70,16 @@ impl Connection {
             rate: RateLimit::new(limits.map_or(node.config.limits.messages_per_minute, |l| {
                 l.messages_per_minute
             })),
-            max_bytes: limits.map_or(node.config.limits.max_message_bytes, |l| {
+            max_bytes: clamp_u32(limits.map_or(node.config.limits.max_message_bytes, |l| {
                 l.max_message_bytes
-            }) as usize,
+            })),
             session,
             principal,
             socket,
             pending_cursor: cursor,
             sent_up_to: None,
             span,
+            write_delay_ms: 0,
         };
         node.metrics.connections_opened.inc();
         node.metrics.connections_active.inc();
@@ -81,6 +88,13 @@ impl Connection {
             tracing::info!(conn = conn_id, tenant = %conn.principal.tenant, "websocket connected");
         });
         conn
+    }
+
+    /// Hold events that follow a write for `ms` milliseconds (capped at
+    /// 1,000), to write them together.
+    pub(super) fn with_write_delay(mut self, ms: u64) -> Self {
+        self.write_delay_ms = u16::try_from(ms.min(MAX_WRITE_DELAY_MS)).unwrap_or(0);
+        self
     }
 
     /// The connection's task. Not an `async fn`: its argument would be kept
@@ -196,7 +210,7 @@ impl Connection {
                         }
                     }
                     Ok(Wake::Event(first)) => {
-                        let delay = node.config.websocket.write_delay_ms;
+                        let delay = u64::from(self.write_delay_ms);
                         let written = match clock.write_or_hold(Instant::now(), delay) {
                             Write::Now => self.write_queued(Some(first), WRITE_BATCH).await,
                             // Written with the flush, when the delay ends.
@@ -240,7 +254,7 @@ impl Connection {
                     }
                 }
                 () = &mut timer => {
-                    let flushed = if clock.take_flush(Instant::now(), node.config.websocket.write_delay_ms) {
+                    let flushed = if clock.take_flush(Instant::now(), u64::from(self.write_delay_ms)) {
                         self.write_queued(None, HELD_BATCH).await
                     } else {
                         Ok(())
@@ -377,6 +391,11 @@ impl Connection {
                 .map(|()| Err(WriteStop::Kicked)),
         })
     }
+}
+
+/// `n`, or `u32::MAX` when it is larger.
+pub(super) fn clamp_u32(n: u64) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
 }
 
 /// Why a batch was not written.

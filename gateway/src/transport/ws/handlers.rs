@@ -108,7 +108,7 @@ impl Connection {
             node.metrics.error("rate_limited");
             return Flow::Close(Close::RateLimited, None);
         }
-        if text.len() > self.max_bytes {
+        if text.len() > self.max_bytes as usize {
             node.metrics.error("message_too_big");
             let m = ServerMessage::error(
                 ErrorCode::MessageTooLarge,
@@ -515,7 +515,7 @@ impl Connection {
             change => {
                 if let Ok(limits) = self.session.node.limits(&self.principal.tenant) {
                     self.rate = RateLimit::new(limits.messages_per_minute);
-                    self.max_bytes = limits.max_message_bytes as usize;
+                    self.max_bytes = super::connection::clamp_u32(limits.max_message_bytes);
                 }
                 match change {
                     PolicyChange::Revoked(m) => self.reply(m).await,

@@ -34,6 +34,7 @@ use crate::node::Node;
 use crate::protocol::{Close, ErrorCode};
 use crate::session::Session;
 use connection::Connection;
+use switchboard_config::gateway::MAX_WRITE_DELAY_MS;
 pub(crate) use timers::deadline_for_expiry;
 
 /// Read buffer per connection. Clients send small control messages; a
@@ -53,6 +54,10 @@ pub struct WsParams {
     cursor: Option<String>,
     /// Extension: only events from this region.
     region: Option<String>,
+    /// Extension: milliseconds this connection's events may be held to
+    /// write them together (at most 1,000; the gateway's
+    /// `websocket.write_delay_ms` when that is longer).
+    write_delay_ms: Option<u16>,
 }
 
 /// What a request says about the page that made it.
@@ -121,6 +126,18 @@ pub async fn upgrade(
     let region = match super::region_filter(params.region) {
         Ok(r) => r,
         Err(why) => return super::error_response(ErrorCode::InvalidQuery, why),
+    };
+    let write_delay_ms = match params.write_delay_ms {
+        Some(ms) if u64::from(ms) > MAX_WRITE_DELAY_MS => {
+            return super::error_response(
+                ErrorCode::InvalidQuery,
+                format!("write_delay_ms must be at most {MAX_WRITE_DELAY_MS}"),
+            );
+        }
+        // The operator's delay is a floor: a client may wait longer, not less.
+        requested => requested
+            .map_or(0, u64::from)
+            .max(node.config.websocket.write_delay_ms),
     };
     // Browsers only see close codes: a refusal completes the upgrade, then
     // closes with 1013. Checked before the token (no work for a storm).
@@ -214,7 +231,8 @@ pub async fn upgrade(
                 // connection.
                 // Not instrumented as a whole: the span is entered around the
                 // handlers, not on every poll of the delivery path.
-                tokio::spawn(Connection::open(session, principal, cursor, socket, span).run());
+                let conn = Connection::open(session, principal, cursor, socket, span);
+                tokio::spawn(conn.with_write_delay(write_delay_ms).run());
             }
             .instrument(span.clone())
         })
