@@ -653,3 +653,37 @@ async fn a_write_delay_gathers_what_follows_a_write_and_loses_nothing() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_drain_while_events_are_held_writes_them_first_and_resumes_after_them() {
+    let mut cfg = config();
+    cfg.websocket.write_delay_ms = 1000;
+    let mut gw = Gateway::start(cfg).await;
+    let mut c = Client::open(&gw, "acme").await;
+    c.subscribe(&["held.>"]).await;
+    publish_ok(&gw, "acme", "held.one", json!({})).await;
+    c.events(1).await;
+    // Within the delay after that write: both are held.
+    let published = [
+        publish_ok(&gw, "acme", "held.two", json!({})).await,
+        publish_ok(&gw, "acme", "held.three", json!({})).await,
+    ];
+    gw.trigger_drain();
+    let mut events = Vec::new();
+    let reconnect = loop {
+        let m = c.recv().await;
+        match m["type"].as_str() {
+            Some("event") => events.push(m["data"].clone()),
+            Some("reconnect") => break m,
+            _ => {}
+        }
+    };
+    assert_eq!(ids(&events), published, "held events, once, in order");
+    assert_eq!(reconnect["data"]["reason"], "draining");
+    assert!(events[1]["metadata"]["cursor"].is_string(), "{events:?}");
+    assert_eq!(
+        reconnect["data"]["cursor"], events[1]["metadata"]["cursor"],
+        "the client resumes after the last held event: {reconnect}"
+    );
+    assert_eq!(c.closed().await.0, 1012);
+}
