@@ -211,7 +211,7 @@ impl Connection {
                     }
                     Ok(Wake::Event(first)) => {
                         let delay = u64::from(self.write_delay_ms);
-                        let written = match clock.write_or_hold(Instant::now(), delay) {
+                        let written = match clock.write_or_hold(Instant::now, delay) {
                             Write::Now => self.write_queued(Some(first), WRITE_BATCH).await,
                             // Written with the flush, when the delay ends.
                             Write::Hold => {

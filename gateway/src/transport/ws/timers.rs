@@ -100,17 +100,19 @@ impl Deadlines {
         }
     }
 
-    /// An event is to be written at `now`, with a write delay of
+    /// An event is to be written `now` (read only when a delay is set: the
+    /// default path costs no clock read per delivery), with a write delay of
     /// `delay_ms` (not kept here: every connection's state holds this
     /// clock). Like Nagle's algorithm: a connection that wrote nothing in
     /// the last delay writes at once; one that did holds the event back
     /// until a delay after its last write, gathering the ones that follow
     /// into the same write. A connection receiving fewer events a second
     /// than the delay's inverse never waits.
-    pub(super) fn write_or_hold(&mut self, now: Instant, delay_ms: u64) -> Write {
+    pub(super) fn write_or_hold(&mut self, now: impl FnOnce() -> Instant, delay_ms: u64) -> Write {
         if delay_ms == 0 {
             return Write::Now;
         }
+        let now = now();
         match self.quiet_until {
             Some(until) if now < until => {
                 self.holding = true;
@@ -221,16 +223,17 @@ mod tests {
         let now = Instant::now();
         let ping = now + Duration::from_secs(30);
         let mut d = Deadlines::new(&hb, now + Duration::from_secs(3600));
-        assert_eq!(d.write_or_hold(now, 0), Write::Now, "no delay");
-        assert_eq!(d.write_or_hold(now, 0), Write::Now);
+        let no_clock = || -> Instant { panic!("the clock was read without a delay") };
+        assert_eq!(d.write_or_hold(no_clock, 0), Write::Now, "no delay");
+        assert_eq!(d.write_or_hold(no_clock, 0), Write::Now);
         assert_eq!(d.next(), ping);
         // A quiet connection writes at once, and is then quiet for 20 ms.
-        assert_eq!(d.write_or_hold(now, 20), Write::Now);
+        assert_eq!(d.write_or_hold(|| now, 20), Write::Now);
         assert_eq!(d.next(), ping, "nothing held: no flush to wait for");
         assert!(!d.take_flush(now + ms(25), 20), "nothing to flush");
         // Within the 20 ms, events are held until they end.
-        assert_eq!(d.write_or_hold(now + ms(8), 20), Write::Hold);
-        assert_eq!(d.write_or_hold(now + ms(16), 20), Write::Hold);
+        assert_eq!(d.write_or_hold(|| now + ms(8), 20), Write::Hold);
+        assert_eq!(d.write_or_hold(|| now + ms(16), 20), Write::Hold);
         assert!(d.holding);
         assert_eq!(d.next(), now + ms(20), "the flush is the nearest deadline");
         assert!(!d.take_flush(now + ms(19), 20), "not yet");
@@ -239,11 +242,11 @@ mod tests {
         assert!(!d.take_flush(now + ms(20), 20), "taken once");
         assert_eq!(d.next(), ping, "back to the ping");
         // The flush was a write: what follows within 20 ms of it waits.
-        assert_eq!(d.write_or_hold(now + ms(30), 20), Write::Hold);
+        assert_eq!(d.write_or_hold(|| now + ms(30), 20), Write::Hold);
         assert_eq!(d.next(), now + ms(40));
         assert!(d.take_flush(now + ms(40), 20));
         // An event more than a delay after the last write goes at once.
-        assert_eq!(d.write_or_hold(now + ms(61), 20), Write::Now);
+        assert_eq!(d.write_or_hold(|| now + ms(61), 20), Write::Now);
         assert!(!d.holding);
     }
 
