@@ -687,3 +687,82 @@ async fn a_drain_while_events_are_held_writes_them_first_and_resumes_after_them(
     );
     assert_eq!(c.closed().await.0, 1012);
 }
+
+/// The next pong (events before it are returned), within `wait`.
+async fn pong_within(c: &mut Client, wait: Duration) -> Vec<serde_json::Value> {
+    let mut events = Vec::new();
+    loop {
+        let m = c.recv_within(wait).await;
+        match m["type"].as_str() {
+            Some("pong") => return events,
+            Some("event") => events.push(m["data"].clone()),
+            _ => {}
+        }
+    }
+}
+
+/// A connection woken for events does not poll its socket: only the
+/// socket's own wake-up makes it read. What a client sends is still
+/// answered at once: after a burst its connection was woken for, and
+/// while a write delay holds events back (its mailbox is not waited on
+/// then, so the socket's wake-up must reach the task another way).
+#[tokio::test]
+async fn client_frames_are_answered_at_once_after_event_wakeups() {
+    // Far below the 30 s heartbeat and the 1 s delay: a lost wake-up
+    // would wait for one of them.
+    let prompt = Duration::from_millis(500);
+    let gw = Gateway::default().await;
+    let mut c = Client::open(&gw, "acme").await;
+    c.subscribe(&["talk.>"]).await;
+    for round in 0..10 {
+        for i in 0..5 {
+            publish_ok(&gw, "acme", "talk.burst", json!({"round": round, "i": i})).await;
+        }
+        assert_eq!(c.events(5).await.len(), 5);
+        c.send(json!({"type": "ping"})).await;
+        let between = pong_within(&mut c, prompt).await;
+        assert!(between.is_empty(), "round {round}: {between:?}");
+    }
+
+    let mut cfg = config();
+    cfg.websocket.write_delay_ms = 1000;
+    let gw = Gateway::start(cfg).await;
+    let mut c = Client::open(&gw, "acme").await;
+    c.subscribe(&["held.>"]).await;
+    publish_ok(&gw, "acme", "held.one", json!({})).await;
+    c.events(1).await;
+    // A frame with no answer: its wake-up uses up the task waker the
+    // socket's last write left with the WebSocket layer.
+    c.send_raw(Message::Pong(Default::default())).await;
+    // Within the delay after that write: held. The second one's wake-up
+    // finds the connection holding, not waiting on its mailbox: the
+    // mailbox's task waker is used up too.
+    let held = [
+        publish_ok(&gw, "acme", "held.two", json!({})).await,
+        publish_ok(&gw, "acme", "held.three", json!({})).await,
+    ];
+    let asked = std::time::Instant::now();
+    c.send(json!({"type": "ping"})).await;
+    let before = pong_within(&mut c, prompt).await;
+    assert!(
+        asked.elapsed() < prompt,
+        "the pong waited {:?} (for the held events' flush?)",
+        asked.elapsed()
+    );
+    // The held events still come, once and in order (the first was
+    // queued on the socket, so the pong's write takes it along).
+    let mut events = before;
+    events.extend(c.events(held.len() - events.len()).await);
+    assert_eq!(ids(&events), held);
+    // And the connection still reads after that, every frame of a
+    // segment (the second is read from the WebSocket layer's buffer, with
+    // no wake-up of its own).
+    for _ in 0..2 {
+        let ping = json!({"type": "ping"}).to_string();
+        c.ws.feed(Message::Text(ping.into())).await.unwrap();
+    }
+    c.ws.flush().await.unwrap();
+    for _ in 0..2 {
+        assert!(pong_within(&mut c, prompt).await.is_empty());
+    }
+}
