@@ -15,11 +15,10 @@
 use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::future::poll_fn;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::{Context, Poll};
+use std::task::Poll;
 
-use futures_util::task::{ArcWake, AtomicWaker, waker_ref};
+use futures_util::task::AtomicWaker;
 
 use crate::event::Event;
 
@@ -127,14 +126,7 @@ pub enum Wake {
 pub struct Mailbox {
     queue: Mutex<Queue>,
     waker: AtomicWaker,
-    /// u32, beside `readable`: both fit where a `usize` was, so the
-    /// mailbox keeps its allocation size class.
-    capacity: u32,
-    /// The connection's socket may have input: its reads are waited on
-    /// with [`Mailbox::socket_waker`], which sets this and wakes the
-    /// connection through `waker`. A connection woken for events then
-    /// does not poll its socket (see [`Mailbox::poll_socket`]).
-    readable: AtomicBool,
+    capacity: usize,
     /// Only events from this region, when set.
     pub region: Option<Arc<str>>,
     /// The connection's user: only its own private channel reaches it.
@@ -147,9 +139,7 @@ impl Mailbox {
         Self {
             queue: Mutex::default(),
             waker: AtomicWaker::new(),
-            capacity: u32::try_from(capacity.max(1)).unwrap_or(u32::MAX),
-            // Polled once at first: whatever arrived before is read then.
-            readable: AtomicBool::new(true),
+            capacity: capacity.max(1),
             region,
             user,
         }
@@ -174,7 +164,7 @@ impl Mailbox {
         if q.overflowed {
             return Offered::Dropped;
         }
-        if q.events.len() >= self.capacity as usize {
+        if q.events.len() >= self.capacity {
             q.overflowed = true;
             q.events = VecDeque::new();
             drop(q);
@@ -252,36 +242,6 @@ impl Mailbox {
         self.waker.wake();
     }
 
-    /// Poll the connection's socket for input, but only when it may have
-    /// some: when its waker fired since its last `Pending`, or its last
-    /// poll returned something (more may be buffered). A connection woken
-    /// for events skips its socket's read side (a waker registration in
-    /// the WebSocket layer and a readiness check in the reactor per
-    /// delivery). The socket is polled with [`Mailbox::socket_waker`],
-    /// which wakes the connection through this mailbox's waker: that
-    /// waker must be registered before the flag is looked at, by
-    /// [`Mailbox::take_or_control`] polled just before or, when the
-    /// connection is not waiting for events, by `register` here.
-    pub fn poll_socket<T>(
-        self: &Arc<Self>,
-        cx: &mut Context<'_>,
-        register: bool,
-        poll: impl FnOnce(&mut Context<'_>) -> Poll<T>,
-    ) -> Poll<T> {
-        if register {
-            self.waker.register(cx.waker());
-        }
-        if !self.readable.swap(false, Ordering::AcqRel) {
-            return Poll::Pending;
-        }
-        let waker = waker_ref(self);
-        let polled = poll(&mut Context::from_waker(&waker));
-        if polled.is_ready() {
-            self.readable.store(true, Ordering::Release);
-        }
-        polled
-    }
-
     /// Ready once the connection has overflowed (wakes `cx` then).
     pub fn poll_kicked(&self, cx: &mut std::task::Context<'_>) -> Poll<()> {
         self.waker.register(cx.waker());
@@ -290,15 +250,6 @@ impl Mailbox {
         } else {
             Poll::Pending
         }
-    }
-}
-
-/// The socket's waker (see [`Mailbox::poll_socket`]): input may be there;
-/// wake the connection.
-impl ArcWake for Mailbox {
-    fn wake_by_ref(arc_self: &Arc<Self>) {
-        arc_self.readable.store(true, Ordering::Release);
-        arc_self.waker.wake();
     }
 }
 
@@ -416,46 +367,6 @@ mod tests {
     fn a_mailbox_stays_in_its_size_class() {
         let size = std::mem::size_of::<Mailbox>();
         assert!(size + 16 <= 128, "the mailbox grew to {size} bytes");
-    }
-
-    #[test]
-    fn the_socket_is_polled_only_when_it_may_have_input() {
-        let m = Arc::new(Mailbox::new(4, None, "u".into()));
-        let wakes = Arc::new(WakeCount::default());
-        let task = std::task::Waker::from(wakes.clone());
-        let mut cx = Context::from_waker(&task);
-        let socket_wakers = std::cell::RefCell::new(Vec::new());
-        let polls = || socket_wakers.borrow().len();
-        let poll = |ready: bool, register: bool, cx: &mut Context<'_>| {
-            m.poll_socket(cx, register, |socket_cx| {
-                socket_wakers.borrow_mut().push(socket_cx.waker().clone());
-                if ready {
-                    Poll::Ready(())
-                } else {
-                    Poll::Pending
-                }
-            })
-        };
-        // At first it is polled; something read: polled again (more may
-        // be buffered) until it has nothing.
-        assert!(poll(true, false, &mut cx).is_ready());
-        assert!(poll(false, false, &mut cx).is_pending());
-        assert_eq!(polls(), 2);
-        // Woken for events only: the socket is left alone.
-        assert!(poll(false, false, &mut cx).is_pending());
-        assert_eq!(polls(), 2);
-        // The socket's waker: the connection wakes (through the waker
-        // registered with the mailbox) and polls its socket again.
-        m.waker.register(&task);
-        socket_wakers.borrow()[1].wake_by_ref();
-        assert_eq!(wakes.count(), 1);
-        assert!(poll(false, false, &mut cx).is_pending());
-        assert_eq!(polls(), 3);
-        // Not waiting on the mailbox: `register` leaves the task's waker
-        // for the socket's wake-up.
-        assert!(poll(false, true, &mut cx).is_pending());
-        socket_wakers.borrow()[2].wake_by_ref();
-        assert_eq!(wakes.count(), 2);
     }
 
     #[tokio::test]

@@ -701,11 +701,11 @@ async fn pong_within(c: &mut Client, wait: Duration) -> Vec<serde_json::Value> {
     }
 }
 
-/// A connection woken for events does not poll its socket: only the
-/// socket's own wake-up makes it read. What a client sends is still
-/// answered at once: after a burst its connection was woken for, and
-/// while a write delay holds events back (its mailbox is not waited on
-/// then, so the socket's wake-up must reach the task another way).
+/// What a client sends is answered at once, whatever woke its connection
+/// last: after bursts of events, and while a write delay holds events
+/// back (the connection does not wait on its mailbox then), after a frame
+/// with no answer and the held events' wake-ups. A lost wake-up of the
+/// socket's read side would wait for the flush or the 30 s heartbeat.
 #[tokio::test]
 async fn client_frames_are_answered_at_once_after_event_wakeups() {
     // Far below the 30 s heartbeat and the 1 s delay: a lost wake-up

@@ -191,14 +191,11 @@ impl Connection {
         Box::pin(self.session.subscribe_own_channel()).await;
 
         loop {
-            let holding = clock.holding;
-            let mailbox = &self.session.mailbox;
-            let socket = &mut self.socket;
             let flow = tokio::select! {
                 biased;
                 // While a write delay holds events back, the queue is left
                 // alone (no wake-up per event) until the flush takes it.
-                wake = self.session.next_live_or_control(), if !holding => match wake {
+                wake = self.session.next_live_or_control(), if !clock.holding => match wake {
                     Ok(Wake::Control) => {
                         if clock.arm_drain(node.drain_state(), self.session.admission.id) {
                             timer.as_mut().reset(clock.next());
@@ -230,10 +227,7 @@ impl Connection {
                     }
                     Err(_overflowed) => Flow::Close(Close::SlowConsumer, None),
                 },
-                // Polled only when its socket may have input (not after
-                // every event): the mailbox branch above registers the
-                // waker it wakes through, or, while it is off, this does.
-                frame = poll_fn(|cx| mailbox.poll_socket(cx, holding, |cx| socket.poll_next_unpin(cx))) => {
+                frame = self.socket.next() => {
                     // The timer is not moved: when it fires early it re-arms.
                     clock.heard_from_client(Instant::now(), &node.config.heartbeat);
                     match frame {
