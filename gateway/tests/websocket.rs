@@ -766,3 +766,123 @@ async fn client_frames_are_answered_at_once_after_event_wakeups() {
         assert!(pong_within(&mut c, prompt).await.is_empty());
     }
 }
+
+/// Frames of every header size (7-bit, 16-bit and 64-bit lengths; small
+/// ones gathered into one write, large ones written header and payload
+/// apart) stay whole when the client stops reading and the socket takes
+/// them a piece at a time; a ping sent meanwhile is answered once the
+/// backlog is out, and nothing is lost, repeated or reordered.
+#[tokio::test]
+async fn frames_stay_whole_across_partial_writes_and_pings_are_answered_after_them() {
+    use futures_util::StreamExt;
+    let gw = Gateway::default().await;
+    let mut c = Client::open(&gw, "acme").await;
+    c.subscribe(&["bulk.*"]).await;
+    // ~12 MB: far more than a client's socket buffers take while it does
+    // not read, so the gateway's writes stop part-way through frames.
+    let sizes = [3usize, 200, 20_000, 70_000, 120_000];
+    let n = 120;
+    let publisher = {
+        let url = gw.http();
+        let t = token("acme", &["publish"]);
+        tokio::spawn(async move {
+            let http = reqwest::Client::new();
+            for i in 0..n {
+                let pad = "y".repeat(sizes[i % sizes.len()]);
+                let r = http
+                    .post(format!("{url}/api/realtime/publish/"))
+                    .bearer_auth(&t)
+                    .json(&json!({"event_type": "bulk.x", "data": {"i": i, "pad": pad}}))
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(r.status(), 201);
+            }
+        })
+    };
+    publisher.await.unwrap();
+    c.send_raw(Message::Ping(b"are you there".to_vec().into()))
+        .await;
+    let mut next = 0;
+    let mut pong = false;
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while next < n || !pong {
+        let m = tokio::time::timeout_at(deadline, c.ws.next())
+            .await
+            .expect("backlog and pong within the deadline")
+            .expect("connection open")
+            .expect("a well-formed frame");
+        match m {
+            Message::Pong(p) => {
+                assert_eq!(&p[..], b"are you there");
+                pong = true;
+            }
+            Message::Text(t) => {
+                let v: serde_json::Value = serde_json::from_str(&t).unwrap();
+                if v["type"] == "event" {
+                    assert_eq!(v["data"]["data"]["i"], next, "in order, once each");
+                    let pad = v["data"]["data"]["pad"].as_str().unwrap();
+                    assert_eq!(pad.len(), sizes[next % sizes.len()]);
+                    assert!(pad.bytes().all(|b| b == b'y'));
+                    next += 1;
+                }
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}
+
+/// The upgrade answers RFC 6455's example key with the RFC's accept value,
+/// and refuses requests that are not WebSocket upgrades with a 4xx
+/// before any connection exists.
+#[tokio::test]
+async fn the_upgrade_is_checked_and_answered_as_rfc_6455_says() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let gw = Gateway::default().await;
+    let t = token("acme", &["subscribe"]);
+    let head = |extra: &str| {
+        format!(
+            "GET /ws?token={t} HTTP/1.1\r\nHost: {}\r\n{extra}\r\n",
+            gw.addr
+        )
+    };
+    let answer = |req: String| async move {
+        let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut got = Vec::new();
+        let mut b = [0u8; 1];
+        while !got.ends_with(b"\r\n\r\n") {
+            let read = tokio::time::timeout(DEADLINE, s.read(&mut b))
+                .await
+                .unwrap();
+            if read.unwrap() == 0 {
+                break;
+            }
+            got.push(b[0]);
+        }
+        String::from_utf8_lossy(&got).to_lowercase()
+    };
+    let ok = answer(head(
+        "Upgrade: websocket\r\nConnection: keep-alive, Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n",
+    ))
+    .await;
+    assert!(ok.starts_with("http/1.1 101"), "{ok}");
+    assert!(
+        ok.contains("sec-websocket-accept: s3pplmbitxaq9kygzzhzrbk+xoo=\r\n"),
+        "{ok}"
+    );
+    assert!(ok.contains("upgrade: websocket\r\n"), "{ok}");
+    for bad in [
+        // No key.
+        "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n",
+        // Another protocol version.
+        "Upgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 8\r\n",
+        // Not an upgrade at all.
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n",
+    ] {
+        let got = answer(head(bad)).await;
+        assert!(got.starts_with("http/1.1 4"), "{bad:?} -> {got}");
+    }
+}

@@ -6,11 +6,11 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use axum::extract::ws::{CloseFrame, Message, WebSocket};
-use futures_util::{SinkExt, StreamExt};
 use tokio::time::{Instant, sleep_until};
+use tokio_tungstenite::tungstenite::Error as WsError;
 use tracing::Instrument;
 
+use super::socket::{OpCode, Socket};
 use super::timers::{Deadlines, RateLimit, Write, deadline_for_expiry};
 use crate::auth::Principal;
 use crate::event::Cursor;
@@ -37,7 +37,7 @@ pub(super) enum Flow {
 pub(super) struct Connection {
     pub(super) session: Session,
     pub(super) principal: Principal,
-    pub(super) socket: WebSocket,
+    pub(super) socket: Socket,
     /// A cursor to apply to the first subscriptions (from `?cursor=` or a
     /// `cursor.update` sent before any subscription).
     pub(super) pending_cursor: Option<Cursor>,
@@ -61,7 +61,7 @@ impl Connection {
         session: Session,
         principal: Principal,
         cursor: Option<Cursor>,
-        socket: WebSocket,
+        socket: Socket,
         span: tracing::Span,
     ) -> Self {
         let node = session.node.clone();
@@ -123,19 +123,15 @@ impl Connection {
                 .chars()
                 .take(120)
                 .collect();
-            let frame = Message::Close(Some(CloseFrame {
-                code: close.code(),
-                reason: reason.into(),
-            }));
             // The closing handshake: send ours, then read (and drop) what
             // the client still sends until its close. Dropping the socket
             // with unread data would reset the connection and lose our close
             // frame (and its code) on the way. The peer may be gone or not
             // reading (slow consumer): the goodbye is bounded.
             let goodbye = async {
-                self.socket.send(frame).await?;
+                self.socket.close(close.code(), reason).await?;
                 while let Some(Ok(_)) = self.socket.next().await {}
-                Ok::<_, axum::Error>(())
+                Ok::<_, WsError>(())
             };
             let _ = tokio::time::timeout(Duration::from_secs(1), goodbye).await;
         }
@@ -178,7 +174,7 @@ impl Connection {
         .frame();
         // Boxed, like the subscription below: the state of a send would
         // otherwise be reserved in every idle connection's task.
-        if Box::pin(self.socket.send(Message::Text(established.into())))
+        if Box::pin(self.socket.send_text(established.into()))
             .await
             .is_err()
         {
@@ -216,7 +212,8 @@ impl Connection {
                             // Written with the flush, when the delay ends.
                             Write::Hold => {
                                 timer.as_mut().reset(clock.next());
-                                self.feed_event(&first).await
+                                self.feed_event(&first);
+                                Ok(())
                             }
                         };
                         match written {
@@ -233,7 +230,7 @@ impl Connection {
                     match frame {
                         None => return None,
                         Some(Err(e)) => {
-                            if super::is_capacity_error(&e) {
+                            if super::is_too_big(&e) {
                                 node.metrics.error("message_too_big");
                                 Flow::Close(Close::MessageTooBig, None)
                             } else {
@@ -306,12 +303,8 @@ impl Connection {
         if now >= clock.ping {
             let every = self.session.node.config.heartbeat.ping_interval_seconds;
             clock.ping = now + Duration::from_secs(every);
-            if self
-                .socket
-                .send(Message::Ping(Default::default()))
-                .await
-                .is_err()
-            {
+            self.socket.feed(OpCode::Ping, bytes::Bytes::new());
+            if self.socket.flush().await.is_err() {
                 return Flow::Gone;
             }
         }
@@ -319,10 +312,8 @@ impl Connection {
     }
 
     /// Send one message (and flush).
-    pub(super) async fn send(&mut self, message: &ServerMessage) -> Result<(), axum::Error> {
-        self.socket
-            .send(Message::Text(message.frame().into()))
-            .await
+    pub(super) async fn send(&mut self, message: &ServerMessage) -> Result<(), WsError> {
+        self.socket.send_text(message.frame().into()).await
     }
 
     pub(super) fn note_sent(&mut self, id: Cursor) {
@@ -347,30 +338,27 @@ impl Connection {
         limit: usize,
     ) -> Result<(), WriteStop> {
         if let Some(first) = first {
-            self.feed_event(&first).await?;
+            self.feed_event(&first);
         }
         for _ in 1..limit {
             match self.session.try_next_live() {
-                Ok(Some(ev)) => self.feed_event(&ev).await?,
+                Ok(Some(ev)) => self.feed_event(&ev),
                 // An overflow is seen by the next turn of the loop.
                 _ => break,
             }
         }
-        self.unless_kicked(|socket, cx| socket.poll_flush_unpin(cx))
-            .await
+        self.write_fed().await
     }
 
-    /// Queue one event's frame for the next flush. The frame is made once
-    /// the socket can take it, so no frame waits in the task's state (which
-    /// every connection reserves).
-    async fn feed_event(&mut self, event: &crate::event::Event) -> Result<(), WriteStop> {
-        self.unless_kicked(|socket, cx| socket.poll_ready_unpin(cx))
-            .await?;
-        self.socket
-            .start_send_unpin(Message::Text(self.session.frame_for(event)))
-            .map_err(|_| WriteStop::Socket)?;
+    /// Write what was fed, unless the connection is kicked meanwhile.
+    async fn write_fed(&mut self) -> Result<(), WriteStop> {
+        self.unless_kicked(Socket::poll_flush).await
+    }
+
+    /// Queue one event's frame (its shared payload) for the next flush.
+    fn feed_event(&mut self, event: &crate::event::Event) {
+        self.socket.feed_text(self.session.frame_for(event).into());
         self.note_sent(event.id);
-        Ok(())
     }
 
     /// A write on the socket, unless the connection is kicked as a slow
@@ -380,7 +368,7 @@ impl Connection {
     /// costs no extra lock or waker registration.
     fn unless_kicked(
         &mut self,
-        mut write: impl FnMut(&mut WebSocket, &mut Context<'_>) -> Poll<Result<(), axum::Error>>,
+        mut write: impl FnMut(&mut Socket, &mut Context<'_>) -> Poll<Result<(), WsError>>,
     ) -> impl Future<Output = Result<(), WriteStop>> {
         poll_fn(move |cx| match write(&mut self.socket, cx) {
             Poll::Ready(done) => Poll::Ready(done.map_err(|_| WriteStop::Socket)),

@@ -3,14 +3,14 @@
 
 use std::sync::Arc;
 
-use axum::extract::ws::{Message, Utf8Bytes, WebSocket};
-use futures_util::SinkExt;
 use serde_json::Value;
 use switchboard_config::Pattern;
 use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 use tracing::Instrument;
 
 use super::connection::{Connection, Flow};
+use super::socket::Socket;
 use super::timers::{RateLimit, deadline_for_expiry};
 use crate::broker::GapReason;
 use crate::event::{Cursor, Event};
@@ -33,7 +33,7 @@ const REPLAY_FLUSH: usize = 32;
 /// client that reads slowly holds the replay back instead of the gateway
 /// buffering it.
 struct SocketSink<'a> {
-    socket: &'a mut WebSocket,
+    socket: &'a mut Socket,
     session: &'a Session,
     rid: Option<&'a Value>,
     unflushed: usize,
@@ -46,21 +46,11 @@ impl ResumeSink for SocketSink<'_> {
             requested: requested.to_owned(),
             request_id: self.rid.cloned(),
         };
-        self.socket
-            .send(Message::Text(m.frame().into()))
-            .await
-            .is_ok()
+        self.socket.send_text(m.frame().into()).await.is_ok()
     }
 
     async fn event(&mut self, event: &Arc<Event>) -> bool {
-        if self
-            .socket
-            .feed(Message::Text(self.session.frame_for(event)))
-            .await
-            .is_err()
-        {
-            return false;
-        }
+        self.socket.feed_text(self.session.frame_for(event).into());
         self.unflushed += 1;
         if self.unflushed >= REPLAY_FLUSH {
             self.unflushed = 0;
@@ -101,7 +91,7 @@ impl Connection {
                     ))
                     .await;
             }
-            Message::Ping(_) | Message::Pong(_) => return Flow::Continue,
+            Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => return Flow::Continue,
             Message::Close(_) => return Flow::Gone,
         };
         if !self.rate.allow() {
@@ -340,14 +330,7 @@ impl Connection {
         };
         // A replay follows: the confirmation leaves with it, in one write
         // (the replay's answer flushes).
-        if self
-            .socket
-            .feed(Message::Text(confirm.frame().into()))
-            .await
-            .is_err()
-        {
-            return Flow::Gone;
-        }
+        self.socket.feed_text(confirm.frame().into());
         self.replay(cursor, Some(&new), rid).await
     }
 

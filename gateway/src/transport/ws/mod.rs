@@ -18,12 +18,12 @@
 
 mod connection;
 mod handlers;
+mod socket;
 pub(crate) mod timers;
 
 use std::sync::Arc;
 
 use axum::extract::State;
-use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::http::HeaderMap;
 use axum::response::Response;
 use serde::Deserialize;
@@ -34,16 +34,16 @@ use crate::node::Node;
 use crate::protocol::{Close, ErrorCode};
 use crate::session::Session;
 use connection::Connection;
+use socket::{Handshake, Socket};
 use switchboard_config::gateway::MAX_WRITE_DELAY_MS;
 pub(crate) use timers::deadline_for_expiry;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 /// Read buffer per connection. Clients send small control messages; a
 /// larger frame grows the buffer for as long as it takes to read it.
 /// tungstenite's default (128 KiB) would make an idle connection cost far
 /// more than its state.
 const READ_BUFFER: usize = 128;
-/// Frames are collected up to this size and written with one syscall.
-const WRITE_BUFFER: usize = 8 * 1024;
 
 #[derive(Debug, Deserialize)]
 /// Query parameters of the WebSocket upgrade.
@@ -99,12 +99,12 @@ pub fn origin_allowed(allowed: &[String], origin: Origin<'_>) -> bool {
 }
 
 /// `GET /ws`: check the Origin and the token, then serve the connection.
-pub async fn upgrade(
+pub(crate) async fn upgrade(
     State(node): State<Arc<Node>>,
     super::JsonQuery(params): super::JsonQuery<WsParams>,
     headers: HeaderMap,
     peer: super::Peer,
-    ws: WebSocketUpgrade,
+    ws: Handshake,
 ) -> Response {
     if !origin_allowed(&node.config.allowed_origins, Origin::of(&headers)) {
         node.metrics
@@ -155,104 +155,104 @@ pub async fn upgrade(
         )
         .await),
     };
-    let max = node.config.limits.max_message_bytes as usize;
-    ws.read_buffer_size(READ_BUFFER)
-        .write_buffer_size(WRITE_BUFFER)
-        .max_message_size(max)
-        .max_frame_size(max)
-        .on_upgrade(move |socket| {
-            let span = tracing::info_span!(
-                "ws.connection",
-                otel.kind = "server",
-                conn = tracing::field::Empty,
-                tenant = tracing::field::Empty,
-                close_code = tracing::field::Empty,
-                trace_id = tracing::field::Empty,
-            );
-            if let Some(id) = crate::telemetry::trace_id(&span) {
-                span.record("trace_id", id);
-            }
-            async move {
-                let checked = auth.and_then(|a| match a {
-                    Ok(p) => node.overload.check_tenant(&p.tenant).map(|()| Ok(p)),
-                    Err(e) => Ok(Err(e)),
-                });
-                let auth = match checked {
-                    Ok(a) => a,
-                    Err(refusal) => {
-                        node.metrics
-                            .connections_rejected
-                            .get_or_create(&vec![("reason", refusal.label())])
-                            .inc();
-                        return reject(socket, Close::TryAgainLater, refusal.message()).await;
-                    }
-                };
-                let principal = match auth {
-                    Ok(p) => p,
-                    Err(e) => {
-                        tracing::info!(reason = %e, "websocket rejected: unauthorized");
-                        node.metrics
-                            .connections_rejected
-                            .get_or_create(&vec![("reason", "unauthorized")])
-                            .inc();
-                        node.metrics.error("auth");
-                        return reject(socket, Close::Unauthorized, &e.to_string()).await;
-                    }
-                };
-                let admission = match node.admit(&principal) {
-                    Ok(a) => a,
-                    Err(close) => {
-                        node.metrics
-                            .connections_rejected
-                            .get_or_create(&vec![("reason", close.label())])
-                            .inc();
-                        return reject(socket, close, close.reason()).await;
-                    }
-                };
-                let session = Session::new(
-                    node.clone(),
-                    admission,
-                    &principal,
-                    region,
-                    node.config.limits.outbound_queue,
-                );
-                let cursor = params.cursor.as_deref().map(Cursor::parse_lenient);
-                let span = tracing::Span::current();
-                span.record(
-                    "conn",
-                    i64::try_from(session.admission.id).unwrap_or(i64::MAX),
-                );
-                if node.metrics.tenant_labels() {
-                    span.record("tenant", &*principal.tenant);
+    let max = usize::try_from(node.config.limits.max_message_bytes).unwrap_or(usize::MAX);
+    let config = WebSocketConfig::default()
+        .read_buffer_size(READ_BUFFER)
+        .max_message_size(Some(max))
+        .max_frame_size(Some(max));
+    ws.accept(config, move |socket| {
+        let span = tracing::info_span!(
+            "ws.connection",
+            otel.kind = "server",
+            conn = tracing::field::Empty,
+            tenant = tracing::field::Empty,
+            close_code = tracing::field::Empty,
+            trace_id = tracing::field::Empty,
+        );
+        if let Some(id) = crate::telemetry::trace_id(&span) {
+            span.record("trace_id", id);
+        }
+        async move {
+            let checked = auth.and_then(|a| match a {
+                Ok(p) => node.overload.check_tenant(&p.tenant).map(|()| Ok(p)),
+                Err(e) => Ok(Err(e)),
+            });
+            let auth = match checked {
+                Ok(a) => a,
+                Err(refusal) => {
+                    node.metrics
+                        .connections_rejected
+                        .get_or_create(&vec![("reason", refusal.label())])
+                        .inc();
+                    return reject(socket, Close::TryAgainLater, refusal.message()).await;
                 }
-                tracing::info!("authenticated");
-                // Its own task: the upgrade future (request data, the auth
-                // result) is freed now instead of living as long as the
-                // connection.
-                // Not instrumented as a whole: the span is entered around the
-                // handlers, not on every poll of the delivery path.
-                let conn = Connection::open(session, principal, cursor, socket, span);
-                tokio::spawn(conn.with_write_delay(write_delay_ms).run());
+            };
+            let principal = match auth {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::info!(reason = %e, "websocket rejected: unauthorized");
+                    node.metrics
+                        .connections_rejected
+                        .get_or_create(&vec![("reason", "unauthorized")])
+                        .inc();
+                    node.metrics.error("auth");
+                    return reject(socket, Close::Unauthorized, &e.to_string()).await;
+                }
+            };
+            let admission = match node.admit(&principal) {
+                Ok(a) => a,
+                Err(close) => {
+                    node.metrics
+                        .connections_rejected
+                        .get_or_create(&vec![("reason", close.label())])
+                        .inc();
+                    return reject(socket, close, close.reason()).await;
+                }
+            };
+            let session = Session::new(
+                node.clone(),
+                admission,
+                &principal,
+                region,
+                node.config.limits.outbound_queue,
+            );
+            let cursor = params.cursor.as_deref().map(Cursor::parse_lenient);
+            let span = tracing::Span::current();
+            span.record(
+                "conn",
+                i64::try_from(session.admission.id).unwrap_or(i64::MAX),
+            );
+            if node.metrics.tenant_labels() {
+                span.record("tenant", &*principal.tenant);
             }
-            .instrument(span.clone())
-        })
+            tracing::info!("authenticated");
+            // Its own task: the upgrade future (request data, the auth
+            // result) is freed now instead of living as long as the
+            // connection.
+            // Not instrumented as a whole: the span is entered around the
+            // handlers, not on every poll of the delivery path.
+            let conn = Connection::open(session, principal, cursor, socket, span);
+            tokio::spawn(conn.with_write_delay(write_delay_ms).run());
+        }
+        .instrument(span.clone())
+    })
 }
 
-async fn reject(mut socket: WebSocket, close: Close, detail: &str) {
+async fn reject(mut socket: Socket, close: Close, detail: &str) {
     tracing::Span::current().record("close_code", i64::from(close.code()));
     let reason: String = format!("{}: {detail}", close.reason())
         .chars()
         .take(120)
         .collect();
-    let _ = socket
-        .send(Message::Close(Some(CloseFrame {
-            code: close.code(),
-            reason: reason.into(),
-        })))
-        .await;
+    let _ = socket.close(close.code(), reason).await;
 }
 
 /// Did the read fail because a frame or message exceeded the size limit?
+fn is_too_big(e: &tokio_tungstenite::tungstenite::Error) -> bool {
+    matches!(e, tokio_tungstenite::tungstenite::Error::Capacity(_))
+}
+
+/// [`is_too_big`] for axum's WebSocket (the streaming publish endpoint).
 pub(crate) fn is_capacity_error(e: &axum::Error) -> bool {
     use tokio_tungstenite::tungstenite::Error;
     matches!(
