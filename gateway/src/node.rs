@@ -615,7 +615,7 @@ mod tests {
         let principal = Principal {
             tenant: "acme".into(),
             user: "u1".into(),
-            scopes: Vec::new(),
+            scopes: Default::default(),
             expires_at: u64::MAX,
         };
         let admission = node.admit(&principal).expect("admitted");
