@@ -466,9 +466,13 @@ p("- Per connection: a mailbox (a lock-protected `VecDeque`, allocating nothing 
   "back after a burst) instead of a channel; one task whose state stays small (request handlers and the "
   "goodbye path are boxed, so idle connections do not carry them; a unit test keeps the task in jemalloc's "
   "1,280-byte size class); one timer for heartbeat, idle, token expiry and drain; policy changes and the "
-  "drain signalled through the mailbox, not a watch per connection; a 128-byte read buffer; writes batched up to 8 KiB "
-  "per syscall, sent at once (TCP_NODELAY: Nagle's algorithm would hold small frames back "
-  "waiting for ACKs); a subscription holds its pattern's text only; the connections of a tenant share one copy of its name; jemalloc.")
+  "drain signalled through the mailbox, not a watch per connection; a 128-byte read buffer; no write buffer: "
+  "server frames are written by the gateway itself (a 2-10 byte header before the event's shared payload), a batch "
+  "gathered into the worker thread's scratch buffer and sent with one syscall, at once (TCP_NODELAY: Nagle's "
+  "algorithm would hold small frames back waiting for ACKs); the upgraded connection is not wrapped twice "
+  "(tokio-tungstenite's stream and its two waker proxies are not used on the native endpoint); a token's scopes "
+  "are one string; a subscription holds its pattern's text only; the connections of a tenant share one copy of "
+  "its name; jemalloc.")
 p("- Fan-out reads the tenant's subscription index under a read lock once per event, then pushes to each "
   "mailbox; a full mailbox cuts that one slow consumer off (close 4008) and never blocks the others. "
   "Events that arrive together (the frames of a publish stream read in one go, an HTTP batch, the NATS "
