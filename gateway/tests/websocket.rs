@@ -886,3 +886,67 @@ async fn the_upgrade_is_checked_and_answered_as_rfc_6455_says() {
         assert!(got.starts_with("http/1.1 4"), "{bad:?} -> {got}");
     }
 }
+
+/// A client frame as RFC 6455 says clients send it: masked.
+fn masked(first: u8, payload: &[u8]) -> Vec<u8> {
+    let mask = [0x12, 0x34, 0x56, 0x78];
+    let mut frame = vec![first, 0x80 | u8::try_from(payload.len()).unwrap()];
+    frame.extend(mask);
+    frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    frame
+}
+
+/// Client frames are read as RFC 6455 says: one that breaks the protocol
+/// is answered with the close code that says why (1002; 1007 for text that
+/// is not UTF-8) instead of a dropped connection, a message may come in
+/// fragments with a ping between them, and a client's close is echoed.
+#[tokio::test]
+async fn client_frames_are_read_and_refused_as_rfc_6455_says() {
+    use tokio::io::AsyncWriteExt;
+    let gw = Gateway::default().await;
+    let path = format!("/ws?token={}", token("acme", &["subscribe"]));
+    let close_code = |frames: &[(u8, Vec<u8>)]| {
+        let (_, payload) = frames
+            .iter()
+            .find(|(op, _)| *op == 0x8)
+            .unwrap_or_else(|| panic!("no close frame in {frames:?}"));
+        u16::from_be_bytes([payload[0], payload[1]])
+    };
+    let mut rsv1 = masked(0x81, b"{}");
+    rsv1[0] |= 0x40;
+    for (frame, code) in [
+        // Unmasked.
+        (vec![0x81, 0x02, b'{', b'}'], 1002),
+        (rsv1, 1002),
+        // A continuation of nothing.
+        (masked(0x80, b"{}"), 1002),
+        (masked(0x81, &[0xc3, 0x28]), 1007),
+    ] {
+        let mut s = raw_upgrade(&gw, &path).await;
+        s.write_all(&frame).await.unwrap();
+        let frames = read_frames_until_eof(s).await;
+        assert_eq!(close_code(&frames), code, "{frame:x?}: {frames:?}");
+    }
+
+    let mut s = raw_upgrade(&gw, &path).await;
+    let request = br#"{"type":"ping","requestId":"in-fragments"}"#;
+    let mut bytes = masked(0x01, &request[..9]);
+    bytes.extend(masked(0x89, b"p"));
+    bytes.extend(masked(0x00, &request[9..20]));
+    bytes.extend(masked(0x80, &request[20..]));
+    bytes.extend(masked(0x88, &1000u16.to_be_bytes()));
+    s.write_all(&bytes).await.unwrap();
+    let frames = read_frames_until_eof(s).await;
+    assert!(frames.contains(&(0xA, b"p".to_vec())), "{frames:?}");
+    let pong = frames
+        .iter()
+        .filter(|(op, _)| *op == 0x1)
+        .map(|(_, p)| serde_json::from_slice::<serde_json::Value>(p).unwrap())
+        .find(|m| m["type"] == "pong");
+    assert_eq!(
+        pong.map(|m| m["requestId"].clone()),
+        Some(json!("in-fragments")),
+        "{frames:?}"
+    );
+    assert_eq!(frames.last(), Some(&(0x8, 1000u16.to_be_bytes().to_vec())));
+}

@@ -17,6 +17,11 @@ pub enum Close {
     TooManyConnections,
     /// A frame exceeded the message size limit. 1009.
     MessageTooBig,
+    /// The client broke the WebSocket protocol (an unmasked frame, a
+    /// reserved bit or opcode, a bad fragment or close frame). 1002.
+    ProtocolError,
+    /// A text message or close reason that is not UTF-8. 1007.
+    InvalidPayload,
     /// The gateway is draining (deploy, scale-in): reconnect with your cursor. 1012.
     ServiceRestart,
     /// Connect rate exceeded, or the process sheds load: try again later
@@ -30,7 +35,7 @@ pub enum Close {
 
 impl Close {
     /// Every close code.
-    pub const ALL: [Close; 10] = [
+    pub const ALL: [Close; 12] = [
         Close::Unauthorized,
         Close::Forbidden,
         Close::IdleTimeout,
@@ -38,6 +43,8 @@ impl Close {
         Close::RateLimited,
         Close::TooManyConnections,
         Close::MessageTooBig,
+        Close::ProtocolError,
+        Close::InvalidPayload,
         Close::ServiceRestart,
         Close::TryAgainLater,
         Close::NotResident,
@@ -53,6 +60,8 @@ impl Close {
             Close::RateLimited => 4029,
             Close::TooManyConnections => 4030,
             Close::MessageTooBig => 1009,
+            Close::ProtocolError => 1002,
+            Close::InvalidPayload => 1007,
             Close::ServiceRestart => 1012,
             Close::TryAgainLater => 1013,
             Close::NotResident => 4013,
@@ -69,6 +78,8 @@ impl Close {
             Close::RateLimited => "rate limit exceeded",
             Close::TooManyConnections => "too many connections",
             Close::MessageTooBig => "message too big",
+            Close::ProtocolError => "protocol error",
+            Close::InvalidPayload => "invalid UTF-8",
             Close::ServiceRestart => "draining, reconnect",
             Close::TryAgainLater => "try again later",
             Close::NotResident => "tenant not resident in this region",
@@ -85,6 +96,8 @@ impl Close {
             Close::RateLimited => "rate_limited",
             Close::TooManyConnections => "too_many_connections",
             Close::MessageTooBig => "message_too_big",
+            Close::ProtocolError => "protocol_error",
+            Close::InvalidPayload => "invalid_payload",
             Close::ServiceRestart => "draining",
             Close::TryAgainLater => "try_again_later",
             Close::NotResident => "not_resident",

@@ -7,7 +7,6 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::time::{Instant, sleep_until};
-use tokio_tungstenite::tungstenite::Error as WsError;
 use tracing::Instrument;
 
 use super::socket::{OpCode, Socket};
@@ -129,9 +128,9 @@ impl Connection {
             // frame (and its code) on the way. The peer may be gone or not
             // reading (slow consumer): the goodbye is bounded.
             let goodbye = async {
-                self.socket.close(close.code(), reason).await?;
+                self.socket.close(close.code(), &reason).await?;
                 while let Some(Ok(_)) = self.socket.next().await {}
-                Ok::<_, WsError>(())
+                Ok::<_, std::io::Error>(())
             };
             let _ = tokio::time::timeout(Duration::from_secs(1), goodbye).await;
         }
@@ -230,13 +229,20 @@ impl Connection {
                     match frame {
                         None => return None,
                         Some(Err(e)) => {
-                            if super::is_too_big(&e) {
-                                node.metrics.error("message_too_big");
-                                Flow::Close(Close::MessageTooBig, None)
-                            } else {
-                                self.span.in_scope(|| tracing::debug!(error = %e, "websocket read error"));
-                                node.metrics.error("websocket");
-                                return None;
+                            self.span.in_scope(|| tracing::debug!(error = %e, "websocket read error"));
+                            match e.close() {
+                                Some(Close::MessageTooBig) => {
+                                    node.metrics.error("message_too_big");
+                                    Flow::Close(Close::MessageTooBig, None)
+                                }
+                                Some(close) => {
+                                    node.metrics.error("websocket");
+                                    Flow::Close(close, Some(e.to_string()))
+                                }
+                                None => {
+                                    node.metrics.error("websocket");
+                                    return None;
+                                }
                             }
                         }
                         Some(Ok(msg)) => {
@@ -312,7 +318,7 @@ impl Connection {
     }
 
     /// Send one message (and flush).
-    pub(super) async fn send(&mut self, message: &ServerMessage) -> Result<(), WsError> {
+    pub(super) async fn send(&mut self, message: &ServerMessage) -> std::io::Result<()> {
         self.socket.send_text(message.frame().into()).await
     }
 
@@ -368,7 +374,7 @@ impl Connection {
     /// costs no extra lock or waker registration.
     fn unless_kicked(
         &mut self,
-        mut write: impl FnMut(&mut Socket, &mut Context<'_>) -> Poll<Result<(), WsError>>,
+        mut write: impl FnMut(&mut Socket, &mut Context<'_>) -> Poll<std::io::Result<()>>,
     ) -> impl Future<Output = Result<(), WriteStop>> {
         poll_fn(move |cx| match write(&mut self.socket, cx) {
             Poll::Ready(done) => Poll::Ready(done.map_err(|_| WriteStop::Socket)),
@@ -405,16 +411,16 @@ mod tests {
 
     /// Every open connection keeps one task: tokio's task cell (this
     /// future plus 104 bytes of header, scheduler, id and trailer, rounded
-    /// up to 128) must stay in jemalloc's 1,280-byte size class; at 1,177
-    /// bytes of future it takes 1,536 (docs/benchmarks.md, memory per
+    /// up to 128) must stay in jemalloc's 1,024-byte size class; at 921
+    /// bytes of future it takes 1,280 (docs/benchmarks.md, memory per
     /// connection). A field added to `Connection`, or a large future
     /// awaited inline in `serve`, shows here first: box what is rare.
     #[test]
     fn an_idle_connection_task_stays_in_its_size_class() {
         let future = returned_size(Connection::run);
         assert!(
-            future <= 1176,
-            "the connection's task state grew to {future} bytes (at most 1,176)"
+            future <= 920,
+            "the connection's task state grew to {future} bytes (at most 920)"
         );
     }
 }

@@ -6,10 +6,11 @@ use std::sync::Arc;
 use serde_json::Value;
 use switchboard_config::Pattern;
 use tokio::time::Instant;
-use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
+use tokio_tungstenite::tungstenite::Utf8Bytes;
 use tracing::Instrument;
 
 use super::connection::{Connection, Flow};
+use super::read::Incoming;
 use super::socket::Socket;
 use super::timers::{RateLimit, deadline_for_expiry};
 use crate::broker::GapReason;
@@ -74,11 +75,11 @@ impl ResumeSink for SocketSink<'_> {
 }
 
 impl Connection {
-    pub(super) async fn on_frame(&mut self, msg: Message, expiry: &mut Instant) -> Flow {
+    pub(super) async fn on_frame(&mut self, msg: Incoming, expiry: &mut Instant) -> Flow {
         let node = self.session.node.clone();
         let text: Utf8Bytes = match msg {
-            Message::Text(t) => t,
-            Message::Binary(_) => {
+            Incoming::Text(t) => t,
+            Incoming::Binary(_) => {
                 if !self.rate.allow() {
                     return Flow::Close(Close::RateLimited, None);
                 }
@@ -91,8 +92,8 @@ impl Connection {
                     ))
                     .await;
             }
-            Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => return Flow::Continue,
-            Message::Close(_) => return Flow::Gone,
+            Incoming::Ping(_) | Incoming::Pong => return Flow::Continue,
+            Incoming::Close(_) => return Flow::Gone,
         };
         if !self.rate.allow() {
             node.metrics.error("rate_limited");

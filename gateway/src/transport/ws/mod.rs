@@ -18,6 +18,7 @@
 
 mod connection;
 mod handlers;
+mod read;
 mod socket;
 pub(crate) mod timers;
 
@@ -37,13 +38,6 @@ use connection::Connection;
 use socket::{Handshake, Socket};
 use switchboard_config::gateway::MAX_WRITE_DELAY_MS;
 pub(crate) use timers::deadline_for_expiry;
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
-
-/// Read buffer per connection. Clients send small control messages; a
-/// larger frame grows the buffer for as long as it takes to read it.
-/// tungstenite's default (128 KiB) would make an idle connection cost far
-/// more than its state.
-const READ_BUFFER: usize = 128;
 
 #[derive(Debug, Deserialize)]
 /// Query parameters of the WebSocket upgrade.
@@ -155,12 +149,8 @@ pub(crate) async fn upgrade(
         )
         .await),
     };
-    let max = usize::try_from(node.config.limits.max_message_bytes).unwrap_or(usize::MAX);
-    let config = WebSocketConfig::default()
-        .read_buffer_size(READ_BUFFER)
-        .max_message_size(Some(max))
-        .max_frame_size(Some(max));
-    ws.accept(config, move |socket| {
+    let max = connection::clamp_u32(node.config.limits.max_message_bytes);
+    ws.accept(max, move |socket| {
         let span = tracing::info_span!(
             "ws.connection",
             otel.kind = "server",
@@ -244,15 +234,12 @@ async fn reject(mut socket: Socket, close: Close, detail: &str) {
         .chars()
         .take(120)
         .collect();
-    let _ = socket.close(close.code(), reason).await;
+    let _ = socket.close(close.code(), &reason).await;
 }
 
 /// Did the read fail because a frame or message exceeded the size limit?
-fn is_too_big(e: &tokio_tungstenite::tungstenite::Error) -> bool {
-    matches!(e, tokio_tungstenite::tungstenite::Error::Capacity(_))
-}
-
-/// [`is_too_big`] for axum's WebSocket (the streaming publish endpoint).
+/// Is it a message over the size limit? (axum's WebSocket, the streaming
+/// publish endpoint.)
 pub(crate) fn is_capacity_error(e: &axum::Error) -> bool {
     use tokio_tungstenite::tungstenite::Error;
     matches!(

@@ -1,9 +1,10 @@
 //! The native protocol's WebSocket once upgraded: the handshake, reading
 //! client frames and writing server frames.
 //!
-//! Reading is tungstenite's protocol state ([`WebSocketContext`]): masking,
-//! fragments, UTF-8, control frames, size limits, answers to pings and the
-//! closing handshake. Writing server frames is ours. A server frame is a
+//! Client frames are read into the worker thread's scratch buffer and
+//! parsed by [`FrameReader`] (`read.rs`), which keeps bytes only while a
+//! frame is partly read; the socket answers pings and runs the closing
+//! handshake. Writing server frames is ours too. A server frame is a
 //! 2- to 10-byte header before its payload (never masked), and an event's
 //! payload is one `Bytes` shared by every connection it goes to, so a batch
 //! of frames leaves in one vectored write of small headers and shared
@@ -13,7 +14,7 @@
 //! shared proxies on every send, and wraps the socket in both.)
 
 use std::collections::VecDeque;
-use std::io::{self, IoSlice, Read, Write};
+use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
@@ -27,11 +28,8 @@ use hyper::upgrade::{OnUpgrade, Upgraded};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::protocol::{
-    CloseFrame, Role, WebSocketConfig, WebSocketContext,
-};
-use tokio_tungstenite::tungstenite::{Error, Message};
+
+use super::read::{FrameReader, Incoming, ReadError};
 
 /// Most slices one vectored write is given (Linux takes up to 1,024).
 const MAX_SLICES: usize = 128;
@@ -39,7 +37,8 @@ const MAX_SLICES: usize = 128;
 const SCRATCH: usize = 16 * 1024;
 
 thread_local! {
-    /// Where small frames are gathered for one write (one per worker thread).
+    /// Where small frames are gathered for one write, and where reads land
+    /// (one per worker thread).
     static SCRATCH_BUF: std::cell::RefCell<Vec<u8>> =
         std::cell::RefCell::new(Vec::with_capacity(SCRATCH));
 }
@@ -96,7 +95,7 @@ impl<S: Send + Sync> FromRequestParts<S> for Handshake {
 impl Handshake {
     /// Answer the upgrade and run `serve` on the socket once the client has
     /// it (in a task of its own).
-    pub(crate) fn accept<F, Fut>(self, config: WebSocketConfig, serve: F) -> Response
+    pub(crate) fn accept<F, Fut>(self, max_message: u32, serve: F) -> Response
     where
         F: FnOnce(Socket) -> Fut + Send + 'static,
         Fut: Future<Output = ()> + Send + 'static,
@@ -104,7 +103,7 @@ impl Handshake {
         let on_upgrade = self.on_upgrade;
         tokio::spawn(async move {
             match on_upgrade.await {
-                Ok(upgraded) => serve(Socket::new(upgraded, config)).await,
+                Ok(upgraded) => serve(Socket::new(TokioIo::new(upgraded), max_message)).await,
                 Err(e) => tracing::debug!(error = %e, "websocket upgrade failed"),
             }
         });
@@ -140,7 +139,9 @@ struct OutFrame {
 #[derive(Clone, Copy)]
 pub(crate) enum OpCode {
     Text = 0x1,
+    Close = 0x8,
     Ping = 0x9,
+    Pong = 0xA,
 }
 
 impl OutFrame {
@@ -194,63 +195,40 @@ impl OutFrame {
     }
 }
 
+/// Where a connection is in the closing handshake (RFC 6455, section 7).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Closing {
+    Open,
+    /// The client's close frame came; our answer is queued.
+    Received,
+    /// Ours was sent: what the client sends until its close is dropped.
+    Sent,
+    /// Both sides closed, or the client broke the protocol: nothing more
+    /// is read.
+    Done,
+}
+
 /// The native protocol's WebSocket.
-pub(crate) struct Socket {
-    io: TokioIo<Upgraded>,
-    /// tungstenite's protocol state: reads, and writes only its answers
-    /// (pong, close).
-    ctx: WebSocketContext,
+pub(crate) struct Socket<IO = TokioIo<Upgraded>> {
+    io: IO,
     /// Our frames not yet taken by the socket; not allocated while empty.
     out: VecDeque<OutFrame>,
-    /// The protocol state may hold an answer it could not write yet.
-    ctx_unflushed: bool,
+    /// Client frames read and not yet taken.
+    reader: FrameReader,
+    closing: Closing,
+    /// An answer (pong, close) is queued: it is written before reading on.
+    answer_queued: bool,
 }
 
-/// The stream as tungstenite's blocking-style protocol state sees it: a
-/// write or read that would wait says `WouldBlock` (the task is then woken
-/// when the socket is ready), and writes wait while one of our frames is
-/// half written.
-struct Blocking<'a, 'b> {
-    io: &'a mut TokioIo<Upgraded>,
-    cx: &'a mut Context<'b>,
-    write_blocked: bool,
-}
-
-fn would_block<T>(poll: Poll<io::Result<T>>) -> io::Result<T> {
-    match poll {
-        Poll::Ready(r) => r,
-        Poll::Pending => Err(io::ErrorKind::WouldBlock.into()),
-    }
-}
-
-impl Read for Blocking<'_, '_> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let mut buf = ReadBuf::new(buf);
-        would_block(Pin::new(&mut *self.io).poll_read(self.cx, &mut buf))?;
-        Ok(buf.filled().len())
-    }
-}
-
-impl Write for Blocking<'_, '_> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        if self.write_blocked {
-            return Err(io::ErrorKind::WouldBlock.into());
-        }
-        would_block(Pin::new(&mut *self.io).poll_write(self.cx, buf))
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        would_block(Pin::new(&mut *self.io).poll_flush(self.cx))
-    }
-}
-
-impl Socket {
-    fn new(upgraded: Upgraded, config: WebSocketConfig) -> Self {
+impl<IO: AsyncRead + AsyncWrite + Unpin> Socket<IO> {
+    /// A socket whose client may send messages of up to `max` bytes.
+    pub(crate) fn new(io: IO, max: u32) -> Self {
         Socket {
-            io: TokioIo::new(upgraded),
-            ctx: WebSocketContext::new(Role::Server, Some(config)),
+            io,
             out: VecDeque::new(),
-            ctx_unflushed: false,
+            reader: FrameReader::new(max),
+            closing: Closing::Open,
+            answer_queued: false,
         }
     }
 
@@ -259,32 +237,87 @@ impl Socket {
         self.out.front().is_some_and(|f| f.started)
     }
 
+    /// Queue an answer to the client (pong, close) ahead of our frames: a
+    /// control frame may go between messages, not inside one.
+    fn answer(&mut self, opcode: OpCode, payload: Bytes) {
+        let at = usize::from(self.mid_frame());
+        self.out.insert(at, OutFrame::new(opcode, payload));
+        self.answer_queued = true;
+    }
+
     /// The next message from the client; None once the connection is
     /// closed (after a closing handshake, or when the client vanished).
+    /// A ping is answered, and a close frame too (then None follows).
     pub(crate) fn poll_next(
         &mut self,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Message, Error>>> {
-        let write_blocked = self.mid_frame();
-        let mut stream = Blocking {
-            io: &mut self.io,
-            cx,
-            write_blocked,
-        };
-        let read = self.ctx.read(&mut stream);
-        // A ping or close read is answered by the protocol state, which
-        // writes the answer on its next read or flush.
-        self.ctx_unflushed |= matches!(read, Ok(Message::Ping(_) | Message::Close(_)));
-        match read {
-            Ok(message) => Poll::Ready(Some(Ok(message))),
-            Err(Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => Poll::Pending,
-            Err(Error::ConnectionClosed | Error::AlreadyClosed) => Poll::Ready(None),
-            Err(e) => Poll::Ready(Some(Err(e))),
+    ) -> Poll<Option<Result<Incoming, ReadError>>> {
+        loop {
+            if self.answer_queued {
+                if let Err(e) = ready!(self.poll_flush(cx)) {
+                    self.closing = Closing::Done;
+                    return Poll::Ready(Some(Err(e.into())));
+                }
+                self.answer_queued = false;
+            }
+            if matches!(self.closing, Closing::Received | Closing::Done) {
+                self.closing = Closing::Done;
+                return Poll::Ready(None);
+            }
+            match self.reader.next() {
+                Ok(Some(Incoming::Close(code))) => {
+                    if self.closing == Closing::Sent {
+                        self.closing = Closing::Done;
+                        return Poll::Ready(None);
+                    }
+                    // Echo its code (RFC 6455, section 5.5.1), then end.
+                    let echo = code.map(|c| Bytes::copy_from_slice(&c.to_be_bytes()));
+                    self.answer(OpCode::Close, echo.unwrap_or_default());
+                    self.closing = Closing::Received;
+                    continue;
+                }
+                // After our close, the client's messages are dropped.
+                Ok(Some(_)) if self.closing == Closing::Sent => continue,
+                Ok(Some(Incoming::Ping(payload))) => {
+                    self.answer(OpCode::Pong, payload.clone());
+                    return Poll::Ready(Some(Ok(Incoming::Ping(payload))));
+                }
+                Ok(Some(message)) => return Poll::Ready(Some(Ok(message))),
+                Ok(None) => {}
+                Err(e) => {
+                    self.closing = Closing::Done;
+                    return Poll::Ready(Some(Err(e)));
+                }
+            }
+            let read = SCRATCH_BUF.with_borrow_mut(|buf| {
+                buf.clear();
+                buf.resize(SCRATCH, 0);
+                let mut read_buf = ReadBuf::new(buf);
+                let polled = Pin::new(&mut self.io).poll_read(cx, &mut read_buf);
+                let n = read_buf.filled().len();
+                if matches!(polled, Poll::Ready(Ok(()))) {
+                    self.reader.extend(&buf[..n]);
+                }
+                polled.map_ok(|()| n)
+            });
+            match ready!(read) {
+                Ok(0) => {
+                    let clean = self.closing == Closing::Sent && !self.reader.mid_frame();
+                    self.closing = Closing::Done;
+                    // A close frame came, or ours did and the client hung up.
+                    return Poll::Ready((!clean).then_some(Err(ReadError::Reset)));
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    self.closing = Closing::Done;
+                    return Poll::Ready(Some(Err(e.into())));
+                }
+            }
         }
     }
 
     /// [`Socket::poll_next`] as a future.
-    pub(crate) async fn next(&mut self) -> Option<Result<Message, Error>> {
+    pub(crate) async fn next(&mut self) -> Option<Result<Incoming, ReadError>> {
         std::future::poll_fn(|cx| self.poll_next(cx)).await
     }
 
@@ -298,32 +331,17 @@ impl Socket {
         self.out.push_back(OutFrame::new(opcode, payload));
     }
 
-    /// Write everything queued (and the protocol state's answers).
-    pub(crate) fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+    /// Write everything queued.
+    pub(crate) fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         loop {
-            if self.ctx_unflushed && !self.mid_frame() {
-                let mut stream = Blocking {
-                    io: &mut self.io,
-                    cx,
-                    write_blocked: false,
-                };
-                match self.ctx.flush(&mut stream) {
-                    Ok(()) => self.ctx_unflushed = false,
-                    Err(Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {
-                        return Poll::Pending;
-                    }
-                    // Closed by the handshake: our frames cannot follow.
-                    Err(e) => return Poll::Ready(Err(e)),
-                }
-            }
             if self.out.is_empty() {
                 // Whatever a burst made it grow to is given back.
                 self.out = VecDeque::new();
-                return Poll::Ready(Ok(()));
+                return Pin::new(&mut self.io).poll_flush(cx);
             }
             let written = ready!(self.poll_write_front(cx))?;
             if written == 0 {
-                return Poll::Ready(Err(io::Error::from(io::ErrorKind::WriteZero).into()));
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
             }
             self.consume(written);
         }
@@ -382,42 +400,36 @@ impl Socket {
     }
 
     /// [`Socket::poll_flush`] as a future.
-    pub(crate) async fn flush(&mut self) -> Result<(), Error> {
+    pub(crate) async fn flush(&mut self) -> io::Result<()> {
         std::future::poll_fn(|cx| self.poll_flush(cx)).await
     }
 
     /// Write one text frame now.
-    pub(crate) async fn send_text(&mut self, text: Bytes) -> Result<(), Error> {
+    pub(crate) async fn send_text(&mut self, text: Bytes) -> io::Result<()> {
         self.feed_text(text);
         self.flush().await
     }
 
     /// Start the closing handshake: what is queued, then our close frame.
-    /// Reading on until [`Socket::next`] returns None completes it.
-    pub(crate) async fn close(&mut self, code: u16, reason: String) -> Result<(), Error> {
-        self.flush().await?;
-        let frame = CloseFrame {
-            code: CloseCode::from(code),
-            reason: reason.into(),
-        };
-        let mut frame = Some(frame);
-        std::future::poll_fn(|cx| {
-            let mut stream = Blocking {
-                io: &mut self.io,
-                cx,
-                write_blocked: false,
-            };
-            // The frame is queued by the first call; later calls flush it.
-            let done = match frame.take() {
-                Some(f) => self.ctx.close(&mut stream, Some(f)),
-                None => self.ctx.flush(&mut stream),
-            };
-            match done {
-                Err(Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => Poll::Pending,
-                done => Poll::Ready(done),
-            }
-        })
-        .await
+    /// Reading on until [`Socket::next`] returns None completes it. Once the
+    /// client's close came, ours was its answer: nothing more is sent.
+    pub(crate) async fn close(&mut self, code: u16, reason: &str) -> io::Result<()> {
+        if self.closing == Closing::Received {
+            return self.flush().await;
+        }
+        let mut payload = Vec::with_capacity(2 + reason.len());
+        payload.extend_from_slice(&code.to_be_bytes());
+        // A control frame carries at most 125 bytes; cut at a char boundary.
+        let mut end = reason.len().min(123);
+        while !reason.is_char_boundary(end) {
+            end -= 1;
+        }
+        payload.extend_from_slice(&reason.as_bytes()[..end]);
+        self.feed(OpCode::Close, payload.into());
+        if self.closing == Closing::Open {
+            self.closing = Closing::Sent;
+        }
+        self.flush().await
     }
 }
 
@@ -477,5 +489,106 @@ mod tests {
         // More than the frame holds: the rest belongs to the next frame.
         assert_eq!(f.advance(300), 2);
         assert!(f.is_written());
+    }
+
+    use futures_util::{SinkExt, StreamExt};
+    use tokio::io::{AsyncWriteExt, DuplexStream};
+    use tokio_tungstenite::WebSocketStream;
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+    use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role};
+
+    /// Our socket and a tungstenite client, joined in memory.
+    async fn pair() -> (Socket<DuplexStream>, WebSocketStream<DuplexStream>) {
+        let (server, client) = tokio::io::duplex(64 * 1024);
+        let client = WebSocketStream::from_raw_socket(client, Role::Client, None).await;
+        (Socket::new(server, 1024), client)
+    }
+
+    async fn client_reads(client: &mut WebSocketStream<DuplexStream>) -> Message {
+        match client.next().await {
+            Some(Ok(m)) => m,
+            other => panic!("the client read {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_ping_is_answered_and_a_close_is_echoed_before_the_end() {
+        let (mut server, mut client) = pair().await;
+        client.send(Message::Ping("hi".into())).await.unwrap();
+        client.send(Message::text("{}")).await.unwrap();
+        let bye = CloseFrame {
+            code: CloseCode::Library(4000),
+            reason: "bye".into(),
+        };
+        client.send(Message::Close(Some(bye))).await.unwrap();
+        let ping = server.next().await;
+        assert!(
+            matches!(&ping, Some(Ok(Incoming::Ping(p))) if p[..] == b"hi"[..]),
+            "{ping:?}"
+        );
+        let text = server.next().await;
+        assert!(
+            matches!(&text, Some(Ok(Incoming::Text(t))) if t.as_str() == "{}"),
+            "{text:?}"
+        );
+        assert!(server.next().await.is_none(), "the client closed");
+        assert_eq!(client_reads(&mut client).await, Message::Pong("hi".into()));
+        match client_reads(&mut client).await {
+            Message::Close(Some(f)) => assert_eq!(f.code, CloseCode::Library(4000)),
+            other => panic!("not the close echoed: {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn our_close_ends_reading_at_the_clients_answer() {
+        let (mut server, mut client) = pair().await;
+        server.feed_text(Bytes::from_static(b"last"));
+        server.close(4001, "unauthorized").await.unwrap();
+        // Sent before the client saw our close: dropped.
+        client.send(Message::text("late")).await.unwrap();
+        assert_eq!(client_reads(&mut client).await, Message::text("last"));
+        match client_reads(&mut client).await {
+            Message::Close(Some(f)) => {
+                assert_eq!(f.code, CloseCode::Library(4001));
+                assert_eq!(f.reason, "unauthorized");
+            }
+            other => panic!("not our close: {other:?}"),
+        }
+        // tungstenite answers the close on its next poll, then waits for
+        // the server to end the connection.
+        let server_side = async move {
+            let read = server.next().await;
+            drop(server);
+            read
+        };
+        let (ended, read) = tokio::join!(client.next(), server_side);
+        assert!(read.is_none(), "the handshake completed: {read:?}");
+        assert!(
+            ended.is_none() || matches!(ended, Some(Err(_))),
+            "{ended:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_vanished_client_is_a_reset_and_a_breach_ends_reading() {
+        let (mut server, client) = pair().await;
+        drop(client);
+        let read = server.next().await;
+        assert!(matches!(read, Some(Err(ReadError::Reset))), "{read:?}");
+
+        let (server_io, mut raw) = tokio::io::duplex(1024);
+        let mut server = Socket::new(server_io, 1024);
+        // An unmasked text frame.
+        raw.write_all(&[0x81, 0x02, b'h', b'i']).await.unwrap();
+        let read = server.next().await;
+        assert!(
+            matches!(read, Some(Err(ReadError::Protocol(_)))),
+            "{read:?}"
+        );
+        assert!(
+            server.next().await.is_none(),
+            "nothing is read after a breach"
+        );
     }
 }
