@@ -241,9 +241,9 @@ fanout_table("fanout-10k-1000topics", "1,000 topics, 10,000 clients, 2,000 publi
              "Ten subscribers per topic; the publish path and routing dominate.")
 
 def ramp_table(scenario, loadgen_cpu):
-    """One row per target: the highest sustained step of its ramp and the first failing one."""
+    """One row per target: the highest sustained step of its ramp and the lowest failing one."""
     cols = " | loadgen CPU s in that step" if loadgen_cpu else ""
-    p(f"| target | max sustained deliveries/s | server CPU s in that step{cols} | steps run | first failing step |")
+    p(f"| target | max sustained deliveries/s | server CPU s in that step{cols} | steps run | lowest failing step |")
     p("| --- | ---: | ---: |" + (" ---: |" if loadgen_cpu else "") + " ---: | --- |")
     for t in present:
         r = get(t, scenario)
@@ -252,7 +252,9 @@ def ramp_table(scenario, loadgen_cpu):
         steps = r.get("steps") or []
         ok = [s for s in steps if s.get("sustained")]
         top = max(ok, key=lambda s: s["deliveries_per_second"]) if ok else None
-        fail = next((s for s in steps if not s.get("sustained")), None)
+        # The lowest failing rate: with the refinement steps, the ceiling
+        # lies between the highest sustained step and this one.
+        fail = min((s for s in steps if not s.get("sustained")), key=lambda s: s["rate"], default=None)
         why = "–"
         if fail:
             why = (f"{fail['rate']:.0f} pub/s: {fail['deliveries_per_second']:,.0f}/s, "
@@ -314,7 +316,10 @@ moderate_tables()
 
 p("## Maximum sustained fan-out (ramp)\n")
 p("2,000 clients on one topic; the publish rate rises by 15% per step until a step's p99 passes 200 ms or "
-  "anything is lost (a slow consumer cut off counts as loss). Highest sustained step:\n")
+  "anything is lost (a slow consumer cut off counts as loss). Then two more steps bisect (on a log scale) "
+  "between the last sustained rate and the first failing one, so the ceiling is known to within about 3.6% "
+  "rather than 15%, unless the failing step cut a client off (a client cut off is not resubscribed, and would "
+  "count as loss in every later step). Highest sustained step, and the lowest rate that failed:\n")
 ramp_table("ramp-2k-1topic", loadgen_cpu=False)
 
 storms = [r for r in rows if r.get("scenario", "").startswith("storm")]

@@ -95,6 +95,11 @@ struct Args {
     factor: f64,
     #[arg(long, default_value_t = 14)]
     max_steps: usize,
+    /// Ramp: steps that then narrow the ceiling down between the last
+    /// sustained rate and the first failing one (each halves the gap in
+    /// ratio), when the failing step cut no client off.
+    #[arg(long, default_value_t = 2)]
+    refine_steps: usize,
     /// Ramp: the p99 (ms) beyond which a step does not count as sustained.
     #[arg(long, default_value_t = 200.0)]
     max_p99_ms: f64,
@@ -244,14 +249,42 @@ async fn main() -> anyhow::Result<()> {
         match args.mode {
             Mode::Fixed | Mode::Presence => steps.push(step(&run, &publisher, 0, args.rate).await?),
             Mode::Ramp => {
-                for k in 0..args.max_steps.min(stats::MAX_STEPS) {
+                let mut sustained_at = None;
+                let mut failed_at = None;
+                let mut k = 0;
+                while k < args.max_steps.min(stats::MAX_STEPS) {
                     let rate = args.rate * args.factor.powi(k as i32);
                     let s = step(&run, &publisher, k, rate).await?;
                     let sustained = s["sustained"].as_bool() == Some(true);
                     eprintln!("ramp step {k}: {s}");
                     steps.push(s);
+                    k += 1;
                     if !sustained {
+                        failed_at = Some(rate);
                         break;
+                    }
+                    sustained_at = Some(rate);
+                }
+                // The steps are a factor apart, so the ceiling is known only
+                // to within that factor: narrow it down by bisection (on a
+                // log scale), as long as every client is still there (a
+                // client cut off as a slow consumer is not resubscribed,
+                // and every later step would count its share as lost).
+                if let (Some(mut low), Some(mut high)) = (sustained_at, failed_at) {
+                    for _ in 0..args.refine_steps {
+                        if k >= stats::MAX_STEPS || run.stats.disconnects.load(Ordering::Relaxed) > 0 {
+                            break;
+                        }
+                        let rate = (low * high).sqrt();
+                        let s = step(&run, &publisher, k, rate).await?;
+                        eprintln!("ramp refine step {k}: {s}");
+                        if s["sustained"].as_bool() == Some(true) {
+                            low = rate;
+                        } else {
+                            high = rate;
+                        }
+                        steps.push(s);
+                        k += 1;
                     }
                 }
                 let best = steps
