@@ -272,7 +272,9 @@ async fn main() -> anyhow::Result<()> {
                 // and every later step would count its share as lost).
                 if let (Some(mut low), Some(mut high)) = (sustained_at, failed_at) {
                     for _ in 0..args.refine_steps {
-                        if k >= stats::MAX_STEPS || run.stats.disconnects.load(Ordering::Relaxed) > 0 {
+                        if k >= stats::MAX_STEPS
+                            || run.stats.disconnects.load(Ordering::Relaxed) > 0
+                        {
                             break;
                         }
                         let rate = (low * high).sqrt();
@@ -325,6 +327,7 @@ async fn main() -> anyhow::Result<()> {
                 "deliveries_per_second",
                 "latency_ms",
                 "server_cpu_seconds",
+                "server_cpu_seconds_each",
                 "loadgen_cpu_seconds",
             ] {
                 report[key] = first[key].clone();
@@ -350,6 +353,11 @@ async fn step(
     let args = &run.args;
     let topics = run.seqs.len();
     let usage_before = stats::usage(&args.server_pids);
+    let each_before: Vec<Option<Usage>> = args
+        .server_pids
+        .iter()
+        .map(|p| stats::usage_of(*p))
+        .collect();
     let self_before = stats::self_cpu();
     let started = Instant::now();
     let total = (rate * args.seconds as f64).round() as u64;
@@ -411,6 +419,17 @@ async fn step(
     }
     let seconds = started.elapsed().as_secs_f64();
     let usage_after = stats::usage(&args.server_pids);
+    // Each server process's share, in the order given (cluster: nats-server,
+    // then the gateways).
+    let each: Vec<Option<f64>> = args
+        .server_pids
+        .iter()
+        .zip(&each_before)
+        .map(|(p, b)| {
+            b.zip(stats::usage_of(*p))
+                .map(|(b, a)| a.cpu_seconds - b.cpu_seconds)
+        })
+        .collect();
     let delivered = run.stats.delivered(k);
     let latency = run.stats.latency_ms(k);
     let lost = expected.saturating_sub(delivered);
@@ -428,6 +447,7 @@ async fn step(
         "latency_ms": latency,
         "sustained": lost == 0 && published == total && p99.is_some_and(|p| p <= args.max_p99_ms),
         "server_cpu_seconds": usage_before.zip(usage_after).map(|(b, a): (Usage, Usage)| a.cpu_seconds - b.cpu_seconds),
+        "server_cpu_seconds_each": each,
         "loadgen_cpu_seconds": stats::self_cpu() - self_before,
         "samples": samples,
     }))
