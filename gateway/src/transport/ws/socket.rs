@@ -223,6 +223,9 @@ pub(crate) struct Socket<IO = TokioIo<Upgraded>> {
     closing: Closing,
     /// An answer (pong, close) is queued: it is written before reading on.
     answer_queued: bool,
+    /// Our close frame (or the echo of the client's) is queued or sent:
+    /// nothing may follow it (RFC 6455, section 5.5.1).
+    close_queued: bool,
 }
 
 impl<IO: AsyncRead + AsyncWrite + Unpin> Socket<IO> {
@@ -234,6 +237,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Socket<IO> {
             reader: FrameReader::new(max),
             closing: Closing::Open,
             answer_queued: false,
+            close_queued: false,
         }
     }
 
@@ -278,6 +282,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Socket<IO> {
                     // Echo its code (RFC 6455, section 5.5.1), then end.
                     let echo = code.map(|c| Bytes::copy_from_slice(&c.to_be_bytes()));
                     self.answer(OpCode::Close, echo.unwrap_or_default());
+                    self.close_queued = true;
                     self.closing = Closing::Received;
                     continue;
                 }
@@ -415,11 +420,15 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Socket<IO> {
 
     /// Start the closing handshake: what is queued, then our close frame.
     /// Reading on until [`Socket::next`] returns None completes it. Once the
-    /// client's close came, ours was its answer: nothing more is sent.
+    /// client's close came, ours was its answer, and once ours is queued
+    /// it is the last frame: nothing more is sent.
     pub(crate) async fn close(&mut self, code: u16, reason: &str) -> io::Result<()> {
-        if self.closing == Closing::Received {
+        // One close frame per connection: a second call only writes what
+        // is still queued.
+        if self.close_queued {
             return self.flush().await;
         }
+        self.close_queued = true;
         let mut payload = Vec::with_capacity(2 + reason.len());
         payload.extend_from_slice(&code.to_be_bytes());
         // A control frame carries at most 125 bytes; cut at a char boundary.
@@ -495,7 +504,7 @@ mod tests {
     }
 
     use futures_util::{SinkExt, StreamExt};
-    use tokio::io::{AsyncWriteExt, DuplexStream};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
     use tokio_tungstenite::WebSocketStream;
     use tokio_tungstenite::tungstenite::Message;
     use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -570,6 +579,35 @@ mod tests {
         assert!(
             ended.is_none() || matches!(ended, Some(Err(_))),
             "{ended:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_connection_sends_one_close_frame_however_often_it_is_closed() {
+        // Ours twice: one close frame, the first.
+        let (server_io, mut raw) = tokio::io::duplex(1024);
+        let mut server = Socket::new(server_io, 1024);
+        server.close(4001, "first").await.unwrap();
+        server.close(4002, "second").await.unwrap();
+        drop(server);
+        let mut written = Vec::new();
+        raw.read_to_end(&mut written).await.unwrap();
+        let mut want = vec![0x88, 7];
+        want.extend_from_slice(&4001u16.to_be_bytes());
+        want.extend_from_slice(b"first");
+        assert_eq!(written, want);
+
+        // The client's close, echoed, then ours: only the echo.
+        let (mut server, mut client) = pair().await;
+        client.send(Message::Close(None)).await.unwrap();
+        assert!(server.next().await.is_none(), "the client closed");
+        server.close(4001, "late").await.unwrap();
+        drop(server);
+        assert_eq!(client_reads(&mut client).await, Message::Close(None));
+        let after = client.next().await;
+        assert!(
+            after.is_none() || matches!(after, Some(Err(_))),
+            "nothing follows the echo: {after:?}"
         );
     }
 
