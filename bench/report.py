@@ -478,7 +478,7 @@ if base and clu:
         p(f"The NATS hop per event, where it shows most (1,000 topics, 10 subscribers each, 2,000 publishes/s "
           f"over HTTP): the cluster's servers used {fmt(hop_c['server_cpu_seconds'])} CPU s against the embedded "
           f"gateway's {fmt(hop_e['server_cpu_seconds'])} for the same {n:,} events, so the hop cost "
-          f"{extra:.0f} µs of CPU per event ({extra / 10:.0f} µs per delivery at this fan-out; at 100 "
+          f"{extra:.0f} µs of CPU per event ({extra * n / hop_c['expected_deliveries']:.0f} µs per delivery at this fan-out; at 100 "
           f"subscribers per event it is spread ten times thinner).{split}\n")
 
 p("## How the gateway gets these numbers\n")
