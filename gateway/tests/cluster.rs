@@ -945,6 +945,34 @@ async fn a_lone_resume_costs_few_jetstream_api_requests() {
             "{tenant}: [stream infos, consumer creates, pulls, deletes], total: {requests:?}"
         );
         costs.push(requests.len());
+
+        // A second client right behind it (a storm's next resume): its
+        // subscriptions' interests are held and the tenant's copy is fresh
+        // and holds its cursor, so it asks JetStream nothing. The window
+        // ends at a marker the watcher sends itself; the gateway's
+        // once-a-second refresh may fall into it, once at most.
+        let mut second = open_on(&gw, tenant, &format!("&cursor={cursor}"), &["r.t0"]).await;
+        assert_eq!(
+            replayed(&mut second).await,
+            vec![3, 4, 5],
+            "{tenant}, second"
+        );
+        let marker = format!("$JS.API.MARKER.{STREAM}");
+        watcher.publish(marker.clone(), "".into()).await.unwrap();
+        watcher.flush().await.unwrap();
+        let mut behind: Vec<String> = Vec::new();
+        loop {
+            let request = next_request(&mut api, STREAM).await;
+            if request == marker {
+                break;
+            }
+            behind.push(request);
+        }
+        assert!(
+            behind.len() <= 1 && behind.iter().all(|s| s.contains(".STREAM.INFO.")),
+            "{tenant}: the resume behind a fresh copy sent {behind:?}"
+        );
+        drop((client, second));
     }
     eprintln!("JetStream API requests per resume: {costs:?}");
 }

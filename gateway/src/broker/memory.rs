@@ -279,7 +279,12 @@ impl Broker for MemoryBroker {
 
     async fn unsubscribe(&self, _tenant: &Arc<str>, _pattern: &Pattern) {}
 
-    async fn live_from(&self, _tenant: &Arc<str>, registered_at: u64) -> Result<u64, BrokerError> {
+    async fn live_from(
+        &self,
+        _tenant: &Arc<str>,
+        _pattern: &Pattern,
+        registered_at: u64,
+    ) -> Result<u64, BrokerError> {
         // Registration and fan-out are ordered by the hub's lock: exact.
         Ok(registered_at)
     }

@@ -199,11 +199,16 @@ pub trait Broker: Send + Sync + 'static {
     /// gone. Giving back the last one drops the upstream subscription.
     async fn unsubscribe(&self, tenant: &Arc<str>, pattern: &Pattern);
 
-    /// For a subscription just registered in the hub (which reported
-    /// `registered_at`) and whose interest is in place: the sequence after
-    /// which every matching event is delivered live. Events at or before it
-    /// belong to replay.
-    async fn live_from(&self, tenant: &Arc<str>, registered_at: u64) -> Result<u64, BrokerError>;
+    /// For a subscription to `pattern` just registered in the hub (which
+    /// reported `registered_at`) and whose interest is in place: the
+    /// sequence after which every matching event is delivered live. Events
+    /// at or before it belong to replay.
+    async fn live_from(
+        &self,
+        tenant: &Arc<str>,
+        pattern: &Pattern,
+        registered_at: u64,
+    ) -> Result<u64, BrokerError>;
 
     /// Remove every retained event of `tenant` whose data subject is
     /// `subject` from history (every region's, in cluster mode) and from

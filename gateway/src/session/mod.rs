@@ -273,7 +273,7 @@ impl Session {
             let since = match self
                 .node
                 .broker
-                .live_from(self.tenant(), registered_at)
+                .live_from(self.tenant(), &pattern, registered_at)
                 .await
             {
                 Ok(s) => s,

@@ -98,6 +98,11 @@ enum Live {
 struct Interest {
     count: usize,
     forwarder: tokio::task::JoinHandle<()>,
+    /// The stream's head as read once after the upstream subscription was
+    /// in place: everything stored later reaches this gateway live (or in
+    /// the catch-up after a reconnect), so later subscribers to the same
+    /// pattern need no request of their own to find the seam.
+    since: Arc<tokio::sync::OnceCell<u64>>,
 }
 
 /// The cluster broker: NATS routing, JetStream history (see the module docs).
@@ -511,6 +516,17 @@ impl Broker for NatsBroker {
         limit: usize,
     ) -> Result<ReadBatch, BrokerError> {
         let epoch = self.epoch()?;
+        if let Some(c) = after
+            && c.epoch == epoch
+            && c.seq <= self.head_seq()
+            && self.head_seq() - c.seq <= tail::SPAN
+            && let Some(batch) = self.read_recent(tenant, scope, c.seq, filter, limit).await
+        {
+            // The usual resume in a storm: the shared copy already reaches
+            // back to the cursor, so the stream's state is not asked for.
+            self.count_read("shared");
+            return batch;
+        }
         let state = self.stream_state().await?;
         let oldest = state.first_sequence.saturating_sub(1);
         let (start, gap) = match after {
@@ -580,8 +596,31 @@ impl Broker for NatsBroker {
         }
     }
 
-    async fn live_from(&self, _tenant: &Arc<str>, _registered_at: u64) -> Result<u64, BrokerError> {
-        Ok(self.stream_state().await?.last_sequence)
+    async fn live_from(
+        &self,
+        tenant: &Arc<str>,
+        pattern: &Pattern,
+        _registered_at: u64,
+    ) -> Result<u64, BrokerError> {
+        // Every event stored after the interest's first head read reaches
+        // this gateway, and every one routed to the hub before the
+        // registration was noted in the head first: past both, an event
+        // comes live. (Too high is safe: the replay reads up to it.)
+        let since = self
+            .interests
+            .lock()
+            .await
+            .get(&(tenant.clone(), pattern.clone()))
+            .map(|i| i.since.clone());
+        let Some(since) = since else {
+            return Ok(self.stream_state().await?.last_sequence);
+        };
+        let first = *since
+            .get_or_try_init(|| async {
+                Ok::<_, BrokerError>(self.stream_state().await?.last_sequence)
+            })
+            .await?;
+        Ok(first.max(self.head_seq()))
     }
 
     async fn subscribe(&self, tenant: &Arc<str>, pattern: &Pattern) -> Result<(), BrokerError> {

@@ -257,6 +257,7 @@ impl NatsBroker {
             Interest {
                 count: 1,
                 forwarder,
+                since: Arc::default(),
             },
         );
         Ok(())

@@ -68,6 +68,11 @@ impl Tail {
         }
     }
 
+    /// Whether the copy may still be used.
+    fn fresh(&self, epoch: u64) -> bool {
+        self.epoch == epoch && self.read_at.is_some_and(|at| at.elapsed() < FRESH)
+    }
+
     /// Add newer events (in stream order).
     fn append(&mut self, events: Vec<Arc<Event>>) {
         for e in events {
@@ -184,8 +189,49 @@ impl NatsBroker {
         let epoch = self.epoch()?;
         let tail = self.tails.of(tenant);
         let mut t = tail.lock().await;
-        let fresh = t.epoch == epoch && t.read_at.is_some_and(|at| at.elapsed() < FRESH);
-        if !fresh || start > t.to {
+        self.read_from_copy(&mut t, tenant, epoch, scope, start, until, filter, limit)
+            .await
+    }
+
+    /// As [`Self::read_tail`] up to the newest position this gateway knows
+    /// of, without the stream's state, when the shared copy is fresh and
+    /// already holds `start` (so the cursor was found in the stream when the
+    /// copy was read, and nothing before it is read again). `None` when it
+    /// does not: the caller asks for the stream's state.
+    pub(super) async fn read_recent(
+        &self,
+        tenant: &Arc<str>,
+        scope: &[Pattern],
+        start: u64,
+        filter: Filter<'_>,
+        limit: usize,
+    ) -> Option<Result<ReadBatch, BrokerError>> {
+        let epoch = self.epoch().ok()?;
+        let tail = self.tails.of(tenant);
+        let mut t = tail.lock().await;
+        if !t.fresh(epoch) || start < t.from {
+            return None;
+        }
+        let until = self.head_seq();
+        Some(
+            self.read_from_copy(&mut t, tenant, epoch, scope, start, until, filter, limit)
+                .await,
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn read_from_copy(
+        &self,
+        t: &mut Tail,
+        tenant: &Arc<str>,
+        epoch: u64,
+        scope: &[Pattern],
+        start: u64,
+        until: u64,
+        filter: Filter<'_>,
+        limit: usize,
+    ) -> Result<ReadBatch, BrokerError> {
+        if !t.fresh(epoch) || start > t.to {
             *t = Tail::new(epoch, start);
         }
         if start < t.from {
