@@ -61,10 +61,11 @@ impl NatsBroker {
             return Ok(state.clone());
         }
         let sent = tokio::time::Instant::now();
-        let info = tokio::time::timeout(REQUEST_TIMEOUT, self.stream().await?.get_info())
-            .await
-            .map_err(unavailable)?
-            .map_err(unavailable)?;
+        let info = Box::pin(tokio::time::timeout(REQUEST_TIMEOUT, async {
+            self.stream().await?.get_info().await.map_err(unavailable)
+        }))
+        .await
+        .map_err(unavailable)??;
         self.note_head(info.state.last_sequence);
         *cached = Some((sent, info.state.clone()));
         Ok(info.state)

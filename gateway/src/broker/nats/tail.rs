@@ -154,7 +154,7 @@ impl NatsBroker {
     ) -> Result<ReadBatch, BrokerError> {
         let _permit = self.reads.acquire().await.map_err(super::unavailable)?;
         self.count_read("shared_read");
-        read_range(
+        Box::pin(read_range(
             self,
             Some(tenant),
             &[],
@@ -162,7 +162,7 @@ impl NatsBroker {
             &|_| true,
             usize::MAX,
             until,
-        )
+        ))
         .await
     }
 
