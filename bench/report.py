@@ -8,6 +8,7 @@ verdicts against the targets of issue 7 are computed here too.
 import datetime
 import json
 import os
+import re
 import platform
 import resource
 import subprocess
@@ -128,17 +129,35 @@ def cpu_per_delivery(r):
     return r["server_cpu_seconds"] * 1e6 / r["delivered"]
 
 
+def delay_row(load):
+    """The write-delay run at `load` and its delay in ms (from the scenario name)."""
+    for r in rows:
+        m = re.fullmatch(rf"fanout-2k-20topics-{load}-delay(\d+)", r.get("scenario", ""))
+        if m and r.get("target") == "switchboard":
+            return r, int(m.group(1))
+    return None, None
+
+
 for load in ("64k", "250k"):
     o, t = cpu_per_delivery(sb(f"fanout-2k-20topics-{load}")), cpu_per_delivery(get("nats", f"fanout-2k-20topics-{load}"))
     if o is not None and t is not None:
         check(f"server CPU per delivery at 100 subscribers, {load} deliveries/s, vs nats-server WebSocket",
               f"{o:.2f} vs {t:.2f} µs", "≤ 0.5×", o <= 0.5 * t, f"{o / t:.2f}×")
-    delayed = sb(f"fanout-2k-20topics-{load}-delay100")
+    delayed, delay_ms = delay_row(load)
     d = cpu_per_delivery(delayed)
+    nats_row = get("nats", f"fanout-2k-20topics-{load}")
     if d is not None and t is not None:
-        check(f"the same with a 100 ms write delay (opt-in; p99 {fmt(lat(delayed, 'p99'))} ms)",
-              f"{d:.2f} vs {t:.2f} µs", "≤ 0.5×", d <= 0.5 * t,
-              f"{d / t:.2f}×; the goal is at equal latency, so the default row decides")
+        # The same load at no worse tail latency than nats-server's: the
+        # write delay trades latency for CPU, so it counts only where its
+        # p99 stays at or under nats-server's at that load.
+        dp99, tp99 = lat(delayed, "p99"), lat(nats_row, "p99")
+        within = dp99 is not None and tp99 is not None and dp99 <= tp99
+        check(f"the same with a {delay_ms} ms write delay (opt-in; p99 {fmt(dp99)} ms against nats-server's "
+              f"{fmt(tp99)} ms)", f"{d:.2f} vs {t:.2f} µs", "≤ 0.5× at no higher p99",
+              d <= 0.5 * t and within,
+              f"{d / t:.2f}×; " + ("its p99 is at or under nats-server's, so this is the same load at no worse "
+                                   "latency" if within else "its p99 is above nats-server's, so the default row "
+                                   "decides"))
 o, t = best_ramp(sb("ramp-2k-20topics")), best_ramp(get("nats", "ramp-2k-20topics"))
 if o is not None and t is not None:
     check("max sustained fan-out at 100 subscribers vs nats-server WebSocket", f"{o:,.0f} vs {t:,.0f} /s", "≥ 1×",
@@ -270,19 +289,21 @@ def ramp_table(scenario, loadgen_cpu):
 def moderate_tables():
     if not any(r.get("scenario", "").startswith("fanout-2k-20topics") for r in rows):
         return
+    delay_ms = delay_row("64k")[1] or delay_row("250k")[1]
     p("## Moderate fan-out: 2,000 clients over 20 topics (100 subscribers per event)\n")
     p("The common SaaS shape: per-entity topics with about a hundred viewers each. Publishes are paced over the "
       "20 topics; Switchboard is published to over its streaming publish WebSocket (`/api/realtime/publish/stream`), "
       "nats-server over NATS TCP. CPU per delivery is the server's CPU time divided by the deliveries; the load "
       "generator's CPU is beside it, on the same 2 cores. The write-delay rows are the embedded gateway with "
-      "`websocket.write_delay_ms: 100` (docs/configuration.md): events that follow a write within 100 ms are "
-      "written together, so fewer writes carry the same deliveries, at up to 100 ms more latency.\n")
+      f"`websocket.write_delay_ms: {delay_ms}` (docs/configuration.md): events that follow a write within "
+      f"{delay_ms} ms are written together, so fewer writes carry the same deliveries, at up to {delay_ms} ms "
+      "more latency.\n")
     p("| target | load | deliveries/s | lost | dup | p50 ms | p99 ms | server CPU s | loadgen CPU s | server µs per delivery |")
     p("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for load in ("64k", "250k"):
         for t, r in [(t, get(t, f"fanout-2k-20topics-{load}")) for t in present] + [
-                ("delay", sb(f"fanout-2k-20topics-{load}-delay100"))]:
-            name = "Switchboard, 100 ms write delay" if t == "delay" else NAMES[t]
+                ("delay", delay_row(load)[0])]:
+            name = f"Switchboard, {delay_ms} ms write delay" if t == "delay" else NAMES[t]
             if r and r.get("delivered") is not None:
                 p(f"| {name} | {load}/s | {fmt(r['deliveries_per_second'], 0)} | {r['lost']:,} | {r['duplicates']:,} | "
                   f"{fmt(lat(r, 'p50'))} | {fmt(lat(r, 'p99'))} | {fmt(r.get('server_cpu_seconds'))} | "
