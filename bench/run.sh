@@ -170,9 +170,10 @@ want moderate && for t in $targets; do
     --seconds "$ramp_secs" --max-steps "$ramp_steps"; stop
 done
 # The same moderate loads with a write delay (docs/configuration.md): events
-# that follow a write within the delay are written together. 40 ms keeps the
-# p99 at 250k deliveries/s under nats-server's at that load (coalescing by
-# queueing), so the two are compared at no worse latency.
+# that follow a write within the delay are written together. 40 ms keeps
+# Switchboard's p99 at 250k deliveries/s under nats-server's at that load
+# (nats-server batches what queues while it is busy), so the report compares
+# the two at no worse latency.
 write_delay_ms=${WRITE_DELAY_MS:-40}
 want moderate && case " $targets " in *" switchboard "*)
   printf 'websocket:\n  write_delay_ms: %s\n' "$write_delay_ms" > "$out/write-delay.yaml"
