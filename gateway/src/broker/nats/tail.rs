@@ -207,12 +207,18 @@ impl NatsBroker {
         limit: usize,
     ) -> Option<Result<ReadBatch, BrokerError>> {
         let epoch = self.epoch().ok()?;
+        // The head as this call found it, not as it is once the copy is
+        // ours: the caller's subscriptions went live before this call, so
+        // everything newer reaches it live. Taken after the wait, every
+        // resume queued behind a slow read would find the head moved on
+        // (events keep coming) and read again, one JetStream round trip per
+        // resume: a storm's resumes then trickle out one by one.
+        let until = self.head_seq();
         let tail = self.tails.of(tenant);
         let mut t = tail.lock().await;
         if !t.fresh(epoch) || start < t.from {
             return None;
         }
-        let until = self.head_seq();
         Some(
             self.read_from_copy(&mut t, tenant, epoch, scope, start, until, filter, limit)
                 .await,
