@@ -773,6 +773,27 @@ async fn a_publish_stream_on_one_gateway_reaches_clients_of_another_in_order() {
     near.expect_silence(Duration::from_millis(300)).await;
 }
 
+/// A single NATS node and a ready gateway that reaches it through a link
+/// with `one_way` latency each way.
+async fn gateway_far_from_nats(
+    dir: &TempDir,
+    one_way: Duration,
+) -> (Cluster, LatencyProxy, GatewayProc) {
+    let nats = single(dir).await;
+    let port = nats.servers[0]
+        .url()
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let far = LatencyProxy::start(port, one_way).await;
+    let yaml = nats_yaml("local", &[format!("nats://127.0.0.1:{}", far.port)], &[], 1);
+    let gw = GatewayProc::start(dir, "gw", &yaml);
+    gw.wait_ready().await;
+    (nats, far, gw)
+}
+
 /// A burst of events costs one round trip to JetStream, not one per event:
 /// with 60 ms between the gateway and NATS, 100 events published one after
 /// another would take 6 s; the streaming publish (and a batch) has them all
@@ -785,18 +806,7 @@ async fn a_burst_of_publishes_costs_one_round_trip_to_jetstream_not_one_per_even
     // pipelined path (a few round trips) ample room on a loaded machine.
     const BOUND: Duration = Duration::from_secs(3);
     let dir = TempDir::new("pipeline");
-    let nats = single(&dir).await;
-    let port = nats.servers[0]
-        .url()
-        .rsplit(':')
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
-    let far = LatencyProxy::start(port, ONE_WAY).await;
-    let yaml = nats_yaml("local", &[format!("nats://127.0.0.1:{}", far.port)], &[], 1);
-    let gw = GatewayProc::start(&dir, "gw", &yaml);
-    gw.wait_ready().await;
+    let (_nats, _far, gw) = gateway_far_from_nats(&dir, ONE_WAY).await;
     let mut client = open_on(&gw, "acme", "", &["order.*"]).await;
 
     let mut stream = publish_stream(&gw).await;
@@ -977,20 +987,6 @@ async fn a_lone_resume_costs_few_jetstream_api_requests() {
     eprintln!("JetStream API requests per resume: {costs:?}");
 }
 
-/// `switchboard_history_reads_total{path}` of a gateway.
-async fn history_reads(gw: &GatewayProc, path: &str) -> u64 {
-    let text = reqwest::get(format!("{}/metrics", gw.admin()))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let key = format!("switchboard_history_reads_total{{path=\"{path}\"}} ");
-    text.lines()
-        .find_map(|l| l.strip_prefix(key.as_str()))
-        .map_or(0, |v| v.trim().parse().unwrap())
-}
-
 /// Clients resuming together from a recent cursor share the reads of
 /// their tenant's recent history while events keep coming: each resume
 /// reads up to the head as it found it on arrival. (Reading up to the head
@@ -1002,18 +998,7 @@ async fn resumes_arriving_together_share_history_reads_while_events_keep_coming(
     const N: usize = 40;
     const ONE_WAY: Duration = Duration::from_millis(50);
     let dir = TempDir::new("shared-reads");
-    let nats = single(&dir).await;
-    let port = nats.servers[0]
-        .url()
-        .rsplit(':')
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
-    let far = LatencyProxy::start(port, ONE_WAY).await;
-    let yaml = nats_yaml("local", &[format!("nats://127.0.0.1:{}", far.port)], &[], 1);
-    let gw = GatewayProc::start(&dir, "gw", &yaml);
-    gw.wait_ready().await;
+    let (_nats, _far, gw) = gateway_far_from_nats(&dir, ONE_WAY).await;
 
     let mut first = open_on(&gw, "acme", "", &["order.x"]).await;
     publish_retrying(&gw.http(), "acme", "order.x", json!({"i": 0})).await;
@@ -1041,7 +1026,13 @@ async fn resumes_arriving_together_share_history_reads_while_events_keep_coming(
     c.recv_type("connection.established").await;
     c.subscribe(&["order.x"]).await;
     assert_eq!(replayed(&mut c).await, [1]);
-    let before = history_reads(&gw, "shared_read").await;
+    let shared_reads = |text: String| {
+        metric(
+            &text,
+            r#"switchboard_history_reads_total{path="shared_read"}"#,
+        )
+    };
+    let before = shared_reads(gw.metrics().await);
     let started = tokio::time::Instant::now();
     let replays = futures_util::future::join_all((0..N).map(|_| async {
         let mut c = Client::connect(&gw.ws(&query)).await;
@@ -1054,13 +1045,13 @@ async fn resumes_arriving_together_share_history_reads_while_events_keep_coming(
         .expect("the resumes finish");
     let took = started.elapsed();
     publisher.abort();
-    let reads = history_reads(&gw, "shared_read").await - before;
+    let reads = shared_reads(gw.metrics().await) - before;
     assert!(
         replays.iter().all(|r| r == &[1]),
         "each resume replays what it missed: {replays:?}"
     );
     assert!(
-        reads <= 3,
+        reads <= 3.0,
         "{N} resumes arriving together read the history {reads} times (in {took:?})"
     );
 }
