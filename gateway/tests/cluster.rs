@@ -992,7 +992,7 @@ async fn a_lone_resume_costs_few_jetstream_api_requests() {
 /// reads up to the head as it found it on arrival. (Reading up to the head
 /// as it was once the previous read was done, every resume queued behind a
 /// read found the head moved on and read again: one JetStream read after
-/// another, 10 for these 40 resumes, instead of 1 or 2.)
+/// another, 9 or 10 for these 40 resumes, instead of 1 or 2.)
 #[tokio::test]
 async fn resumes_arriving_together_share_history_reads_while_events_keep_coming() {
     const N: usize = 40;
