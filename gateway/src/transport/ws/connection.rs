@@ -171,21 +171,24 @@ impl Connection {
             expires_at: self.principal.expires_at,
         }
         .frame();
-        // Boxed, like the subscription below: the state of a send would
-        // otherwise be reserved in every idle connection's task.
-        if Box::pin(self.socket.send_text(established.into()))
-            .await
-            .is_err()
-        {
-            return None;
-        }
+        // Queued, not flushed: it leaves when the loop first waits for the
+        // client, or with the answer to a message the client sent right
+        // after the handshake (one write instead of two per reconnect).
+        self.socket.feed_text(established.into());
         // Every connection receives its user's private channel (direct
         // messages), without asking and beyond its subscription limit.
         // Boxed: its state would otherwise be reserved in every idle
         // connection's task (it is larger than the loop's).
         Box::pin(self.session.subscribe_own_channel()).await;
+        // The tasks already waiting run first (this one was woken straight
+        // after the handshake's answer was written): a client that sends
+        // its first message at once, as a resuming one does, has it read
+        // by then, and `connection.established` leaves with the answer.
+        tokio::task::yield_now().await;
 
         loop {
+            // Held events wait for the write delay's flush.
+            let flush_when_idle = !clock.holding;
             let flow = tokio::select! {
                 biased;
                 // While a write delay holds events back, the queue is left
@@ -223,7 +226,7 @@ impl Connection {
                     }
                     Err(_overflowed) => Flow::Close(Close::SlowConsumer, None),
                 },
-                frame = self.socket.next() => {
+                frame = self.socket.next_or_flush(flush_when_idle) => {
                     // The timer is not moved: when it fires early it re-arms.
                     clock.heard_from_client(Instant::now(), &node.config.heartbeat);
                     match frame {

@@ -329,6 +329,31 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Socket<IO> {
         std::future::poll_fn(|cx| self.poll_next(cx)).await
     }
 
+    /// [`Socket::poll_next`] as a future that, while no client frame is
+    /// there and `flush_when_idle` holds, writes what is queued: frames
+    /// queued before a client's message leave with the answer to it when
+    /// the message is already there (a resuming client's
+    /// `connection.established`, its subscription's confirmation and its
+    /// replay go out in one write), and at once when it is not.
+    pub(crate) async fn next_or_flush(
+        &mut self,
+        flush_when_idle: bool,
+    ) -> Option<Result<Incoming, ReadError>> {
+        std::future::poll_fn(|cx| {
+            let next = self.poll_next(cx);
+            if next.is_pending()
+                && flush_when_idle
+                && !self.out.is_empty()
+                && let Poll::Ready(Err(e)) = self.poll_flush(cx)
+            {
+                self.closing = Closing::Done;
+                return Poll::Ready(Some(Err(e.into())));
+            }
+            next
+        })
+        .await
+    }
+
     /// Queue a text frame for the next flush.
     pub(crate) fn feed_text(&mut self, text: Bytes) {
         self.out.push_back(OutFrame::new(OpCode::Text, text));
@@ -522,6 +547,88 @@ mod tests {
             Some(Ok(m)) => m,
             other => panic!("the client read {other:?}"),
         }
+    }
+
+    /// An in-memory stream that counts the writes made on it.
+    struct CountingWrites {
+        io: DuplexStream,
+        writes: usize,
+    }
+
+    impl AsyncRead for CountingWrites {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.io).poll_read(cx, buf)
+        }
+    }
+
+    impl AsyncWrite for CountingWrites {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            let written = Pin::new(&mut self.io).poll_write(cx, buf);
+            if written.is_ready() {
+                self.writes += 1;
+            }
+            written
+        }
+
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.io).poll_flush(cx)
+        }
+
+        fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.io).poll_shutdown(cx)
+        }
+    }
+
+    #[tokio::test]
+    async fn a_queued_frame_leaves_with_the_answer_to_a_message_already_there_else_when_idle() {
+        use futures_util::FutureExt;
+        let (server, client) = tokio::io::duplex(64 * 1024);
+        let mut client = WebSocketStream::from_raw_socket(client, Role::Client, None).await;
+        let mut server = Socket::new(
+            CountingWrites {
+                io: server,
+                writes: 0,
+            },
+            1024,
+        );
+        server.feed_text(Bytes::from_static(b"established"));
+        client.send(Message::text("subscribe")).await.unwrap();
+        // The client's message is there: it is read, nothing is written.
+        let got = server.next_or_flush(true).await;
+        assert!(
+            matches!(&got, Some(Ok(Incoming::Text(t))) if t.as_str() == "subscribe"),
+            "{got:?}"
+        );
+        assert_eq!(server.io.writes, 0);
+        // The answer joins the queue; both leave in one write.
+        server.feed_text(Bytes::from_static(b"confirmed"));
+        server.flush().await.unwrap();
+        assert_eq!(server.io.writes, 1);
+        assert_eq!(
+            client_reads(&mut client).await,
+            Message::text("established")
+        );
+        assert_eq!(client_reads(&mut client).await, Message::text("confirmed"));
+
+        // Nothing from the client: a queued frame is written while the
+        // socket waits, unless flushing when idle is off (a write delay).
+        server.feed_text(Bytes::from_static(b"event"));
+        assert!(server.next_or_flush(false).now_or_never().is_none());
+        assert_eq!(server.io.writes, 1, "held while flushing when idle is off");
+        assert!(server.next_or_flush(true).now_or_never().is_none());
+        assert_eq!(server.io.writes, 2);
+        assert_eq!(client_reads(&mut client).await, Message::text("event"));
+        // Nothing queued: waiting writes nothing.
+        assert!(server.next_or_flush(true).now_or_never().is_none());
+        assert_eq!(server.io.writes, 2);
     }
 
     #[tokio::test]
