@@ -287,6 +287,27 @@ async fn nats_late_or_restarted_readiness_follows_and_subscriptions_return() {
     assert!(metric(&m, "switchboard_nats_disconnects_total") >= 1.0);
 }
 
+/// NATS that stops answering for a moment (a node failing over, a stalled
+/// server) does not hold a new client's `connection.established` back for
+/// the bus's request timeout (5 s); the user's private channel is held once
+/// NATS answers again, and direct messages reach the connection.
+#[tokio::test]
+async fn a_client_connecting_while_nats_does_not_answer_is_told_it_is_connected() {
+    let dir = TempDir::new("stalled");
+    let nats = single(&dir).await;
+    let gw = GatewayProc::start(&dir, "gw", &nats_yaml("local", &nats.urls(), &[], 1));
+    gw.wait_ready().await;
+
+    nats.servers[0].pause(true);
+    let mut c = Client::connect(&gw.ws(&format!("token={}", user_token("acme", "alice")))).await;
+    let m = c.recv_within(Duration::from_secs(3)).await;
+    nats.servers[0].pause(false);
+    assert_eq!(m["type"], "connection.established", "{m}");
+
+    let sent = publish_retrying(&gw.http(), "acme", "user:alice", json!({"i": 1})).await;
+    assert_eq!(ids(&c.events(1).await), [sent]);
+}
+
 #[tokio::test]
 async fn regions_share_events_and_recover_from_a_cut_link() {
     let dir = TempDir::new("regions");

@@ -164,6 +164,18 @@ impl NatsServer {
         );
     }
 
+    /// SIGSTOP (`true`) or SIGCONT (`false`): a server that keeps its
+    /// connections open and answers nothing, then carries on.
+    pub fn pause(&self, stopped: bool) {
+        let pid = self.child.as_ref().expect("server running").id();
+        let signal = if stopped { "-STOP" } else { "-CONT" };
+        let status = Command::new("kill")
+            .args([signal, &pid.to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success(), "kill {signal} {pid}");
+    }
+
     /// Kill -9: the harshest failure.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {

@@ -20,6 +20,9 @@ use switchboard_config::gateway::MAX_WRITE_DELAY_MS;
 
 /// Events written per flush.
 const WRITE_BATCH: usize = 64;
+/// How long `connection.established` may wait for the user's private channel
+/// (a round trip to NATS in cluster mode) before it is sent on its own.
+const ESTABLISHED_WAIT: Duration = Duration::from_millis(200);
 
 /// The most events a write delay's flush takes from the queue (the rest
 /// go out on the loop's next turns, at once).
@@ -179,7 +182,21 @@ impl Connection {
         // messages), without asking and beyond its subscription limit.
         // Boxed: its state would otherwise be reserved in every idle
         // connection's task (it is larger than the loop's).
-        Box::pin(self.session.subscribe_own_channel()).await;
+        {
+            let mut own = Box::pin(self.session.subscribe_own_channel());
+            // A bus slow to answer (NATS failing over) does not hold the
+            // client's `connection.established` back: past the wait it
+            // leaves alone, and the channel is held when the bus answers.
+            if Box::pin(tokio::time::timeout(ESTABLISHED_WAIT, own.as_mut()))
+                .await
+                .is_err()
+            {
+                if Box::pin(self.socket.flush()).await.is_err() {
+                    return None;
+                }
+                own.await;
+            }
+        }
         // The tasks already waiting run first (this one was woken straight
         // after the handshake's answer was written): a client that sends
         // its first message at once, as a resuming one does, has it read
