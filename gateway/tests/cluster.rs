@@ -54,6 +54,14 @@ async fn replayed(client: &mut Client) -> Vec<i64> {
     }
 }
 
+/// One gateway, ready, on a single nats-server.
+async fn gateway_on_single_nats(dir: &TempDir) -> (Cluster, GatewayProc) {
+    let nats = single(dir).await;
+    let gw = GatewayProc::start(dir, "gw", &nats_yaml("local", &nats.urls(), &[], 1));
+    gw.wait_ready().await;
+    (nats, gw)
+}
+
 async fn publish_stream(gw: &GatewayProc) -> PublishStream {
     PublishStream::open(
         &gw.http().replacen("http", "ws", 1),
@@ -294,9 +302,7 @@ async fn nats_late_or_restarted_readiness_follows_and_subscriptions_return() {
 #[tokio::test]
 async fn a_client_connecting_while_nats_does_not_answer_is_told_it_is_connected() {
     let dir = TempDir::new("stalled");
-    let nats = single(&dir).await;
-    let gw = GatewayProc::start(&dir, "gw", &nats_yaml("local", &nats.urls(), &[], 1));
-    gw.wait_ready().await;
+    let (nats, gw) = gateway_on_single_nats(&dir).await;
 
     nats.servers[0].pause(true);
     let mut c = Client::connect(&gw.ws(&format!("token={}", user_token("acme", "alice")))).await;
@@ -688,9 +694,7 @@ async fn a_client_failing_over_to_another_region_resumes_without_gap() {
 #[tokio::test]
 async fn resumes_arriving_together_share_one_history_read() {
     let dir = TempDir::new("shared-resume");
-    let nats = single(&dir).await;
-    let gw = GatewayProc::start(&dir, "gw", &nats_yaml("local", &nats.urls(), &[], 1));
-    gw.wait_ready().await;
+    let (_nats, gw) = gateway_on_single_nats(&dir).await;
     // 60 events over 6 topics; a cursor after each.
     let mut cursors = Vec::new();
     for i in 0..60 {
@@ -920,9 +924,7 @@ async fn next_request(api: &mut async_nats::Subscriber, stream: &str) -> String 
 #[tokio::test]
 async fn a_lone_resume_costs_few_jetstream_api_requests() {
     let dir = TempDir::new("resume-api");
-    let nats = single(&dir).await;
-    let gw = GatewayProc::start(&dir, "gw", &nats_yaml("local", &nats.urls(), &[], 1));
-    gw.wait_ready().await;
+    let (nats, gw) = gateway_on_single_nats(&dir).await;
     // Tenants of their own: no resume finds another's shared copy.
     const TENANTS: [&str; 3] = ["t1", "t2", "t3"];
     let mut cursors = Vec::new();

@@ -182,20 +182,24 @@ impl Connection {
         // messages), without asking and beyond its subscription limit.
         // Boxed: its state would otherwise be reserved in every idle
         // connection's task (it is larger than the loop's).
-        {
-            let mut own = Box::pin(self.session.subscribe_own_channel());
-            // A bus slow to answer (NATS failing over) does not hold the
-            // client's `connection.established` back: past the wait it
-            // leaves alone, and the channel is held when the bus answers.
-            if Box::pin(tokio::time::timeout(ESTABLISHED_WAIT, own.as_mut()))
+        // A bus slow to answer (NATS failing over) does not hold the
+        // client's `connection.established` back: past the wait it leaves
+        // alone, and the channel is held when the bus answers.
+        let written = Box::pin(async {
+            let own = self.session.subscribe_own_channel();
+            tokio::pin!(own);
+            if tokio::time::timeout(ESTABLISHED_WAIT, own.as_mut())
                 .await
                 .is_err()
             {
-                if Box::pin(self.socket.flush()).await.is_err() {
-                    return None;
-                }
+                self.socket.flush().await?;
                 own.await;
             }
+            Ok::<_, std::io::Error>(())
+        })
+        .await;
+        if written.is_err() {
+            return None;
         }
         // A resuming client (a cursor in its URL) sends its subscribe at
         // once: the tasks already waiting run first (this one was woken
