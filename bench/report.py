@@ -508,8 +508,8 @@ p("- One serialization per event: the WebSocket frame is built once when the eve
   "(reference-counted bytes) by every connection; no per-connection JSON.")
 p("- Per connection: a mailbox (a lock-protected `VecDeque`, allocating nothing while empty, capacity given "
   "back after a burst) instead of a channel; one task whose state stays small (request handlers and the "
-  "goodbye path are boxed, so idle connections do not carry them; a unit test keeps the task in jemalloc's "
-  "1,024-byte size class); one timer for heartbeat, idle, token expiry and drain; policy changes and the "
+  "goodbye path are boxed, so idle connections do not carry them; deadlines are 8-byte ticks; a unit test keeps "
+  "the task in jemalloc's 896-byte size class); one timer for heartbeat, idle, token expiry and drain; policy changes and the "
   "drain signalled through the mailbox, not a watch per connection; no read buffer (client frames are read into "
   "the worker thread's scratch buffer and parsed there; only a partly read frame is kept) and no write buffer: "
   "server frames are written by the gateway itself (a 2-10 byte header before the event's shared payload), a batch "

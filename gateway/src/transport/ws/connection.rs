@@ -6,11 +6,11 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::time::{Instant, sleep_until};
+use tokio::time::sleep_until;
 use tracing::Instrument;
 
 use super::socket::{OpCode, Socket};
-use super::timers::{Deadlines, RateLimit, Write, deadline_for_expiry};
+use super::timers::{Deadlines, RateLimit, Tick, Write, deadline_for_expiry};
 use crate::auth::Principal;
 use crate::event::Cursor;
 use crate::mailbox::Wake;
@@ -41,8 +41,9 @@ pub(super) struct Connection {
     pub(super) principal: Principal,
     pub(super) socket: Socket,
     /// A cursor to apply to the first subscriptions (from `?cursor=` or a
-    /// `cursor.update` sent before any subscription).
-    pub(super) pending_cursor: Option<Cursor>,
+    /// `cursor.update` sent before any subscription). Boxed: few
+    /// connections have one, and every connection's state keeps the field.
+    pub(super) pending_cursor: Option<Box<Cursor>>,
     /// Every event of the subscriptions up to this one was sent: where a
     /// client told to reconnect resumes (None: nothing sent yet).
     pub(super) sent_up_to: Option<Cursor>,
@@ -78,7 +79,7 @@ impl Connection {
             session,
             principal,
             socket,
-            pending_cursor: cursor,
+            pending_cursor: cursor.map(Box::new),
             sent_up_to: None,
             span,
             write_delay_ms: 0,
@@ -149,19 +150,22 @@ impl Connection {
     /// The connection loop; returns the close to send, or None when the
     /// client left.
     async fn serve(&mut self) -> Option<(Close, Option<String>)> {
-        let node = self.session.node.clone();
+        // The node is reached through the session, not kept in a local:
+        // every connection's state would hold the extra pointer.
         let mut clock = Deadlines::new(
-            &node.config.heartbeat,
+            &self.session.node.config.heartbeat,
             deadline_for_expiry(self.principal.expires_at),
         );
         let timer = sleep_until(clock.next());
         tokio::pin!(timer);
         // Policy changes and the drain arrive as signals in the mailbox;
         // asked for before both are read, so none is missed.
-        node.signal_control_to(self.session.admission.id, &self.session.mailbox);
-        let mut policy_seen = node.policy();
+        self.session
+            .node
+            .signal_control_to(self.session.admission.id, &self.session.mailbox);
+        let mut policy_seen = self.session.node.policy();
         // A drain already under way counts.
-        if clock.arm_drain(node.drain_state(), self.session.admission.id) {
+        if clock.arm_drain(self.session.node.drain_state(), self.session.admission.id) {
             timer.as_mut().reset(clock.next());
         }
 
@@ -170,7 +174,7 @@ impl Connection {
         let established = ServerMessage::ConnectionEstablished {
             user_id: self.principal.user.to_string(),
             connection_id: self.session.admission.id,
-            region: node.region.to_string(),
+            region: self.session.node.region.to_string(),
             expires_at: self.principal.expires_at,
         }
         .frame();
@@ -185,7 +189,7 @@ impl Connection {
         // A bus slow to answer (NATS failing over) does not hold the
         // client's `connection.established` back: past the wait it leaves
         // alone, and the channel is held when the bus answers.
-        let written = Box::pin(async {
+        let own_channel = Box::pin(async {
             let own = self.session.subscribe_own_channel();
             tokio::pin!(own);
             if tokio::time::timeout(ESTABLISHED_WAIT, own.as_mut())
@@ -196,9 +200,10 @@ impl Connection {
                 own.await;
             }
             Ok::<_, std::io::Error>(())
-        })
-        .await;
-        if written.is_err() {
+        });
+        // Awaited in the condition: its result is not kept in the loop's
+        // state.
+        if own_channel.await.is_err() {
             return None;
         }
         // A resuming client (a cursor in its URL) sends its subscribe at
@@ -222,10 +227,10 @@ impl Connection {
                 // alone (no wake-up per event) until the flush takes it.
                 wake = self.session.next_live_or_control(), if !clock.holding => match wake {
                     Ok(Wake::Control) => {
-                        if clock.arm_drain(node.drain_state(), self.session.admission.id) {
+                        if clock.arm_drain(self.session.node.drain_state(), self.session.admission.id) {
                             timer.as_mut().reset(clock.next());
                         }
-                        let policy = node.policy();
+                        let policy = self.session.node.policy();
                         if Arc::ptr_eq(&policy, &policy_seen) {
                             Flow::Continue
                         } else {
@@ -236,7 +241,7 @@ impl Connection {
                     }
                     Ok(Wake::Event(first)) => {
                         let delay = u64::from(self.write_delay_ms);
-                        let written = match clock.write_or_hold(Instant::now, delay) {
+                        let written = match clock.write_or_hold(Tick::now, delay) {
                             Write::Now => self.write_queued(Some(first), WRITE_BATCH).await,
                             // Written with the flush, when the delay ends.
                             Write::Hold => {
@@ -255,22 +260,22 @@ impl Connection {
                 },
                 frame = self.socket.next_or_flush(flush_when_idle) => {
                     // The timer is not moved: when it fires early it re-arms.
-                    clock.heard_from_client(Instant::now(), &node.config.heartbeat);
+                    clock.heard_from_client(Tick::now(), &self.session.node.config.heartbeat);
                     match frame {
                         None => return None,
                         Some(Err(e)) => {
                             self.span.in_scope(|| tracing::debug!(error = %e, "websocket read error"));
                             match e.close() {
                                 Some(Close::MessageTooBig) => {
-                                    node.metrics.error("message_too_big");
+                                    self.session.node.metrics.error("message_too_big");
                                     Flow::Close(Close::MessageTooBig, None)
                                 }
                                 Some(close) => {
-                                    node.metrics.error("websocket");
+                                    self.session.node.metrics.error("websocket");
                                     Flow::Close(close, Some(e.to_string()))
                                 }
                                 None => {
-                                    node.metrics.error("websocket");
+                                    self.session.node.metrics.error("websocket");
                                     return None;
                                 }
                             }
@@ -287,7 +292,7 @@ impl Connection {
                     }
                 }
                 () = &mut timer => {
-                    let flushed = if clock.take_flush(Instant::now(), u64::from(self.write_delay_ms)) {
+                    let flushed = if clock.take_flush(Tick::now(), u64::from(self.write_delay_ms)) {
                         self.write_queued(None, HELD_BATCH).await
                     } else {
                         Ok(())
@@ -295,7 +300,7 @@ impl Connection {
                     let flow = match flushed {
                         Err(WriteStop::Kicked) => Flow::Close(Close::SlowConsumer, None),
                         Err(WriteStop::Socket) => return None,
-                        Ok(()) if clock.others_due(Instant::now()) => {
+                        Ok(()) if clock.others_due(Tick::now()) => {
                             let span = self.span.clone();
                             Box::pin(self.on_timer(&mut clock).instrument(span)).await
                         }
@@ -315,7 +320,7 @@ impl Connection {
 
     /// The connection's timer fired: whichever deadlines have passed act.
     async fn on_timer(&mut self, clock: &mut Deadlines) -> Flow {
-        let now = Instant::now();
+        let now = Tick::now();
         if now >= clock.expiry {
             let msg = ServerMessage::error(
                 ErrorCode::TokenExpired,
@@ -441,16 +446,16 @@ mod tests {
 
     /// Every open connection keeps one task: tokio's task cell (this
     /// future plus 104 bytes of header, scheduler, id and trailer, rounded
-    /// up to 128) must stay in jemalloc's 1,024-byte size class; at 921
-    /// bytes of future it takes 1,280 (docs/benchmarks.md, memory per
+    /// up to 128) must stay in jemalloc's 896-byte size class; at 793 bytes
+    /// of future it takes 1,024 (docs/benchmarks.md, memory per
     /// connection). A field added to `Connection`, or a large future
     /// awaited inline in `serve`, shows here first: box what is rare.
     #[test]
     fn an_idle_connection_task_stays_in_its_size_class() {
         let future = returned_size(Connection::run);
         assert!(
-            future <= 920,
-            "the connection's task state grew to {future} bytes (at most 920)"
+            future <= 792,
+            "the connection's task state grew to {future} bytes (at most 792)"
         );
     }
 }

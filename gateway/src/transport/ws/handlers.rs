@@ -5,14 +5,13 @@ use std::sync::Arc;
 
 use serde_json::Value;
 use switchboard_config::Pattern;
-use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 use tracing::Instrument;
 
 use super::connection::{Connection, Flow};
 use super::read::Incoming;
 use super::socket::Socket;
-use super::timers::{RateLimit, deadline_for_expiry};
+use super::timers::{RateLimit, Tick, deadline_for_expiry};
 use crate::broker::GapReason;
 use crate::event::{Cursor, Event};
 use crate::node::PublishRequest;
@@ -75,7 +74,7 @@ impl ResumeSink for SocketSink<'_> {
 }
 
 impl Connection {
-    pub(super) async fn on_frame(&mut self, msg: Incoming, expiry: &mut Instant) -> Flow {
+    pub(super) async fn on_frame(&mut self, msg: Incoming, expiry: &mut Tick) -> Flow {
         let node = self.session.node.clone();
         let text: Utf8Bytes = match msg {
             Incoming::Text(t) => t,
@@ -318,7 +317,7 @@ impl Connection {
         };
         let new: Vec<Pattern> = ok.into_iter().filter(|p| !before.contains(p)).collect();
         let resume_from = explicit
-            .or_else(|| self.pending_cursor.take())
+            .or_else(|| self.pending_cursor.take().map(|c| *c))
             .filter(|_| !new.is_empty());
         let Some(cursor) = resume_from else {
             let flow = self.reply(confirm).await;
@@ -400,7 +399,7 @@ impl Connection {
         // unknown cursor: the client is told, then gets what is retained.
         let cursor = Cursor::parse_lenient(raw);
         if self.session.subscription_count() == 0 {
-            self.pending_cursor = Some(cursor);
+            self.pending_cursor = Some(Box::new(cursor));
             return self
                 .reply(ServerMessage::CursorConfirmed {
                     cursor,
@@ -460,7 +459,7 @@ impl Connection {
         self.reply(done).await
     }
 
-    async fn on_refresh(&mut self, token: &str, rid: Option<Value>, expiry: &mut Instant) -> Flow {
+    async fn on_refresh(&mut self, token: &str, rid: Option<Value>, expiry: &mut Tick) -> Flow {
         let node = self.session.node.clone();
         let result = node.verifier.verify(token).await.and_then(|p| {
             if p.tenant != self.principal.tenant || p.user != self.principal.user {
@@ -471,7 +470,7 @@ impl Connection {
         });
         let m = match result {
             Ok(p) => {
-                *expiry = deadline_for_expiry(p.expires_at);
+                *expiry = Tick::at(deadline_for_expiry(p.expires_at));
                 self.principal = p;
                 ServerMessage::AuthRefreshed {
                     expires_at: self.principal.expires_at,
