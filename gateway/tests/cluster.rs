@@ -298,20 +298,39 @@ async fn nats_late_or_restarted_readiness_follows_and_subscriptions_return() {
 /// NATS that stops answering for a moment (a node failing over, a stalled
 /// server) does not hold a new client's `connection.established` back for
 /// the bus's request timeout (5 s); the user's private channel is held once
-/// NATS answers again, and direct messages reach the connection.
+/// NATS answers again, and a direct message sent after the client was told
+/// it is connected reaches it, even one NATS stores before the channel is
+/// held.
 #[tokio::test]
 async fn a_client_connecting_while_nats_does_not_answer_is_told_it_is_connected() {
     let dir = TempDir::new("stalled");
     let (nats, gw) = gateway_on_single_nats(&dir).await;
+    let server = &nats.servers[0];
 
-    nats.servers[0].pause(true);
+    server.pause(true);
     let mut c = Client::connect(&gw.ws(&format!("token={}", user_token("acme", "alice")))).await;
     let m = c.recv_within(Duration::from_secs(3)).await;
-    nats.servers[0].pause(false);
     assert_eq!(m["type"], "connection.established", "{m}");
 
-    let sent = publish_retrying(&gw.http(), "acme", "user:alice", json!({"i": 1})).await;
-    assert_eq!(ids(&c.events(1).await), [sent]);
+    // Published now, the message waits at the stalled server behind the
+    // channel's subscription; NATS stores it before the gateway learns
+    // that the subscription is held.
+    let unread = server.unread_bytes();
+    let base = gw.http();
+    let publish =
+        tokio::spawn(async move { publish_to(&base, "acme", "user:alice", json!({"i": 1})).await });
+    eventually("the publish waits at the stalled server", || async {
+        server.unread_bytes() > unread
+    })
+    .await;
+    server.pause(false);
+    let (status, body) = publish.await.expect("publish task");
+    assert_eq!(status, 201, "{body}");
+    let during = body["event_id"].as_str().expect("event id").to_owned();
+    assert_eq!(ids(&c.events(1).await), [during]);
+
+    let after = publish_retrying(&gw.http(), "acme", "user:alice", json!({"i": 2})).await;
+    assert_eq!(ids(&c.events(1).await), [after]);
 }
 
 #[tokio::test]

@@ -90,6 +90,33 @@ impl Session {
         result
     }
 
+    /// Send what the user's private channel carried after `after` (where
+    /// the stream stood when `connection.established` left) and before the
+    /// channel was held: the bus was slow to answer, the client was told it
+    /// is connected meanwhile, and a direct message sent in that window
+    /// must reach it. A cursor history cannot honour (the stream was
+    /// recreated) sends nothing and no gap: the client never asked for it.
+    pub async fn catch_up_own_channel<S: ResumeSink>(
+        &self,
+        after: Cursor,
+        limit: usize,
+        sink: &mut S,
+    ) -> Result<Resumed, BrokerError> {
+        let Some(own) = self.subs.iter().find(|s| s.implicit) else {
+            return Ok(Resumed::default());
+        };
+        let only = [own.pattern.clone()];
+        let mut quiet = NoGap(sink);
+        let mut result = self.replay(after, Some(&only), limit, &mut quiet).await?;
+        // A gap stopped it, not the client.
+        result.stopped &= result.gap.is_none();
+        self.node
+            .metrics
+            .events_delivered
+            .inc_by(result.sent as u64);
+        Ok(result)
+    }
+
     async fn replay<S: ResumeSink>(
         &self,
         cursor: Cursor,
@@ -214,5 +241,26 @@ impl Session {
             .broker
             .latest(self.tenant(), &scope, &wanted, limit)
             .await
+    }
+}
+
+/// A sink that stops at a gap without telling the client about it.
+struct NoGap<'a, S>(&'a mut S);
+
+impl<S: ResumeSink> ResumeSink for NoGap<'_, S> {
+    async fn gap(&mut self, _reason: GapReason, _requested: &str) -> bool {
+        false
+    }
+
+    async fn event(&mut self, event: &Arc<Event>) -> bool {
+        self.0.event(event).await
+    }
+
+    async fn page_done(&mut self) -> bool {
+        self.0.page_done().await
+    }
+
+    async fn replay_done(&mut self) -> bool {
+        self.0.replay_done().await
     }
 }

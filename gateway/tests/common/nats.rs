@@ -176,6 +176,27 @@ impl NatsServer {
         assert!(status.success(), "kill {signal} {pid}");
     }
 
+    /// Bytes clients sent this server that it has not read yet (the
+    /// kernel's receive queues of its client connections): what waits for a
+    /// paused server.
+    pub fn unread_bytes(&self) -> u64 {
+        let table = std::fs::read_to_string("/proc/net/tcp").expect("/proc/net/tcp is readable");
+        let local = format!(":{:04X}", self.port);
+        table
+            .lines()
+            .skip(1)
+            .filter_map(|line| {
+                let fields: Vec<&str> = line.split_whitespace().collect();
+                // local address, state 01 = established, tx_queue:rx_queue
+                let (addr, state, queues) = (fields.get(1)?, fields.get(3)?, fields.get(4)?);
+                if !addr.ends_with(&local) || *state != "01" {
+                    return None;
+                }
+                u64::from_str_radix(queues.split(':').nth(1)?, 16).ok()
+            })
+            .sum()
+    }
+
     /// Kill -9: the harshest failure.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {

@@ -188,16 +188,26 @@ impl Connection {
         // connection's task (it is larger than the loop's).
         // A bus slow to answer (NATS failing over) does not hold the
         // client's `connection.established` back: past the wait it leaves
-        // alone, and the channel is held when the bus answers.
+        // alone, and the channel is held when the bus answers. What the
+        // channel carried meanwhile is sent first: from the stream position
+        // read before the channel was asked for (so before anything sent
+        // after `connection.established`).
         let own_channel = Box::pin(async {
-            let own = self.session.subscribe_own_channel();
-            tokio::pin!(own);
-            if tokio::time::timeout(ESTABLISHED_WAIT, own.as_mut())
-                .await
-                .is_err()
-            {
+            let told_at = self.session.node.broker.head(self.session.tenant());
+            let held_late = {
+                let own = self.session.subscribe_own_channel();
+                tokio::pin!(own);
+                if tokio::time::timeout(ESTABLISHED_WAIT, own.as_mut())
+                    .await
+                    .is_ok()
+                {
+                    return Ok(());
+                }
                 self.socket.flush().await?;
-                own.await;
+                own.await
+            };
+            if held_late && !self.catch_up_own_channel(told_at).await {
+                return Err(std::io::ErrorKind::ConnectionAborted.into());
             }
             Ok::<_, std::io::Error>(())
         });

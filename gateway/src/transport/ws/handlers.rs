@@ -410,6 +410,36 @@ impl Connection {
         self.replay(cursor, None, rid).await
     }
 
+    /// Send what the user's private channel carried after `after` and
+    /// before it was held (see [`Session::catch_up_own_channel`]); false
+    /// when the client left.
+    pub(super) async fn catch_up_own_channel(&mut self, after: Cursor) -> bool {
+        let mut sink = SocketSink {
+            socket: &mut self.socket,
+            session: &self.session,
+            rid: None,
+            unflushed: 0,
+        };
+        match self
+            .session
+            .catch_up_own_channel(after, REPLAY_LIMIT, &mut sink)
+            .await
+        {
+            Ok(caught_up) => {
+                if let Some(id) = caught_up.last {
+                    self.note_sent(id);
+                }
+                !caught_up.stopped
+            }
+            Err(e) => {
+                // Live delivery goes on; only the window is lost.
+                tracing::warn!(error = %e, "private channel catch-up failed");
+                self.session.node.metrics.error("history");
+                true
+            }
+        }
+    }
+
     /// Replay after `cursor`, then tell the client where it stands.
     #[tracing::instrument(name = "replay", skip_all, fields(replayed = tracing::field::Empty, gap = tracing::field::Empty))]
     async fn replay(
