@@ -300,12 +300,14 @@ async fn nats_late_or_restarted_readiness_follows_and_subscriptions_return() {
 /// the bus's request timeout (5 s); the user's private channel is held once
 /// NATS answers again, and a direct message sent after the client was told
 /// it is connected reaches it, even one NATS stores before the channel is
-/// held.
+/// held, and once: a later replay from an older cursor leaves it out.
 #[tokio::test]
 async fn a_client_connecting_while_nats_does_not_answer_is_told_it_is_connected() {
     let dir = TempDir::new("stalled");
     let (nats, gw) = gateway_on_single_nats(&dir).await;
     let server = &nats.servers[0];
+    let start = publish_retrying(&gw.http(), "acme", "x.start", json!({"i": -1})).await;
+    publish_retrying(&gw.http(), "acme", "user:alice", json!({"i": 0})).await;
 
     server.pause(true);
     let mut c = Client::connect(&gw.ws(&format!("token={}", user_token("acme", "alice")))).await;
@@ -331,6 +333,15 @@ async fn a_client_connecting_while_nats_does_not_answer_is_told_it_is_connected(
 
     let after = publish_retrying(&gw.http(), "acme", "user:alice", json!({"i": 2})).await;
     assert_eq!(ids(&c.events(1).await), [after]);
+
+    // Replaying from before the connection: the direct message sent before
+    // it, not the ones it already got.
+    c.send(json!({"type": "subscribe", "topics": ["x.a"]}))
+        .await;
+    assert_eq!(c.recv().await["type"], "subscription.confirmed");
+    c.send(json!({"type": "cursor.update", "cursor": start}))
+        .await;
+    assert_eq!(replayed(&mut c).await, [0]);
 }
 
 #[tokio::test]

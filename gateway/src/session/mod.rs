@@ -151,6 +151,21 @@ pub struct Session {
     /// (set by a resume from that region's cursor): never delivered again,
     /// by replay or live.
     seen_elsewhere: std::sync::OnceLock<Arc<crate::broker::SeenElsewhere>>,
+    /// The private channel's events a late hold caught up on (sent before
+    /// live delivery began): never replayed again. Boxed: almost no
+    /// connection has one.
+    own_caught_up: Option<Box<CaughtUp>>,
+}
+
+/// The range of the private channel's events a catch-up sent.
+#[derive(Debug)]
+struct CaughtUp {
+    /// The private channel (`user:<id>`).
+    pattern: Pattern,
+    /// Sent: its events of sequence after this one...
+    after: u64,
+    /// ...up to and including this one.
+    through: u64,
 }
 
 impl Session {
@@ -172,6 +187,7 @@ impl Session {
             presence: PresenceTopics::default(),
             max_since: 0,
             seen_elsewhere: std::sync::OnceLock::new(),
+            own_caught_up: None,
         }
     }
 

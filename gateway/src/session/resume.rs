@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use switchboard_config::Pattern;
 
-use super::Session;
+use super::{CaughtUp, Session};
 use crate::broker::{BrokerError, GapReason};
 use crate::event::{Cursor, Event};
 
@@ -117,6 +117,20 @@ impl Session {
         Ok(result)
     }
 
+    /// Note that a complete catch-up from `after` (see
+    /// [`Session::catch_up_own_channel`]) sent the private channel's events
+    /// up to where live delivery took over: a later replay from an older
+    /// cursor leaves them out.
+    pub fn own_channel_caught_up(&mut self, after: Cursor) {
+        if let Some(own) = self.subs.iter().find(|s| s.implicit) {
+            self.own_caught_up = Some(Box::new(CaughtUp {
+                pattern: own.pattern.clone(),
+                after: after.seq,
+                through: own.since,
+            }));
+        }
+    }
+
     async fn replay<S: ResumeSink>(
         &self,
         cursor: Cursor,
@@ -130,9 +144,15 @@ impl Session {
         let subs = &self.subs;
         let mailbox = self.mailbox.clone();
         let seen_elsewhere = &self.seen_elsewhere;
+        let caught_up = self.own_caught_up.as_deref();
         let wanted = move |e: &Event| {
             if !mailbox.may_receive(e) || seen_elsewhere.get().is_some_and(|s| s.saw(e)) {
                 return false;
+            }
+            if caught_up.is_some_and(|c| {
+                c.after < e.id.seq && e.id.seq <= c.through && c.pattern.matches(&e.topic)
+            }) {
+                return false; // the private channel's catch-up sent it
             }
             let mut matched = false;
             for sub in subs {

@@ -429,6 +429,9 @@ impl Connection {
                 if let Some(id) = caught_up.last {
                     self.note_sent(id);
                 }
+                if caught_up.gap.is_none() && !caught_up.truncated {
+                    self.session.own_channel_caught_up(after);
+                }
                 !caught_up.stopped
             }
             Err(e) => {

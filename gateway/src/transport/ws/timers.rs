@@ -14,7 +14,7 @@ use tokio::time::Instant;
 /// Every open connection keeps several: as `Instant`s, its deadlines took
 /// 88 bytes of each connection's task, as ticks 48. Never zero inside, so
 /// an `Option<Tick>` is no larger.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub(crate) struct Tick(NonZeroI64);
 
 /// The ticks' origin: the clock when one was first taken.
