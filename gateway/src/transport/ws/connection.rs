@@ -191,7 +191,9 @@ impl Connection {
         // alone, and the channel is held when the bus answers. What the
         // channel carried meanwhile is sent first: from the stream position
         // read before the channel was asked for (so before anything sent
-        // after `connection.established`).
+        // after `connection.established`; in cluster mode the known head is
+        // refreshed every second, so it starts at most about a second
+        // before the connection began).
         let own_channel = Box::pin(async {
             let told_at = self.session.node.broker.head(self.session.tenant());
             let held_late = {
