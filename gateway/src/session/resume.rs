@@ -91,8 +91,8 @@ impl Session {
     }
 
     /// Send what the user's private channel carried after `after` (where
-    /// the stream stood when `connection.established` left) and before the
-    /// channel was held: the bus was slow to answer, the client was told it
+    /// the stream stood as far as this gateway knew when the connection
+    /// began) and before the channel was held: the bus was slow to answer, the client was told it
     /// is connected meanwhile, and a direct message sent in that window
     /// must reach it. A cursor history cannot honour (the stream was
     /// recreated) sends nothing and no gap: the client never asked for it.

@@ -195,7 +195,7 @@ impl Connection {
         // refreshed every second, so it starts at most about a second
         // before the connection began).
         let own_channel = Box::pin(async {
-            let told_at = self.session.node.broker.head(self.session.tenant());
+            let began_at = self.session.node.broker.head(self.session.tenant());
             let held_late = {
                 let own = self.session.subscribe_own_channel();
                 tokio::pin!(own);
@@ -208,7 +208,7 @@ impl Connection {
                 self.socket.flush().await?;
                 own.await
             };
-            if held_late && !self.catch_up_own_channel(told_at).await {
+            if held_late && !self.catch_up_own_channel(began_at).await {
                 return Err(std::io::ErrorKind::ConnectionAborted.into());
             }
             Ok::<_, std::io::Error>(())
