@@ -160,8 +160,6 @@ pub struct Session {
 /// The range of the private channel's events a catch-up sent.
 #[derive(Debug)]
 struct CaughtUp {
-    /// The private channel (`user:<id>`).
-    pattern: Pattern,
     /// Sent: its events of sequence after this one...
     after: u64,
     /// ...up to and including this one.

@@ -16,7 +16,7 @@ use switchboard_config::Pattern;
 
 use super::{CaughtUp, Session};
 use crate::broker::{BrokerError, GapReason};
-use crate::event::{Cursor, Event};
+use crate::event::{Cursor, Event, USER_CHANNEL_PREFIX};
 
 /// Events read from history per request.
 const PAGE: usize = 256;
@@ -124,7 +124,6 @@ impl Session {
     pub fn own_channel_caught_up(&mut self, after: Cursor) {
         if let Some(own) = self.subs.iter().find(|s| s.implicit) {
             self.own_caught_up = Some(Box::new(CaughtUp {
-                pattern: own.pattern.clone(),
                 after: after.seq,
                 through: own.since,
             }));
@@ -150,7 +149,9 @@ impl Session {
                 return false;
             }
             if caught_up.is_some_and(|c| {
-                c.after < e.id.seq && e.id.seq <= c.through && c.pattern.matches(&e.topic)
+                c.after < e.id.seq
+                    && e.id.seq <= c.through
+                    && e.topic.as_str().strip_prefix(USER_CHANNEL_PREFIX) == Some(&*mailbox.user)
             }) {
                 return false; // the private channel's catch-up sent it
             }
