@@ -3,7 +3,10 @@
 //! [`ServerMessage::sse_name`] and [`ServerMessage::data`] (an SSE named
 //! event); the shape of each message lives here only.
 
-use serde_json::{Map, Value, json};
+use std::fmt::Display;
+
+use serde::ser::{Serialize, SerializeMap, Serializer};
+use serde_json::Value;
 use time::OffsetDateTime;
 
 use super::{ErrorCode, format_time};
@@ -213,95 +216,56 @@ impl ServerMessage {
         }
     }
 
-    /// The `data` object of seed 001's envelope (what an SSE event carries).
-    pub fn data(&self, now: OffsetDateTime) -> Value {
+    /// The `data` object of seed 001's envelope (what an SSE event carries),
+    /// as JSON text.
+    pub fn data(&self, now: OffsetDateTime) -> String {
         let ts = format_time(now);
-        match self {
-            ServerMessage::ConnectionEstablished {
-                user_id,
-                connection_id,
-                region,
-                expires_at,
-            } => json!({
-                "user_id": user_id,
-                "connection_id": connection_id.to_string(),
-                "server_time": ts,
-                "region": region,
-                "expires_at": expires_at,
-            }),
-            ServerMessage::SubscriptionConfirmed {
-                topics,
-                cursor: Some(cursor),
-                ..
-            } => json!({ "topics": topics, "cursor": cursor.to_string(), "timestamp": ts }),
-            ServerMessage::SubscriptionConfirmed { topics, .. }
-            | ServerMessage::UnsubscriptionConfirmed { topics, .. } => {
-                json!({ "topics": topics, "timestamp": ts })
-            }
-            ServerMessage::Subscribed { channel, .. }
-            | ServerMessage::Unsubscribed { channel, .. } => json!({ "channel": channel }),
-            ServerMessage::Pong { .. } => json!({ "timestamp": ts }),
-            ServerMessage::Error { code, message, .. } => {
-                json!({ "message": message, "code": code, "timestamp": ts })
-            }
-            ServerMessage::ResumeGap {
-                reason, requested, ..
-            } => json!({
-                "reason": reason.as_str(),
-                "requested": requested,
-                "message": "events after this cursor are no longer available; refresh your state",
-                "timestamp": ts,
-            }),
-            ServerMessage::ReplayComplete {
-                replayed,
-                cursor,
-                has_more,
-                ..
-            } => json!({
-                "replayed": replayed,
-                "cursor": cursor.to_string(),
-                "has_more": has_more,
-                "timestamp": ts,
-            }),
-            ServerMessage::CursorConfirmed { cursor, .. } => json!({
-                "cursor": cursor.to_string(),
-                "pending": true,
-                "timestamp": ts,
-            }),
-            ServerMessage::SubscriptionRevoked { topics, reason } => json!({
-                "topics": topics,
-                "reason": reason,
-                "timestamp": ts,
-            }),
-            ServerMessage::PublishAck {
-                event_id,
-                topic,
-                duplicate,
-                ..
-            } => json!({
-                "event_id": event_id.to_string(),
-                "cursor": event_id.to_string(),
-                "topic": topic,
-                "duplicate": duplicate,
-                "timestamp": ts,
-            }),
-            ServerMessage::PresenceLeft { topic, .. } => json!({ "topic": topic, "timestamp": ts }),
-            ServerMessage::AuthRefreshed { expires_at, .. } => {
-                json!({ "expires_at": expires_at, "timestamp": ts })
-            }
-            ServerMessage::Reconnect { reason, cursor } => json!({
-                "reason": reason.as_str(),
-                "cursor": cursor.to_string(),
-                "timestamp": ts,
-            }),
-        }
+        json_text(&Data {
+            message: self,
+            ts: &ts,
+        })
     }
 
     /// The WebSocket text frame, as of `now`.
     pub fn frame_at(&self, now: OffsetDateTime) -> String {
-        let mut msg = Map::new();
-        msg.insert("type".into(), self.kind().into());
-        match self {
+        json_text(&Frame { message: self, now })
+    }
+
+    /// The WebSocket text frame, now.
+    pub fn frame(&self) -> String {
+        self.frame_at(OffsetDateTime::now_utc())
+    }
+}
+
+/// Serialized straight to text: no `Value` tree is built on the way. Every
+/// message below has only strings, numbers and `Value`s in it, which always
+/// serialize.
+fn json_text(value: &impl Serialize) -> String {
+    serde_json::to_string(value).unwrap_or_default()
+}
+
+/// A value written as a JSON string through its `Display`.
+struct AsString<T>(T);
+
+impl<T: Display> Serialize for AsString<T> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&self.0)
+    }
+}
+
+/// The whole WebSocket frame. Keys are written in the order serde_json's
+/// `Map` keeps them (sorted), so the bytes are those of the documented
+/// examples and of `tests/golden/protocol.txt`.
+struct Frame<'a> {
+    message: &'a ServerMessage,
+    now: OffsetDateTime,
+}
+
+impl Serialize for Frame<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let message = self.message;
+        let mut m = s.serialize_map(None)?;
+        match message {
             // Seed 004 answers flat: channel, requestId, epoch milliseconds.
             ServerMessage::Subscribed {
                 channel,
@@ -311,28 +275,128 @@ impl ServerMessage {
                 channel,
                 request_id,
             } => {
-                msg.insert("channel".into(), json!(channel));
-                msg.insert(
-                    "requestId".into(),
-                    request_id.clone().unwrap_or(Value::Null),
-                );
-                if matches!(self, ServerMessage::Subscribed { .. }) {
-                    let ms = now.unix_timestamp_nanos() / 1_000_000;
-                    msg.insert("timestamp".into(), json!(ms as i64));
+                m.serialize_entry("channel", channel)?;
+                m.serialize_entry("requestId", request_id)?;
+                if matches!(message, ServerMessage::Subscribed { .. }) {
+                    let ms = self.now.unix_timestamp_nanos() / 1_000_000;
+                    m.serialize_entry("timestamp", &(ms as i64))?;
                 }
             }
             _ => {
-                msg.insert("data".into(), self.data(now));
-                if let Some(id) = self.request_id() {
-                    msg.insert("requestId".into(), id.clone());
+                let ts = format_time(self.now);
+                m.serialize_entry("data", &Data { message, ts: &ts })?;
+                if let Some(id) = message.request_id() {
+                    m.serialize_entry("requestId", id)?;
                 }
             }
         }
-        Value::Object(msg).to_string()
+        m.serialize_entry("type", message.kind())?;
+        m.end()
     }
+}
 
-    /// The WebSocket text frame, now.
-    pub fn frame(&self) -> String {
-        self.frame_at(OffsetDateTime::now_utc())
+/// The `data` object of seed 001's envelope, keys sorted (see [`Frame`]).
+struct Data<'a> {
+    message: &'a ServerMessage,
+    ts: &'a str,
+}
+
+impl Serialize for Data<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let ts = self.ts;
+        let mut m = s.serialize_map(None)?;
+        match self.message {
+            ServerMessage::ConnectionEstablished {
+                user_id,
+                connection_id,
+                region,
+                expires_at,
+            } => {
+                m.serialize_entry("connection_id", &AsString(connection_id))?;
+                m.serialize_entry("expires_at", expires_at)?;
+                m.serialize_entry("region", region)?;
+                m.serialize_entry("server_time", ts)?;
+                m.serialize_entry("user_id", user_id)?;
+            }
+            ServerMessage::SubscriptionConfirmed { topics, cursor, .. } => {
+                if let Some(cursor) = cursor {
+                    m.serialize_entry("cursor", cursor)?;
+                }
+                m.serialize_entry("timestamp", ts)?;
+                m.serialize_entry("topics", topics)?;
+            }
+            ServerMessage::UnsubscriptionConfirmed { topics, .. } => {
+                m.serialize_entry("timestamp", ts)?;
+                m.serialize_entry("topics", topics)?;
+            }
+            ServerMessage::Subscribed { channel, .. }
+            | ServerMessage::Unsubscribed { channel, .. } => {
+                m.serialize_entry("channel", channel)?;
+            }
+            ServerMessage::Pong { .. } => m.serialize_entry("timestamp", ts)?,
+            ServerMessage::Error { code, message, .. } => {
+                m.serialize_entry("code", code)?;
+                m.serialize_entry("message", message)?;
+                m.serialize_entry("timestamp", ts)?;
+            }
+            ServerMessage::ResumeGap {
+                reason, requested, ..
+            } => {
+                m.serialize_entry(
+                    "message",
+                    "events after this cursor are no longer available; refresh your state",
+                )?;
+                m.serialize_entry("reason", reason.as_str())?;
+                m.serialize_entry("requested", requested)?;
+                m.serialize_entry("timestamp", ts)?;
+            }
+            ServerMessage::ReplayComplete {
+                replayed,
+                cursor,
+                has_more,
+                ..
+            } => {
+                m.serialize_entry("cursor", cursor)?;
+                m.serialize_entry("has_more", has_more)?;
+                m.serialize_entry("replayed", replayed)?;
+                m.serialize_entry("timestamp", ts)?;
+            }
+            ServerMessage::CursorConfirmed { cursor, .. } => {
+                m.serialize_entry("cursor", cursor)?;
+                m.serialize_entry("pending", &true)?;
+                m.serialize_entry("timestamp", ts)?;
+            }
+            ServerMessage::SubscriptionRevoked { topics, reason } => {
+                m.serialize_entry("reason", reason)?;
+                m.serialize_entry("timestamp", ts)?;
+                m.serialize_entry("topics", topics)?;
+            }
+            ServerMessage::PublishAck {
+                event_id,
+                topic,
+                duplicate,
+                ..
+            } => {
+                m.serialize_entry("cursor", event_id)?;
+                m.serialize_entry("duplicate", duplicate)?;
+                m.serialize_entry("event_id", event_id)?;
+                m.serialize_entry("timestamp", ts)?;
+                m.serialize_entry("topic", topic)?;
+            }
+            ServerMessage::PresenceLeft { topic, .. } => {
+                m.serialize_entry("timestamp", ts)?;
+                m.serialize_entry("topic", topic)?;
+            }
+            ServerMessage::AuthRefreshed { expires_at, .. } => {
+                m.serialize_entry("expires_at", expires_at)?;
+                m.serialize_entry("timestamp", ts)?;
+            }
+            ServerMessage::Reconnect { reason, cursor } => {
+                m.serialize_entry("cursor", cursor)?;
+                m.serialize_entry("reason", reason.as_str())?;
+                m.serialize_entry("timestamp", ts)?;
+            }
+        }
+        m.end()
     }
 }

@@ -56,7 +56,7 @@ fn event_message(e: &Event) -> SseEvent {
 fn control(m: &ServerMessage) -> SseEvent {
     SseEvent::default()
         .event(m.sse_name())
-        .data(m.data(time::OffsetDateTime::now_utc()).to_string())
+        .data(m.data(time::OffsetDateTime::now_utc()))
 }
 
 /// A replay fed into the stream's bounded channel: when the client reads
