@@ -82,8 +82,8 @@ p(f"- Switchboard {sh('git rev-parse --short HEAD')} ({sh('rustc --version')}), 
 if os.environ.get("BENCH_NOTE"):
     # Results of more than one run merged into one report: say which.
     p(f"- note: {os.environ['BENCH_NOTE']}")
-p("- reproduce: `./tests/run.sh` once (installs nats-server), then `./bench/run.sh` (about 30 minutes with the "
-  "10-minute scale-out; `ONLY=...` runs some groups)\n")
+p("- reproduce: `./tests/run.sh` once (installs nats-server), then `./bench/run.sh` (about 35 minutes with the "
+  "15-minute scale-out, which is also the soak; `ONLY=...` runs some groups)\n")
 
 p("Payloads are `{\"seq\":N,\"step\":K,\"sent\":µs}`: the load generator counts loss and duplicates per "
   "subscriber from `seq` and latency from `sent` (publish call to frame read, both in the load generator). "
@@ -194,6 +194,28 @@ for r in rows:
         note += (f"; the storm's CPU: servers {srv:.2f} s, load generator {lg:.2f} s, together "
                  f"{(srv + lg) / 2:.2f} s of the 2 cores' time")
     check("reconnect storm (KILL, 10k clients) resume p99", f"{v:,.1f} ms", "≤ 1,000 ms", v <= 1000, note)
+# The soak: the scale-out's hold, memory sampled every 60 s under churn.
+# Flat: the gateways' RSS grows by at most 5% from the 5-minute sample
+# (connections made, caches warm) to the last; a leak of only 100 bytes per
+# reconnection would grow it by ~60 MB over a 15-minute hold at 1% churn.
+# nats-server is shown beside it: its stream keeps every event (24 h
+# retention), so it grows with the history by design.
+soak = next((r for r in rows if r.get("scenario") == "scaleout-100k"), None)
+soak_samples = (soak or {}).get("steps", [{}])[0].get("samples") or []
+warm = next((s for s in soak_samples if s["at_seconds"] >= 299), None)
+if warm is not None and soak_samples[-1] is not warm:
+    last = soak_samples[-1]
+    gws = lambda s: sum(x["rss_kib"] for x in s["servers"][1:]) / 1024
+    nats_rss = lambda s: s["servers"][0]["rss_kib"] / 1024
+    resumed = sum(((r.get("churn") or {}).get("resumed") or 0) for r in rows if r.get("scenario") == "scaleout-100k")
+    growth = gws(last) - gws(warm)
+    minutes = max(r["steps"][0].get("publish_seconds", 0) for r in rows if r.get("scenario") == "scaleout-100k") / 60
+    check(f"soak: gateways' memory under 1% churn per second ({minutes:,.0f} minutes, 100k connections)",
+          f"{gws(warm):,.0f} → {gws(last):,.0f} MiB from minute 5 to the end ({growth / gws(warm) * 100:+.1f}%)",
+          "flat (≤ +5%)", growth <= 0.05 * gws(warm),
+          f"the 6 gateways' RSS summed; {resumed:,} reconnections in the hold; nats-server "
+          f"{nats_rss(warm):,.0f} → {nats_rss(last):,.0f} MiB (its stream keeps every event); "
+          "per sample below")
 bad = [r for r in rows if r.get("target", "").startswith("switchboard") and not r.get("scenario", "").startswith("ramp")
        and ((r.get("lost") or 0) > 0 or (r.get("duplicates") or 0) > 0)]
 check("loss and duplicates, Switchboard, every scenario not overloaded on purpose",
@@ -446,8 +468,9 @@ if scale:
               f"{(b['cpu_seconds'] - a['cpu_seconds']) / span if span else 0:.2f} |")
         lg_rss = [(r['steps'][0].get('samples') or [{}])[-1].get('loadgen_rss_kib') or 0 for r in scale]
         p(f"| load generators (6) | | {sum(lg_rss) / 1024:,.0f} (sum) | | |")
-        trend = [round(sum(x["rss_kib"] for x in s["servers"]) / 1024) for s in samples]
-        p(f"\nServers' total RSS per sample (MiB): {', '.join(str(t) for t in trend)}.\n")
+        trend = [f'{s["at_seconds"] / 60:.0f} min: {sum(x["rss_kib"] for x in s["servers"][1:]) / 1024:,.0f} / '
+                 f'{s["servers"][0]["rss_kib"] / 1024:,.0f}' for s in samples]
+        p(f"\nRSS per sample, the 6 gateways summed / nats-server (MiB): {'; '.join(trend)}.\n")
 
 pres = [r for r in rows if r.get("mode") == "presence"]
 if pres:
