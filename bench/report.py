@@ -199,7 +199,10 @@ for r in rows:
 # (connections made, caches warm) to the last; a leak of only 100 bytes per
 # reconnection would grow it by ~60 MB over a 15-minute hold at 1% churn.
 # nats-server is shown beside it: its stream keeps every event (24 h
-# retention), so it grows with the history by design.
+# retention), so it grows with the history by design. The hold starts with
+# a warm-up (the load generators' --warmup-per-topic): each upstream NATS
+# subscription's queue takes its second and last steady-state block at its
+# 33rd message, a one-time step that otherwise lands inside the window.
 soak = next((r for r in rows if r.get("scenario") == "scaleout-100k"), None)
 soak_samples = (soak or {}).get("steps", [{}])[0].get("samples") or []
 warm = next((s for s in soak_samples if s["at_seconds"] >= 299), None)
@@ -440,8 +443,13 @@ if scale:
       f"for {hold:,.0f} s by 6 gateway processes on one nats-server (one process may hold 20,000 open files "
       "here: scaled out as pods are), from 6 load-generator processes over 16 loopback addresses. Every second "
       f"{100 * (churn[0].get('share_per_second') or 0):g}% of the clients drop their connection and resume on the next gateway from their cursor; 60 events/s "
-      "are published over 1,002 topics (about 100 subscribers each). Loss and duplicates are counted per "
-      "client across its reconnections.\n")
+      "are published over 1,002 topics (about 100 subscribers each)"
+      + (f", after a warm-up of {sum(r['steps'][0].get('warmup_events') or 0 for r in scale):,} events "
+         f"({sum(r['steps'][0].get('warmup_events') or 0 for r in scale) / 1002:,.0f} per topic, "
+         f"{sum(r['steps'][0].get('warmup_rate') or 0 for r in scale):,.0f}/s) that takes every upstream NATS subscription's queue to its steady size "
+         "(a second 32-slot block at its 33rd message: about 4 MiB per gateway for its ~1,000 subscriptions, "
+         "once)" if any(r['steps'][0].get('warmup_events') for r in scale) else "")
+      + ". Loss and duplicates are counted per client across its reconnections.\n")
     p("| connections | reconnections | resume p99 ms (worst process) | published | expected deliveries | lost | dup | "
       "event p99 ms (worst process) | NATS msgs/s in / out | NATS MB/s in / out |")
     p("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")

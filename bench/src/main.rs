@@ -133,6 +133,15 @@ struct Args {
     /// Churn: seconds between server memory samples.
     #[arg(long, default_value_t = 60)]
     sample_every: u64,
+    /// Churn: events per topic published first, at `warmup_rate` per
+    /// second, before the paced hold. Each upstream NATS subscription's
+    /// queue gets its second (and last steady-state) 32-slot block at its
+    /// 33rd message; warmed up, the soak's samples after minute 5 judge
+    /// growth over time instead of that one-time step.
+    #[arg(long, default_value_t = 0)]
+    warmup_per_topic: u64,
+    #[arg(long, default_value_t = 300.0)]
+    warmup_rate: f64,
     /// This process's part of a run split over several load generators:
     /// its topics are its own (`bench.p<part>.t<i>`), so each process
     /// accounts for its own deliveries.
@@ -368,7 +377,14 @@ async fn step(
         .collect();
     let self_before = stats::self_cpu();
     let started = Instant::now();
-    let total = (rate * args.seconds as f64).round() as u64;
+    // Churn's warm-up (first step only): faster, then the paced rate.
+    let warmup = if args.mode == Mode::Churn && k == 0 && args.warmup_rate > 0.0 {
+        args.warmup_per_topic * topics as u64
+    } else {
+        0
+    };
+    let warmup_seconds = warmup as f64 / args.warmup_rate.max(f64::MIN_POSITIVE);
+    let total = warmup + (rate * args.seconds as f64).round() as u64;
     let accepted: Arc<Vec<AtomicU64>> = Arc::new((0..topics).map(|_| AtomicU64::new(0)).collect());
     let in_flight = Arc::new(tokio::sync::Semaphore::new(256));
     let mut sends = tokio::task::JoinSet::new();
@@ -379,7 +395,12 @@ async fn step(
         started + Duration::from_secs(args.sample_every.max(1))
     });
     for n in 0..total {
-        let due = started + Duration::from_secs_f64(n as f64 / rate);
+        let due = started
+            + Duration::from_secs_f64(if n < warmup {
+                n as f64 / args.warmup_rate
+            } else {
+                warmup_seconds + (n - warmup) as f64 / rate
+            });
         if let Some(wait) = due.checked_duration_since(Instant::now()) {
             tokio::time::sleep(wait).await;
         }
@@ -445,6 +466,8 @@ async fn step(
     Ok(json!({
         "step": k,
         "rate": rate,
+        "warmup_events": warmup,
+        "warmup_rate": if warmup > 0 { args.warmup_rate } else { 0.0 },
         "publish_seconds": publish_seconds,
         "published": published,
         "publish_failed": total - published,
