@@ -445,7 +445,7 @@ if scale:
       f"{100 * (churn[0].get('share_per_second') or 0):g}% of the clients drop their connection and resume on the next gateway from their cursor; 60 events/s "
       "are published over 1,002 topics (about 100 subscribers each)"
       + (f", after a warm-up of {sum(r['steps'][0].get('warmup_events') or 0 for r in scale):,} events "
-         f"({sum(r['steps'][0].get('warmup_events') or 0 for r in scale) / 1002:,.0f} per topic, "
+         f"({sum(r['steps'][0].get('warmup_events') or 0 for r in scale) / 1002:,.0f} per topic at "
          f"{sum(r['steps'][0].get('warmup_rate') or 0 for r in scale):,.0f}/s) that takes every upstream NATS subscription's queue to its steady size "
          "(a second 32-slot block at its 33rd message: about 4 MiB per gateway for its ~1,000 subscriptions, "
          "once)" if any(r['steps'][0].get('warmup_events') for r in scale) else "")
