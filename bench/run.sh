@@ -272,7 +272,7 @@ want scaleout && case " $targets " in *" switchboard-cluster "*)
   for k in $(seq 0 $((sc_lgs - 1))); do
     "$lg" --target switchboard --label switchboard-cluster "${urls[@]}" "${measure[@]}" --sources "$sc_sources" \
       --scenario scaleout-100k --mode churn --part "$k" --churn "$sc_churn" --sample-every "${SCALEOUT_SAMPLE_EVERY:-60}" \
-      --warmup-per-topic "${SCALEOUT_WARMUP:-40}" --warmup-rate 40 \
+      --warmup-per-topic "${SCALEOUT_WARMUP:-40}" \
       --connections $((sc_conns / sc_lgs)) --topics 167 --rate "${SCALEOUT_RATE:-10}" --seconds "$sc_secs" \
       >"$out/scaleout-$k.json" 2>"$out/scaleout-$k.log" &
     sc_parts+=($!)

@@ -140,7 +140,7 @@ struct Args {
     /// growth over time instead of that one-time step.
     #[arg(long, default_value_t = 0)]
     warmup_per_topic: u64,
-    #[arg(long, default_value_t = 300.0)]
+    #[arg(long, default_value_t = 40.0)]
     warmup_rate: f64,
     /// This process's part of a run split over several load generators:
     /// its topics are its own (`bench.p<part>.t<i>`), so each process
@@ -383,7 +383,11 @@ async fn step(
     } else {
         0
     };
-    let warmup_seconds = warmup as f64 / args.warmup_rate.max(f64::MIN_POSITIVE);
+    let warmup_seconds = if warmup > 0 {
+        warmup as f64 / args.warmup_rate
+    } else {
+        0.0
+    };
     let total = warmup + (rate * args.seconds as f64).round() as u64;
     let accepted: Arc<Vec<AtomicU64>> = Arc::new((0..topics).map(|_| AtomicU64::new(0)).collect());
     let in_flight = Arc::new(tokio::sync::Semaphore::new(256));
