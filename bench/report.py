@@ -438,17 +438,17 @@ if scale:
     conns = sum(r.get("connections", 0) for r in scale)
     hold = max(r["steps"][0].get("publish_seconds", 0) for r in scale)
     churn = [r.get("churn") or {} for r in scale]
+    warm_events = sum(r["steps"][0].get("warmup_events") or 0 for r in scale)
+    warm_rate = sum(r["steps"][0].get("warmup_rate") or 0 for r in scale)
     p("## Scale-out: 100,000 connections over 6 gateway processes (cluster mode)\n")
     p(f"{conns:,} WebSocket clients (of {sum(r.get('requested_connections', 0) for r in scale):,} requested) held "
       f"for {hold:,.0f} s by 6 gateway processes on one nats-server (one process may hold 20,000 open files "
       "here: scaled out as pods are), from 6 load-generator processes over 16 loopback addresses. Every second "
       f"{100 * (churn[0].get('share_per_second') or 0):g}% of the clients drop their connection and resume on the next gateway from their cursor; 60 events/s "
       "are published over 1,002 topics (about 100 subscribers each)"
-      + (f", after a warm-up of {sum(r['steps'][0].get('warmup_events') or 0 for r in scale):,} events "
-         f"({sum(r['steps'][0].get('warmup_events') or 0 for r in scale) / 1002:,.0f} per topic at "
-         f"{sum(r['steps'][0].get('warmup_rate') or 0 for r in scale):,.0f}/s) that takes every upstream NATS subscription's queue to its steady size "
-         "(a second 32-slot block at its 33rd message: about 4 MiB per gateway for its ~1,000 subscriptions, "
-         "once)" if any(r['steps'][0].get('warmup_events') for r in scale) else "")
+      + (f", after a warm-up of {warm_events:,} events ({warm_events / 1002:,.0f} per topic at {warm_rate:,.0f}/s) "
+         "that takes every upstream NATS subscription's queue to its steady size (a second 32-slot block at its "
+         "33rd message: about 4 MiB per gateway for its ~1,000 subscriptions, once)" if warm_events else "")
       + ". Loss and duplicates are counted per client across its reconnections.\n")
     p("| connections | reconnections | resume p99 ms (worst process) | published | expected deliveries | lost | dup | "
       "event p99 ms (worst process) | NATS msgs/s in / out | NATS MB/s in / out |")

@@ -252,11 +252,12 @@ want scaleout && case " $targets " in *" switchboard-cluster "*)
   # the churn, the run fell behind for minutes: the note atop docs/benchmarks.md.)
   # SCALEOUT_CONNECTIONS / SCALEOUT_SECONDS shorten it (SCALEOUT_RATE: events/s
   # per load generator, 10); QUICK=1 runs 12,000
-  # for 30 s.
+  # for 30 s, without the warm-up.
   # Churn 1%/s: 1,000 reconnects/s while holding 100,000 (SCALEOUT_CHURN
   # sets another share).
   sc_conns=${SCALEOUT_CONNECTIONS:-100000}; sc_secs=${SCALEOUT_SECONDS:-900}; sc_churn=${SCALEOUT_CHURN:-0.01}
-  [ -n "${QUICK:-}" ] && { sc_conns=12000; sc_secs=30; }
+  sc_warm=${SCALEOUT_WARMUP:-40}
+  [ -n "${QUICK:-}" ] && { sc_conns=12000; sc_secs=30; sc_warm=0; }
   sc_gws=6; sc_lgs=6
   pids=(); urls=(); measure=()
   np=$(free_port); nm=$(free_port)
@@ -272,7 +273,7 @@ want scaleout && case " $targets " in *" switchboard-cluster "*)
   for k in $(seq 0 $((sc_lgs - 1))); do
     "$lg" --target switchboard --label switchboard-cluster "${urls[@]}" "${measure[@]}" --sources "$sc_sources" \
       --scenario scaleout-100k --mode churn --part "$k" --churn "$sc_churn" --sample-every "${SCALEOUT_SAMPLE_EVERY:-60}" \
-      --warmup-per-topic "${SCALEOUT_WARMUP:-40}" \
+      --warmup-per-topic "$sc_warm" \
       --connections $((sc_conns / sc_lgs)) --topics 167 --rate "${SCALEOUT_RATE:-10}" --seconds "$sc_secs" \
       >"$out/scaleout-$k.json" 2>"$out/scaleout-$k.log" &
     sc_parts+=($!)
