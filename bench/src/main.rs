@@ -724,7 +724,25 @@ async fn subscriber(
                 break;
             }
             target::for_each_event(t, |seq, step, sent| {
-                run.stats.record(i, &mut seen, seq, step, sent);
+                if !run.stats.record(i, &mut seen, seq, step, sent) {
+                    // Enough to find where a duplicate came from: which
+                    // connection of this client, resuming or live, from
+                    // which cursor.
+                    static REPORTED: AtomicU64 = AtomicU64::new(0);
+                    if REPORTED.fetch_add(1, Ordering::Relaxed) < 20 {
+                        eprintln!(
+                            "duplicate: subscriber {i} topic {topic} seq {seq} on {} (connection {attempt}, {}, cursor before {}): {}",
+                            args.urls[url_index],
+                            if disconnected_at.is_some() {
+                                "resuming"
+                            } else {
+                                "live"
+                            },
+                            cursor.as_deref().unwrap_or("none"),
+                            t.chars().take(400).collect::<String>(),
+                        );
+                    }
+                }
             });
             if matches!(args.mode, Mode::Storm | Mode::Churn)
                 && let Some(c) = target::cursor_of(t)

@@ -92,14 +92,14 @@ impl Stats {
     }
 
     /// One delivery seen by subscriber `conn`; `seen` is its record of
-    /// sequence numbers (for duplicates).
-    pub fn record(&self, conn: usize, seen: &mut Seen, seq: u64, step: u64, sent_us: u64) {
+    /// sequence numbers (for duplicates). False for a duplicate.
+    pub fn record(&self, conn: usize, seen: &mut Seen, seq: u64, step: u64, sent_us: u64) -> bool {
         if !seen.insert(seq) {
             self.duplicates.fetch_add(1, Ordering::Relaxed);
-            return;
+            return false;
         }
         let Some(s) = self.steps.get(step as usize) else {
-            return;
+            return true;
         };
         s.delivered.fetch_add(1, Ordering::Relaxed);
         let latency = now_us().saturating_sub(sent_us).max(1);
@@ -107,6 +107,7 @@ impl Stats {
             .lock()
             .unwrap_or_else(|e| e.into_inner());
         h.saturating_record(latency);
+        true
     }
 
     /// One subscriber caught up after a disconnect, `us` after noticing it.
@@ -286,8 +287,8 @@ mod tests {
     fn duplicates_are_not_counted_as_deliveries() {
         let stats = Stats::new();
         let mut seen = Seen::default();
-        stats.record(0, &mut seen, 5, 1, now_us());
-        stats.record(0, &mut seen, 5, 1, now_us());
+        assert!(stats.record(0, &mut seen, 5, 1, now_us()));
+        assert!(!stats.record(0, &mut seen, 5, 1, now_us()), "the repeat");
         assert_eq!(stats.delivered(1), 1);
         assert_eq!(stats.duplicates.load(Ordering::Relaxed), 1);
         assert!(stats.latency_ms(1)["p99"].as_f64().is_some());

@@ -7,10 +7,15 @@
 //! Every later matching event reaches the queue live; replay sends only
 //! events at or before `since` of every pattern that matches them. So no
 //! event is sent twice and none falls between the two.
+//!
+//! A resume raises `since` to the client's cursor when the cursor is newer:
+//! in cluster mode a client can bring a cursor from a gateway that routed
+//! an event before this one did, and that event must not come again live.
 
 mod resume;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use switchboard_config::policy::Denied;
 use switchboard_config::{Pattern, Topic};
@@ -37,12 +42,19 @@ pub enum Form {
 #[derive(Debug)]
 struct Sub {
     pattern: Pattern,
-    /// Events after this sequence are delivered live.
-    since: u64,
+    /// Events after this sequence are delivered live. Raised (never
+    /// lowered) by a resume from a newer cursor, which runs on `&self`.
+    since: AtomicU64,
     form: Form,
     /// The user's own channel, held without being asked for: not counted
     /// against the limit or in `subscriptions_active`, never listed back.
     implicit: bool,
+}
+
+impl Sub {
+    fn since(&self) -> u64 {
+        self.since.load(Ordering::Relaxed)
+    }
 }
 
 /// Why one requested pattern was not subscribed.
@@ -146,7 +158,11 @@ pub struct Session {
     /// Presence topics observed and joined.
     presence: PresenceTopics,
     /// The largest `since`: later events are always delivered live.
-    max_since: u64,
+    max_since: AtomicU64,
+    /// The newest cursor a resume honoured (0: none): the client holds
+    /// everything its resumed subscriptions matched up to it, so where it
+    /// stands is never older (see [`Session::live_cursor`]).
+    resumed_through: AtomicU64,
     /// What the client saw in another region before it failed over here
     /// (set by a resume from that region's cursor): never delivered again,
     /// by replay or live.
@@ -183,7 +199,8 @@ impl Session {
             any_channel_form: false,
             observes_presence: true,
             presence: PresenceTopics::default(),
-            max_since: 0,
+            max_since: AtomicU64::new(0),
+            resumed_through: AtomicU64::new(0),
             seen_elsewhere: std::sync::OnceLock::new(),
             own_caught_up: None,
         }
@@ -349,12 +366,12 @@ impl Session {
             }
             self.subs.push(Sub {
                 pattern: pattern.clone(),
-                since,
+                since: AtomicU64::new(since),
                 form,
                 implicit,
             });
             self.any_channel_form |= form == Form::Channel;
-            self.max_since = self.max_since.max(since);
+            self.max_since.fetch_max(since, Ordering::Relaxed);
             if observe {
                 self.observe(&pattern);
             }
@@ -518,11 +535,11 @@ impl Session {
         if self.saw_elsewhere(event) {
             return false;
         }
-        event.id.seq > self.max_since
+        event.id.seq > self.max_since.load(Ordering::Relaxed)
             || self
                 .subs
                 .iter()
-                .any(|s| event.id.seq > s.since && s.pattern.matches(&event.topic))
+                .any(|s| event.id.seq > s.since() && s.pattern.matches(&event.topic))
     }
 
     /// Whether the client saw `event` in another region before failing
@@ -578,13 +595,16 @@ impl Session {
     }
 
     /// The cursor a client can resume from when it has seen nothing yet:
-    /// everything after it will reach it.
+    /// everything after it will reach it. Never older than the cursor a
+    /// resume honoured: a client that brought it from a gateway ahead of
+    /// this one would otherwise be told to go back, and get again what it
+    /// has.
     pub fn live_cursor(&self) -> Cursor {
         let head = self.node.broker.head(self.tenant());
-        let since = self.subs.iter().map(|s| s.since).min().unwrap_or(head.seq);
+        let since = self.subs.iter().map(Sub::since).min().unwrap_or(head.seq);
         Cursor {
             epoch: head.epoch,
-            seq: since,
+            seq: since.max(self.resumed_through.load(Ordering::Relaxed)),
         }
     }
 

@@ -11,6 +11,7 @@
 //! resuming at once do not multiply whole replays in memory.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use switchboard_config::Pattern;
 
@@ -75,6 +76,11 @@ impl Session {
         sink: &mut S,
     ) -> Result<Resumed, BrokerError> {
         let result = self.replay(cursor, only, limit, sink).await;
+        if let Ok(r) = &result
+            && r.gap.is_none()
+        {
+            self.resumed_through(cursor, only);
+        }
         let metrics = &self.node.metrics;
         match &result {
             Ok(r) => {
@@ -88,6 +94,26 @@ impl Session {
             Err(_) => metrics.error("history"),
         }
         result
+    }
+
+    /// The client holds everything its resumed subscriptions matched up to
+    /// `cursor`: none of it may come again live. In cluster mode the cursor
+    /// can be newer than where this gateway's live delivery began (another
+    /// gateway routed the event first, the client moved here at once); the
+    /// event then still reaches this session's queue, after the replay
+    /// found nothing to send.
+    fn resumed_through(&self, cursor: Cursor, only: Option<&[Pattern]>) {
+        if cursor == Cursor::FOREIGN || cursor.epoch != self.node.broker.head(self.tenant()).epoch {
+            return; // another region's numbering: nothing to compare
+        }
+        for sub in &self.subs {
+            if only.is_none_or(|o| o.contains(&sub.pattern)) {
+                sub.since.fetch_max(cursor.seq, Ordering::Relaxed);
+            }
+        }
+        self.max_since.fetch_max(cursor.seq, Ordering::Relaxed);
+        self.resumed_through
+            .fetch_max(cursor.seq, Ordering::Relaxed);
     }
 
     /// Send what the user's private channel carried after `after` (where
@@ -125,7 +151,7 @@ impl Session {
         if let Some(own) = self.subs.iter().find(|s| s.implicit) {
             self.own_caught_up = Some(Box::new(CaughtUp {
                 after: after.seq,
-                through: own.since,
+                through: own.since(),
             }));
         }
     }
@@ -137,7 +163,7 @@ impl Session {
         limit: usize,
         sink: &mut S,
     ) -> Result<Resumed, BrokerError> {
-        let Some(until) = self.subs.iter().map(|s| s.since).max() else {
+        let Some(until) = self.subs.iter().map(super::Sub::since).max() else {
             return Ok(Resumed::default());
         };
         let subs = &self.subs;
@@ -158,7 +184,7 @@ impl Session {
             let mut matched = false;
             for sub in subs {
                 if sub.pattern.matches(&e.topic) {
-                    if e.id.seq > sub.since {
+                    if e.id.seq > sub.since() {
                         return false; // delivered live
                     }
                     match only {
@@ -250,7 +276,7 @@ impl Session {
                 && subs.iter().any(|s| {
                     !s.implicit
                         && s.pattern.matches(&e.topic)
-                        && e.id.seq <= s.since
+                        && e.id.seq <= s.since()
                         && only.is_none_or(|o| o.contains(&s.pattern))
                 })
         };
