@@ -106,12 +106,16 @@ impl Session {
         if cursor == Cursor::FOREIGN || cursor.epoch != self.node.broker.head(self.tenant()).epoch {
             return; // another region's numbering: nothing to compare
         }
+        let mut raised = false;
         for sub in &self.subs {
             if only.is_none_or(|o| o.contains(&sub.pattern)) {
                 sub.since.fetch_max(cursor.seq, Ordering::Relaxed);
+                raised = true;
             }
         }
-        self.max_since.fetch_max(cursor.seq, Ordering::Relaxed);
+        if raised {
+            self.max_since.fetch_max(cursor.seq, Ordering::Relaxed);
+        }
         self.resumed_through
             .fetch_max(cursor.seq, Ordering::Relaxed);
     }
