@@ -203,3 +203,93 @@ async fn a_close_that_finds_the_poll_waiting_answers_it_once() {
     assert_eq!(parked.await.unwrap(), (200, "6".into()));
     assert_eq!(get(&addr, &sid).await.0, 400);
 }
+
+/// Park a poll of `sid` and return it once the engine holds it.
+async fn parked_poll(
+    addr: &str,
+    engine: &Engine,
+    sid: &str,
+) -> tokio::task::JoinHandle<(u16, String)> {
+    let parked = {
+        let (addr, sid) = (addr.to_owned(), sid.to_owned());
+        tokio::spawn(async move { get(&addr, &sid).await })
+    };
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while !engine.polled(sid) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the poll never parked"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    parked
+}
+
+async fn upgrading_socket(
+    addr: &str,
+    sid: &str,
+) -> tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>> {
+    let (ws, _) = tokio_tungstenite::connect_async(format!(
+        "ws://{addr}/engine.io/?EIO=4&transport=websocket&sid={sid}"
+    ))
+    .await
+    .unwrap();
+    ws
+}
+
+/// The official suite's "should ignore HTTP requests with same sid after
+/// upgrade" opens the WebSocket, sends `2probe` and `5`, and polls at
+/// once. That poll can reach the server before the WebSocket's frames are
+/// read (it did on a loaded CI machine, and was answered 200 with a
+/// noop): a poll sent after the WebSocket waits for the upgrade to
+/// settle and, upgraded, is refused as any poll after an upgrade.
+#[tokio::test]
+async fn a_poll_sent_after_the_websocket_is_refused_once_the_upgrade_lands() {
+    let (addr, engine, _ended) = echo_engine().await;
+    let sid = open(&addr).await;
+    let mut ws = upgrading_socket(&addr, &sid).await;
+    let parked = parked_poll(&addr, &engine, &sid).await;
+    ws.send(Message::text("2probe")).await.unwrap();
+    ws.send(Message::text("5")).await.unwrap();
+    assert_eq!(parked.await.unwrap().0, 400);
+    // The session lives on over the WebSocket.
+    assert_eq!(
+        tokio::time::timeout(DEADLINE, ws.next())
+            .await
+            .expect("answered")
+            .unwrap()
+            .unwrap(),
+        Message::text("3probe")
+    );
+    ws.send(Message::text("4hello")).await.unwrap();
+    loop {
+        let m = tokio::time::timeout(DEADLINE, ws.next())
+            .await
+            .expect("echoed")
+            .unwrap()
+            .unwrap();
+        match m {
+            Message::Text(t) if t.as_str() == "2" => ws.send(Message::text("3")).await.unwrap(),
+            other => {
+                assert_eq!(other, Message::text("4hello"));
+                break;
+            }
+        }
+    }
+}
+
+/// The poll a client sent before opening its WebSocket is the one it
+/// waits on before it sends `5` (engine.io-client pauses polling): it
+/// ends with a noop as soon as the probe is answered, without waiting
+/// for a `5` that cannot come yet.
+#[tokio::test]
+async fn the_poll_sent_before_the_websocket_ends_when_the_probe_is_answered() {
+    let (addr, engine, _ended) = echo_engine().await;
+    let sid = open(&addr).await;
+    let parked = parked_poll(&addr, &engine, &sid).await;
+    let mut ws = upgrading_socket(&addr, &sid).await;
+    ws.send(Message::text("2probe")).await.unwrap();
+    assert_eq!(parked.await.unwrap(), (200, "6".into()));
+    ws.send(Message::text("5")).await.unwrap();
+    assert_eq!(get(&addr, &sid).await.0, 400);
+}

@@ -84,6 +84,9 @@ async fn handle(State(engine): State<Arc<Engine>>, request: Request) -> Response
             {
                 return text(Reply::error(400, 1, "Session ID unknown"));
             }
+            if let Some(sid) = &sid {
+                engine.upgrade_asked(sid);
+            }
             let max = engine.config().max_payload + 64;
             ws.read_buffer_size(256)
                 .write_buffer_size(8 * 1024)

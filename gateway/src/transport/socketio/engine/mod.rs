@@ -94,6 +94,11 @@ struct State {
     transport: Transport,
     /// A polling GET is waiting.
     polling: bool,
+    /// A WebSocket asked to upgrade this session (its request was
+    /// accepted) and has not given up. A poll sent after that may race the
+    /// client's `5` (see [`Engine::poll_while_upgrading`]); one sent before
+    /// it is the poll the client waits on before it sends `5`.
+    upgrade_asked: bool,
     closed: Option<Closed>,
     /// The client closed a polling session while no poll was waiting: the
     /// next poll still gets the noop that poll would have got (the client
@@ -371,6 +376,7 @@ impl Engine {
                 inbox: VecDeque::new(),
                 transport,
                 polling: false,
+                upgrade_asked: false,
                 farewell: false,
                 pong_due: None,
                 closed: None,
@@ -457,13 +463,13 @@ impl Engine {
         if shared.ended() {
             return Reply::error(400, 3, "Bad request");
         }
-        let upgrading = {
+        let (upgrading, after_ask) = {
             let mut st = shared.lock();
             if st.closed.is_some() || st.transport == Transport::WebSocket {
                 return Reply::error(400, 3, "Bad request");
             }
             if st.transport == Transport::Upgrading {
-                true
+                (true, true)
             } else {
                 if st.polling {
                     // Two polls at once: the protocol ends the session.
@@ -472,7 +478,7 @@ impl Engine {
                     return Reply::error(400, 3, "Bad request");
                 }
                 st.polling = true;
-                false
+                (false, st.upgrade_asked)
             }
         };
         if upgrading {
@@ -501,28 +507,36 @@ impl Engine {
                         size += len;
                         taken.extend(st.queue.pop_front());
                     }
-                    return Some(packet::encode_payload(&taken));
+                    return Some(Some(packet::encode_payload(&taken)));
                 }
                 match (st.closed, st.transport) {
-                    (Some(Closed::ByClient), _) => Some("6".into()),
-                    (Some(_), _) => Some("1".into()),
+                    (Some(Closed::ByClient), _) => Some(Some("6".into())),
+                    (Some(_), _) => Some(Some("1".into())),
                     (None, Transport::Polling) => None,
-                    (None, _) => Some("6".into()),
+                    // The probe was answered. A poll the client sent before
+                    // its WebSocket is the one it waits on: noop at once.
+                    (None, Transport::Upgrading) if !after_ask => Some(Some("6".into())),
+                    (None, Transport::Upgrading) => Some(None),
+                    (None, Transport::WebSocket) => Some(Some("6".into())),
                 }
             }),
         )
         .await
-        .unwrap_or_else(|_| "6".into());
+        .unwrap_or_else(|_| Some("6".into()));
         shared.changed.notify_waiters();
-        Reply::ok(answer)
+        match answer {
+            Some(answer) => Reply::ok(answer),
+            None => self.poll_while_upgrading(&shared).await,
+        }
     }
 
-    /// A poll that arrives while the session is being upgraded. The
-    /// client may already have sent the upgrade's last packet (`5`) on
-    /// the WebSocket, which this process has not read yet: give that a
-    /// moment, so the answer does not depend on which connection is served
-    /// first. Upgraded: 400, as for any poll after an upgrade; otherwise a
-    /// noop (a client pausing its polling waits for this poll to end
+    /// A poll that arrives while the session is being upgraded, or that
+    /// was sent after the client's WebSocket and waited here until the
+    /// probe was answered. The client may already have sent the upgrade's
+    /// last packet (`5`) on the WebSocket, which this process has not read
+    /// yet: give that a moment, so the answer does not depend on which
+    /// connection is served first. Upgraded: 400, as for any poll after
+    /// an upgrade; otherwise a noop (a client pausing its polling waits for this poll to end
     /// before it sends `5`, so the moment is all it costs).
     async fn poll_while_upgrading(&self, shared: &Shared) -> Reply {
         let settled = tokio::time::timeout(
@@ -609,6 +623,7 @@ impl Engine {
                     return;
                 };
                 if !self.probe(&mut socket, &shared).await {
+                    shared.lock().upgrade_asked = false;
                     let _ = socket.send(Message::Close(None)).await;
                     return;
                 }
@@ -886,6 +901,16 @@ impl Engine {
             || (self.forward.get().is_some()
                 && relay::subject_safe(sid)
                 && Self::owner_of(sid).is_some_and(|o| o != self.owner))
+    }
+
+    /// A WebSocket asks to upgrade session `sid` (held here): polls sent
+    /// from now on may race the upgrade. Called before the WebSocket's
+    /// handshake is answered, so that it happens before anything the
+    /// client sends once its WebSocket is open.
+    pub fn upgrade_asked(&self, sid: &str) {
+        if let Some(s) = self.sessions.get(sid).map(|s| s.clone()) {
+            s.lock().upgrade_asked = true;
+        }
     }
 
     /// A polling body over `maxPayload` ends its session (held here).
