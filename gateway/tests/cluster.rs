@@ -779,6 +779,73 @@ async fn resumes_arriving_together_share_one_history_read() {
     );
 }
 
+/// Resumes that arrive together far behind the head (the queue of a
+/// reconnection burst: each waited while events kept coming) share one
+/// read of their tenant's history too. Each used to read its own range:
+/// a JetStream consumer apiece whose cost to the NATS server grows with
+/// how far behind the cursor is, so the queue grew faster than it drained
+/// (docs/scaling.md).
+#[tokio::test]
+async fn resumes_arriving_together_far_behind_the_head_share_one_history_read() {
+    const N: usize = 100;
+    // Further behind than a lone resume is read through the shared copy.
+    const BEHIND: i64 = 5_000;
+    let dir = TempDir::new("far-behind");
+    let (_nats, _far, gw) = gateway_far_from_nats(&dir, Duration::from_millis(50)).await;
+    let cursor = publish_retrying(&gw.http(), "acme", "order.x", json!({"i": 0})).await;
+    publish_retrying(&gw.http(), "acme", "order.x", json!({"i": 1})).await;
+    let mut stream = publish_stream(&gw).await;
+    for i in 0..BEHIND {
+        stream
+            .feed(&json!({"ref": i, "event_type": "bulk.y", "data": {"i": i}}))
+            .await;
+    }
+    stream.flush().await;
+    stream.expect_published(BEHIND as usize).await;
+
+    // Connected first, then all resume at once (the resume is read when
+    // the subscription is made).
+    let query = format!("token={}&cursor={cursor}", token("acme", &[]));
+    let mut clients = futures_util::future::join_all((0..N).map(|_| async {
+        let mut c = Client::connect(&gw.ws(&query)).await;
+        c.recv_type("connection.established").await;
+        c
+    }))
+    .await;
+    let before = gw.metrics().await;
+    let replays = futures_util::future::join_all(clients.iter_mut().map(|c| async {
+        c.subscribe(&["order.x"]).await;
+        replayed(c).await
+    }));
+    let replays = tokio::time::timeout(Duration::from_secs(120), replays)
+        .await
+        .expect("the resumes finish");
+    assert!(
+        replays.iter().all(|r| r == &[1]),
+        "each resume replays what it missed on its topic, and only that"
+    );
+    let after = gw.metrics().await;
+    let count = |text: &str, path: &str| {
+        metric(
+            text,
+            &format!("switchboard_history_reads_total{{path=\"{path}\"}}"),
+        )
+    };
+    let own = count(&after, "own") - count(&before, "own");
+    let shared = count(&after, "shared") - count(&before, "shared");
+    let reads = count(&after, "shared_read") - count(&before, "shared_read");
+    eprintln!("{N} resumes {BEHIND} behind: {own} own reads, {shared} shared ({reads} reads)");
+    // Reads start as own until more are asked than run at once (32).
+    assert!(
+        own <= 32.0,
+        "{own} of {N} resumes read their own range (the others should share)"
+    );
+    assert!(
+        shared >= (N - 32) as f64,
+        "{shared} resumes shared the copy"
+    );
+}
+
 #[tokio::test]
 async fn a_publish_stream_on_one_gateway_reaches_clients_of_another_in_order() {
     let dir = TempDir::new("stream");
