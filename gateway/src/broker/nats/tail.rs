@@ -11,12 +11,13 @@
 //!
 //! Bounds: only cursors at most [`SPAN`] positions behind the head take this
 //! path, or [`WIDE_SPAN`] while this gateway's history reads queue (older
-//! ones read their own range, filtered to their topics); a copy is used for
-//! at most [`FRESH`] after it was read; all copies of a process hold at most
-//! [`COPIES_BYTES`] (a read that would need more is the caller's own); a
-//! copy is dropped when an erasure for its tenant runs here or is
-//! announced, and it never serves an event of a data subject blocked since
-//! (an erasure blocks its subject before it starts).
+//! ones read their own range, filtered to their topics); a copy is read
+//! again from scratch once unused for [`FRESH`], and otherwise kept and
+//! extended, its older events dropped past the span; all copies of a
+//! process hold at most [`COPIES_BYTES`] (a read that would need more is
+//! the caller's own); a copy is dropped when an erasure for its tenant runs
+//! here or is announced, and it never serves an event of a data subject
+//! blocked since (an erasure blocks its subject before it starts).
 //!
 //! Why the wide span: an own read costs the NATS server more the further
 //! behind its cursor is (measured: about 1 ms of its CPU at 2,000
@@ -55,7 +56,7 @@ const COPIES_BYTES: usize = 64 << 20;
 /// its own range instead.
 const MIN_ROOM: usize = 1 << 20;
 
-/// How long a copy is used after it was read.
+/// How long a copy is kept unused.
 const FRESH: Duration = Duration::from_secs(2);
 
 /// Copies kept before idle ones are swept.
@@ -94,7 +95,7 @@ struct Tail {
     /// Indexes into `events` per topic: a resume of exact topics (the
     /// common case) looks at its own topics' events only.
     by_topic: HashMap<Box<str>, Vec<u32>>,
-    read_at: Option<Instant>,
+    used_at: Option<Instant>,
     /// What `events` hold, in bytes; counted in `held` too.
     bytes: usize,
     held: Arc<AtomicUsize>,
@@ -115,7 +116,7 @@ impl Tail {
             to: 0,
             events: Vec::new(),
             by_topic: HashMap::new(),
-            read_at: None,
+            used_at: None,
             bytes: 0,
             held,
         }
@@ -130,7 +131,22 @@ impl Tail {
         self.epoch = epoch;
         self.from = from;
         self.to = from;
-        self.read_at = Some(Instant::now());
+        self.used_at = Some(Instant::now());
+    }
+
+    /// Drop the events at or before `from` (a newer start than the copy's).
+    fn trim(&mut self, from: u64) {
+        if from <= self.from {
+            return;
+        }
+        let first = self.events.partition_point(|e| e.id.seq <= from);
+        let kept = self.events.split_off(first);
+        self.held.fetch_sub(self.bytes, Ordering::Relaxed);
+        self.bytes = 0;
+        self.events = Vec::with_capacity(kept.len());
+        self.by_topic.clear();
+        self.append(kept);
+        self.from = from;
     }
 
     /// Bytes the copies of this process may still read in.
@@ -138,9 +154,9 @@ impl Tail {
         COPIES_BYTES.saturating_sub(self.held.load(Ordering::Relaxed))
     }
 
-    /// Whether the copy may still be used.
+    /// Whether the copy may still be used: same stream, used lately.
     fn fresh(&self, epoch: u64) -> bool {
-        self.epoch == epoch && self.read_at.is_some_and(|at| at.elapsed() < FRESH)
+        self.epoch == epoch && self.used_at.is_some_and(|at| at.elapsed() < FRESH)
     }
 
     /// Add newer events (in stream order).
@@ -203,7 +219,7 @@ impl Tails {
             tenants.retain(|_, t| {
                 Arc::strong_count(t) > 1
                     || t.try_lock()
-                        .is_ok_and(|t| t.read_at.is_some_and(|at| at.elapsed() < FRESH))
+                        .is_ok_and(|t| t.used_at.is_some_and(|at| at.elapsed() < FRESH))
             });
         }
         tenants
@@ -332,11 +348,11 @@ impl NatsBroker {
         filter: Filter<'_>,
         limit: usize,
     ) -> Result<Option<ReadBatch>, BrokerError> {
-        let mut restarted = false;
-        if !t.fresh(epoch) || start > t.to {
+        let span = self.shared_span();
+        if !t.fresh(epoch) || start > t.to.saturating_add(span) {
             t.restart(epoch, start);
-            restarted = true;
         }
+        t.used_at = Some(Instant::now());
         if start < t.from {
             // An older cursor than the copy's: read the part before it.
             if t.room() < MIN_ROOM {
@@ -349,7 +365,6 @@ impl NatsBroker {
                 // Not all of it (in time, or in the room left): start the
                 // copy over from here.
                 t.restart(epoch, start);
-                restarted = true;
                 t.to = older.next.seq;
                 t.append(older.events);
             } else {
@@ -358,11 +373,13 @@ impl NatsBroker {
             }
         }
         if t.to < until {
-            if t.room() < MIN_ROOM && start >= t.to {
-                // Full, and nothing in it for this caller: the copy moves
-                // on to where the caller is.
-                t.restart(epoch, start);
-                restarted = true;
+            if t.room() < MIN_ROOM {
+                // Full: drop what falls past the span, and down to this
+                // caller's start if that is not enough.
+                t.trim(start.min(t.to.saturating_sub(span)));
+                if t.room() < MIN_ROOM {
+                    t.trim(start);
+                }
             }
             if t.room() >= MIN_ROOM {
                 // Read up to the newest position this gateway knows of,
@@ -375,14 +392,15 @@ impl NatsBroker {
                     .await?;
                 t.to = if newer.more { newer.next.seq } else { horizon };
                 t.append(newer.events);
+                // Kept and extended while used: what falls past the span
+                // (by a quarter, so that this is rare) goes, never what
+                // this caller reads.
+                if t.to - t.from > span + span / 4 {
+                    t.trim(start.min(t.to - span));
+                }
             } else if start >= t.to {
                 return Ok(None);
             }
-        }
-        if restarted {
-            // Fresh from when it was read, not from when the read began: a
-            // long read (a slow link, a wide range) is still used.
-            t.read_at = Some(Instant::now());
         }
         let to = t.to.min(until);
         let mut out = ReadBatch {
@@ -444,6 +462,21 @@ mod tests {
         u.append(other.clone());
         assert_eq!(held.load(Ordering::Relaxed), t.bytes + sum(&other));
         assert_eq!(t.room(), COPIES_BYTES - t.bytes - sum(&other));
+
+        // Dropping the older events gives their bytes back and keeps the
+        // newer ones found by topic.
+        t.trim(12);
+        assert_eq!(t.from, 12);
+        assert_eq!(t.bytes, sum(&newer[2..]));
+        assert_eq!(held.load(Ordering::Relaxed), t.bytes + sum(&other));
+        assert!(t.candidates(&b, 0, 20).is_empty());
+        let c = [Pattern::parse("a.c").unwrap()];
+        let seqs: Vec<u64> = t
+            .candidates(&c, 12, 20)
+            .into_iter()
+            .map(|i| t.events[i as usize].id.seq)
+            .collect();
+        assert_eq!(seqs, (13..=20).collect::<Vec<_>>());
 
         t.restart(1, 30);
         assert!(t.events.is_empty() && t.by_topic.is_empty());
