@@ -248,15 +248,6 @@ impl Event {
         }
     }
 
-    /// About how much memory this event holds: its two serialized forms,
-    /// its key and a fixed share for the rest (the frames built later for
-    /// other protocols are not counted). What bounds copies of history
-    /// kept in memory.
-    pub fn held_bytes(&self) -> usize {
-        const FIXED: usize = 256;
-        FIXED + self.envelope.len() + self.frame.len() + self.idempotency_key.len()
-    }
-
     /// A presence notice on `topic`: `native` is its seed 001 frame type
     /// (`presence.join`), `channel` its seed 004 one (`presence:join`).
     pub fn notice(

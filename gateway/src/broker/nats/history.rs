@@ -20,10 +20,9 @@ pub(super) async fn read_range(
     scope: &[Pattern],
     after: Cursor,
     filter: Filter<'_>,
-    limit: impl Into<Limit>,
+    limit: usize,
     until: u64,
 ) -> Result<ReadBatch, BrokerError> {
-    let limit = limit.into();
     let mut out = ReadBatch {
         events: Vec::new(),
         gap: None,
@@ -170,7 +169,7 @@ pub(super) async fn read_latest(
             out.next,
             &mut out,
             filter,
-            Limit::from(MAX_SNAPSHOT_SUBJECTS),
+            MAX_SNAPSHOT_SUBJECTS,
             until,
         )
         .await
@@ -196,31 +195,18 @@ async fn fetch_range(
     after: Cursor,
     out: &mut ReadBatch,
     filter: Filter<'_>,
-    limit: Limit,
+    limit: usize,
     until: u64,
 ) -> Result<(), BrokerError> {
-    // Messages per pull: at least 256, up to 1,024 while that many more
-    // are wanted (a wide range then takes fewer round trips), in at most
-    // 16 MiB, or two of the largest messages the server carries (a pull
-    // whose first message is larger than its byte limit fails, and would
-    // fail again).
-    const BATCH: (usize, usize) = (256, 1024);
-    let batch_bytes = (16usize << 20).max(2 * broker.client.server_info().max_payload);
+    const BATCH: usize = 256;
     let deadline = tokio::time::Instant::now() + REQUEST_TIMEOUT;
     let mut refused = 0;
-    let mut bytes = 0;
     'pull: loop {
-        let mut messages = tokio::time::timeout_at(deadline, {
-            let wanted = limit.events.saturating_sub(out.events.len());
-            consumer
-                .fetch()
-                .max_messages(wanted.clamp(BATCH.0, BATCH.1))
-                .max_bytes(batch_bytes)
-                .messages()
-        })
-        .await
-        .map_err(unavailable)?
-        .map_err(unavailable)?;
+        let mut messages =
+            tokio::time::timeout_at(deadline, consumer.fetch().max_messages(BATCH).messages())
+                .await
+                .map_err(unavailable)?
+                .map_err(unavailable)?;
         let mut got = 0;
         loop {
             let next = tokio::time::timeout_at(deadline, messages.next()).await;
@@ -259,13 +245,12 @@ async fn fetch_range(
                 msg.headers.as_ref(),
             ) && filter(&event)
             {
-                bytes += event.held_bytes();
                 out.events.push(Arc::new(event));
             }
             if pending == 0 || seq >= until {
                 return Ok(());
             }
-            if limit.reached(out.events.len(), bytes) {
+            if out.events.len() >= limit {
                 out.more = true;
                 return Ok(());
             }
@@ -312,32 +297,6 @@ pub(super) fn disjoint(scope: &[Pattern]) -> bool {
     }
 }
 
-/// How much one history read returns before it stops with `more`.
-#[derive(Debug, Clone, Copy)]
-pub(super) struct Limit {
-    /// Events kept.
-    pub events: usize,
-    /// Memory the events kept hold ([`crate::event::Event::held_bytes`]); the read stops
-    /// after the event that reaches it.
-    pub bytes: usize,
-}
-
-impl Limit {
-    fn reached(self, events: usize, bytes: usize) -> bool {
-        events >= self.events || bytes >= self.bytes
-    }
-}
-
-impl From<usize> for Limit {
-    /// At most `events` events, whatever their size.
-    fn from(events: usize) -> Self {
-        Self {
-            events,
-            bytes: usize::MAX,
-        }
-    }
-}
-
 /// History read one message at a time with direct gets (no consumer).
 async fn read_direct(
     broker: &NatsBroker,
@@ -345,11 +304,10 @@ async fn read_direct(
     subject: &str,
     mut out: ReadBatch,
     filter: Filter<'_>,
-    limit: Limit,
+    limit: usize,
     until: u64,
 ) -> Result<ReadBatch, BrokerError> {
     let mut seq = out.next.seq + 1;
-    let mut bytes = 0;
     while seq <= until {
         let got = tokio::time::timeout(
             REQUEST_TIMEOUT,
@@ -375,9 +333,8 @@ async fn read_direct(
             Some(&msg.headers),
         ) && filter(&event)
         {
-            bytes += event.held_bytes();
             out.events.push(Arc::new(event));
-            if limit.reached(out.events.len(), bytes) {
+            if out.events.len() >= limit {
                 out.more = msg.sequence < until;
                 break;
             }

@@ -122,9 +122,6 @@ pub struct NatsBroker {
     /// History reads in flight at once: a reconnect storm queues here
     /// instead of timing out together against JetStream.
     reads: tokio::sync::Semaphore,
-    /// History reads asked of this gateway and not answered yet (waiting
-    /// for the stream's state, a permit or JetStream): what tells a storm.
-    reading: std::sync::atomic::AtomicUsize,
     /// What this account may subscribe to, as last read from the server.
     permissions: Mutex<Option<Arc<SubscribePermissions>>>,
     /// Every region (whose streams an erasure visits).
@@ -283,7 +280,6 @@ impl NatsBroker {
             live_tx,
             info: Mutex::new(None),
             reads: tokio::sync::Semaphore::new(CONCURRENT_READS),
-            reading: std::sync::atomic::AtomicUsize::new(0),
             permissions: Mutex::new(None),
             regions: if config.regions.is_empty() {
                 vec![region.to_owned()]
@@ -519,12 +515,11 @@ impl Broker for NatsBroker {
         filter: Filter<'_>,
         limit: usize,
     ) -> Result<ReadBatch, BrokerError> {
-        let _reading = tail::Reading::enter(&self.reading);
         let epoch = self.epoch()?;
         if let Some(c) = after
             && c.epoch == epoch
             && c.seq <= self.head_seq()
-            && self.head_seq() - c.seq <= tail::WIDE_SPAN
+            && self.head_seq() - c.seq <= tail::SPAN
             && let Some(batch) = self.read_recent(tenant, scope, c.seq, filter, limit).await
         {
             // The usual resume in a storm: the shared copy already reaches
@@ -556,15 +551,14 @@ impl Broker for NatsBroker {
         };
         if gap.is_none()
             && after.is_some()
-            && state.last_sequence.saturating_sub(start) <= self.shared_span()
-            && let Some(batch) = self
-                .read_tail(tenant, scope, start, state.last_sequence, filter, limit)
-                .await?
+            && state.last_sequence.saturating_sub(start) <= tail::SPAN
         {
             // A recent cursor (the usual resume): answered from the
             // tenant's recent range, read once for everyone resuming.
             self.count_read("shared");
-            return Ok(batch);
+            return self
+                .read_tail(tenant, scope, start, state.last_sequence, filter, limit)
+                .await;
         }
         let _permit = self.reads.acquire().await.map_err(unavailable)?;
         self.count_read("own");

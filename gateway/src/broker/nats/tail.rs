@@ -10,33 +10,21 @@
 //! copy, which is extended (one read) when the stream's head has moved on.
 //!
 //! Bounds: only cursors at most [`SPAN`] positions behind the head take this
-//! path, or [`WIDE_SPAN`] while this gateway's history reads queue (older
-//! ones read their own range, filtered to their topics); a copy is read
-//! again from scratch once unused for [`FRESH`], and otherwise kept and
-//! extended, its older events dropped past the span; all copies of a
-//! process hold at most [`COPIES_BYTES`] (a read that would need more is
-//! the caller's own); a copy is dropped when an erasure for its tenant runs
-//! here or is announced, and it never serves an event of a data subject
-//! blocked since (an erasure blocks its subject before it starts).
-//!
-//! Why the wide span: an own read costs the NATS server more the further
-//! behind its cursor is (measured: about 1 ms of its CPU at 2,000
-//! positions, 3 to 6 ms at 30,000). After a burst of reconnections, resumes
-//! waiting in the queue fall further behind the head while they wait; past
-//! the span, each became an own read, each slower than the last, and the
-//! queue grew until clients gave up (docs/scaling.md). One read of the
-//! tenant's range serves them all instead.
+//! path (older ones read their own range, filtered to their topics); a copy
+//! is used for at most [`FRESH`] after it was read; it is dropped when an
+//! erasure for its tenant runs here or is announced, and it never serves an
+//! event of a data subject blocked since (an erasure blocks its subject
+//! before it starts).
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use switchboard_config::Pattern;
 use tokio::time::Instant;
 
 use super::NatsBroker;
-use super::history::{Limit, read_range};
+use super::history::read_range;
 use crate::broker::{BrokerError, Filter, ReadBatch};
 use crate::event::{Cursor, Event};
 
@@ -44,49 +32,20 @@ use crate::event::{Cursor, Event};
 /// through the shared copy.
 pub(super) const SPAN: u64 = 4096;
 
-/// As [`SPAN`], while every history read this gateway may run at once is
-/// taken (a storm): the copy then serves cursors this far behind too.
-pub(super) const WIDE_SPAN: u64 = 65_536;
-
-/// Memory all copies of one process may hold
-/// ([`Event::held_bytes`](crate::event::Event::held_bytes)).
-const COPIES_BYTES: usize = 64 << 20;
-
-/// A copy is not read into with less room than this left: the caller reads
-/// its own range instead.
-const MIN_ROOM: usize = 1 << 20;
-
-/// How long a copy is kept unused.
+/// How long a copy is used after it was read.
 const FRESH: Duration = Duration::from_secs(2);
 
 /// Copies kept before idle ones are swept.
 const SWEEP_ABOVE: usize = 64;
 
-/// Counts a history read in progress while it lives.
-pub(super) struct Reading<'a>(&'a AtomicUsize);
-
-impl<'a> Reading<'a> {
-    pub(super) fn enter(count: &'a AtomicUsize) -> Self {
-        count.fetch_add(1, Ordering::Relaxed);
-        Self(count)
-    }
-}
-
-impl Drop for Reading<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
 /// Every tenant's shared copy.
 #[derive(Default)]
 pub(super) struct Tails {
     tenants: std::sync::Mutex<HashMap<Arc<str>, Arc<tokio::sync::Mutex<Tail>>>>,
-    /// What all copies hold, in bytes.
-    held: Arc<AtomicUsize>,
 }
 
 /// Every event of one tenant stored at positions `(from, to]`.
+#[derive(Default)]
 struct Tail {
     epoch: u64,
     from: u64,
@@ -95,75 +54,27 @@ struct Tail {
     /// Indexes into `events` per topic: a resume of exact topics (the
     /// common case) looks at its own topics' events only.
     by_topic: HashMap<Box<str>, Vec<u32>>,
-    used_at: Option<Instant>,
-    /// What `events` hold, in bytes; counted in `held` too.
-    bytes: usize,
-    held: Arc<AtomicUsize>,
-}
-
-impl Drop for Tail {
-    fn drop(&mut self) {
-        self.held.fetch_sub(self.bytes, Ordering::Relaxed);
-    }
+    read_at: Option<Instant>,
 }
 
 impl Tail {
-    /// An empty copy, not fresh, counting what it holds in `held`.
-    fn empty(held: Arc<AtomicUsize>) -> Self {
+    fn new(epoch: u64, from: u64) -> Self {
         Self {
-            epoch: 0,
-            from: 0,
-            to: 0,
-            events: Vec::new(),
-            by_topic: HashMap::new(),
-            used_at: None,
-            bytes: 0,
-            held,
+            epoch,
+            from,
+            to: from,
+            read_at: Some(Instant::now()),
+            ..Self::default()
         }
     }
 
-    /// Start over, empty, at position `from` (read now).
-    fn restart(&mut self, epoch: u64, from: u64) {
-        self.held.fetch_sub(self.bytes, Ordering::Relaxed);
-        self.bytes = 0;
-        self.events = Vec::new();
-        self.by_topic = HashMap::new();
-        self.epoch = epoch;
-        self.from = from;
-        self.to = from;
-        self.used_at = Some(Instant::now());
-    }
-
-    /// Drop the events at or before `from` (a newer start than the copy's).
-    fn trim(&mut self, from: u64) {
-        if from <= self.from {
-            return;
-        }
-        let first = self.events.partition_point(|e| e.id.seq <= from);
-        let kept = self.events.split_off(first);
-        self.held.fetch_sub(self.bytes, Ordering::Relaxed);
-        self.bytes = 0;
-        self.events = Vec::with_capacity(kept.len());
-        self.by_topic.clear();
-        self.append(kept);
-        self.from = from;
-    }
-
-    /// Bytes the copies of this process may still read in.
-    fn room(&self) -> usize {
-        COPIES_BYTES.saturating_sub(self.held.load(Ordering::Relaxed))
-    }
-
-    /// Whether the copy may still be used: same stream, used lately.
+    /// Whether the copy may still be used.
     fn fresh(&self, epoch: u64) -> bool {
-        self.epoch == epoch && self.used_at.is_some_and(|at| at.elapsed() < FRESH)
+        self.epoch == epoch && self.read_at.is_some_and(|at| at.elapsed() < FRESH)
     }
 
     /// Add newer events (in stream order).
     fn append(&mut self, events: Vec<Arc<Event>>) {
-        let bytes: usize = events.iter().map(|e| e.held_bytes()).sum();
-        self.bytes += bytes;
-        self.held.fetch_add(bytes, Ordering::Relaxed);
         for e in events {
             let at = self.events.len() as u32;
             self.by_topic
@@ -178,8 +89,6 @@ impl Tail {
     fn prepend(&mut self, events: Vec<Arc<Event>>) {
         let newer = std::mem::take(&mut self.events);
         self.by_topic.clear();
-        self.held.fetch_sub(self.bytes, Ordering::Relaxed);
-        self.bytes = 0;
         self.append(events);
         self.append(newer);
     }
@@ -219,13 +128,10 @@ impl Tails {
             tenants.retain(|_, t| {
                 Arc::strong_count(t) > 1
                     || t.try_lock()
-                        .is_ok_and(|t| t.used_at.is_some_and(|at| at.elapsed() < FRESH))
+                        .is_ok_and(|t| t.read_at.is_some_and(|at| at.elapsed() < FRESH))
             });
         }
-        tenants
-            .entry(tenant.clone())
-            .or_insert_with(|| Arc::new(tokio::sync::Mutex::new(Tail::empty(self.held.clone()))))
-            .clone()
+        tenants.entry(tenant.clone()).or_default().clone()
     }
 
     /// Drop `tenant`'s copy (its history changed: an erasure).
@@ -238,15 +144,13 @@ impl Tails {
 }
 
 impl NatsBroker {
-    /// `tenant`'s events in `(after, until]`, one JetStream read, stopping
-    /// once they hold `bytes`.
+    /// All of `tenant`'s events in `(after, until]`, one JetStream read.
     async fn read_tenant(
         &self,
         tenant: &Arc<str>,
         epoch: u64,
         after: u64,
         until: u64,
-        bytes: usize,
     ) -> Result<ReadBatch, BrokerError> {
         let _permit = self.reads.acquire().await.map_err(super::unavailable)?;
         self.count_read("shared_read");
@@ -256,24 +160,10 @@ impl NatsBroker {
             &[],
             Cursor { epoch, seq: after },
             &|_| true,
-            Limit {
-                events: usize::MAX,
-                bytes,
-            },
+            usize::MAX,
             until,
         ))
         .await
-    }
-
-    /// How far behind the head a cursor may be to be read through the
-    /// shared copy: [`WIDE_SPAN`] while more history reads are asked of
-    /// this gateway than it runs at once (they queue).
-    pub(super) fn shared_span(&self) -> u64 {
-        if self.reading.load(Ordering::Relaxed) > super::CONCURRENT_READS {
-            WIDE_SPAN
-        } else {
-            SPAN
-        }
     }
 
     /// An event of a data subject whose erasure began after the copy was
@@ -287,8 +177,6 @@ impl NatsBroker {
 
     /// `tenant`'s events after `start` up to `until` that `filter` keeps (at
     /// most `limit`), from the shared copy, reading into it what it lacks.
-    /// `None` when the copies have no room for what it lacks: the caller
-    /// reads its own range.
     pub(super) async fn read_tail(
         &self,
         tenant: &Arc<str>,
@@ -297,7 +185,7 @@ impl NatsBroker {
         until: u64,
         filter: Filter<'_>,
         limit: usize,
-    ) -> Result<Option<ReadBatch>, BrokerError> {
+    ) -> Result<ReadBatch, BrokerError> {
         let epoch = self.epoch()?;
         let tail = self.tails.of(tenant);
         let mut t = tail.lock().await;
@@ -331,9 +219,10 @@ impl NatsBroker {
         if !t.fresh(epoch) || start < t.from {
             return None;
         }
-        self.read_from_copy(&mut t, tenant, epoch, scope, start, until, filter, limit)
-            .await
-            .transpose()
+        Some(
+            self.read_from_copy(&mut t, tenant, epoch, scope, start, until, filter, limit)
+                .await,
+        )
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -347,24 +236,16 @@ impl NatsBroker {
         until: u64,
         filter: Filter<'_>,
         limit: usize,
-    ) -> Result<Option<ReadBatch>, BrokerError> {
-        let span = self.shared_span();
-        if !t.fresh(epoch) || start > t.to.saturating_add(span) {
-            t.restart(epoch, start);
+    ) -> Result<ReadBatch, BrokerError> {
+        if !t.fresh(epoch) || start > t.to {
+            *t = Tail::new(epoch, start);
         }
-        t.used_at = Some(Instant::now());
         if start < t.from {
             // An older cursor than the copy's: read the part before it.
-            if t.room() < MIN_ROOM {
-                return Ok(None);
-            }
-            let older = self
-                .read_tenant(tenant, epoch, start, t.from, t.room())
-                .await?;
+            let older = self.read_tenant(tenant, epoch, start, t.from).await?;
             if older.more {
-                // Not all of it (in time, or in the room left): start the
-                // copy over from here.
-                t.restart(epoch, start);
+                // Not all of it in time: start the copy over from here.
+                *t = Tail::new(epoch, start);
                 t.to = older.next.seq;
                 t.append(older.events);
             } else {
@@ -373,34 +254,14 @@ impl NatsBroker {
             }
         }
         if t.to < until {
-            if t.room() < MIN_ROOM {
-                // Full: drop what falls past the span, and down to this
-                // caller's start if that is not enough.
-                t.trim(start.min(t.to.saturating_sub(span)));
-                if t.room() < MIN_ROOM {
-                    t.trim(start);
-                }
-            }
-            if t.room() >= MIN_ROOM {
-                // Read up to the newest position this gateway knows of,
-                // not only this caller's: the resumes queued behind this
-                // one (each with its own, a little newer, head) are then
-                // answered from the copy instead of each reading again.
-                let horizon = until.max(self.head_seq());
-                let newer = self
-                    .read_tenant(tenant, epoch, t.to, horizon, t.room())
-                    .await?;
-                t.to = if newer.more { newer.next.seq } else { horizon };
-                t.append(newer.events);
-                // Kept and extended while used: what falls past the span
-                // (by a quarter, so that this is rare) goes, never what
-                // this caller reads.
-                if t.to - t.from > span + span / 4 {
-                    t.trim(start.min(t.to - span));
-                }
-            } else if start >= t.to {
-                return Ok(None);
-            }
+            // Read up to the newest position this gateway knows of, not
+            // only this caller's: the resumes queued behind this one (each
+            // with its own, a little newer, head) are then answered from
+            // the copy instead of each reading again.
+            let horizon = until.max(self.head_seq());
+            let newer = self.read_tenant(tenant, epoch, t.to, horizon).await?;
+            t.to = if newer.more { newer.next.seq } else { horizon };
+            t.append(newer.events);
         }
         let to = t.to.min(until);
         let mut out = ReadBatch {
@@ -425,65 +286,6 @@ impl NatsBroker {
             out.next.seq = to;
             out.more = to < until;
         }
-        Ok(Some(out))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::event::test_event;
-
-    fn sum(events: &[Arc<Event>]) -> usize {
-        events.iter().map(|e| e.held_bytes()).sum()
-    }
-
-    #[test]
-    fn what_the_copies_hold_is_counted_as_they_grow_start_over_and_go() {
-        let held = Arc::new(AtomicUsize::new(0));
-        let older: Vec<_> = (5..=9).map(|s| test_event("acme", "a.b", s)).collect();
-        let newer: Vec<_> = (11..=20).map(|s| test_event("acme", "a.c", s)).collect();
-        let other = vec![test_event("beta", "a.b", 3)];
-
-        let mut t = Tail::empty(held.clone());
-        t.restart(1, 10);
-        t.append(newer.clone());
-        assert_eq!(held.load(Ordering::Relaxed), sum(&newer));
-        t.prepend(older.clone());
-        assert_eq!(t.bytes, sum(&older) + sum(&newer));
-        assert_eq!(held.load(Ordering::Relaxed), t.bytes);
-        // The prepended events come first, each still found by topic.
-        assert_eq!(t.candidates(&[], 6, 12).len(), 5);
-        let b = [Pattern::parse("a.b").unwrap()];
-        assert_eq!(t.candidates(&b, 0, 20).len(), older.len());
-
-        let mut u = Tail::empty(held.clone());
-        u.restart(1, 0);
-        u.append(other.clone());
-        assert_eq!(held.load(Ordering::Relaxed), t.bytes + sum(&other));
-        assert_eq!(t.room(), COPIES_BYTES - t.bytes - sum(&other));
-
-        // Dropping the older events gives their bytes back and keeps the
-        // newer ones found by topic.
-        t.trim(12);
-        assert_eq!(t.from, 12);
-        assert_eq!(t.bytes, sum(&newer[2..]));
-        assert_eq!(held.load(Ordering::Relaxed), t.bytes + sum(&other));
-        assert!(t.candidates(&b, 0, 20).is_empty());
-        let c = [Pattern::parse("a.c").unwrap()];
-        let seqs: Vec<u64> = t
-            .candidates(&c, 12, 20)
-            .into_iter()
-            .map(|i| t.events[i as usize].id.seq)
-            .collect();
-        assert_eq!(seqs, (13..=20).collect::<Vec<_>>());
-
-        t.restart(1, 30);
-        assert!(t.events.is_empty() && t.by_topic.is_empty());
-        assert_eq!(held.load(Ordering::Relaxed), sum(&other));
-        drop(u);
-        assert_eq!(held.load(Ordering::Relaxed), 0);
-        drop(t);
-        assert_eq!(held.load(Ordering::Relaxed), 0);
+        Ok(out)
     }
 }
