@@ -779,6 +779,65 @@ async fn resumes_arriving_together_share_one_history_read() {
     );
 }
 
+/// A read of the tenant's recent range that takes longer than a copy is
+/// used for (2 s: a slow link, a busy server) still answers the resumes
+/// that waited on it. The copy's age was counted from when its read
+/// began, so each waiting resume found it stale and read the range again,
+/// one after the other.
+#[tokio::test]
+async fn a_slow_read_of_the_recent_range_still_answers_the_resumes_waiting_on_it() {
+    const N: usize = 10;
+    // 6 pulls of 256 over a link of 150 ms each way: a read of 3 to 4 s,
+    // longer than a copy is used (2 s).
+    const BEHIND: i64 = 1_500;
+    let dir = TempDir::new("slow-shared");
+    let (_nats, _far, gw) = gateway_far_from_nats(&dir, Duration::from_millis(150)).await;
+    let cursor = publish_retrying(&gw.http(), "acme", "order.x", json!({"i": 0})).await;
+    publish_retrying(&gw.http(), "acme", "order.x", json!({"i": 1})).await;
+    let mut stream = publish_stream(&gw).await;
+    for i in 0..BEHIND {
+        stream
+            .feed(&json!({"ref": i, "event_type": "bulk.y", "data": {"i": i}}))
+            .await;
+    }
+    stream.flush().await;
+    stream.expect_published(BEHIND as usize).await;
+
+    let query = format!("token={}&cursor={cursor}", token("acme", &[]));
+    let mut clients = futures_util::future::join_all((0..N).map(|_| async {
+        let mut c = Client::connect(&gw.ws(&query)).await;
+        c.recv_type("connection.established").await;
+        c
+    }))
+    .await;
+    let reads = |text: String| {
+        metric(
+            &text,
+            r#"switchboard_history_reads_total{path="shared_read"}"#,
+        )
+    };
+    let before = reads(gw.metrics().await);
+    let started = tokio::time::Instant::now();
+    let replays = futures_util::future::join_all(clients.iter_mut().map(|c| async {
+        c.subscribe(&["order.x"]).await;
+        replayed(c).await
+    }));
+    let replays = tokio::time::timeout(Duration::from_secs(60), replays)
+        .await
+        .expect("the resumes finish");
+    let took = started.elapsed();
+    let reads = reads(gw.metrics().await) - before;
+    eprintln!("{N} resumes: {reads} reads of the recent range in {took:?}");
+    assert!(
+        replays.iter().all(|r| r == &[1]),
+        "each resume replays what it missed on its topic: {replays:?}"
+    );
+    assert!(
+        reads <= 2.0,
+        "{N} resumes read the recent range {reads} times (in {took:?})"
+    );
+}
+
 #[tokio::test]
 async fn a_publish_stream_on_one_gateway_reaches_clients_of_another_in_order() {
     let dir = TempDir::new("stream");

@@ -11,10 +11,10 @@
 //!
 //! Bounds: only cursors at most [`SPAN`] positions behind the head take this
 //! path (older ones read their own range, filtered to their topics); a copy
-//! is used for at most [`FRESH`] after it was read; it is dropped when an
-//! erasure for its tenant runs here or is announced, and it never serves an
-//! event of a data subject blocked since (an erasure blocks its subject
-//! before it starts).
+//! is used for at most [`FRESH`] after the read that began or widened it
+//! ended; it is dropped when an erasure for its tenant runs here or is
+//! announced, and it never serves an event of a data subject blocked since
+//! (an erasure blocks its subject before it starts).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -32,7 +32,7 @@ use crate::event::{Cursor, Event};
 /// through the shared copy.
 pub(super) const SPAN: u64 = 4096;
 
-/// How long a copy is used after it was read.
+/// How long a copy is used after the read that began or widened it ended.
 const FRESH: Duration = Duration::from_secs(2);
 
 /// Copies kept before idle ones are swept.
@@ -237,8 +237,10 @@ impl NatsBroker {
         filter: Filter<'_>,
         limit: usize,
     ) -> Result<ReadBatch, BrokerError> {
+        let mut widened = false;
         if !t.fresh(epoch) || start > t.to {
             *t = Tail::new(epoch, start);
+            widened = true;
         }
         if start < t.from {
             // An older cursor than the copy's: read the part before it.
@@ -252,6 +254,7 @@ impl NatsBroker {
                 t.prepend(older.events);
                 t.from = start;
             }
+            widened = true;
         }
         if t.to < until {
             // Read up to the newest position this gateway knows of, not
@@ -262,6 +265,15 @@ impl NatsBroker {
             let newer = self.read_tenant(tenant, epoch, t.to, horizon).await?;
             t.to = if newer.more { newer.next.seq } else { horizon };
             t.append(newer.events);
+        }
+        if widened {
+            // A copy is fresh from when the read that began or widened it
+            // ended, not from when that read began: a read longer than
+            // FRESH (a slow link, a busy server) left a stale copy, and
+            // each resume that had waited on it read the range again, one
+            // after the other. (Reads that extend it to newer events do
+            // not renew it: a copy in constant use is still read afresh.)
+            t.read_at = Some(Instant::now());
         }
         let to = t.to.min(until);
         let mut out = ReadBatch {
