@@ -779,6 +779,14 @@ async fn resumes_arriving_together_share_one_history_read() {
     );
 }
 
+/// How many reads into the shared recent range `gw` has made.
+async fn shared_reads(gw: &GatewayProc) -> f64 {
+    metric(
+        &gw.metrics().await,
+        r#"switchboard_history_reads_total{path="shared_read"}"#,
+    )
+}
+
 /// A read of the tenant's recent range that takes longer than a copy is
 /// used for (2 s: a slow link, a busy server) still answers the resumes
 /// that waited on it. The copy's age was counted from when its read
@@ -810,13 +818,7 @@ async fn a_slow_read_of_the_recent_range_still_answers_the_resumes_waiting_on_it
         c
     }))
     .await;
-    let reads = |text: String| {
-        metric(
-            &text,
-            r#"switchboard_history_reads_total{path="shared_read"}"#,
-        )
-    };
-    let before = reads(gw.metrics().await);
+    let before = shared_reads(&gw).await;
     let started = tokio::time::Instant::now();
     let replays = futures_util::future::join_all(clients.iter_mut().map(|c| async {
         c.subscribe(&["order.x"]).await;
@@ -826,7 +828,7 @@ async fn a_slow_read_of_the_recent_range_still_answers_the_resumes_waiting_on_it
         .await
         .expect("the resumes finish");
     let took = started.elapsed();
-    let reads = reads(gw.metrics().await) - before;
+    let reads = shared_reads(&gw).await - before;
     eprintln!("{N} resumes: {reads} reads of the recent range in {took:?}");
     assert!(
         replays.iter().all(|r| r == &[1]),
@@ -1221,13 +1223,7 @@ async fn resumes_arriving_together_share_history_reads_while_events_keep_coming(
     c.recv_type("connection.established").await;
     c.subscribe(&["order.x"]).await;
     assert_eq!(replayed(&mut c).await, [1]);
-    let shared_reads = |text: String| {
-        metric(
-            &text,
-            r#"switchboard_history_reads_total{path="shared_read"}"#,
-        )
-    };
-    let before = shared_reads(gw.metrics().await);
+    let before = shared_reads(&gw).await;
     let started = tokio::time::Instant::now();
     let replays = futures_util::future::join_all((0..N).map(|_| async {
         let mut c = Client::connect(&gw.ws(&query)).await;
@@ -1240,7 +1236,7 @@ async fn resumes_arriving_together_share_history_reads_while_events_keep_coming(
         .expect("the resumes finish");
     let took = started.elapsed();
     publisher.abort();
-    let reads = shared_reads(gw.metrics().await) - before;
+    let reads = shared_reads(&gw).await - before;
     assert!(
         replays.iter().all(|r| r == &[1]),
         "each resume replays what it missed: {replays:?}"
