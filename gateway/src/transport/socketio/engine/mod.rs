@@ -78,6 +78,14 @@ impl Closed {
     }
 }
 
+/// How a parked poll ends.
+enum PollEnd {
+    /// With this payload.
+    Answer(String),
+    /// As a poll that raced the upgrade ([`Engine::poll_while_upgrading`]).
+    Settle,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Transport {
     Polling,
@@ -463,13 +471,14 @@ impl Engine {
         if shared.ended() {
             return Reply::error(400, 3, "Bad request");
         }
-        let (upgrading, after_ask) = {
+        // `None`: the session is being upgraded.
+        let after_ask = {
             let mut st = shared.lock();
             if st.closed.is_some() || st.transport == Transport::WebSocket {
                 return Reply::error(400, 3, "Bad request");
             }
             if st.transport == Transport::Upgrading {
-                (true, true)
+                None
             } else {
                 if st.polling {
                     // Two polls at once: the protocol ends the session.
@@ -478,12 +487,12 @@ impl Engine {
                     return Reply::error(400, 3, "Bad request");
                 }
                 st.polling = true;
-                (false, st.upgrade_asked)
+                Some(st.upgrade_asked)
             }
         };
-        if upgrading {
+        let Some(after_ask) = after_ask else {
             return self.poll_while_upgrading(&shared).await;
-        }
+        };
         struct Polling<'a>(&'a Shared);
         impl Drop for Polling<'_> {
             fn drop(&mut self) {
@@ -507,26 +516,25 @@ impl Engine {
                         size += len;
                         taken.extend(st.queue.pop_front());
                     }
-                    return Some(Some(packet::encode_payload(&taken)));
+                    return Some(PollEnd::Answer(packet::encode_payload(&taken)));
                 }
                 match (st.closed, st.transport) {
-                    (Some(Closed::ByClient), _) => Some(Some("6".into())),
-                    (Some(_), _) => Some(Some("1".into())),
+                    (Some(Closed::ByClient), _) => Some(PollEnd::Answer("6".into())),
+                    (Some(_), _) => Some(PollEnd::Answer("1".into())),
                     (None, Transport::Polling) => None,
                     // The probe was answered. A poll the client sent before
                     // its WebSocket is the one it waits on: noop at once.
-                    (None, Transport::Upgrading) if !after_ask => Some(Some("6".into())),
-                    (None, Transport::Upgrading) => Some(None),
-                    (None, Transport::WebSocket) => Some(Some("6".into())),
+                    (None, Transport::Upgrading) if after_ask => Some(PollEnd::Settle),
+                    (None, _) => Some(PollEnd::Answer("6".into())),
                 }
             }),
         )
         .await
-        .unwrap_or_else(|_| Some("6".into()));
+        .unwrap_or_else(|_| PollEnd::Answer("6".into()));
         shared.changed.notify_waiters();
         match answer {
-            Some(answer) => Reply::ok(answer),
-            None => self.poll_while_upgrading(&shared).await,
+            PollEnd::Answer(answer) => Reply::ok(answer),
+            PollEnd::Settle => self.poll_while_upgrading(&shared).await,
         }
     }
 
@@ -536,8 +544,9 @@ impl Engine {
     /// last packet (`5`) on the WebSocket, which this process has not read
     /// yet: give that a moment, so the answer does not depend on which
     /// connection is served first. Upgraded: 400, as for any poll after
-    /// an upgrade; otherwise a noop (a client pausing its polling waits for this poll to end
-    /// before it sends `5`, so the moment is all it costs).
+    /// an upgrade; otherwise a noop (a client pausing its polling waits
+    /// for this poll to end before it sends `5`, so the moment is all it
+    /// costs).
     async fn poll_while_upgrading(&self, shared: &Shared) -> Reply {
         let settled = tokio::time::timeout(
             UPGRADE_SETTLE,
