@@ -278,6 +278,22 @@ async fn a_poll_sent_after_the_websocket_is_refused_once_the_upgrade_lands() {
     }
 }
 
+/// The probe and `5` can be read in one go, so that the parked poll's
+/// first look after parking already sees the upgrade done: it is refused
+/// too (it was answered 200 with a noop, as the official suite saw on a
+/// loaded CI machine).
+#[tokio::test]
+async fn a_poll_that_first_looks_after_the_whole_upgrade_is_refused() {
+    let (addr, engine, _ended) = echo_engine().await;
+    let sid = open(&addr).await;
+    let mut ws = upgrading_socket(&addr, &sid).await;
+    let parked = parked_poll(&addr, &engine, &sid).await;
+    ws.feed(Message::text("2probe")).await.unwrap();
+    ws.feed(Message::text("5")).await.unwrap();
+    ws.flush().await.unwrap();
+    assert_eq!(parked.await.unwrap().0, 400);
+}
+
 /// The poll a client sent before opening its WebSocket is the one it
 /// waits on before it sends `5` (engine.io-client pauses polling): it
 /// ends with a noop as soon as the probe is answered, without waiting

@@ -522,9 +522,11 @@ impl Engine {
                     (Some(Closed::ByClient), _) => Some(PollEnd::Answer("6".into())),
                     (Some(_), _) => Some(PollEnd::Answer("1".into())),
                     (None, Transport::Polling) => None,
-                    // The probe was answered. A poll the client sent before
-                    // its WebSocket is the one it waits on: noop at once.
-                    (None, Transport::Upgrading) if after_ask => Some(PollEnd::Settle),
+                    // The probe was answered, or the whole upgrade landed
+                    // before this poll looked again. A poll sent after the
+                    // client's WebSocket settles (400 once upgraded); the
+                    // one it sent before is the one it waits on: noop.
+                    (None, _) if after_ask => Some(PollEnd::Settle),
                     (None, _) => Some(PollEnd::Answer("6".into())),
                 }
             }),
