@@ -45,7 +45,8 @@ pub struct Metrics {
     pub errors: Family<Labels, Counter>,
     /// Resumes from a cursor, by outcome (`replayed`, `gap`).
     pub resumes: Family<Labels, Counter>,
-    /// History pages answered in cluster mode, by how: `own` (a JetStream
+    /// History pages answered in cluster mode, by how: `window` (from what
+    /// the gateway received live on the subscription), `own` (a JetStream
     /// read of its own), `shared` (from a tenant's recent range read once
     /// for resumes arriving together), `shared_read` (a read into it).
     pub history_reads: Family<Labels, Counter>,
@@ -164,7 +165,7 @@ impl Metrics {
         );
         r.register(
             "history_reads",
-            "History pages in cluster mode by path (own, shared, shared_read)",
+            "History pages in cluster mode by path (window, own, shared, shared_read)",
             m.history_reads.clone(),
         );
         r.register(

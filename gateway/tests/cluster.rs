@@ -1246,3 +1246,123 @@ async fn resumes_arriving_together_share_history_reads_while_events_keep_coming(
         "{N} resumes arriving together read the history {reads} times (in {took:?})"
     );
 }
+
+/// The change of a history-read counter of `gw` between two scrapes.
+fn reads_between(before: &str, after: &str, path: &str) -> f64 {
+    let name = format!("switchboard_history_reads_total{{path=\"{path}\"}}");
+    metric(after, &name) - metric(before, &name)
+}
+
+/// Publish `n` events of acme over a publish stream: every `every`-th on
+/// `topic` (data `i`), the others on a topic no client holds.
+async fn publish_mixed(gw: &GatewayProc, n: i64, every: i64, topic: &str) -> Vec<i64> {
+    let mut stream = publish_stream(gw).await;
+    for i in 0..n {
+        let event_type = if i % every == 0 { topic } else { "w.unheld" };
+        stream
+            .feed(&json!({"ref": i, "event_type": event_type, "data": {"i": i}}))
+            .await;
+    }
+    stream.flush().await;
+    stream.expect_published(n as usize).await;
+    (0..n).filter(|i| i % every == 0).collect()
+}
+
+/// A client that moves to a gateway whose other clients hold its topic
+/// resumes from what that gateway already received live, however far
+/// behind its cursor is: here further than the tenant's shared recent
+/// range reaches (4,096 positions), which cost nats-server a consumer of
+/// its own per resume, and under a burst collapsed the 100k scale-out
+/// (docs/scaling.md). Then live delivery follows, nothing twice.
+#[tokio::test]
+async fn a_resume_on_a_topic_the_gateway_routes_is_answered_from_what_it_received_live() {
+    let dir = TempDir::new("window");
+    let (_nats, gw) = gateway_on_single_nats(&dir).await;
+    let mut holder = open_on(&gw, "acme", "", &["w.t0"]).await;
+    let cursor = publish_retrying(&gw.http(), "acme", "w.t0", json!({"i": -1})).await;
+    assert_eq!(ids(&holder.events(1).await), std::slice::from_ref(&cursor));
+    let expected = publish_mixed(&gw, 5_000, 100, "w.t0").await;
+    // The holder had them live: the gateway has received them all.
+    assert_eq!(holder.events(expected.len()).await.len(), expected.len());
+
+    let before = gw.metrics().await;
+    let mut client = open_on(&gw, "acme", &format!("&cursor={cursor}"), &["w.t0"]).await;
+    assert_eq!(replayed(&mut client).await, expected);
+    let after = gw.metrics().await;
+    let (window, own, shared) = (
+        reads_between(&before, &after, "window"),
+        reads_between(&before, &after, "own"),
+        reads_between(&before, &after, "shared_read"),
+    );
+    assert!(
+        window >= 1.0 && own == 0.0 && shared == 0.0,
+        "reads: {window} from the window, {own} own, {shared} of the recent range"
+    );
+    let next = publish_retrying(&gw.http(), "acme", "w.t0", json!({"i": 5_000})).await;
+    assert_eq!(ids(&client.events(1).await), [next]);
+    client.expect_silence(Duration::from_millis(300)).await;
+}
+
+/// Two patterns of a tenant that overlap (`w.*` and `w.t0`): an event both
+/// match reaches the hub through whichever subscription delivers it
+/// first, so neither window can promise to hold everything dispatched
+/// before a registration. The resume reads JetStream, and loses nothing.
+#[tokio::test]
+async fn overlapping_patterns_resume_from_the_stream() {
+    let dir = TempDir::new("window-overlap");
+    let (_nats, gw) = gateway_on_single_nats(&dir).await;
+    let mut wide = open_on(&gw, "acme", "", &["w.*"]).await;
+    let _narrow = open_on(&gw, "acme", "", &["w.t0"]).await;
+    let cursor = publish_retrying(&gw.http(), "acme", "w.t0", json!({"i": -1})).await;
+    assert_eq!(ids(&wide.events(1).await), std::slice::from_ref(&cursor));
+    let expected = publish_mixed(&gw, 300, 10, "w.t0").await;
+    assert_eq!(wide.events(300).await.len(), 300);
+
+    let before = gw.metrics().await;
+    let mut client = open_on(&gw, "acme", &format!("&cursor={cursor}"), &["w.t0"]).await;
+    assert_eq!(replayed(&mut client).await, expected);
+    let after = gw.metrics().await;
+    assert_eq!(
+        reads_between(&before, &after, "window"),
+        0.0,
+        "an overlapped window answered a resume"
+    );
+}
+
+/// What a gateway missed while its NATS node was down reaches it in the
+/// catch-up, not through its subscriptions: a window that spanned the
+/// outage would answer a resume without those events. A cursor from
+/// before the outage resumes with everything, from the stream.
+#[tokio::test]
+async fn a_resume_from_before_a_nats_outage_gets_what_was_stored_meanwhile() {
+    let dir = TempDir::new("window-outage");
+    let mut nats = cluster3(&dir, "local").await;
+    let gw1 = GatewayProc::start(&dir, "gw1", &nats_yaml("local", &nats.urls()[..1], &[], 3));
+    let gw2 = GatewayProc::start(&dir, "gw2", &nats_yaml("local", &nats.urls()[1..2], &[], 3));
+    gw1.wait_ready().await;
+    gw2.wait_ready().await;
+    let mut holder = open_on(&gw1, "acme", "", &["w.t0"]).await;
+    let cursor = publish_retrying(&gw2.http(), "acme", "w.t0", json!({"i": 0})).await;
+    assert_eq!(ids(&holder.events(1).await), std::slice::from_ref(&cursor));
+
+    nats.servers[0].kill();
+    let mut sent = Vec::new();
+    for i in 1..=10 {
+        publish_retrying(&gw2.http(), "acme", "w.t0", json!({"i": i})).await;
+        sent.push(i);
+    }
+    // After the catch-up, live again through the new subscription.
+    assert_eq!(holder.events(10).await.len(), 10);
+    eventually("gw1 ready again", || async {
+        gw1.ready_status().await == Some(200)
+    })
+    .await;
+    for i in 11..=15 {
+        publish_retrying(&gw2.http(), "acme", "w.t0", json!({"i": i})).await;
+        sent.push(i);
+    }
+    assert_eq!(holder.events(5).await.len(), 5);
+
+    let mut client = open_on(&gw1, "acme", &format!("&cursor={cursor}"), &["w.t0"]).await;
+    assert_eq!(replayed(&mut client).await, sent);
+}

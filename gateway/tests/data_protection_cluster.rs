@@ -374,3 +374,52 @@ async fn an_erasure_interrupted_by_a_crash_is_finished_by_another_gateway() {
         "it erased what was left: {record}"
     );
 }
+
+/// A gateway whose clients hold a topic answers resumes on it from what it
+/// received live. An erasure empties that, so a resume from before it gets
+/// none of the erased events even when the subject is not blocked
+/// afterwards (`block_seconds: 0`), which is the only other thing keeping
+/// them out.
+#[tokio::test]
+async fn a_resume_after_an_erasure_gets_none_of_the_erased_events() {
+    let dir = TempDir::new("dp-window");
+    let nats = single(&dir).await;
+    let gw = GatewayProc::start(&dir, "gw", &nats_yaml("local", &nats.urls(), &[], 1));
+    gw.wait_ready().await;
+    let mut holder = Client::connect(&gw.ws(&format!("token={}", token("acme", &[])))).await;
+    holder.recv_type("connection.established").await;
+    holder.subscribe(&["orders.created"]).await;
+    let cursor = publish_for(&gw.http(), "acme", "carol", 0, json!({})).await;
+    for i in 1..4 {
+        publish_for(&gw.http(), "acme", "alice", i, json!({})).await;
+        publish_for(&gw.http(), "acme", "bob", i, json!({})).await;
+    }
+    assert_eq!(holder.events(7).await.len(), 7);
+
+    let r = reqwest::Client::new()
+        .post(format!("{}/api/realtime/erase/", gw.http()))
+        .bearer_auth(token("acme", &["erase"]))
+        .json(&json!({"data_subject_id": "alice", "block_seconds": 0}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let answer: Value = r.json().await.unwrap();
+    assert_eq!(answer["state"], "completed", "{answer}");
+
+    let query = format!("token={}&cursor={cursor}", token("acme", &[]));
+    let mut client = Client::connect(&gw.ws(&query)).await;
+    client.recv_type("connection.established").await;
+    client.subscribe(&["orders.created"]).await;
+    let mut owners = Vec::new();
+    loop {
+        let m = client.recv().await;
+        match m["type"].as_str() {
+            Some("event") => owners.push(m["data"]["data"]["owner"].as_str().unwrap().to_owned()),
+            Some("replay.complete") => break,
+            Some("resume.gap") => panic!("gap: {m}"),
+            _ => {}
+        }
+    }
+    assert_eq!(owners, ["bob"; 3]);
+}

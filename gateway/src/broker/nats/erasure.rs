@@ -218,6 +218,7 @@ impl NatsBroker {
         pace: Duration,
     ) -> Result<u64, BrokerError> {
         self.tails.forget(tenant);
+        self.forget_windows(tenant).await;
         let stream = tokio::time::timeout(
             REQUEST_TIMEOUT,
             self.js.get_stream(self.subjects.stream_name(region)),
@@ -264,6 +265,7 @@ impl NatsBroker {
         }
         // A copy read while the messages were being deleted may hold some.
         self.tails.forget(tenant);
+        self.forget_windows(tenant).await;
         if !erased.is_empty() {
             let notices = Notices {
                 tenant: tenant.to_string(),
@@ -376,6 +378,7 @@ pub(super) async fn forward_notices(broker: Arc<NatsBroker>, hub: Arc<Hub>) {
                     // Its recent history changed: no resume may be answered
                     // from a copy read before.
                     broker.tails.forget(&tenant);
+                    broker.forget_windows(&tenant).await;
                     let now = time::OffsetDateTime::now_utc();
                     for (topic, ids) in n.topics {
                         let Ok(topic) = switchboard_config::Topic::parse(&topic) else {

@@ -23,6 +23,7 @@ mod failover;
 mod history;
 mod permissions;
 mod tail;
+mod window;
 
 use permissions::SubscribePermissions;
 mod region_stream;
@@ -90,7 +91,9 @@ struct State {
 }
 
 enum Live {
-    Message(Message),
+    /// A message of an upstream subscription, with that subscription's
+    /// window.
+    Message(Message, Arc<window::Window>),
     /// The connection came back: deliver what was stored meanwhile.
     Reconnected,
 }
@@ -103,6 +106,8 @@ struct Interest {
     /// the catch-up after a reconnect), so later subscribers to the same
     /// pattern need no request of their own to find the seam.
     since: Arc<tokio::sync::OnceCell<u64>>,
+    /// What the subscription delivered lately.
+    window: Arc<window::Window>,
 }
 
 /// The cluster broker: NATS routing, JetStream history (see the module docs).
@@ -114,6 +119,8 @@ pub struct NatsBroker {
     history: HistoryConfig,
     state: Arc<State>,
     interests: Mutex<HashMap<(Arc<str>, Pattern), Interest>>,
+    /// The wildcard patterns among `interests` (changed under its lock).
+    wildcards: std::sync::Mutex<Vec<(Arc<str>, Pattern)>>,
     live_tx: mpsc::UnboundedSender<Live>,
     /// The last stream info and when its request was sent: concurrent
     /// callers share one request (a reconnect storm would otherwise send one
@@ -132,6 +139,8 @@ pub struct NatsBroker {
     blocked: crate::data_protection::Blocklist,
     /// Tenants' recent history, read once for resumes arriving together.
     tails: tail::Tails,
+    /// What each upstream subscription delivered lately.
+    windows: Arc<window::Windows>,
     metrics: Arc<Metrics>,
 }
 
@@ -173,6 +182,7 @@ impl NatsBroker {
             permissions_stale: AtomicBool::new(true),
         });
         let (live_tx, live_rx) = mpsc::unbounded_channel();
+        let windows = Arc::new(window::Windows::default());
         let mut options = async_nats::ConnectOptions::new()
             .name(format!("switchboard-{region}"))
             .retry_on_initial_connect()
@@ -185,11 +195,23 @@ impl NatsBroker {
             let state = state.clone();
             let live_tx = live_tx.clone();
             let metrics = metrics.clone();
+            let windows = windows.clone();
             options = options.event_callback(move |event| {
                 let state = state.clone();
                 let live_tx = live_tx.clone();
                 let metrics = metrics.clone();
+                let windows = windows.clone();
                 async move {
+                    if matches!(
+                        event,
+                        async_nats::Event::Connected
+                            | async_nats::Event::Disconnected
+                            | async_nats::Event::SlowConsumer(_)
+                    ) {
+                        // Messages may have been missed: what the upstream
+                        // subscriptions delivered has a hole.
+                        windows.broken();
+                    }
                     match event {
                         async_nats::Event::Connected => {
                             tracing::info!("connected to NATS");
@@ -277,6 +299,7 @@ impl NatsBroker {
             history,
             state,
             interests: Mutex::new(HashMap::new()),
+            wildcards: std::sync::Mutex::default(),
             live_tx,
             info: Mutex::new(None),
             reads: tokio::sync::Semaphore::new(CONCURRENT_READS),
@@ -289,6 +312,7 @@ impl NatsBroker {
             erasures: std::sync::OnceLock::new(),
             blocked: crate::data_protection::Blocklist::default(),
             tails: tail::Tails::default(),
+            windows,
             metrics: metrics.clone(),
         });
         tokio::spawn(broker.clone().watch_erasures(config.stream_replicas));
@@ -519,6 +543,16 @@ impl Broker for NatsBroker {
         if let Some(c) = after
             && c.epoch == epoch
             && c.seq <= self.head_seq()
+            && let Some(batch) = self.read_windows(tenant, scope, c, filter, limit).await
+        {
+            // A pattern this gateway already routes: everything it
+            // delivered after the cursor is here.
+            self.count_read("window");
+            return Ok(batch);
+        }
+        if let Some(c) = after
+            && c.epoch == epoch
+            && c.seq <= self.head_seq()
             && self.head_seq() - c.seq <= tail::SPAN
             && let Some(batch) = self.read_recent(tenant, scope, c.seq, filter, limit).await
         {
@@ -609,13 +643,13 @@ impl Broker for NatsBroker {
         // this gateway, and every one routed to the hub before the
         // registration was noted in the head first: past both, an event
         // comes live. (Too high is safe: the replay reads up to it.)
-        let since = self
+        let interest = self
             .interests
             .lock()
             .await
             .get(&(tenant.clone(), pattern.clone()))
-            .map(|i| i.since.clone());
-        let Some(since) = since else {
+            .map(|i| (i.since.clone(), i.window.clone()));
+        let Some((since, window)) = interest else {
             return Ok(self.stream_state().await?.last_sequence);
         };
         let first = *since
@@ -623,7 +657,18 @@ impl Broker for NatsBroker {
                 Ok::<_, BrokerError>(self.stream_state().await?.last_sequence)
             })
             .await?;
-        Ok(first.max(self.head_seq()))
+        window.begin(self.epoch()?, first);
+        // With the subscription's window whole, the seam is the newest
+        // event it delivered: everything up to it is in the window (for a
+        // resume), everything after it is still to come. Otherwise the
+        // newest position known here, which the window must then reach
+        // before it answers a resume.
+        let seam = match window.seam() {
+            Some(last) => last.max(first),
+            None => first.max(self.head_seq()),
+        };
+        window.promise(seam);
+        Ok(seam)
     }
 
     async fn subscribe(&self, tenant: &Arc<str>, pattern: &Pattern) -> Result<(), BrokerError> {

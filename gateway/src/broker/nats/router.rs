@@ -12,6 +12,7 @@ use switchboard_config::Pattern;
 use tokio::sync::mpsc;
 
 use super::history::read_range;
+use super::window::Window;
 use super::{Interest, Live, NO_CATCH_UP, NatsBroker, REQUEST_TIMEOUT};
 use crate::broker::{BrokerError, Filter};
 use crate::event::{Cursor, Event};
@@ -71,16 +72,16 @@ pub(super) async fn route_to_hub(
     let mut next = rx.recv().await;
     while let Some(item) = next.take() {
         match item {
-            Live::Message(msg) => {
+            Live::Message(msg, window) => {
                 // The messages that arrived together are one burst: each
                 // connection is woken once for all of them.
                 let mut other = None;
                 mailbox::hold_wakes_sync(|| {
-                    route_message(&broker, &hub, &metrics, &mut order, &msg);
+                    route_message(&broker, &hub, &metrics, &mut order, &msg, &window);
                     for _ in 1..BURST {
                         match rx.try_recv() {
-                            Ok(Live::Message(msg)) => {
-                                route_message(&broker, &hub, &metrics, &mut order, &msg)
+                            Ok(Live::Message(msg, window)) => {
+                                route_message(&broker, &hub, &metrics, &mut order, &msg, &window)
                             }
                             Ok(item) => {
                                 other = Some(item);
@@ -142,13 +143,15 @@ async fn catch_up_until_done(
 /// Most NATS messages routed as one burst.
 const BURST: usize = 256;
 
-/// Route one republished event into the hub (in its `bus.receive` span).
+/// Route one republished event into the hub (in its `bus.receive` span),
+/// after noting it in the window of the subscription that delivered it.
 fn route_message(
     broker: &NatsBroker,
     hub: &Hub,
     metrics: &Metrics,
     order: &mut TopicOrder,
     msg: &async_nats::Message,
+    window: &Window,
 ) {
     let Some(event) = broker.seal_republished(msg) else {
         metrics.error("bus_message");
@@ -156,6 +159,10 @@ fn route_message(
         return;
     };
     broker.note_head(event.id.seq);
+    let event = Arc::new(event);
+    // Before the hub sees it: a subscriber registered from now on is told
+    // a seam at or after it, and finds it in the window if it resumes.
+    window.push(&event);
     if order.admit(&event) {
         let span = tracing::info_span!(
             "bus.receive",
@@ -166,7 +173,7 @@ fn route_message(
         );
         crate::telemetry::adopt(&span, event.traceparent.as_deref());
         let _entered = span.enter();
-        crate::fanout::route(hub, metrics, &Arc::new(event));
+        crate::fanout::route(hub, metrics, &event);
     }
 }
 
@@ -244,10 +251,39 @@ impl NatsBroker {
             .map_err(|_| refused("NATS did not confirm the subscription in time".into()))?
             .map_err(|e| refused(e.into()))?;
         let tx = self.live_tx.clone();
+        let window = Arc::new(Window::new(self.windows.clone()));
+        {
+            // An event two overlapping patterns both match reaches the hub
+            // through either subscription (two exact ones never overlap).
+            let mut wildcards = self.wildcards.lock().unwrap_or_else(|e| e.into_inner());
+            let overlapping: Vec<&Interest> = if pattern.is_exact() {
+                wildcards
+                    .iter()
+                    .filter(|w| w.0 == *tenant && w.1.overlaps(pattern))
+                    .filter_map(|w| interests.get(w))
+                    .collect()
+            } else {
+                interests
+                    .iter()
+                    .filter(|(held, _)| held.0 == *tenant && held.1.overlaps(pattern))
+                    .map(|(_, i)| i)
+                    .collect()
+            };
+            for i in &overlapping {
+                i.window.overlapped();
+            }
+            if !overlapping.is_empty() {
+                window.overlapped();
+            }
+            if !pattern.is_exact() {
+                wildcards.push(key.clone());
+            }
+        }
+        let forwarded = window.clone();
         let forwarder = tokio::spawn(async move {
             let mut subscriber = subscriber;
             while let Some(msg) = subscriber.next().await {
-                if tx.send(Live::Message(msg)).is_err() {
+                if tx.send(Live::Message(msg, forwarded.clone())).is_err() {
                     break;
                 }
             }
@@ -258,6 +294,7 @@ impl NatsBroker {
                 count: 1,
                 forwarder,
                 since: Arc::default(),
+                window,
             },
         );
         Ok(())
@@ -274,6 +311,12 @@ impl NatsBroker {
             {
                 // Dropping the subscriber unsubscribes on NATS.
                 i.forwarder.abort();
+                if !pattern.is_exact() {
+                    self.wildcards
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .retain(|w| *w != key);
+                }
             }
         }
     }

@@ -168,7 +168,7 @@ impl NatsBroker {
 
     /// An event of a data subject whose erasure began after the copy was
     /// read (the block is set before the erasure starts).
-    fn erased_meanwhile(&self, tenant: &str, e: &Event) -> bool {
+    pub(super) fn erased_meanwhile(&self, tenant: &str, e: &Event) -> bool {
         e.data_subject.as_deref().is_some_and(|subject| {
             self.blocked
                 .blocked(&crate::data_protection::subject_key(tenant, subject))
