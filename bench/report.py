@@ -559,7 +559,10 @@ p("- Publishing: the streaming publish WebSocket authenticates once and answers 
   "in flight; HTTP costs a request, a header parse and a token check per call (per event unless batched). "
   "In cluster mode the events of a burst (stream frames read together, a batch) are all sent to JetStream "
   "before any acknowledgement is awaited: one round trip for the burst, not one per event.")
-p("- Cluster resume: a recent cursor (the storm's case) is answered from the tenant's recent history, read "
+p("- Cluster resume: a resume on topics the gateway already routes (other clients there hold them: the "
+  "scale-out's churn) is answered from what the gateway received "
+  "live on those subscriptions, with no JetStream read however old the cursor; otherwise a recent cursor is "
+  "answered from the tenant's recent history, read "
   "once from JetStream and shared by every resume arriving within 2 s (indexed per topic; extended by one "
   "read when the head moves); older cursors read their own range with an ephemeral in-memory consumer "
   "filtered to the client's topics (create, one no-wait fetch, delete), at most 32 at once per gateway; "
