@@ -758,15 +758,9 @@ async fn resumes_arriving_together_share_one_history_read() {
         r.await.unwrap();
     }
     let after = gw.metrics().await;
-    let count = |text: &str, path: &str| {
-        metric(
-            text,
-            &format!("switchboard_history_reads_total{{path=\"{path}\"}}"),
-        )
-    };
-    let shared = count(&after, "shared") - count(&before, "shared");
-    let reads = count(&after, "shared_read") - count(&before, "shared_read");
-    let own = count(&after, "own") - count(&before, "own");
+    let shared = reads_between(&before, &after, "shared");
+    let reads = reads_between(&before, &after, "shared_read");
+    let own = reads_between(&before, &after, "own");
     eprintln!("{CLIENTS} resumes: {shared} pages shared, {reads} JetStream reads, {own} own reads");
     assert!(
         shared >= CLIENTS as f64,
@@ -1247,7 +1241,7 @@ async fn resumes_arriving_together_share_history_reads_while_events_keep_coming(
     );
 }
 
-/// The change of a history-read counter of `gw` between two scrapes.
+/// The change of a history-read counter between two scrapes of a gateway.
 fn reads_between(before: &str, after: &str, path: &str) -> f64 {
     let name = format!("switchboard_history_reads_total{{path=\"{path}\"}}");
     metric(after, &name) - metric(before, &name)
