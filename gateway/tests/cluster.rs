@@ -62,6 +62,17 @@ async fn gateway_on_single_nats(dir: &TempDir) -> (Cluster, GatewayProc) {
     (nats, gw)
 }
 
+/// A 3-node NATS cluster and two ready gateways: gw1 knows only n0 (it
+/// discovers the others), gw2 only n1.
+async fn gateways_on_two_nodes_of_three(dir: &TempDir) -> (Cluster, GatewayProc, GatewayProc) {
+    let nats = cluster3(dir, "local").await;
+    let gw1 = GatewayProc::start(dir, "gw1", &nats_yaml("local", &nats.urls()[..1], &[], 3));
+    let gw2 = GatewayProc::start(dir, "gw2", &nats_yaml("local", &nats.urls()[1..2], &[], 3));
+    gw1.wait_ready().await;
+    gw2.wait_ready().await;
+    (nats, gw1, gw2)
+}
+
 async fn publish_stream(gw: &GatewayProc) -> PublishStream {
     PublishStream::open(
         &gw.http().replacen("http", "ws", 1),
@@ -218,12 +229,7 @@ async fn a_killed_gateway_loses_nothing_clients_resume_on_another() {
 #[tokio::test]
 async fn losing_one_nats_node_of_three_does_not_stop_delivery() {
     let dir = TempDir::new("node");
-    let mut nats = cluster3(&dir, "local").await;
-    // gw1 knows only n0 (it discovers the others); gw2 only n1.
-    let gw1 = GatewayProc::start(&dir, "gw1", &nats_yaml("local", &nats.urls()[..1], &[], 3));
-    let gw2 = GatewayProc::start(&dir, "gw2", &nats_yaml("local", &nats.urls()[1..2], &[], 3));
-    gw1.wait_ready().await;
-    gw2.wait_ready().await;
+    let (mut nats, gw1, gw2) = gateways_on_two_nodes_of_three(&dir).await;
     let mut c = open_on(&gw1, "acme", "", &["n.*"]).await;
     let before = publish_retrying(&gw2.http(), "acme", "n.x", json!({"i": 0})).await;
     assert_eq!(ids(&c.events(1).await), [before]);
@@ -1330,11 +1336,7 @@ async fn overlapping_patterns_resume_from_the_stream() {
 #[tokio::test]
 async fn a_resume_from_before_a_nats_outage_gets_what_was_stored_meanwhile() {
     let dir = TempDir::new("window-outage");
-    let mut nats = cluster3(&dir, "local").await;
-    let gw1 = GatewayProc::start(&dir, "gw1", &nats_yaml("local", &nats.urls()[..1], &[], 3));
-    let gw2 = GatewayProc::start(&dir, "gw2", &nats_yaml("local", &nats.urls()[1..2], &[], 3));
-    gw1.wait_ready().await;
-    gw2.wait_ready().await;
+    let (mut nats, gw1, gw2) = gateways_on_two_nodes_of_three(&dir).await;
     let mut holder = open_on(&gw1, "acme", "", &["w.t0"]).await;
     let cursor = publish_retrying(&gw2.http(), "acme", "w.t0", json!({"i": 0})).await;
     assert_eq!(ids(&holder.events(1).await), std::slice::from_ref(&cursor));

@@ -80,6 +80,19 @@ pub struct ReadBatch {
     pub seen_elsewhere: Option<Arc<SeenElsewhere>>,
 }
 
+impl ReadBatch {
+    /// An empty page that has read up to `next`.
+    pub fn at(next: Cursor) -> Self {
+        Self {
+            events: Vec::new(),
+            gap: None,
+            next,
+            more: false,
+            seen_elsewhere: None,
+        }
+    }
+}
+
 /// What a client saw in another region's history: per origin region, the
 /// newest origin sequence (events of one origin reach every region in
 /// their origin order, so this names a prefix of each origin's events).

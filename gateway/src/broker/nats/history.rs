@@ -23,13 +23,7 @@ pub(super) async fn read_range(
     limit: usize,
     until: u64,
 ) -> Result<ReadBatch, BrokerError> {
-    let mut out = ReadBatch {
-        events: Vec::new(),
-        gap: None,
-        next: after,
-        more: false,
-        seen_elsewhere: None,
-    };
+    let mut out = ReadBatch::at(after);
     if after.seq >= until {
         return Ok(out);
     }
@@ -151,13 +145,7 @@ pub(super) async fn read_latest(
         Ok(Err(e)) => return Err(unavailable(e)),
         Err(e) => return Err(unavailable(e)),
     };
-    let mut out = ReadBatch {
-        events: Vec::new(),
-        gap: None,
-        next: Cursor { epoch: 0, seq: 0 },
-        more: false,
-        seen_elsewhere: None,
-    };
+    let mut out = ReadBatch::at(Cursor { epoch: 0, seq: 0 });
     // Read every subject's last message (bounded): `limit` applies to
     // topics after merging regions, not to subjects.
     let result = if consumer.cached_info().num_pending == 0 {

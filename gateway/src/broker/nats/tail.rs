@@ -166,9 +166,33 @@ impl NatsBroker {
         .await
     }
 
+    /// Add to `out` the events held here (a copy, a window) that `filter`
+    /// keeps, in stream order, leaving out any erased since they were read;
+    /// `out.next` follows the last one looked at, and past `limit` events
+    /// `out.more` is set.
+    pub(super) fn page_of_held<'a>(
+        &self,
+        tenant: &str,
+        held: impl IntoIterator<Item = &'a Arc<Event>>,
+        filter: Filter<'_>,
+        limit: usize,
+        out: &mut ReadBatch,
+    ) {
+        for e in held {
+            if out.events.len() >= limit {
+                out.more = true;
+                break;
+            }
+            out.next.seq = e.id.seq;
+            if !self.erased_meanwhile(tenant, e) && filter(e) {
+                out.events.push(e.clone());
+            }
+        }
+    }
+
     /// An event of a data subject whose erasure began after the copy was
     /// read (the block is set before the erasure starts).
-    pub(super) fn erased_meanwhile(&self, tenant: &str, e: &Event) -> bool {
+    fn erased_meanwhile(&self, tenant: &str, e: &Event) -> bool {
         e.data_subject.as_deref().is_some_and(|subject| {
             self.blocked
                 .blocked(&crate::data_protection::subject_key(tenant, subject))
@@ -276,24 +300,15 @@ impl NatsBroker {
             t.read_at = Some(Instant::now());
         }
         let to = t.to.min(until);
-        let mut out = ReadBatch {
-            events: Vec::new(),
-            gap: None,
-            next: Cursor { epoch, seq: to },
-            more: false,
-            seen_elsewhere: None,
-        };
-        for i in t.candidates(scope, start, to) {
-            let e = &t.events[i as usize];
-            if out.events.len() >= limit {
-                out.more = true;
-                break;
-            }
-            out.next.seq = e.id.seq;
-            if !self.erased_meanwhile(tenant, e) && filter(e) {
-                out.events.push(e.clone());
-            }
-        }
+        let mut out = ReadBatch::at(Cursor { epoch, seq: to });
+        let candidates = t.candidates(scope, start, to);
+        self.page_of_held(
+            tenant,
+            candidates.iter().map(|i| &t.events[*i as usize]),
+            filter,
+            limit,
+            &mut out,
+        );
         if !out.more {
             out.next.seq = to;
             out.more = to < until;

@@ -278,23 +278,8 @@ impl NatsBroker {
             events.sort_unstable_by_key(|e| e.id.seq);
             events.dedup_by_key(|e| e.id.seq);
         }
-        let mut out = ReadBatch {
-            events: Vec::new(),
-            gap: None,
-            next: after,
-            more: false,
-            seen_elsewhere: None,
-        };
-        for e in events {
-            if out.events.len() >= limit {
-                out.more = true;
-                break;
-            }
-            out.next.seq = e.id.seq;
-            if !self.erased_meanwhile(tenant, &e) && filter(&e) {
-                out.events.push(e);
-            }
-        }
+        let mut out = ReadBatch::at(after);
+        self.page_of_held(tenant, &events, filter, limit, &mut out);
         Some(out)
     }
 
