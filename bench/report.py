@@ -183,15 +183,21 @@ for scen, limit in (("fanout-10k-1000topics", 10), ("fanout-5k-1topic", 20)):
             note += (f"; a burst's CPU (server and load generator) takes {floor:.1f} ms on the 2 cores, "
                      "so the last deliveries of a burst cannot come sooner")
         check(f"p99, {scen}", f"{v:.1f} ms", f"≤ {limit} ms", v <= limit, note)
-for r in rows:
-    s = r.get("storm") or {}
-    v = (s.get("resume_ms") or {}).get("p99")
-    if s.get("signal") != "KILL" or v is None:
-        continue
-    srv, lg = s.get("server_cpu_seconds_until_resumed"), s.get("loadgen_cpu_seconds_until_resumed")
+# The KILL storm runs several times (bench/run.sh: STORM_REPEATS); "reliably"
+# means every run, so the worst decides.
+kills = [(r, r["storm"]) for r in rows
+         if (r.get("storm") or {}).get("signal") == "KILL" and (r["storm"].get("resume_ms") or {}).get("p99") is not None]
+if kills:
+    worst_r, worst = max(kills, key=lambda rs: rs[1]["resume_ms"]["p99"])
+    v = worst["resume_ms"]["p99"]
+    runs = sorted(s["resume_ms"]["p99"] for _, s in kills)
+    srv, lg = worst.get("server_cpu_seconds_until_resumed"), worst.get("loadgen_cpu_seconds_until_resumed")
     note = "" if v <= 1000 else f"{v - 1000:,.1f} ms over"
+    if len(runs) > 1:
+        note = (f"the worst of {len(runs)} runs ({', '.join(f'{x:,.1f}' for x in runs)} ms)"
+                + (f", {note}" if note else ""))
     if v > 1000 and None not in (srv, lg):
-        note += (f"; the storm's CPU: servers {srv:.2f} s, load generator {lg:.2f} s, together "
+        note += (f"; that run's CPU: servers {srv:.2f} s, load generator {lg:.2f} s, together "
                  f"{(srv + lg) / 2:.2f} s of the 2 cores' time")
     check("reconnect storm (KILL, 10k clients) resume p99", f"{v:,.1f} ms", "≤ 1,000 ms", v <= 1000, note)
 # The soak: the scale-out's hold, memory sampled every 60 s under churn.
@@ -370,12 +376,24 @@ p("2,000 clients on one topic; the publish rate rises by 15% per step until a st
 ramp_table("ramp-2k-1topic", loadgen_cpu=False)
 
 storms = [r for r in rows if r.get("scenario", "").startswith("storm")]
+
+
+def storm_label(r):
+    """The stop, and which run of it when it ran more than once."""
+    sig = (r.get("storm") or {}).get("signal")
+    same = [x for x in storms if (x.get("storm") or {}).get("signal") == sig]
+    nth = next(i for i, x in enumerate(same) if x is r) + 1
+    return sig if len(same) == 1 else f"{sig}, run {nth}"
+
+
 if storms:
     p("## Reconnect storm (cluster mode)\n")
     p("10,000 clients on gateway 0 (100 topics, 200 publishes/s through gateway 1 throughout). Gateway 0 is "
       "killed (SIGKILL) or drained (SIGTERM; drain period 10 s, so clients leave spread over it); every client "
       "reconnects to gateway 1 with the cursor of the last event it got (after a drain: the cursor the "
-      "`reconnect` message carries) and must miss nothing and repeat nothing. CPU: gateway 1 + nats-server.\n")
+      "`reconnect` message carries) and must miss nothing and repeat nothing. CPU: gateway 1 + nats-server. "
+      "The KILL storm runs several times, each from fresh processes (its p99 moves by about a fifth from "
+      "run to run on these 2 cores); the target is judged on the worst run.\n")
     p("Resume latency: per client, from noticing the disconnect to `replay.complete` on gateway 1 (it includes "
       "the client's own reconnect delay, spread over 0-500 ms as real clients do). Event latency: publish to "
       "delivery, over the whole run (events published while a client was away count from their publish).\n")
@@ -387,7 +405,7 @@ if storms:
         s = r.get("storm") or {}
         rl = s.get("resume_ms") or {}
         reconnected = s.get("seconds_until_all_reconnected", s.get("seconds_until_all_resumed"))
-        p(f"| {s.get('signal')} | {s.get('resumed', 0):,} | {fmt(reconnected, 2)} | "
+        p(f"| {storm_label(r)} | {s.get('resumed', 0):,} | {fmt(reconnected, 2)} | "
           f"{fmt(s.get('seconds_until_all_resumed'), 2) if 'seconds_until_all_reconnected' in s else 'not measured'} | "
           f"{fmt(rl.get('p50'))} | {fmt(rl.get('p99'))} | {fmt(rl.get('max'))} | {rl.get('count', 0):,} | "
           f"{r.get('expected_deliveries', 0):,} | {r.get('lost', 0):,} | {r.get('duplicates', 0):,} | "
@@ -408,7 +426,7 @@ if storms:
         secs, n = s.get("seconds_until_all_resumed"), s.get("resumed") or 0
         per = lambda c: c * 1e6 / n if c is not None and n else None
         rate = (srv + lg) / secs if None not in (srv, lg) and secs else None
-        p(f"| {s.get('signal')} | {fmt(secs, 2)} | {fmt(srv, 2)} | {fmt(per(srv), 0)} | {fmt(lg, 2)} | "
+        p(f"| {storm_label(r)} | {fmt(secs, 2)} | {fmt(srv, 2)} | {fmt(per(srv), 0)} | {fmt(lg, 2)} | "
           f"{fmt(per(lg), 0)} | {fmt(rate, 2)} |")
     p("\nWhere a reconnect's time goes (p50 / p99 ms, per reconnect after the stop): the wait from noticing the "
       "disconnect until the reconnect began (the client's own delay of 0-500 ms, and how late the load generator "
@@ -426,7 +444,7 @@ if storms:
         s = r.get("storm") or {}
         ph = s.get("reconnect_phases_ms") or {}
         both = lambda h: f"{fmt((h or {}).get('p50'))} / {fmt((h or {}).get('p99'))}"
-        p(f"| {s.get('signal')} | {both(ph.get('reconnect_wait'))} | {both(ph.get('tcp_connect'))} | "
+        p(f"| {storm_label(r)} | {both(ph.get('reconnect_wait'))} | {both(ph.get('tcp_connect'))} | "
           f"{both(ph.get('websocket_handshake'))} | {both(ph.get('subscribed'))} | {both(ph.get('replayed'))} | "
           f"{both(s.get('loadgen_timer_lag_ms'))} | {both(ph.get('served'))} |")
     p("\nThe embedded mode keeps history in the process: clients of a killed embedded gateway resume with a "
