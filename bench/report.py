@@ -188,7 +188,7 @@ for scen, limit in (("fanout-10k-1000topics", 10), ("fanout-5k-1topic", 20)):
 kills = [(r, r["storm"]) for r in rows
          if (r.get("storm") or {}).get("signal") == "KILL" and (r["storm"].get("resume_ms") or {}).get("p99") is not None]
 if kills:
-    worst_r, worst = max(kills, key=lambda rs: rs[1]["resume_ms"]["p99"])
+    _, worst = max(kills, key=lambda rs: rs[1]["resume_ms"]["p99"])
     v = worst["resume_ms"]["p99"]
     runs = sorted(s["resume_ms"]["p99"] for _, s in kills)
     srv, lg = worst.get("server_cpu_seconds_until_resumed"), worst.get("loadgen_cpu_seconds_until_resumed")
