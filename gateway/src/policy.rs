@@ -9,17 +9,37 @@ use switchboard_config::PolicyBundle;
 
 use crate::node::Node;
 
+/// How long a changed policy file must stay the same before it is applied:
+/// a writer that truncates and then writes (`>` in a shell, most editors'
+/// in-place save) is never read half-way.
+const SETTLE: Duration = Duration::from_millis(100);
+
 /// Read and validate a policy file.
 pub fn load(path: &std::path::Path) -> anyhow::Result<PolicyBundle> {
     use anyhow::Context;
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("reading policy file {}", path.display()))?;
-    PolicyBundle::from_yaml(&text).with_context(|| format!("policy file {}", path.display()))
+    parse(path, &text)
 }
 
-/// Poll the policy file and publish each valid new version. A file that
-/// fails to parse is reported and the previous policy stays in force:
-/// a bad edit never opens or closes the gate by accident.
+/// Parse a policy file's text. An empty file is refused rather than read as
+/// a bundle with no tenants: it is what a reader sees in the middle of a
+/// rewrite, and applying it would close every tenant's connections.
+fn parse(path: &std::path::Path, text: &str) -> anyhow::Result<PolicyBundle> {
+    use anyhow::Context;
+    if text.trim().is_empty() {
+        anyhow::bail!(
+            "policy file {} is empty (to refuse every tenant, write `tenants: {{}}`)",
+            path.display()
+        );
+    }
+    PolicyBundle::from_yaml(text).with_context(|| format!("policy file {}", path.display()))
+}
+
+/// Poll the policy file and publish each valid new version once it has
+/// stayed the same for [`SETTLE`]. A file that is empty or fails to parse is
+/// reported and the previous policy stays in force: a bad edit never opens
+/// or closes the gate by accident.
 pub async fn watch_file(path: PathBuf, every: Duration, node: Arc<Node>) {
     let metrics = &node.metrics;
     let mut last_text = std::fs::read_to_string(&path).ok();
@@ -44,10 +64,15 @@ pub async fn watch_file(path: PathBuf, every: Duration, node: Arc<Node>) {
         if last_text.as_deref() == Some(text.as_str()) {
             continue;
         }
+        // Still being written: look again on the next tick.
+        tokio::time::sleep(SETTLE).await;
+        if tokio::fs::read_to_string(&path).await.ok().as_deref() != Some(text.as_str()) {
+            continue;
+        }
         last_text = Some(text.clone());
         let span = tracing::info_span!("policy.reload", path = %path.display(), result = tracing::field::Empty);
         let _entered = span.enter();
-        match PolicyBundle::from_yaml(&text) {
+        match parse(&path, &text) {
             Ok(bundle) => {
                 tracing::info!(path = %path.display(), tenants = bundle.tenants.len(), "policy reloaded");
                 metrics
@@ -59,7 +84,7 @@ pub async fn watch_file(path: PathBuf, every: Duration, node: Arc<Node>) {
             }
             Err(e) => {
                 span.record("result", "error");
-                tracing::error!(path = %path.display(), error = %e, "policy file invalid; keeping the current policy");
+                tracing::error!(path = %path.display(), error = %format_args!("{e:#}"), "policy file invalid; keeping the current policy");
                 metrics
                     .policy_reloads
                     .get_or_create(&vec![("result", "error")])

@@ -217,6 +217,49 @@ async fn readiness_reports_the_policy_bundle_in_force() {
     );
 }
 
+/// An emptied policy file is what a reader sees in the middle of a rewrite
+/// (`>` in a shell truncates first). It is refused like any bad edit: the
+/// bundle in force stays, and so do its tenants' connections. A gateway
+/// will not start on one either.
+#[tokio::test]
+async fn an_emptied_policy_file_keeps_the_policy_and_the_connections() {
+    use switchboard_config::PolicyBundle;
+    let dir = tempdir::Dir::new("emptied");
+    let gw = gateway_with_policy(&dir).await;
+    let mut c = Client::open(&gw, "acme").await;
+    c.subscribe(&["deal.*"]).await;
+
+    policy_file(&dir, "");
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while metric(
+        &gw.metrics().await,
+        r#"switchboard_policy_reloads_total{result="error"}"#,
+    ) < 1.0
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the empty file was not refused"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (_, body) = get_json(&format!("{}/readyz", gw.admin()), None).await;
+    assert_eq!(
+        body["policy"],
+        PolicyBundle::from_yaml(POLICY).unwrap().digest()
+    );
+    let deal = publish_ok(&gw, "acme", "deal.won", json!({})).await;
+    assert_eq!(ids(&c.events(1).await), [deal], "acme is still connected");
+
+    let mut cfg = config();
+    cfg.policy_file = Some(policy_file(&dir, " \n"));
+    let refused = switchboard_gateway::startup::build(cfg).await.err();
+    let why = format!(
+        "{:#}",
+        refused.expect("a gateway started on an empty policy file")
+    );
+    assert!(why.contains("is empty"), "{why}");
+}
+
 /// `switchboard check` (the chart's `helm test`) against a gateway with a
 /// policy: it passes for a tenant allowed the topic, and says why it fails
 /// for one that is not, or with the wrong secret.
