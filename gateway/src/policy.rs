@@ -37,7 +37,7 @@ fn parse(path: &std::path::Path, text: &str) -> anyhow::Result<PolicyBundle> {
 }
 
 /// Poll the policy file and publish each valid new version once it has
-/// stayed the same for [`SETTLE`]. A file that is empty or fails to parse is
+/// stayed the same for `SETTLE`. A file that is empty or fails to parse is
 /// reported and the previous policy stays in force: a bad edit never opens
 /// or closes the gate by accident.
 pub async fn watch_file(path: PathBuf, every: Duration, node: Arc<Node>) {
