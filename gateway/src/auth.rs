@@ -156,6 +156,18 @@ impl Verifier {
             (None, None) if dev_secret => Some(DEV_SECRET.to_owned()),
             (None, None) => None,
         };
+        // HMAC takes an empty key, and anyone can sign with it: a secret
+        // that came out empty (an empty Secret key, `hs256_secret: ""`) is a
+        // mistake, never a key.
+        if secret.as_deref().is_some_and(|s| s.trim().is_empty()) {
+            return Err(AuthError::Config(match &config.hs256_secret_file {
+                Some(path) => format!(
+                    "the HS256 secret file {} is empty (anyone could sign with an empty key)",
+                    path.display()
+                ),
+                None => "the HS256 secret is empty (anyone could sign with an empty key)".into(),
+            }));
+        }
         let mut keys = Vec::new();
         for k in &config.public_keys {
             let pem = match (&k.pem, &k.file) {

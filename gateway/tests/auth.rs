@@ -344,3 +344,39 @@ async fn a_fractional_exp_is_honoured() {
     let id = publish_ok(&gw, "acme", "deal.won", json!({})).await;
     assert_eq!(ids(&c.events(1).await), [id], "still open and delivering");
 }
+
+/// HMAC accepts an empty key, so a secret that came out empty (an empty
+/// Secret mounted as the file, `hs256_secret: ""`) would let anyone sign
+/// tokens for any tenant. It is refused at start-up instead.
+#[tokio::test]
+async fn an_empty_hs256_secret_is_refused_not_used() {
+    let dir = std::env::temp_dir().join(format!("switchboard-empty-secret-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("hs256");
+    std::fs::write(&file, "\n").unwrap();
+    let configs = [
+        AuthConfig {
+            hs256_secret_file: Some(file.clone()),
+            ..AuthConfig::default()
+        },
+        AuthConfig {
+            hs256_secret: Some(String::new()),
+            ..AuthConfig::default()
+        },
+        AuthConfig {
+            hs256_secret: Some("  ".into()),
+            ..AuthConfig::default()
+        },
+    ];
+    for config in configs {
+        match Verifier::new(&config) {
+            Err(AuthError::Config(why)) => assert!(why.contains("empty"), "{why}"),
+            Err(e) => panic!("{config:?}: refused for another reason: {e}"),
+            Ok(v) => {
+                let forged = v.verify(&hs(b"", &claims(json!({})))).await;
+                panic!("{config:?}: accepted; a token signed with an empty key gives {forged:?}");
+            }
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
