@@ -56,6 +56,13 @@ pub enum BuildError {
     Incomplete,
     #[error("invalid gateway settings: {0}")]
     Config(String),
+    /// Without a key the gateway runs in development mode, where tokens
+    /// signed with its published development secret pass and its console
+    /// mints them for anyone: never what a cluster should serve.
+    #[error(
+        "spec.auth names no key: set hs256Secret or jwksUrl (without one the gateway would accept tokens signed with its public development secret)"
+    )]
+    NoAuthKey,
 }
 
 /// Everything the operator applies for one gateway.
@@ -206,6 +213,9 @@ pub fn build(
         return Err(BuildError::Incomplete);
     }
     let owner = gw.controller_owner_ref(&()).ok_or(BuildError::Incomplete)?;
+    if gw.spec.auth.hs256_secret.is_none() && gw.spec.auth.jwks_url.is_none() {
+        return Err(BuildError::NoAuthKey);
+    }
     let config = gateway_config(gw);
     config
         .validate()

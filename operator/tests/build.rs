@@ -310,6 +310,7 @@ fn scheduling_settings_reach_the_pods_and_spread_is_on_by_default() {
 
     gw.spec = serde_json::from_value(serde_json::json!({
         "region": "eu",
+        "auth": {"jwksUrl": "https://id.example.com/jwks.json"},
         "imagePullSecrets": [{"name": "registry"}],
         "nodeSelector": {"pool": "realtime"},
         "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "realtime", "effect": "NoSchedule"}],
@@ -369,7 +370,7 @@ fn golden_render_of_a_minimal_gateway() {
     let gw: RealtimeGateway = serde_json::from_value(serde_json::json!({
         "apiVersion": "switchboard.dev/v1alpha1", "kind": "RealtimeGateway",
         "metadata": {"name": "mini", "namespace": "default", "uid": "uid-2"},
-        "spec": {"region": "local"}
+        "spec": {"region": "local", "auth": {"jwksUrl": "https://id.example.com/jwks.json"}}
     }))
     .unwrap();
     let objects = build::build(&gw, &Default::default(), "gw:1")
@@ -389,6 +390,32 @@ fn invalid_gateway_settings_are_reported_not_built() {
     let mut gw = example_gateway();
     gw.metadata.uid = None;
     assert!(build::build(&gw, &Default::default(), "img").is_err());
+}
+
+/// A gateway without a key would run in development mode: tokens signed
+/// with its public development secret would pass. The operator refuses to
+/// build one; either key is enough.
+#[test]
+fn a_gateway_without_an_auth_key_is_refused() {
+    let mut gw = example_gateway();
+    gw.spec.auth.hs256_secret = None;
+    gw.spec.auth.jwks_url = None;
+    let err = build::build(&gw, &Default::default(), "img")
+        .err()
+        .expect("a gateway without a key was built");
+    assert!(err.to_string().contains("hs256Secret or jwksUrl"), "{err}");
+
+    gw.spec.auth.jwks_url = Some("https://id.example.com/jwks.json".into());
+    let objects = build::build(&gw, &Default::default(), "img").unwrap();
+    assert!(
+        serde_json::Value::from(objects.to_json())
+            .to_string()
+            .contains("id.example.com/jwks.json")
+    );
+    gw.spec.auth.jwks_url = None;
+    gw.spec.auth.hs256_secret = example_gateway().spec.auth.hs256_secret;
+    assert!(gw.spec.auth.hs256_secret.is_some());
+    build::build(&gw, &Default::default(), "img").unwrap();
 }
 
 #[test]
@@ -494,7 +521,7 @@ fn worker_threads_follow_the_cpu_request_when_no_cpu_limit_bounds_them() {
             &serde_json::from_value(serde_json::json!({
                 "apiVersion": "switchboard.dev/v1alpha1", "kind": "RealtimeGateway",
                 "metadata": {"name": "mini", "namespace": "default", "uid": "uid-2"},
-                "spec": {"region": "local"}
+                "spec": {"region": "local", "auth": {"jwksUrl": "https://id.example.com/jwks.json"}}
             }))
             .unwrap()
         ),

@@ -188,7 +188,7 @@ async fn reconciles_gateways_and_policies_end_to_end() {
         CRD_API,
         "realtimegateways",
         json!({"apiVersion": CRD_API, "kind": "RealtimeGateway", "metadata": {"name": "bad"},
-               "spec": {"region": "eu", "replicas": 1,
+               "spec": {"region": "eu", "replicas": 1, "auth": {"jwksUrl": "https://id.example.com/jwks.json"},
                         "nats": {"urls": ["nats://n:4222"], "regions": ["us"]}}}),
     )
     .await;
@@ -710,7 +710,8 @@ async fn policy_rollout_is_reported_until_every_ready_pod_runs_the_new_bundle() 
         CRD_API,
         "realtimegateways",
         json!({"apiVersion": CRD_API, "kind": "RealtimeGateway", "metadata": {"name": "rt"},
-               "spec": {"region": "eu", "replicas": 2}}),
+               "spec": {"region": "eu", "replicas": 2,
+                        "auth": {"jwksUrl": "https://id.example.com/jwks.json"}}}),
     )
     .await;
     create(

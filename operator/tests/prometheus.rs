@@ -144,7 +144,7 @@ async fn prometheus_scrapes_the_operator_and_its_dashboard_panels_have_data() {
     let gw = serde_json::from_value(json!({
         "apiVersion": "switchboard.dev/v1alpha1", "kind": "RealtimeGateway",
         "metadata": {"name": "rt", "namespace": "switchboard"},
-        "spec": {"region": "eu", "replicas": 2}
+        "spec": {"region": "eu", "replicas": 2, "auth": {"jwksUrl": "https://id.example.com/jwks.json"}}
     }))
     .unwrap();
     gateways.create(&Default::default(), &gw).await.unwrap();

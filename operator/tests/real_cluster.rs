@@ -96,7 +96,8 @@ async fn reconciles_against_a_real_cluster() {
         &PostParams::default(),
         &serde_json::from_value(json!({
             "apiVersion": "switchboard.dev/v1alpha1", "kind": "RealtimeGateway",
-            "metadata": {"name": "rt"}, "spec": {"region": "test", "replicas": 1}
+            "metadata": {"name": "rt"},
+            "spec": {"region": "test", "replicas": 1, "auth": {"jwksUrl": "https://id.example.com/jwks.json"}}
         }))
         .unwrap(),
     )

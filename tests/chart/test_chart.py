@@ -112,6 +112,10 @@ def test_chart_crds_are_the_generated_ones():
     ({"gateway": {"enabled": True}, "region": "eu west"}, "/region"),
     ({"region": "eu", "gateway": {"enabled": True, "spec": {"limits": {"messageBytes": 5}}}}, "messageBytes"),
     ({"region": "eu", "gateway": {"enabled": True, "spec": {"replicas": 0}}}, "replicas"),
+    # A gateway without a key would accept tokens signed with the public development secret.
+    ({"region": "eu", "gateway": {"enabled": True, "spec": {"replicas": 1}}}, "auth"),
+    ({"region": "eu", "gateway": {"enabled": True, "spec": {"replicas": 1, "auth": {"issuer": "x"}}}},
+     "/gateway/spec/auth"),
     ({"operator": {"replicas": 0}}, "replicas"),
     ({"policies": [{"name": "p"}]}, "tenant"),
 ])
@@ -331,7 +335,7 @@ def test_helm_test_without_policies_uses_the_open_gateway_and_adds_no_tenant(tmp
     done = run_helm_test_against_a_real_gateway(docs, tmp_path)
     assert done.returncode == 0, done.stderr
     # Without an HS256 Secret nothing can mint a token: no test is rendered.
-    del values["gateway"]["spec"]["auth"]
+    values["gateway"]["spec"]["auth"] = {"jwksUrl": "https://id.example.com/jwks.json"}
     assert check_pod(render(CHART, values)) is None
 
 
