@@ -401,8 +401,7 @@ fn a_gateway_without_an_auth_key_is_refused() {
     gw.spec.auth.hs256_secret = None;
     gw.spec.auth.jwks_url = None;
     let err = build::build(&gw, &Default::default(), "img")
-        .err()
-        .expect("a gateway without a key was built");
+        .expect_err("a gateway without a key was built");
     assert!(err.to_string().contains("hs256Secret or jwksUrl"), "{err}");
 
     gw.spec.auth.jwks_url = Some("https://id.example.com/jwks.json".into());
