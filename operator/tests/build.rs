@@ -404,6 +404,13 @@ fn a_gateway_without_an_auth_key_is_refused() {
         .expect_err("a gateway without a key was built");
     assert!(err.to_string().contains("hs256Secret or jwksUrl"), "{err}");
 
+    // An empty or scheme-less jwksUrl is no key either.
+    for url in ["", "id.example.com/jwks.json"] {
+        gw.spec.auth.jwks_url = Some(url.into());
+        let err = build::build(&gw, &Default::default(), "img")
+            .expect_err("a gateway with an unusable jwksUrl was built");
+        assert!(err.to_string().contains("auth.jwks_url"), "{err}");
+    }
     gw.spec.auth.jwks_url = Some("https://id.example.com/jwks.json".into());
     let objects = build::build(&gw, &Default::default(), "img").unwrap();
     assert!(

@@ -591,6 +591,17 @@ impl GatewayConfig {
                 self.data_protection.erase_scope
             ));
         }
+        if let Some(url) = &self.auth.jwks_url {
+            let host = url
+                .strip_prefix("https://")
+                .or_else(|| url.strip_prefix("http://"))
+                .map(|rest| rest.split(['/', '?', '#']).next().unwrap_or_default());
+            if host.is_none_or(|h| h.is_empty() || h.contains(char::is_whitespace)) {
+                problems.push(format!(
+                    "auth.jwks_url {url:?} must be an http:// or https:// URL with a host"
+                ));
+            }
+        }
         if self.admin_listen.as_deref() == Some(self.listen.as_str()) {
             problems.push(format!(
                 "admin_listen must differ from listen ({}): metrics stay off the client port",
@@ -740,6 +751,25 @@ mod tests {
         assert!(err.contains("websocket.write_delay_ms"), "{err}");
         let ok = GatewayConfig::from_yaml("websocket:\n  write_delay_ms: 20\n").unwrap();
         assert_eq!(ok.websocket.write_delay_ms, 20);
+        // A JWKS URL that cannot be fetched would refuse every token, and
+        // would not be a key at all: it is named at load.
+        for url in [
+            "''",
+            "id.example.com/jwks.json",
+            "'https://'",
+            "'ftp://id.example.com/k'",
+        ] {
+            let err = GatewayConfig::from_yaml(&format!("auth:\n  jwks_url: {url}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("auth.jwks_url"), "{url}: {err}");
+        }
+        for url in [
+            "https://id.example.com/.well-known/jwks.json",
+            "http://keycloak.idp.svc:8080/realms/app/protocol/openid-connect/certs",
+        ] {
+            GatewayConfig::from_yaml(&format!("auth:\n  jwks_url: {url}\n")).unwrap();
+        }
         for backlog in [0, 65_536] {
             let err = GatewayConfig::from_yaml(&format!("listen_backlog: {backlog}\n"))
                 .unwrap_err()
