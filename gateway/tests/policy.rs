@@ -51,6 +51,19 @@ mod tempdir {
     }
 }
 
+/// Wait until the gateway has counted a refused policy reload.
+async fn reload_error_seen(gw: &Gateway, what: &str) {
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while metric(
+        &gw.metrics().await,
+        r#"switchboard_policy_reloads_total{result="error"}"#,
+    ) < 1.0
+    {
+        assert!(tokio::time::Instant::now() < deadline, "{what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 async fn gateway_with_policy(dir: &tempdir::Dir) -> Gateway {
     let mut cfg = config();
     cfg.policy_file = Some(policy_file(dir, POLICY));
@@ -117,18 +130,7 @@ async fn hot_reload_revokes_subscriptions_without_dropping_the_connection() {
 
     // A broken edit is reported and changes nothing.
     policy_file(&dir, "tenants: [this is not a bundle");
-    let deadline = tokio::time::Instant::now() + DEADLINE;
-    while metric(
-        &gw.metrics().await,
-        r#"switchboard_policy_reloads_total{result="error"}"#,
-    ) < 1.0
-    {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "invalid policy not noticed"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    reload_error_seen(&gw, "invalid policy not noticed").await;
     publish_ok(&gw, "acme", "contact.added", json!({})).await;
     assert_eq!(c.events(1).await[0]["event_type"], "contact.added");
 
@@ -183,18 +185,7 @@ async fn readiness_reports_the_policy_bundle_in_force() {
 
     // A bad edit keeps the bundle in force, and so its digest.
     policy_file(&dir, "tenants: [this is not a bundle");
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while metric(
-        &gw.metrics().await,
-        r#"switchboard_policy_reloads_total{result="error"}"#,
-    ) < 1.0
-    {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "reload error not seen"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    reload_error_seen(&gw, "reload error not seen").await;
     assert_eq!(get_json(&readyz, None).await.1["policy"], digest(POLICY));
 
     // A new bundle is reported once it is in force, whatever its layout.
@@ -230,18 +221,7 @@ async fn an_emptied_policy_file_keeps_the_policy_and_the_connections() {
     c.subscribe(&["deal.*"]).await;
 
     policy_file(&dir, "");
-    let deadline = tokio::time::Instant::now() + DEADLINE;
-    while metric(
-        &gw.metrics().await,
-        r#"switchboard_policy_reloads_total{result="error"}"#,
-    ) < 1.0
-    {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the empty file was not refused"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    reload_error_seen(&gw, "the empty file was not refused").await;
     let (_, body) = get_json(&format!("{}/readyz", gw.admin()), None).await;
     assert_eq!(
         body["policy"],

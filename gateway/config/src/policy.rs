@@ -145,8 +145,17 @@ impl PolicyBundle {
         }
     }
 
-    /// Parse a policy bundle (YAML or JSON) and check it.
+    /// Parse a policy bundle (YAML or JSON) and check it. An empty text is
+    /// refused rather than read as a bundle with no tenants: it is what a
+    /// reader sees in the middle of a rewrite, and applying it would close
+    /// every tenant's connections.
     pub fn from_yaml(text: &str) -> Result<Self, FormatError> {
+        if text.trim().is_empty() {
+            return Err(FormatError::Invalid {
+                what: "policy bundle",
+                problems: vec!["it is empty (to refuse every tenant, write `tenants: {}`)".into()],
+            });
+        }
         let bundle: Self = crate::parse_yaml("policy bundle", text)?;
         bundle.validate()?;
         Ok(bundle)
@@ -465,5 +474,10 @@ tenants:
             .unwrap_err()
             .to_string();
         assert!(err.contains("tenant"), "{err}");
+        for empty in ["", " \n"] {
+            let err = PolicyBundle::from_yaml(empty).unwrap_err().to_string();
+            assert!(err.contains("is empty"), "{err}");
+        }
+        assert!(PolicyBundle::from_yaml("tenants: {}\n").is_ok());
     }
 }
